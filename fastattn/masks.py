@@ -1,0 +1,53 @@
+"""One canonical mask form, and converters from every accepted input form.
+
+Canonical form, as the kernels and :func:`fastattn.reference.attention` take it:
+
+* ``mask``: bool tensor with 4 dims, each 1 or full size, broadcastable to [B, H, Lq, Lk]; True = attend.
+* ``bias``: floating tensor, same broadcast rule, added to the scaled scores.
+* ``kv_lens``: int32 [B]; keys j >= kv_lens[b] are padding (right padding).
+* ``causal`` + ``bottom_right``: see :func:`fastattn.reference.visible_keys`.
+
+Broadcast dims are kept at size 1 (never expanded), so an [Lq, Lk] mask costs Lq·Lk bytes, not B·H·Lq·Lk.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def as_4d(t: Tensor, name: str, full: tuple[int, int, int, int]) -> Tensor:
+    """View ``t`` with 4 dims (leading 1s prepended); each dim must be 1 or equal to ``full``'s."""
+    if t.dim() > 4 or t.dim() < 1:
+        raise ValueError(f"{name} must have 1 to 4 dims broadcastable to (B, H, Lq, Lk)={full}, got shape {tuple(t.shape)}")
+    shape = (1,) * (4 - t.dim()) + tuple(t.shape)
+    for got, want in zip(shape, full):
+        if got != 1 and got != want:
+            raise ValueError(
+                f"{name} of shape {tuple(t.shape)} does not broadcast to (B, H, Lq, Lk)={full}")
+    return t.view(shape) if t.dim() != 4 else t
+
+
+def key_padding_mask_to_mask(key_padding_mask: Tensor, B: int, Lk: int, *, true_means: str) -> Tensor:
+    """[B, Lk] key padding mask -> canonical [B, 1, 1, Lk] bool mask (True = attend).
+
+    ``true_means="ignore"`` is nn.MultiheadAttention's (and fastattn.attention's) convention,
+    ``"attend"`` is SDPA's / Hugging Face's.
+    """
+    if key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor, got {key_padding_mask.dtype}")
+    if tuple(key_padding_mask.shape) != (B, Lk):
+        raise ValueError(f"key_padding_mask must have shape (B, Lk)=({B}, {Lk}), got {tuple(key_padding_mask.shape)}")
+    m = ~key_padding_mask if true_means == "ignore" else key_padding_mask
+    return m.view(B, 1, 1, Lk)
+
+
+def and_masks(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
+    """Intersection of two canonical masks (None = all visible)."""
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a & b
+

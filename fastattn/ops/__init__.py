@@ -1,0 +1,1 @@
+"""One module per op: argument checks, the torch.library custom op (+ fake + autograd), the public function."""

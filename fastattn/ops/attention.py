@@ -1,0 +1,210 @@
+"""Fused attention: argument checks, the ``fastattn::attention_fwd/bwd`` custom ops, and the public functions.
+
+    out = softmax(q·kᵀ·scale + bias, over visible keys) · v
+
+See fastattn.masks for the canonical mask form and README for the mask conventions.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch, masks, reference
+from .common import check_kernel_dtype, check_same, check_tensor, empty, empty_like, lastdim_contiguous
+
+MAX_HEAD_DIM = 256
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import attention as mod
+        return mod
+    raise RuntimeError(f"no attention kernels for backend {backend!r}")
+
+
+# --------------------------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
+                   kv_lens: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
+                   backend: str) -> tuple[Tensor, Tensor]:
+    out = empty_like(q)
+    lse = empty(q.shape[:3], like=q, dtype=torch.float32)
+    _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, backend):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+                   bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor], scale: float,
+                   causal: bool, bottom_right: bool, bias_grad: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+    B, H, Lq, _ = q.shape
+    # ds for every (b, h, i, j); blocks the kernel skips hold no gradient, hence zeros.
+    ds = torch.zeros((B, H, Lq, k.shape[2]), device=q.device, dtype=torch.float32) if bias_grad else None
+    _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
+                               dq, dk, dv, ds, scale, causal, bottom_right)
+    if ds is None:
+        return dq, dk, dv, q.new_empty(0)
+    dims = [i for i in range(4) if bias.shape[i] == 1]
+    dbias = ds.sum(dim=dims, keepdim=True) if dims else ds
+    return dq, dk, dv, dbias.to(bias.dtype)
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, scale, causal, bottom_right, bias_grad, backend):
+    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, out, lse)
+    ctx.params = (scale, causal, bottom_right)
+    ctx.backend = backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, bias, mask, kv_lens, out, lse = ctx.saved_tensors
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, *ctx.params,
+                                       bias_grad, ctx.backend)
+    return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public API
+def _check_inputs(q, k, v):
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name, dim=4)
+    check_same(q, "q", k, "k")
+    check_same(q, "q", v, "v")
+    B, H, Lq, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (B, Hkv, Lk)")
+    if k.shape[3] != D or v.shape[3] != D:
+        raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {D} of q is larger than {MAX_HEAD_DIM}")
+    if k.shape[1] == 0 or H % k.shape[1] != 0:
+        raise ValueError(f"q's {H} heads must be a multiple of k/v's {k.shape[1]} heads (GQA)")
+
+
+def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
+    """-> (bias, mask, kv_lens) in fastattn.masks' canonical form."""
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    full = (B, H, Lq, Lk)
+    bias = mask = None
+    if key_padding_mask is not None:
+        check_same(q, "q", key_padding_mask, "key_padding_mask", dtype=False)
+        mask = masks.key_padding_mask_to_mask(key_padding_mask, B, Lk, true_means="ignore")
+    if attn_bias is not None:
+        if not isinstance(attn_bias, Tensor):
+            raise TypeError(f"attn_bias must be a tensor, got {type(attn_bias).__name__}")
+        check_same(q, "q", attn_bias, "attn_bias", dtype=False)
+        if attn_bias.dtype == torch.bool:
+            mask = masks.and_masks(mask, masks.as_4d(attn_bias, "attn_bias", full))
+        elif attn_bias.is_floating_point():
+            bias = masks.as_4d(attn_bias, "attn_bias", full)
+        else:
+            raise TypeError(f"attn_bias must be a bool mask or a floating-point bias, got {attn_bias.dtype}")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError("kv_lens must be an int32 (or int64) tensor of shape (B,)")
+        check_same(q, "q", kv_lens, "kv_lens", dtype=False)
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"kv_lens must have shape (B,)=({B},), got {tuple(kv_lens.shape)}")
+        if not torch.compiler.is_compiling() and B > 0:  # a host sync; skipped while tracing
+            lo, hi = int(kv_lens.min()), int(kv_lens.max())
+            if lo < 0 or hi > Lk:
+                raise ValueError(f"kv_lens must lie in [0, Lk={Lk}], got values in [{lo}, {hi}]")
+        kv_lens = kv_lens.to(torch.int32).contiguous()
+    return bias, mask, kv_lens
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_alignment: str = "top_left",
+              key_padding_mask: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None,
+              attn_bias: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
+              return_lse: bool = False, backend: str = "auto"):
+    """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
+
+    q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
+    causal: key j visible to query i iff j <= d(i); d(i) = i for ``causal_alignment="top_left"`` (SDPA's
+    is_causal), i + Lk_b − Lq for ``"bottom_right"`` (FlashAttention's; Lk_b = kv_lens[b] when given, else Lk).
+    key_padding_mask: bool [B, Lk], True = padding, ignored (nn.MultiheadAttention's convention).
+    kv_lens: int [B], keys j >= kv_lens[b] ignored (the fast form of right padding).
+    attn_bias: float, added to the scaled scores, or bool, True = attend; broadcastable to [B, H, Lq, Lk];
+    a float bias that requires grad gets its gradient.
+    A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
+    log-sum-exp of each row, float32 [B, H, Lq], +inf for empty rows.
+    """
+    _check_inputs(q, k, v)
+    if causal_alignment not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    bias, mask, kv_lens = _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    bottom_right = causal and causal_alignment == "bottom_right"
+    causal = bool(causal)
+
+    use = dispatch.select(backend, q)
+    if dropout_p > 0.0 and use != "torch":
+        if backend != "auto":
+            raise NotImplementedError(f"dropout_p > 0 is not supported by backend {use!r} yet; use backend='torch'")
+        use = "torch"
+    if use == "torch" or q.numel() == 0 or k.numel() == 0:
+        keep = None
+        if dropout_p > 0.0:
+            keep = torch.rand(q.shape[:3] + k.shape[2:3], device=q.device) >= dropout_p
+        return reference.attention(q, k, v, causal=causal, bottom_right=bottom_right, attn_mask=mask,
+                                   attn_bias=bias, kv_lens=kv_lens, scale=scale, dropout_p=dropout_p,
+                                   dropout_mask=keep, return_lse=return_lse)
+    for t, name in ((q, "q"), (bias, "attn_bias")):
+        if t is not None:
+            check_kernel_dtype(t, name, use)
+    out, lse = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
+                              kv_lens, scale, causal, bottom_right, use)
+    return (out, lse) if return_lse else out
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D) or (B, L, D) inputs.
+
+    ``attn_mask``: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); ``is_causal`` is
+    top-left. One deliberate difference: a row with no visible key gives 0 where torch gives NaN.
+    """
+    for t, name in ((query, "query"), (key, "key"), (value, "value")):
+        check_tensor(t, name)
+    if query.dim() not in (3, 4):
+        raise ValueError(f"query must be (B, H, L, D) or (B, L, D), got shape {tuple(query.shape)}")
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"query, key and value must have the same number of dims, got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True cannot both be given (as in torch)")
+    squeeze = query.dim() == 3
+    if squeeze:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
+    out = attention(query, key, value, causal=is_causal, attn_bias=attn_mask, scale=scale, dropout_p=dropout_p)
+    return out.squeeze(1) if squeeze else out

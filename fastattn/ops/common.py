@@ -1,0 +1,52 @@
+"""Helpers shared by every op: output allocation (poisoned in tests) and argument checks that name the argument."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def empty(shape, *, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """Uninitialised output; filled with NaN when FASTATTN_POISON=1 so an element a kernel forgets shows up."""
+    dtype = dtype or like.dtype
+    if os.environ.get("FASTATTN_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def empty_like(t: Tensor) -> Tensor:
+    """Like torch.empty_like (same strides for a dense tensor), poisoned as :func:`empty`."""
+    out = torch.empty_like(t)
+    if os.environ.get("FASTATTN_POISON") == "1":
+        out.fill_(float("nan"))
+    return out
+
+
+def check_tensor(t, name: str, *, dim: int | None = None) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name} must have {dim} dims, got shape {tuple(t.shape)}")
+
+
+def check_same(ref: Tensor, ref_name: str, t: Tensor, name: str, *, dtype: bool = True) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+    if dtype and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: backend {backend!r} supports float16, bfloat16 and float32, got {t.dtype} "
+                        "(use backend='torch' for other dtypes)")
+
+
+def lastdim_contiguous(t: Tensor) -> Tensor:
+    """Kernels index the last dim with stride 1; everything else is passed as strides."""
+    return t if t.stride(-1) == 1 else t.contiguous()

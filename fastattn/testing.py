@@ -1,0 +1,214 @@
+"""The numerical-correctness rule (DESIGN.md §5), public so users can test their own kernels with it.
+
+For every output and gradient:
+
+    max|kernel − ref64| <= F · max|ref_lowp − ref64| + floor
+
+ref64 is the reference in float64, ref_lowp the same reference run in the kernel's dtype, F = 2 for forward
+outputs and 3 for gradients, and floor = 2 · max|(ref64 + 0.3 − 0.3) − ref64| with the arithmetic done in the
+output dtype (FlashAttention-3's rule: the rounding error of the dtype at the outputs' magnitude).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+FORWARD_FACTOR = 2.0
+BACKWARD_FACTOR = 3.0
+
+
+@dataclass
+class Comparison:
+    name: str
+    max_error: float  # max|out − ref64|
+    baseline_error: float  # max|ref_lowp − ref64|
+    floor: float
+    allowed: float
+    where: tuple  # index of the largest error
+    ok: bool
+
+    factor: float = FORWARD_FACTOR
+
+    @property
+    def ratio(self) -> float:
+        """max_error / (baseline + floor / F): the test passes while this is <= F."""
+        denom = self.baseline_error + self.floor / self.factor
+        return self.max_error / denom if denom > 0 else (0.0 if self.max_error == 0 else float("inf"))
+
+    def __str__(self) -> str:
+        verdict = "ok" if self.ok else "FAIL"
+        return (f"{self.name}: max error {self.max_error:.3e} at {self.where}, baseline {self.baseline_error:.3e}, "
+                f"floor {self.floor:.3e}, allowed {self.allowed:.3e} (ratio {self.ratio:.2f}, F={self.factor:g}) -> {verdict}")
+
+
+def rounding_floor(ref64: Tensor, dtype: torch.dtype) -> float:
+    """2 · max|(x + 0.3 − 0.3) − x| computed in ``dtype``, for x = ref64 rounded to ``dtype``."""
+    if ref64.numel() == 0:
+        return 0.0
+    x = ref64.to(dtype)
+    return 2.0 * (((x + 0.3) - 0.3).double() - ref64.double()).abs().nan_to_num(0.0).max().item()
+
+
+def compare(out: Tensor, ref64: Tensor, ref_lowp: Tensor, *, factor: float = FORWARD_FACTOR,
+            name: str = "out") -> Comparison:
+    """Apply the rule to one tensor. NaN where ref64 is finite (or the reverse) always fails."""
+    if out.shape != ref64.shape or ref_lowp.shape != ref64.shape:
+        raise ValueError(f"{name}: shapes differ: out {tuple(out.shape)}, ref64 {tuple(ref64.shape)}, "
+                         f"ref_lowp {tuple(ref_lowp.shape)}")
+    out64, low64, ref = out.detach().double().cpu(), ref_lowp.detach().double().cpu(), ref64.detach().double().cpu()
+    if ref.numel() == 0:
+        return Comparison(name, 0.0, 0.0, 0.0, 0.0, (), True, factor)
+    same = (out64 == ref)  # equal infinities (e.g. LSE of empty rows) count as exact
+    err = torch.where(same, torch.zeros_like(ref), (out64 - ref).abs()).nan_to_num(float("inf"))
+    base = torch.where(low64 == ref, torch.zeros_like(ref), (low64 - ref).abs()).nan_to_num(0.0)
+    finite = torch.isfinite(ref)
+    floor = rounding_floor(torch.where(finite, ref, torch.zeros_like(ref)), out.dtype)
+    max_err = err.max().item()
+    where = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
+    base_err = base.max().item()
+    allowed = factor * base_err + floor
+    return Comparison(name, max_err, base_err, floor, allowed, where, bool(max_err <= allowed), factor)
+
+
+def check_close(out: Tensor, ref64: Tensor, ref_lowp: Tensor, *, factor: float = FORWARD_FACTOR,
+                name: str = "out") -> Comparison:
+    """Assert the rule; the AssertionError says how large the error is, where, and against what baseline."""
+    c = compare(out, ref64, ref_lowp, factor=factor, name=name)
+    if not c.ok:
+        raise AssertionError(str(c))
+    return c
+
+
+# --------------------------------------------------------------------------------------------- case generators
+def random_qkv(B: int, H: int, Lq: int, Lk: int, D: int, *, Hkv: int | None = None, dtype=torch.float16,
+               device="cpu", requires_grad: bool = True, generator: torch.Generator | None = None,
+               scale: float = 1.0):
+    """Fresh normal q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (times ``scale``: > 1 gives large logits)."""
+    Hkv = Hkv or H
+    shapes = ((B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D))
+    out = []
+    for s in shapes:
+        t = (torch.randn(s, generator=generator, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+        out.append(t.requires_grad_(requires_grad))
+    return tuple(out)
+
+
+def random_kv_lens(B: int, Lk: int, *, generator: torch.Generator | None = None, device="cpu",
+                   allow_zero: bool = True) -> Tensor:
+    """int32 [B] in [0 or 1, Lk]; the first entry is Lk and, if allowed and B > 1, the last is 0."""
+    lo = 0 if allow_zero else 1
+    lens = torch.randint(lo, Lk + 1, (B,), generator=generator, dtype=torch.int32)
+    if B > 0:
+        lens[0] = Lk
+    if allow_zero and B > 1:
+        lens[-1] = 0
+    return lens.to(device)
+
+
+def random_key_padding_mask(B: int, Lk: int, *, generator: torch.Generator | None = None, device="cpu",
+                            p: float = 0.3) -> Tensor:
+    """bool [B, Lk], True = padding: random holes plus a padded tail of random length per batch."""
+    holes = torch.rand(B, Lk, generator=generator) < p
+    tail = torch.arange(Lk) >= torch.randint(0, Lk + 1, (B, 1), generator=generator)
+    return (holes | tail).to(device)
+
+
+# --------------------------------------------------------------------------------------------- attention cases
+@dataclass
+class AttentionCase:
+    """One attention problem. Masks and biases are drawn fresh from ``seed``; masks always leave some rows empty
+    (a batch with kv_lens 0, bottom-right rows before the first key, a bool-mask row of False)."""
+    B: int = 2
+    H: int = 2
+    Lq: int = 17
+    Lk: int = 17
+    D: int = 32
+    Hkv: int | None = None
+    dtype: torch.dtype = torch.float16
+    causal: bool = False
+    alignment: str = "top_left"
+    kv_lens: bool = False
+    key_padding: bool = False
+    bool_mask: str | None = None  # None | "full" [B,H,Lq,Lk] | "2d" [Lq,Lk]
+    bias: str | None = None  # None | "full" [B,H,Lq,Lk] | "heads" [1,H,Lq,Lk] | "batch" [B,1,1,Lk] | "2d" [Lq,Lk]
+    bias_grad: bool = False
+    lse_grad: bool = False
+    logit_scale: float = 1.0
+    seed: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"B{self.B} H{self.H}" + (f"/{self.Hkv}" if self.Hkv else ""), f"Lq{self.Lq} Lk{self.Lk} d{self.D}",
+                 str(self.dtype).replace("torch.", "")]
+        if self.causal:
+            parts.append(f"causal-{self.alignment}")
+        parts += [n for n, on in (("kv_lens", self.kv_lens), ("key_padding", self.key_padding),
+                                  ("lse_grad", self.lse_grad)) if on]
+        if self.bool_mask:
+            parts.append(f"mask-{self.bool_mask}")
+        if self.bias:
+            parts.append(f"bias-{self.bias}" + ("+grad" if self.bias_grad else ""))
+        if self.logit_scale != 1.0:
+            parts.append(f"logits×{self.logit_scale:g}")
+        return " ".join(parts)
+
+
+def _case_inputs(case: AttentionCase, device):
+    g = torch.Generator().manual_seed(case.seed)
+    q, k, v = random_qkv(case.B, case.H, case.Lq, case.Lk, case.D, Hkv=case.Hkv, dtype=case.dtype, device=device,
+                         generator=g, scale=case.logit_scale)
+    kw = dict(causal=case.causal, causal_alignment=case.alignment)
+    if case.kv_lens:
+        kw["kv_lens"] = random_kv_lens(case.B, case.Lk, generator=g, device=device)
+    if case.key_padding:
+        kw["key_padding_mask"] = random_key_padding_mask(case.B, case.Lk, generator=g, device=device)
+    if case.bool_mask:
+        shape = {"full": (case.B, case.H, case.Lq, case.Lk), "2d": (case.Lq, case.Lk)}[case.bool_mask]
+        m = torch.rand(shape, generator=g) > 0.4
+        m[..., case.Lq // 2, :] = False  # one fully masked row
+        kw["attn_bias"] = m.to(device)
+    if case.bias:
+        shape = {"full": (case.B, case.H, case.Lq, case.Lk), "heads": (1, case.H, case.Lq, case.Lk),
+                 "batch": (case.B, 1, 1, case.Lk), "2d": (case.Lq, case.Lk)}[case.bias]
+        bias = (torch.randn(shape, generator=g) * 2).to(dtype=case.dtype, device=device)
+        if case.bool_mask:
+            raise ValueError("a case has either a bool mask or a float bias")
+        kw["attn_bias"] = bias.requires_grad_(case.bias_grad)
+    do = torch.randn((case.B, case.H, case.Lq, case.D), generator=g).to(dtype=case.dtype, device=device)
+    dlse = torch.randn((case.B, case.H, case.Lq), generator=g).to(device) if case.lse_grad else None
+    return (q, k, v), kw, do, dlse
+
+
+def _run_case(qkv, kw, do, dlse, dtype, backend):
+    """Forward + backward with inputs cast to ``dtype``: returns {name: tensor}."""
+    import fastattn  # the public API, late import: fastattn imports this module's users
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in qkv]
+    kw = dict(kw)
+    names = ["dq", "dk", "dv"]
+    bias = kw.get("attn_bias")
+    if bias is not None and bias.is_floating_point():
+        kw["attn_bias"] = bias.detach().to(dtype).requires_grad_(bias.requires_grad)
+        if bias.requires_grad:
+            leaves.append(kw["attn_bias"])
+            names.append("dbias")
+    out, lse = fastattn.attention(*leaves[:3], return_lse=True, backend=backend, **kw)
+    outs, grads_in = [out], [do.to(dtype)]
+    if dlse is not None:
+        outs.append(lse)
+        grads_in.append(dlse.to(lse.dtype))
+    grads = torch.autograd.grad(outs, leaves, grads_in)
+    res = {"out": out, "lse": lse}
+    res.update(zip(names, grads))
+    return res
+
+
+def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[Comparison]:
+    """Run ``case`` on ``backend`` and compare every output and gradient to the float64 reference under the rule."""
+    qkv, kw, do, dlse = _case_inputs(case, device)
+    got = _run_case(qkv, kw, do, dlse, case.dtype, backend)
+    ref64 = _run_case(qkv, kw, do, dlse, torch.float64, "torch")
+    low = _run_case(qkv, kw, do, dlse, case.dtype, "torch")
+    return [compare(got[n], ref64[n], low[n], name=n,
+                    factor=FORWARD_FACTOR if n in ("out", "lse") else BACKWARD_FACTOR) for n in got]

@@ -1,0 +1,356 @@
+"""Triton fused attention, FlashAttention-2 algorithm: forward, and a backward in two passes without atomics.
+
+Notation (per batch b, query head h, kv head h // GROUP):
+    s_ij = scale · q_i·k_j + bias_ij,   visible(i, j) from causal / kv_lens / bool mask,
+    p_ij = exp(s_ij − lse_i) on visible entries,  lse_i = log Σ_j exp(s_ij),  o_i = Σ_j p_ij v_j.
+The forward keeps a running max and sum (online softmax) in base 2 and saves lse (natural log, fp32,
++inf for a row with no visible key, whose output is 0). The backward uses
+    D_i = Σ_d do_id·o_id − dlse_i,   ds_ij = p_ij (do_i·v_j − D_i),
+    dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
+with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
+and one program per query block for dq: reruns are bitwise identical.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+# --------------------------------------------------------------------------------------------- autotuning
+def _configs(pairs):
+    if INTERPRET:  # one fixed config: the interpreter runs programs one by one in numpy
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+
+
+# (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim / dtype below.
+_FWD = _configs([(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 2),
+                 (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
+_BWD_KV = _configs([(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
+_BWD_Q = _configs([(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)])
+
+_SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the compiler's scratch
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose tiles cannot fit: shared memory estimate and register pressure of the accumulators."""
+    bd = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
+    esize = named_args["Q"].element_size()
+    keep = []
+    for c in configs:
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        smem = esize * bd * (m + 2 * n * max(c.num_stages, 1)) + 4 * m * n
+        if smem <= _SMEM_BUDGET and (bd <= 128 or max(m, n) <= 64):
+            keep.append(c)
+    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+# Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
+# lengths are not specialised on, so a new length compiles nothing.
+_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_MASK", "GROUP"]
+_NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET"]
+
+
+# --------------------------------------------------------------------------------------------- shared pieces
+@triton.jit
+def _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
+    """Number of valid keys of batch b and the causal diagonal shift d(i) − i."""
+    kv_len = Lk
+    if HAS_KVLENS:
+        kv_len = tl.minimum(tl.load(KvLens + b), Lk)
+    shift = 0
+    if BOTTOM_RIGHT:
+        shift = kv_len - Lq
+    return kv_len, shift
+
+
+@triton.jit
+def _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
+             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] bool tile: query offs_m may attend to key offs_n."""
+    vis = (offs_m[:, None] < Lq) & (offs_n[None, :] < kv_len)
+    if CAUSAL:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if HAS_MASK:
+        mk = tl.load(Mask + b * s_mb + h * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn,
+                     mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0)
+        vis = vis & (mk != 0)
+    return vis
+
+
+@triton.jit
+def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
+            HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Scores in base-2 units, s·log2(e), with invisible entries at −inf. q: [M, D], k: [N, D]."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    if HAS_BIAS:
+        bias = tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
+                       mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0)
+        qk += bias.to(tl.float32) * 1.4426950408889634
+    return tl.where(vis, qk, float("-inf"))
+
+
+# --------------------------------------------------------------------------------------------- forward
+@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=_NOSPEC)
+def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
+                s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om,
+                H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr,
+                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                mask=(offs_m[:, None] < Lq) & d_ok, other=0.0)
+    K += b * s_kb + hk * s_kh
+    V += b * s_vb + hk * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
+    hi = kv_len
+    if CAUSAL:  # keys past the last row's diagonal are never visible to this block
+        hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift), 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, CAUSAL, HAS_MASK)
+        # A bool mask can hide whole key blocks (padding): skip their loads and dots.
+        if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+            kv_ok = (offs_n[:, None] < kv_len) & d_ok
+            k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
+                         HAS_BIAS, DOT_PREC)
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+            m_i = m_new
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    row_ok = offs_m < Lq
+    tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
+    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+
+
+# --------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, H, Lq,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:  # d lse_i / d s_ij = p_ij: folds into ds_ij = p_ij (dp_ij − D_i) as D_i −= dlse_i
+        dlse = tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        delta -= tl.where(dlse == 0.0, 0.0, dlse)
+    tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+
+
+@triton.autotune(configs=_BWD_KV, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=_NOSPEC)
+def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
+                     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                     s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm,
+                     s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+                     H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     HAS_KVLENS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bhk = tl.program_id(1)
+    HKV = H // GROUP
+    b = pid_bhk // HKV
+    hk = pid_bhk % HKV
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
+    kv_ok = (offs_n[:, None] < kv_len) & d_ok
+    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    lo = 0
+    if CAUSAL:  # rows whose diagonal is left of this key block see none of it
+        lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    if pid_n * BLOCK_N >= kv_len:  # a block of padding keys: gradients are 0, skip the query loop
+        lo = Lq
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        for start_m in range(lo, Lq, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
+                           CAUSAL, HAS_MASK)
+            if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+                q_ok = (offs_m[:, None] < Lq) & d_ok
+                q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
+                do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
+                             other=0.0)
+                lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+                delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+                qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
+                             HAS_BIAS, DOT_PREC)
+                p = tl.math.exp2(qk - lse[:, None])  # 0 where invisible or the row is empty (lse = +inf)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                ds = p * (dp - delta[:, None])
+                if BIAS_GRAD:
+                    tl.store(DBias + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
+                             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+
+    st_ok = (offs_n[:, None] < Lk) & d_ok
+    tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=st_ok)
+
+
+@triton.autotune(configs=_BWD_Q, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.jit(do_not_specialize=_NOSPEC)
+def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
+                   s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                   s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_dqb, s_dqh, s_dqm,
+                   H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_ok = (offs_m[:, None] < Lq) & d_ok
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
+    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+    K += b * s_kb + hk * s_kh
+    V += b * s_vb + hk * s_vh
+    qk_scale = sm_scale * 1.4426950408889634
+
+    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
+    hi = kv_len
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift), 0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, CAUSAL, HAS_MASK)
+        if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+            kv_ok = (offs_n[:, None] < kv_len) & d_ok
+            k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+            v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
+                         HAS_BIAS, DOT_PREC)
+            p = tl.math.exp2(qk - lse[:, None])
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
+             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+def _bcast_strides(t):
+    """Strides of a canonical 4-d mask/bias with 0 on broadcast (size-1) dims; zeros when absent."""
+    if t is None:
+        return (0, 0, 0, 0)
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right):
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    dummy = q  # pointer for absent optional tensors; never dereferenced
+    args = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, sm_scale=scale,
+                Q_BUCKET=triton.next_power_of_2(Lq), K_BUCKET=triton.next_power_of_2(Lk),
+                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
+                BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                HAS_KVLENS=kv_lens is not None,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    ptrs = (q, k, None, bias if bias is not None else dummy,
+            mask.view(torch.uint8) if mask is not None else dummy,
+            kv_lens if kv_lens is not None else dummy)
+    return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask)
+
+
+def _device_ctx(t):
+    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
+
+
+class _NullCtx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right):
+    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous). Last dims must be contiguous."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    with _device_ctx(q):
+        _fwd_kernel[grid](q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
+                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
+                          **args)
+
+
+def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right):
+    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
+    with ds (zero-initialised by the caller: skipped blocks are not written)."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
+    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    with _device_ctx(q):
+        _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+            out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, Lq,
+            HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64)
+        common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *do.stride()[:3])
+        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+            q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
+            *common, *dk.stride()[:3], *dv.stride()[:3], BIAS_GRAD=dbias is not None, **args)
+        _bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+            q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dq, *common, *dq.stride()[:3], **args)
