@@ -16,6 +16,7 @@ from .. import dispatch, masks, reference
 from .common import check_kernel_dtype, check_same, check_tensor, empty, empty_like, lastdim_contiguous
 
 MAX_HEAD_DIM = 256
+LN2 = math.log(2.0)
 
 
 def _kernels(backend: str):
@@ -30,10 +31,11 @@ def _kernels(backend: str):
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
                    kv_lens: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
                    backend: str) -> tuple[Tensor, Tensor]:
+    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), float32 [B, H, Lq], +inf for rows with no visible key."""
     out = empty_like(q)
-    lse = empty(q.shape[:3], like=q, dtype=torch.float32)
-    _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right)
-    return out, lse
+    lse2 = empty(q.shape[:3], like=q, dtype=torch.float32)
+    _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right)
+    return out, lse2
 
 
 @_attention_fwd.register_fake
@@ -177,9 +179,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
-    out, lse = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
-                              kv_lens, scale, causal, bottom_right, use)
-    return (out, lse) if return_lse else out
+    out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
+                               kv_lens, scale, causal, bottom_right, use)
+    return (out, lse2 * LN2) if return_lse else out
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

@@ -3,9 +3,10 @@
 Notation (per batch b, query head h, kv head h // GROUP):
     s_ij = scale · q_i·k_j + bias_ij,   visible(i, j) from causal / kv_lens / bool mask,
     p_ij = exp(s_ij − lse_i) on visible entries,  lse_i = log Σ_j exp(s_ij),  o_i = Σ_j p_ij v_j.
-The forward keeps a running max and sum (online softmax) in base 2 and saves lse (natural log, fp32,
-+inf for a row with no visible key, whose output is 0). The backward uses
-    D_i = Σ_d do_id·o_id − dlse_i,   ds_ij = p_ij (do_i·v_j − D_i),
+The forward keeps a running max and sum (online softmax) in base 2 and saves lse2 = lse·log2(e) (fp32,
++inf for a row with no visible key, whose output is 0): the backward recomputes p = exp2(s·log2(e) − lse2)
+with no change of base, so a row with one visible key gets p = 1 exactly. The backward uses
+    D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
 and one program per query block for dq: reruns are bitwise identical.
@@ -20,13 +21,18 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 # --------------------------------------------------------------------------------------------- autotuning
+# The interpreter runs programs one by one in numpy: one fixed config. The delta kernel uses the same block,
+# so that numpy reduces its dots in the same order as the dq / dk-dv kernels (see _bwd_delta_kernel).
+INTERPRET_BLOCK = 32
+DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
+
+
 def _configs(pairs):
-    if INTERPRET:  # one fixed config: the interpreter runs programs one by one in numpy
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
@@ -150,9 +156,9 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     row_ok = offs_m < Lq
-    tl.store(Lse + pid_bh * Lq + offs_m, lse, mask=row_ok)
+    tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
     tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
 
@@ -161,7 +167,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
 @triton.jit
 def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, H, Lq,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+                      DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -171,10 +177,13 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
     ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:  # d lse_i / d s_ij = p_ij: folds into ds_ij = p_ij (dp_ij − D_i) as D_i −= dlse_i
-        dlse = tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-        delta -= tl.where(dlse == 0.0, 0.0, dlse)
+    # D_i = do_i·o_i through the same tl.dot reduction that forms dp_ij = do_i·v_j in the other kernels: a row
+    # with one visible key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0).
+    dd = tl.dot(do, tl.trans(o.to(do.dtype)), input_precision=DOT_PREC)
+    delta = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], dd, 0.0), 1)
+    if HAS_DLSE:  # d lse2_i / d s_ij = log2(e) p_ij: folds into ds_ij = p_ij (dp_ij − D_i) through D_i
+        dlse2 = tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
+        delta -= dlse2 * 1.4426950408889634
     tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
@@ -223,7 +232,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
                 q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
                 do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
                              other=0.0)
-                lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+                lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
                 delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
                 qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
                              HAS_BIAS, DOT_PREC)
@@ -263,7 +272,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
     q_ok = (offs_m[:, None] < Lq) & d_ok
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
     do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
-    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf")) * 1.4426950408889634
+    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
     delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     K += b * s_kb + hk * s_kh
     V += b * s_vb + hk * s_vh
@@ -330,7 +339,8 @@ class _NullCtx:
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right):
-    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous). Last dims must be contiguous."""
+    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
+    Last dims must be contiguous."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     with _device_ctx(q):
@@ -345,9 +355,10 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     with _device_ctx(q):
-        _bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        _bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK), B * H)](
             out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, Lq,
-            HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, BLOCK_M=64)
+            HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
+            DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *do.stride()[:3])
         _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
             q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
