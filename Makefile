@@ -1,0 +1,36 @@
+# fastattn: set-up, tests, numerical check. `make test` and `make check` start from nothing (they create .venv).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Pinned: torch 2.13.0 (the CPU wheel on this machine), triton 3.6.0 (as on the GPU machine),
+# numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
+DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools
+
+.PHONY: venv test check gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# CPU suite: Triton kernels under the interpreter; `gpu` tests are skipped with a reason.
+test: $(STAMP)
+	$(PY) -m pytest tests -q -p no:cacheprovider -W ignore::DeprecationWarning
+
+# Every backend x op against the float64 reference; prints a table, fails on any row.
+check: $(STAMP)
+	$(PY) -W ignore -m fastattn check
+
+# On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv).
+gpu-check:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m fastattn info
+	$(PYTHON) -m pytest tests -q -m gpu -p no:cacheprovider
+	$(PYTHON) -W ignore -m fastattn check
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,98 @@
+"""``python -m fastattn info | check``.
+
+info   versions, devices and the backends that can run here.
+check  every available kernel backend × op over a small matrix of cases against the float64 reference
+       (DESIGN.md §5); prints a table and exits 1 if any row fails. Without a GPU the Triton kernels run
+       under the interpreter (TRITON_INTERPRET=1 is set here, before they are imported).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+
+def _info() -> int:
+    import fastattn
+    from fastattn import dispatch
+
+    rows = [("fastattn", fastattn.__version__), ("python", platform.python_version()), ("torch", torch.__version__)]
+    try:
+        import triton
+        rows.append(("triton", triton.__version__))
+    except ImportError:
+        rows.append(("triton", "not installed"))
+    rows.append(("CUDA (torch)", torch.version.cuda or "none"))
+    rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    for d in devices:
+        name = torch.cuda.get_device_name(d) if d.startswith("cuda") else platform.processor() or "cpu"
+        rows.append((f"{d} ({name})", ", ".join(dispatch.available_backends(d))))
+    width = max(len(r[0]) for r in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def attention_cases(gpu: bool):
+    from fastattn.testing import AttentionCase
+
+    dtypes = [torch.float16, torch.bfloat16, torch.float32] if gpu else [torch.float16, torch.float32]
+    L = 1000 if gpu else 70
+    for dtype in dtypes:
+        yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype)
+        yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype, causal=True)
+        yield AttentionCase(Lq=L // 2, Lk=L, D=80, dtype=dtype, causal=True, alignment="bottom_right", kv_lens=True)
+        yield AttentionCase(Lq=L, Lk=L // 3, D=40, dtype=dtype, key_padding=True, H=4, Hkv=2)
+        yield AttentionCase(Lq=L, Lk=L, D=128, dtype=dtype, bool_mask="2d")
+        yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype, bias="heads", bias_grad=True, lse_grad=True)
+        yield AttentionCase(Lq=17, Lk=113, D=256, dtype=dtype, H=4, Hkv=1, logit_scale=10.0)
+
+
+def _check() -> int:
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    from fastattn import dispatch
+    from fastattn.testing import run_attention_case
+
+    device = "cuda" if gpu else "cpu"
+    backends = [b for b in dispatch.available_backends(device) if b != "torch"]
+    print(f"fastattn check on {torch.cuda.get_device_name() if gpu else 'cpu (Triton interpreter)'}: "
+          f"backends {backends}; rule max|out − ref64| <= F·max|ref_same_dtype − ref64| + floor (F=2 fwd, 3 bwd)")
+    header = f"{'op':<10} {'case':<66} {'backend':<7} {'worst':<6} {'max err':>9} {'baseline':>9} {'ratio':>6}  result"
+    print(header)
+    print("-" * len(header))
+    failures = 0
+    t0 = time.time()
+    for backend in backends:
+        for case in attention_cases(gpu):
+            try:
+                results = run_attention_case(case, backend, device)
+            except Exception as e:  # a crash is a failed row, reported, not a traceback mid-table
+                failures += 1
+                print(f"{'attention':<10} {str(case):<66} {backend:<7} error: {type(e).__name__}: {e}")
+                continue
+            worst = max(results, key=lambda r: r.ratio / r.factor)
+            ok = all(r.ok for r in results)
+            failures += not ok
+            print(f"{'attention':<10} {str(case):<66} {backend:<7} {worst.name:<6} {worst.max_error:9.2e} "
+                  f"{worst.baseline_error:9.2e} {worst.ratio:6.2f}  {'pass' if ok else 'FAIL'}", flush=True)
+    print(f"{'all rows pass' if not failures else f'{failures} rows FAIL'} ({time.time() - t0:.0f}s)")
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["info", "check"])
+    args = parser.parse_args(argv)
+    return {"info": _info, "check": _check}[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

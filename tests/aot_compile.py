@@ -1,0 +1,96 @@
+"""Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune
+config that survives pruning, and report shared memory. Run by tests/test_kernels_compile.py in a process
+without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+
+    python tests/aot_compile.py --arch 90 [--first-only]    prints one line per compile, exits 1 on a failure
+"""
+import argparse
+import sys
+import time
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastattn.triton import attention as A
+
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
+            "DBias": "*fp32"}
+DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
+FLOATS = {"sm_scale"}
+
+
+def signature(fn, dtype, consts):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in POINTERS:
+            sig[name] = POINTERS[name]
+        elif name in DATA:
+            sig[name] = "*" + TORCH_TO_TRITON[dtype]
+        else:
+            sig[name] = "fp32" if name in FLOATS else "i32"
+    return sig
+
+
+def compile_one(kernel, dtype, consts, config, arch):
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    consts = dict(consts, **(config.kwargs if config else {}))
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+    opts = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 2)
+    t = time.time()
+    compiled = triton.compile(ASTSource(fn, signature(fn, dtype, consts), consts), target=GPUTarget("cuda", arch, 32),
+                              options=opts)
+    return compiled.metadata.shared, time.time() - t
+
+
+def cases():
+    full = dict(CAUSAL=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True, BIAS_GRAD=True,
+                HAS_DLSE=True)
+    plain = dict(CAUSAL=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=False,
+                 BIAS_GRAD=False, HAS_DLSE=True)
+    yield torch.float16, 128, full, True
+    yield torch.float32, 256, full, True
+    yield torch.bfloat16, 64, plain, False
+    yield torch.float16, 111, dict(plain, CAUSAL=True, HAS_KVLENS=True), False
+    yield torch.bfloat16, 256, dict(plain, HAS_MASK=True), True
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--first-only", action="store_true", help="only the first surviving config per kernel")
+    args = ap.parse_args()
+    failures = 0
+    for dtype, D, flags, every in cases():
+        every = every and not args.first_only
+        bd = max(16, triton.next_power_of_2(D))
+        consts = dict(flags, HEAD_DIM=D, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+        for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel):
+            if hasattr(kernel, "configs"):
+                configs = A._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=bd)
+                configs = configs if every else configs[:1]
+            else:
+                configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
+            for c in configs:
+                name = getattr(kernel, "fn", kernel).__name__
+                label = f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}"
+                try:
+                    smem, secs = compile_one(kernel, dtype, consts, c, args.arch)
+                except Exception as e:  # report every failure, then fail
+                    failures += 1
+                    print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
+                    continue
+                over = smem > SMEM_LIMIT[args.arch]
+                failures += over
+                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

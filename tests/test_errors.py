@@ -1,0 +1,136 @@
+"""Bad input gets a ValueError / TypeError naming the argument; empty problems return empty results."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.testing import random_qkv
+
+from conftest import DEVICE
+
+
+def qkv(B=2, H=2, Lq=8, Lk=8, D=16, **kw):
+    return random_qkv(B, H, Lq, Lk, D, device=DEVICE, **kw)
+
+
+def call(q, k, v, **kw):
+    return fastattn.attention(q, k, v, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("make,exc,words", [
+    (lambda q, k, v: (q.half() if q.dtype != torch.float16 else q.float(), k, v), TypeError, "dtype"),
+    (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+    (lambda q, k, v: (q, k[:, :, :5], v), ValueError, "k"),
+    (lambda q, k, v: (q, k[:1], v[:1]), ValueError, "batch"),
+    (lambda q, k, v: (q, k[..., :8], v[..., :8]), ValueError, "head dim"),
+    (lambda q, k, v: (q.int(), k, v), TypeError, "q must be a floating-point"),
+    (lambda q, k, v: (q, "k", v), TypeError, "k must be a torch.Tensor"),
+])
+def test_bad_qkv(make, exc, words):
+    q, k, v = make(*qkv(requires_grad=False))
+    with pytest.raises(exc, match=words):
+        call(q, k, v)
+
+
+def test_head_dim_too_large():
+    with pytest.raises(ValueError, match="head dim 320"):
+        call(*qkv(D=320, requires_grad=False))
+
+
+def test_heads_not_divisible():
+    q, k, v = qkv(H=6, requires_grad=False)
+    with pytest.raises(ValueError, match="multiple of k/v's 4 heads"):
+        call(q, k[:, :4], v[:, :4])
+
+
+def test_devices_differ():
+    q, k, v = qkv(requires_grad=False)
+    meta = torch.empty_like(k, device="meta")
+    with pytest.raises(ValueError, match="k is on meta"):
+        call(q, meta, v)
+
+
+def test_float64_on_kernels():
+    q, k, v = (t.double() for t in qkv(requires_grad=False))
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32"):
+        call(q, k, v)
+    assert fastattn.attention(q, k, v, backend="torch").dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 8, 8), (2, 3, 8, 8), (8, 7), (2, 2, 2, 8, 8)])
+def test_bias_does_not_broadcast(shape):
+    with pytest.raises(ValueError, match="attn_bias"):
+        call(*qkv(requires_grad=False), attn_bias=torch.randn(shape, device=DEVICE))
+
+
+def test_bias_bad_dtype():
+    with pytest.raises(TypeError, match="attn_bias"):
+        call(*qkv(requires_grad=False), attn_bias=torch.ones(8, 8, dtype=torch.int32, device=DEVICE))
+
+
+def test_key_padding_mask_checks():
+    q, k, v = qkv(requires_grad=False)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        call(q, k, v, key_padding_mask=torch.zeros(2, 9, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool"):
+        call(q, k, v, key_padding_mask=torch.zeros(2, 8, device=DEVICE))
+
+
+@pytest.mark.parametrize("lens,exc,words", [
+    ([9, 3], ValueError, r"kv_lens must lie in \[0, Lk=8\]"),
+    ([-1, 3], ValueError, "kv_lens must lie"),
+    ([3], ValueError, "kv_lens must have shape"),
+])
+def test_kv_lens_checks(lens, exc, words):
+    with pytest.raises(exc, match=words):
+        call(*qkv(requires_grad=False), kv_lens=torch.tensor(lens, dtype=torch.int32, device=DEVICE))
+
+
+def test_kv_lens_dtype():
+    with pytest.raises(TypeError, match="kv_lens"):
+        call(*qkv(requires_grad=False), kv_lens=torch.tensor([3.0, 4.0], device=DEVICE))
+
+
+def test_bad_options():
+    q, k, v = qkv(requires_grad=False)
+    with pytest.raises(ValueError, match="causal_alignment"):
+        call(q, k, v, causal=True, causal_alignment="center")
+    with pytest.raises(ValueError, match="dropout_p"):
+        call(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match="backend must be"):
+        fastattn.attention(q, k, v, backend="tpu")
+    with pytest.raises(NotImplementedError, match="dropout_p > 0"):
+        call(q, k, v, dropout_p=0.1)
+
+
+def test_sdpa_errors():
+    q, k, v = qkv(requires_grad=False)
+    with pytest.raises(ValueError, match="is_causal"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    with pytest.raises(ValueError, match="enable_gqa"):
+        fastattn.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="query must be"):
+        fastattn.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
+
+
+@pytest.mark.parametrize("B,Lq,Lk", [(0, 8, 8), (2, 0, 8), (2, 8, 0)])
+def test_empty_problems(B, Lq, Lk):
+    """B = 0 or Lq = 0 give empty outputs; Lk = 0 leaves every row without keys: zeros. Gradients flow."""
+    q, k, v = qkv(B=B, Lq=Lq, Lk=Lk)
+    out = call(q, k, v, causal=True)
+    assert out.shape == (B, 2, Lq, 16)
+    assert (out == 0).all()
+    if out.numel():
+        dq, = torch.autograd.grad(out.sum(), (q,))
+        assert (dq == 0).all()
+
+
+def test_cpu_triton_needs_interpreter(monkeypatch):
+    from fastattn import dispatch
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        dispatch.select("triton", torch.empty(1))
+    with pytest.raises(RuntimeError, match="CUDA C\\+\\+ extension"):
+        dispatch.select("cuda", torch.empty(1))
+    assert dispatch.select("auto", torch.empty(1)) == "torch"
+    monkeypatch.setenv("FASTATTN_BACKEND", "torch")
+    assert dispatch.select("auto", torch.empty(1)) == "torch"

@@ -1,0 +1,96 @@
+"""The oracle itself: fastattn.reference against torch's SDPA (float64) and against the mask definitions."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+
+sdpa = torch.nn.functional.scaled_dot_product_attention
+g = torch.Generator().manual_seed(3)
+
+
+def rand(*shape):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def test_plain_and_causal_top_left_match_sdpa():
+    q, k, v = rand(2, 3, 9, 8), rand(2, 3, 9, 8), rand(2, 3, 9, 8)
+    torch.testing.assert_close(reference.attention(q, k, v), sdpa(q, k, v))
+    torch.testing.assert_close(reference.attention(q, k, v, causal=True), sdpa(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("Lq,Lk", [(5, 9), (9, 5), (7, 7)])
+def test_bottom_right_is_lower_right_tril(Lq, Lk):
+    q, k, v = rand(1, 2, Lq, 8), rand(1, 2, Lk, 8), rand(1, 2, Lk, 8)
+    tril = torch.ones(Lq, Lk, dtype=torch.bool).tril(diagonal=Lk - Lq)
+    got = reference.attention(q, k, v, causal=True, bottom_right=True)
+    want = sdpa(q, k, v, attn_mask=tril).nan_to_num(0.0)  # torch: NaN for the rows with no key
+    torch.testing.assert_close(got, want)
+    if Lq > Lk:
+        assert (got[:, :, : Lq - Lk] == 0).all()
+
+
+def test_kv_lens_is_slicing_the_keys():
+    """kv_lens[b] = n means attending to k[b, :, :n]; bottom-right aligns to n (KV-cache decoding)."""
+    q, k, v = rand(3, 2, 4, 8), rand(3, 2, 10, 8), rand(3, 2, 10, 8)
+    lens = torch.tensor([10, 6, 4], dtype=torch.int32)
+    for causal in (False, True):
+        got = reference.attention(q, k, v, kv_lens=lens, causal=causal, bottom_right=True)
+        for b, n in enumerate(lens.tolist()):
+            tril = torch.ones(4, n, dtype=torch.bool).tril(diagonal=n - 4) if causal else None
+            want = sdpa(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], attn_mask=tril)
+            torch.testing.assert_close(got[b:b + 1], want)
+
+
+def test_key_padding_mask_true_means_ignore():
+    q, k, v = rand(2, 2, 5, 8), rand(2, 2, 7, 8), rand(2, 2, 7, 8)
+    kpm = torch.rand(2, 7, generator=g) < 0.4
+    kpm[:, 0] = False
+    got = fastattn.attention(q, k, v, key_padding_mask=kpm)
+    torch.testing.assert_close(got, sdpa(q, k, v, attn_mask=~kpm[:, None, None, :]))
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True, dtype=torch.float64)
+    x = rand(2, 7, 16)
+    want, _ = mha(x, x, x, key_padding_mask=kpm, need_weights=False)
+    # the same module through fastattn.attention: nn.MultiheadAttention's True = ignore convention
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    qh, kh, vh = (torch.nn.functional.linear(x, w[i * 16:(i + 1) * 16], b[i * 16:(i + 1) * 16])
+                  .view(2, 7, 2, 8).transpose(1, 2) for i in range(3))
+    o = fastattn.attention(qh, kh, vh, key_padding_mask=kpm).transpose(1, 2).reshape(2, 7, 16)
+    torch.testing.assert_close(mha.out_proj(o), want)
+
+
+def test_gqa_is_repeated_heads():
+    q, k, v = rand(2, 6, 5, 8), rand(2, 2, 7, 8), rand(2, 2, 7, 8)
+    torch.testing.assert_close(reference.attention(q, k, v), sdpa(q, k, v, enable_gqa=True))
+
+
+def test_bias_and_bool_mask_broadcast():
+    q, k, v = rand(2, 3, 5, 8), rand(2, 3, 7, 8), rand(2, 3, 7, 8)
+    bias = rand(3, 5, 7)
+    torch.testing.assert_close(reference.attention(q, k, v, attn_bias=bias), sdpa(q, k, v, attn_mask=bias))
+    m = torch.rand(2, 1, 5, 7, generator=g) < 0.7
+    m[..., 0] = True
+    torch.testing.assert_close(reference.attention(q, k, v, attn_mask=m), sdpa(q, k, v, attn_mask=m))
+
+
+def test_dropout_with_keep_mask():
+    q, k, v = rand(1, 2, 5, 8), rand(1, 2, 6, 8), rand(1, 2, 6, 8)
+    keep = torch.rand(1, 2, 5, 6, generator=g) > 0.3
+    p = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, -1)
+    want = (p * keep / 0.7) @ v
+    torch.testing.assert_close(reference.attention(q, k, v, dropout_p=0.3, dropout_mask=keep), want)
+
+
+def test_empty_rows_and_lse():
+    q, k, v = rand(1, 1, 4, 8), rand(1, 1, 6, 8), rand(1, 1, 6, 8)
+    m = torch.ones(4, 6, dtype=torch.bool)
+    m[2] = False
+    for t in (q, k, v):
+        t.requires_grad_()
+    out, lse = reference.attention(q, k, v, attn_mask=m, return_lse=True)
+    assert (out[0, 0, 2] == 0).all() and lse[0, 0, 2] == float("inf")
+    s = (q @ k.transpose(-1, -2) / 8 ** 0.5)[0, 0]
+    torch.testing.assert_close(lse[0, 0, [0, 1, 3]], torch.logsumexp(s[[0, 1, 3]], -1))
+    grads = torch.autograd.grad(out.sum() + lse[0, 0, [0, 1, 3]].sum(), (q, k, v))
+    assert all(torch.isfinite(x).all() for x in grads)
+    assert (grads[0][0, 0, 2] == 0).all()
