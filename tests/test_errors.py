@@ -56,6 +56,13 @@ def test_float64_on_kernels():
     assert fastattn.attention(q, k, v, backend="torch").dtype == torch.float64
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter only runs on CPU")
+def test_bf16_under_interpreter_is_refused():
+    q, k, v = (t.bfloat16() for t in qkv(requires_grad=False))
+    with pytest.raises(TypeError, match="bfloat16 is not supported by the Triton interpreter"):
+        call(q, k, v)
+
+
 @pytest.mark.parametrize("shape", [(3, 2, 8, 8), (2, 3, 8, 8), (8, 7), (2, 2, 2, 8, 8)])
 def test_bias_does_not_broadcast(shape):
     with pytest.raises(ValueError, match="attn_bias"):

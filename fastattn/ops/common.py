@@ -45,6 +45,10 @@ def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
     if t.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: backend {backend!r} supports float16, bfloat16 and float32, got {t.dtype} "
                         "(use backend='torch' for other dtypes)")
+    if backend == "triton" and t.dtype == torch.bfloat16 and not t.is_cuda:
+        # triton 3.6's interpreter runs bf16 kernels but returns garbage: refuse rather than answer wrongly
+        raise TypeError(f"{name}: bfloat16 is not supported by the Triton interpreter (CPU); use a GPU, "
+                        "float16/float32, or backend='torch'")
 
 
 def lastdim_contiguous(t: Tensor) -> Tensor:
