@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "visible_keys"]
+__all__ = ["attention", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
 
 
 def visible_keys(
@@ -97,3 +97,37 @@ def attention(
     lse = torch.logsumexp(s_safe.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(empty.squeeze(-1), float("inf"))
     return out, lse
+
+
+def softmax(x: Tensor, dim: int = -1, *, dtype: Optional[torch.dtype] = None, scale: float = 1.0,
+            mask: Optional[Tensor] = None) -> Tensor:
+    """softmax(x·scale + mask) along ``dim``, computed in ``dtype`` (default x's); a row of −inf gives 0."""
+    z = x.to(dtype) if dtype is not None else x
+    if scale != 1.0:
+        z = z * scale
+    if mask is not None:
+        z = z + mask.to(z.dtype)
+    empty = (z == float("-inf")).all(dim=dim, keepdim=True)
+    return torch.softmax(z.masked_fill(empty, 0.0), dim=dim).masked_fill(empty, 0.0)
+
+
+def layer_norm(x: Tensor, normalized_shape, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5) -> Tensor:
+    """(x − mean) / sqrt(var + eps) · weight + bias over the trailing ``normalized_shape`` dims (biased var)."""
+    dims = tuple(range(-len(tuple(normalized_shape)), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    xc = x - mean
+    y = xc / torch.sqrt((xc * xc).mean(dim=dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape, weight: Optional[Tensor] = None,
+                   bias: Optional[Tensor] = None, eps: float = 1e-5, prenorm: bool = False):
+    """LayerNorm(x + residual); with ``prenorm`` also returns the sum x + residual."""
+    s = x + residual
+    y = layer_norm(s, normalized_shape, weight, bias, eps)
+    return (y, s) if prenorm else y

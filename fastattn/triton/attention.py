@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import device_ctx
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 LOG2E = 1.4426950408889634
 
@@ -326,24 +328,12 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right):
     return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask)
 
 
-def _device_ctx(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _NullCtx()
-
-
-class _NullCtx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right):
     """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
     Last dims must be contiguous."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
-    with _device_ctx(q):
+    with device_ctx(q):
         _fwd_kernel[grid](q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
                           **args)
@@ -354,7 +344,7 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     with ds (zero-initialised by the caller: skipped blocks are not written)."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
-    with _device_ctx(q):
+    with device_ctx(q):
         _bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK), B * H)](
             out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, Lq,
             HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,

@@ -1,0 +1,154 @@
+"""Fused LayerNorm and residual-add + LayerNorm: checks, the ``fastattn::layer_norm_fwd/bwd`` custom ops,
+and :func:`layer_norm` / :func:`add_layer_norm`.
+
+    y = (s − mean(s)) / sqrt(var(s) + eps) · weight + bias,   s = x  or  x + residual
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import dispatch, reference
+from .common import check_kernel_dtype, check_same, check_tensor, empty
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import layer_norm as mod
+        return mod
+    raise RuntimeError(f"no layer_norm kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                    eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual: contiguous [R, N]. -> (y, s = x + residual or an empty tensor, mean, rstd)."""
+    R = x.shape[0]
+    y = empty(x.shape, like=x)
+    s = empty(x.shape, like=x) if residual is not None else None
+    mean = empty((R,), like=x, dtype=torch.float32)
+    rstd = empty((R,), like=x, dtype=torch.float32)
+    _kernels(backend).forward(x, residual, weight, bias, y, s, mean, rstd, eps)
+    return y, (s if s is not None else x.new_empty(0)), mean, rstd
+
+
+@_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    R = x.shape[0]
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, x.new_empty(R, dtype=torch.float32), x.new_empty(R, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optional[Tensor], mean: Tensor,
+                    rstd: Tensor, wb_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (ds, dweight, dbias) with dweight/dbias in fp32 (empty when not wanted)."""
+    k = _kernels(backend)
+    ds = empty(s.shape, like=s)
+    partial = None
+    if wb_grad:
+        G = k.num_partials(s, s.shape[0])
+        partial = torch.zeros((2, G, s.shape[1]), device=s.device, dtype=torch.float32)
+    k.backward(s, weight, dy.contiguous(), dsum.contiguous() if dsum is not None else None, ds, mean, rstd,
+               partial[0] if partial is not None else None, partial[1] if partial is not None else None)
+    if partial is None:
+        return ds, s.new_empty(0), s.new_empty(0)
+    # the second, deterministic stage over the G partial rows
+    return ds, partial[0].sum(dim=0), partial[1].sum(dim=0)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, dsum, s, weight, mean, rstd, wb_grad, backend):
+    n = s.shape[1] if wb_grad else 0
+    return torch.empty_like(s), s.new_empty(n, dtype=torch.float32), s.new_empty(n, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, backend = inputs
+    y, s, mean, rstd = output
+    ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+    ctx.has_res = residual is not None
+    ctx.wdtype = weight.dtype if weight is not None else None
+    ctx.bdtype = bias.dtype if bias is not None else None
+    ctx.backend = backend
+
+
+def _backward(ctx, dy, dsum, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    wb_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    ds, dw, db = _layer_norm_bwd(dy, dsum if ctx.has_res else None, s, weight, mean, rstd, wb_grad, ctx.backend)
+    dw = dw.to(ctx.wdtype) if ctx.needs_input_grad[2] else None
+    db = db.to(ctx.bdtype) if ctx.needs_input_grad[3] else None
+    return ds, (ds if ctx.has_res else None), dw, db, None, None
+
+
+_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _normalized(normalized_shape) -> tuple[int, ...]:
+    if isinstance(normalized_shape, int):
+        return (normalized_shape,)
+    try:
+        shape = tuple(int(n) for n in normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
+    if not shape:
+        raise ValueError("normalized_shape must not be empty")
+    return shape
+
+
+def _check(x, normalized_shape, weight, bias, residual=None):
+    check_tensor(x, "x")
+    shape = _normalized(normalized_shape)
+    if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
+        raise ValueError(f"normalized_shape {list(shape)} does not match the trailing dims of x {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    for t, name in ((weight, "weight"), (bias, "bias")):
+        if t is not None:
+            check_tensor(t, name)
+            check_same(x, "x", t, name, dtype=False)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected normalized_shape {shape}")
+    if residual is not None:
+        check_tensor(residual, "residual")
+        check_same(x, "x", residual, "residual")
+        if residual.shape != x.shape:
+            raise ValueError(f"residual has shape {tuple(residual.shape)}, x has {tuple(x.shape)}")
+    return shape
+
+
+def _run(x, residual, shape, weight, bias, eps, backend):
+    use = dispatch.select(backend, x)
+    if use == "torch":
+        if residual is None:
+            return reference.layer_norm(x, shape, weight, bias, eps), None
+        return reference.add_layer_norm(x, residual, shape, weight, bias, eps, prenorm=True)
+    for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+        if t is not None:
+            check_kernel_dtype(t, name, use)
+    N = math.prod(shape)
+    x2d = x.reshape(-1, N).contiguous()
+    r2d = residual.reshape(-1, N).contiguous() if residual is not None else None
+    y, s, _, _ = _layer_norm_fwd(x2d, r2d, weight.reshape(N) if weight is not None else None,
+                                 bias.reshape(N) if bias is not None else None, float(eps), use)
+    return y.view(x.shape), (s.view(x.shape) if residual is not None else None)
+
+
+def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
+               bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
+    """``torch.nn.functional.layer_norm`` fused: fp32 statistics, deterministic dweight/dbias."""
+    shape = _check(x, normalized_shape, weight, bias)
+    return _run(x, None, shape, weight, bias, eps, backend)[0]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Union[int, Sequence[int]],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
+                   prenorm: bool = False, *, backend: str = "auto"):
+    """LayerNorm(x + residual) in one pass; with ``prenorm=True`` returns (y, x + residual)."""
+    shape = _check(x, normalized_shape, weight, bias, residual)
+    y, s = _run(x, residual, shape, weight, bias, eps, backend)
+    return (y, s) if prenorm else y

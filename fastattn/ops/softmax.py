@@ -1,0 +1,130 @@
+"""Fused softmax: checks, the ``fastattn::softmax_fwd/bwd`` custom ops, and :func:`softmax`.
+
+    y = softmax(x·scale + mask) along ``dim``;  a row that is all −inf gives 0 (torch gives NaN).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import dispatch, reference
+from .common import check_kernel_dtype, check_same, check_tensor, empty
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..triton import softmax as mod
+        return mod
+    raise RuntimeError(f"no softmax kernels for backend {backend!r}")
+
+
+@torch.library.custom_op("fastattn::softmax_fwd", mutates_args=())
+def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, lead: list[int], out_dtype: torch.dtype,
+                 backend: str) -> Tensor:
+    """x: contiguous [R, N]; mask: [D0|1, D1|1, D2|1, N] with lead = [D0, D1, D2], D0·D1·D2 = R."""
+    y = empty(x.shape, like=x, dtype=out_dtype)
+    _kernels(backend).forward(x, y, mask, scale, tuple(lead))
+    return y
+
+
+@_softmax_fwd.register_fake
+def _(x, mask, scale, lead, out_dtype, backend):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+@torch.library.custom_op("fastattn::softmax_bwd", mutates_args=())
+def _softmax_bwd(y: Tensor, dy: Tensor, scale: float, x_dtype: torch.dtype, mask_grad: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    dx = empty(y.shape, like=y, dtype=x_dtype)
+    dz = empty(y.shape, like=y, dtype=torch.float32) if mask_grad else None
+    _kernels(backend).backward(y, dy.contiguous(), dx, dz, scale)
+    return dx, (dz if dz is not None else y.new_empty(0))
+
+
+@_softmax_bwd.register_fake
+def _(y, dy, scale, x_dtype, mask_grad, backend):
+    return y.new_empty(y.shape, dtype=x_dtype), y.new_empty(y.shape if mask_grad else (0,), dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mask, scale, lead, out_dtype, backend = inputs
+    ctx.save_for_backward(output)
+    ctx.params = (scale, x.dtype)
+    ctx.mask_shape = None if mask is None else tuple(mask.shape)
+    ctx.mask_dtype = None if mask is None else mask.dtype
+    ctx.lead = tuple(lead)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    y, = ctx.saved_tensors
+    mask_grad = ctx.mask_shape is not None and ctx.needs_input_grad[1]
+    dx, dz = _softmax_bwd(y, dy, *ctx.params, mask_grad, ctx.backend)
+    dmask = None
+    if mask_grad:  # sum dz over the mask's broadcast dims
+        dz = dz.view(*ctx.lead, dz.shape[-1])
+        dims = [i for i in range(3) if ctx.mask_shape[i] == 1]
+        dmask = (dz.sum(dim=dims, keepdim=True) if dims else dz).to(ctx.mask_dtype)
+    return dx, dmask, None, None, None, None
+
+
+_softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
+    """Broadcast ``mask`` against x [..., N] and view both as 4-d [D0, D1, D2, N] problems."""
+    if mask.dim() > x.dim():
+        raise ValueError(f"mask of shape {tuple(mask.shape)} has more dims than x {tuple(x.shape)}")
+    try:
+        torch.broadcast_shapes(mask.shape, x.shape)
+    except RuntimeError:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's {tuple(x.shape)}") from None
+    if torch.broadcast_shapes(mask.shape, x.shape) != x.shape:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} would broadcast x {tuple(x.shape)} to a larger shape")
+    N = x.shape[-1]
+    if mask.shape[-1] != N or mask.stride(-1) != 1:  # the kernel reads mask rows with stride 1
+        mask = mask.expand(*mask.shape[:-1], N).contiguous()
+    lead = list(x.shape[:-1])
+    mshape = [1] * (len(lead) - (mask.dim() - 1)) + list(mask.shape[:-1])
+    mask = mask.view(*mshape, N)
+    if len(lead) > 3:  # merge the outer dims (copies the mask only if they cannot be merged as a view)
+        mask = mask.expand(*lead, N).reshape(-1, *lead[-2:], N)
+        lead = [math.prod(lead[:-2])] + lead[-2:]
+    while len(lead) < 3:
+        lead.insert(0, 1)
+        mask = mask.unsqueeze(0)
+    return mask, lead
+
+
+def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, scale: float = 1.0,
+            mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+    """``torch.softmax(x, dim, dtype)`` fused, optionally of ``x·scale + mask`` (mask: float, broadcastable
+    to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN."""
+    check_tensor(x, "x")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)})")
+    if not -x.dim() <= dim < max(x.dim(), 1):
+        raise ValueError(f"dim {dim} is out of range for x with {x.dim()} dims")
+    if dtype is not None and not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    dim = dim % max(x.dim(), 1)
+    if mask is not None:
+        check_tensor(mask, "mask")
+        check_same(x, "x", mask, "mask", dtype=False)
+        if dim != x.dim() - 1:
+            raise ValueError("mask is only supported with dim=-1 (the last dim)")
+    use = dispatch.select(backend, x)
+    if use == "torch" or x.dim() == 0:
+        return reference.softmax(x, dim, dtype=dtype, scale=scale, mask=mask)
+    check_kernel_dtype(x, "x", use)
+    out_dtype = dtype or x.dtype
+    check_kernel_dtype(x.new_empty(0, dtype=out_dtype), "dtype", use)
+    xm = x.movedim(dim, -1) if dim != x.dim() - 1 else x
+    shape = xm.shape
+    x2d = xm.reshape(-1, shape[-1]).contiguous()
+    mask4d, lead = (None, [1, 1, x2d.shape[0]]) if mask is None else _mask_4d(mask, xm)
+    y = _softmax_fwd(x2d, mask4d, float(scale), lead, out_dtype, use).view(shape)
+    return y.movedim(-1, dim) if dim != x.dim() - 1 else y
