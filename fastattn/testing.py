@@ -180,35 +180,138 @@ def _case_inputs(case: AttentionCase, device):
     return (q, k, v), kw, do, dlse
 
 
-def _run_case(qkv, kw, do, dlse, dtype, backend):
-    """Forward + backward with inputs cast to ``dtype``: returns {name: tensor}."""
-    import fastattn  # the public API, late import: fastattn imports this module's users
-
-    leaves = [t.detach().to(dtype).requires_grad_() for t in qkv]
-    kw = dict(kw)
-    names = ["dq", "dk", "dv"]
-    bias = kw.get("attn_bias")
-    if bias is not None and bias.is_floating_point():
-        kw["attn_bias"] = bias.detach().to(dtype).requires_grad_(bias.requires_grad)
-        if bias.requires_grad:
-            leaves.append(kw["attn_bias"])
-            names.append("dbias")
-    out, lse = fastattn.attention(*leaves[:3], return_lse=True, backend=backend, **kw)
-    outs, grads_in = [out], [do.to(dtype)]
-    if dlse is not None:
-        outs.append(lse)
-        grads_in.append(dlse.to(lse.dtype))
-    grads = torch.autograd.grad(outs, leaves, grads_in)
-    res = {"out": out, "lse": lse}
-    res.update(zip(names, grads))
+def forward_backward(fn, inputs: dict, grad_outputs: dict, dtype: torch.dtype) -> dict:
+    """Call ``fn(**inputs)`` with the floating inputs cast to ``dtype`` (those that require grad stay leaves),
+    and differentiate the named outputs (``fn`` returns a dict) against ``grad_outputs``.
+    Returns the outputs and "d<name>" for every input that requires grad."""
+    cast = {n: (t.detach().to(dtype).requires_grad_(t.requires_grad) if torch.is_tensor(t) and t.is_floating_point()
+                else t) for n, t in inputs.items()}
+    outs = fn(**cast)
+    leaves = {n: t for n, t in cast.items() if torch.is_tensor(t) and t.requires_grad}
+    used = [n for n in grad_outputs if grad_outputs[n] is not None]
+    grads = torch.autograd.grad([outs[n] for n in used], list(leaves.values()),
+                                [grad_outputs[n].to(outs[n].dtype) for n in used]) if leaves else ()
+    res = dict(outs)
+    res.update({"d" + n: g for n, g in zip(leaves, grads)})
     return res
+
+
+def compare_all(fn, inputs: dict, grad_outputs: dict, dtype: torch.dtype, backend: str) -> list[Comparison]:
+    """``fn(backend=..., **inputs)`` on ``backend`` in ``dtype`` against the "torch" backend in float64 and in
+    ``dtype``: every output (F = 2) and gradient (F = 3) under the rule."""
+    got = forward_backward(lambda **kw: fn(backend=backend, **kw), inputs, grad_outputs, dtype)
+    ref64 = forward_backward(lambda **kw: fn(backend="torch", **kw), inputs, grad_outputs, torch.float64)
+    low = forward_backward(lambda **kw: fn(backend="torch", **kw), inputs, grad_outputs, dtype)
+    return [compare(got[n], ref64[n], low[n], name=n,
+                    factor=BACKWARD_FACTOR if n.startswith("d") else FORWARD_FACTOR) for n in got]
 
 
 def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[Comparison]:
     """Run ``case`` on ``backend`` and compare every output and gradient to the float64 reference under the rule."""
-    qkv, kw, do, dlse = _case_inputs(case, device)
-    got = _run_case(qkv, kw, do, dlse, case.dtype, backend)
-    ref64 = _run_case(qkv, kw, do, dlse, torch.float64, "torch")
-    low = _run_case(qkv, kw, do, dlse, case.dtype, "torch")
-    return [compare(got[n], ref64[n], low[n], name=n,
-                    factor=FORWARD_FACTOR if n in ("out", "lse") else BACKWARD_FACTOR) for n in got]
+    import fastattn  # late: fastattn imports this module's users
+
+    (q, k, v), kw, do, dlse = _case_inputs(case, device)
+    bias = kw.pop("attn_bias", None)
+
+    def fn(q, k, v, attn_bias, backend):
+        out, lse = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend, **kw)
+        return {"out": out, "lse": lse}
+
+    return compare_all(fn, dict(q=q, k=k, v=v, attn_bias=bias), {"out": do, "lse": dlse}, case.dtype, backend)
+
+
+# --------------------------------------------------------------------------------------------- softmax cases
+@dataclass
+class SoftmaxCase:
+    """softmax(x·scale + mask) along ``dim``; a few rows are −inf throughout, and one row holds a large value."""
+    shape: tuple = (6, 127)
+    dim: int = -1
+    dtype: torch.dtype = torch.float16
+    out_dtype: torch.dtype | None = None
+    scale: float = 1.0
+    mask: str | None = None  # None | "row" [N] | "full" (x's shape) | "lead" [shape[0], 1, ..., N]
+    mask_grad: bool = False
+    seed: int = 0
+
+    def __str__(self) -> str:
+        parts = ["x" + "x".join(map(str, self.shape)), f"dim{self.dim}", str(self.dtype).replace("torch.", "")]
+        if self.out_dtype:
+            parts.append("->" + str(self.out_dtype).replace("torch.", ""))
+        if self.scale != 1.0:
+            parts.append(f"scale{self.scale:g}")
+        if self.mask:
+            parts.append(f"mask-{self.mask}" + ("+grad" if self.mask_grad else ""))
+        return " ".join(parts)
+
+
+def run_softmax_case(case: SoftmaxCase, backend: str, device="cpu") -> list[Comparison]:
+    import fastattn
+
+    g = torch.Generator().manual_seed(case.seed)
+    x = torch.randn(case.shape, generator=g) * 3
+    rows = x.movedim(case.dim, -1)
+    if rows.shape[0] > 1:
+        rows[1] = float("-inf")  # fully masked rows: zeros, not NaN
+    rows[(0,) * rows.dim()] = 40.0  # a large logit
+    x = x.to(device).requires_grad_()
+    mask = None
+    if case.mask:
+        N = case.shape[-1]
+        mshape = {"row": (N,), "full": case.shape, "lead": (case.shape[0],) + (1,) * (len(case.shape) - 2) + (N,)}
+        mask = torch.randn(mshape[case.mask], generator=g).to(device).requires_grad_(case.mask_grad)
+    dy = torch.randn(case.shape, generator=g).to(device)
+
+    def fn(x, mask, backend):
+        out_dtype = case.out_dtype if x.dtype != torch.float64 else None  # ref64 stays float64 throughout
+        return {"y": fastattn.softmax(x, case.dim, out_dtype, scale=case.scale, mask=mask, backend=backend)}
+
+    return compare_all(fn, dict(x=x, mask=mask), {"y": dy}, case.dtype, backend)
+
+
+# --------------------------------------------------------------------------------------------- layer norm cases
+@dataclass
+class LayerNormCase:
+    """LayerNorm over the trailing ``norm_dims`` dims of x (+ residual), with optional weight / bias."""
+    shape: tuple = (6, 768)
+    norm_dims: int = 1
+    dtype: torch.dtype = torch.float16
+    weight: bool = True
+    bias: bool = True
+    residual: bool = False
+    prenorm: bool = False
+    offset: float = 0.0  # added to x: a large mean tests the variance's cancellation
+    eps: float = 1e-5
+    seed: int = 0
+
+    def __str__(self) -> str:
+        parts = ["x" + "x".join(map(str, self.shape)), f"norm{self.norm_dims}", str(self.dtype).replace("torch.", "")]
+        parts += [n for n, on in (("no-weight", not self.weight), ("no-bias", not self.bias),
+                                  ("+residual", self.residual), ("prenorm", self.prenorm)) if on]
+        if self.offset:
+            parts.append(f"offset{self.offset:g}")
+        return " ".join(parts)
+
+
+def run_layer_norm_case(case: LayerNormCase, backend: str, device="cpu") -> list[Comparison]:
+    import fastattn
+
+    g = torch.Generator().manual_seed(case.seed)
+    norm = tuple(case.shape[len(case.shape) - case.norm_dims:])
+
+    def rnd(shape, scale=1.0, shift=0.0):
+        return (torch.randn(shape, generator=g) * scale + shift).to(device).requires_grad_()
+
+    inputs = dict(x=rnd(case.shape, 2.0, case.offset),
+                  residual=rnd(case.shape) if case.residual else None,
+                  weight=rnd(norm, 0.5, 1.0) if case.weight else None,
+                  bias=rnd(norm) if case.bias else None)
+    grads = {"y": torch.randn(case.shape, generator=g).to(device),
+             "sum": torch.randn(case.shape, generator=g).to(device) if case.prenorm else None}
+
+    def fn(x, residual, weight, bias, backend):
+        if residual is None:
+            return {"y": fastattn.layer_norm(x, norm, weight, bias, case.eps, backend=backend)}
+        y, s = fastattn.add_layer_norm(x, residual, norm, weight, bias, case.eps, prenorm=True, backend=backend)
+        return {"y": y, "sum": s}
+
+    return compare_all(fn, inputs, grads, case.dtype, backend)

@@ -91,6 +91,8 @@ _layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _normalized(normalized_shape) -> tuple[int, ...]:
     if isinstance(normalized_shape, int):
         return (normalized_shape,)
+    if isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     try:
         shape = tuple(int(n) for n in normalized_shape)
     except TypeError:

@@ -1,0 +1,123 @@
+"""Triton LayerNorm / add + LayerNorm against the float64 reference under DESIGN.md §5, the nn drop-in."""
+import pytest
+import torch
+
+import fastattn
+import fastattn.nn
+from fastattn import reference
+from fastattn.testing import LayerNormCase, run_layer_norm_case
+
+from conftest import DEVICE
+
+DTYPES = [torch.float16, torch.float32]
+
+
+def assert_case(case, device=DEVICE):
+    failed = [str(r) for r in run_layer_norm_case(case, "triton", device) if not r.ok]
+    assert not failed, f"{case}:\n" + "\n".join(failed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 40000])
+@pytest.mark.parametrize("residual", [False, True])
+def test_widths(N, residual, dtype):
+    """40000 takes the looped path (three passes forward, two backward, partial dw/db in memory)."""
+    assert_case(LayerNormCase(shape=(20, N) if N < 4096 else (3, N), dtype=dtype, residual=residual,
+                              prenorm=residual, seed=N))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kw", [dict(weight=False, bias=False), dict(bias=False), dict(weight=False),
+                                dict(shape=(3, 4, 5, 6), norm_dims=2), dict(shape=(2, 3, 40), norm_dims=3),
+                                dict(offset=300.0), dict(eps=1e-2), dict(residual=True, prenorm=False)])
+def test_variants(kw, dtype):
+    assert_case(LayerNormCase(dtype=dtype, **{"shape": (9, 96), **kw}))
+
+
+def test_backward_is_deterministic(device):
+    """Many more rows than backward programs: dw/db partial sums are reduced in a fixed order."""
+    x = torch.randn(500, 64, device=device, requires_grad=True)
+    w = torch.randn(64, device=device, requires_grad=True)
+    b = torch.randn(64, device=device, requires_grad=True)
+    dy = torch.randn(500, 64, device=device)
+    runs = [torch.autograd.grad(fastattn.layer_norm(x, 64, w, b, backend="triton"), (x, w, b), dy) for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_reference_is_torch_layer_norm():
+    x, w, b = torch.randn(4, 5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64), \
+        torch.randn(5, 6, dtype=torch.float64)
+    torch.testing.assert_close(reference.layer_norm(x, (5, 6), w, b, 1e-3),
+                               torch.nn.functional.layer_norm(x, (5, 6), w, b, 1e-3))
+    torch.testing.assert_close(fastattn.layer_norm(x, [5, 6], w, b, 1e-3),
+                               torch.nn.functional.layer_norm(x, (5, 6), w, b, 1e-3))
+
+
+def test_nan_inf_propagate_like_torch(device):
+    x = torch.randn(4, 32, device=device)
+    x[1, 3] = float("nan")
+    x[2, 7] = float("inf")
+    y = fastattn.layer_norm(x, 32, backend="triton")
+    want = torch.nn.functional.layer_norm(x.cpu(), (32,))
+    assert torch.equal(torch.isnan(y.cpu()), torch.isnan(want))
+    torch.testing.assert_close(y[[0, 3]].cpu(), want[[0, 3]], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(bias=False), dict(elementwise_affine=False), dict(eps=1e-3)])
+def test_nn_layer_norm_drop_in(kwargs, device):
+    torch_ln = torch.nn.LayerNorm(48, **kwargs).to(device)
+    with torch.no_grad():
+        for p in torch_ln.parameters():
+            p.normal_()
+    ours = fastattn.nn.LayerNorm(48, **kwargs).to(device)
+    ours.load_state_dict(torch_ln.state_dict())
+    torch_ln.load_state_dict(ours.state_dict())
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert list(ours.state_dict()) == list(torch_ln.state_dict())
+    x = torch.randn(3, 7, 48, device=device)
+    torch.testing.assert_close(ours(x), torch_ln(x), rtol=1e-5, atol=1e-5)
+    r = torch.randn_like(x)
+    y, s = ours(x, r, prenorm=True)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch_ln(x + r), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), 5), ValueError, "normalized_shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, torch.ones(5)), ValueError, "weight has shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, None, torch.ones(3)), ValueError, "bias has shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "floating-point"),
+    (lambda: fastattn.layer_norm(torch.ones(0, 4), 4), ValueError, "x is empty"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), "4"), TypeError, "normalized_shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), None), TypeError, "normalized_shape"),
+    (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(2, 4), 4), ValueError, "residual"),
+    (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(3, 4).half(), 4), TypeError, "residual"),
+])
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_torch_compile_and_opcheck(device):
+    x = torch.randn(6, 40, device=device, requires_grad=True)
+    r = torch.randn(6, 40, device=device, requires_grad=True)
+    w = torch.randn(40, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+
+    def f(x, r, w, b):
+        y, s = fastattn.add_layer_norm(x, r, 40, w, b, prenorm=True, backend="triton")
+        return y * 2 + s
+
+    out = torch.compile(f, fullgraph=True)(x, r, w, b)
+    assert torch.equal(out, f(x, r, w, b))
+    torch.library.opcheck(torch.ops.fastattn.layer_norm_fwd.default, (x, r, w, b, 1e-5, "triton"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 8192, 32768, 65536])
+def test_gpu_widths(N, dtype):
+    assert_case(LayerNormCase(shape=(512, N) if N <= 8192 else (16, N), dtype=dtype, residual=True, prenorm=True,
+                              seed=N), "cuda")

@@ -1,0 +1,108 @@
+"""Triton softmax against the float64 reference under DESIGN.md §5 (forward and gradients), plus torch parity."""
+import pytest
+import torch
+
+import fastattn
+from fastattn.testing import SoftmaxCase, run_softmax_case
+
+from conftest import DEVICE
+
+DTYPES = [torch.float16, torch.float32]
+
+
+def assert_case(case, device=DEVICE):
+    failed = [str(r) for r in run_softmax_case(case, "triton", device) if not r.ok]
+    assert not failed, f"{case}:\n" + "\n".join(failed)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 40000])
+def test_widths(N, dtype):
+    """Up to MAX_BLOCK wide in one block; 40000 takes the looped online max/sum path."""
+    assert_case(SoftmaxCase(shape=(3, N), dtype=dtype, seed=N))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,dim", [((4, 5, 33), 1), ((4, 5, 33), 0), ((2, 3, 4, 17), -1), ((7,), 0)])
+def test_dims(shape, dim, dtype):
+    assert_case(SoftmaxCase(shape=shape, dim=dim, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask", ["row", "full", "lead"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_scale_and_mask(mask, grad, dtype):
+    """The attention form softmax(s·scale + mask), mask broadcast over leading dims, with its gradient."""
+    assert_case(SoftmaxCase(shape=(2, 3, 5, 70), dtype=dtype, scale=0.125, mask=mask, mask_grad=grad))
+
+
+def test_wide_rows_with_mask():
+    assert_case(SoftmaxCase(shape=(2, 2, 33000), dtype=torch.float16, scale=0.5, mask="lead", mask_grad=True))
+
+
+def test_higher_rank_mask():
+    assert_case(SoftmaxCase(shape=(2, 3, 2, 3, 20), dtype=torch.float32, mask="lead", mask_grad=True))
+
+
+def test_output_dtype():
+    assert_case(SoftmaxCase(shape=(4, 300), dtype=torch.float16, out_dtype=torch.float32))
+
+
+def test_neg_inf_rows_are_zero_and_nan_inf_propagate_like_torch(device):
+    x = torch.randn(5, 40, device=device)
+    x[0] = float("-inf")  # torch: NaN; fastattn: zeros (the one documented difference)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, :20] = float("-inf")
+    y = fastattn.softmax(x, backend="triton")
+    want = torch.softmax(x, -1)
+    assert (y[0] == 0).all()
+    assert torch.equal(torch.isnan(y[1:]), torch.isnan(want[1:]))
+    torch.testing.assert_close(y[3:], want[3:])
+    dx, = torch.autograd.grad(fastattn.softmax(x.requires_grad_(), backend="triton")[0].sum(), (x,))
+    assert (dx[0] == 0).all()
+
+
+def test_matches_torch_softmax_fp64_semantics():
+    x = torch.randn(3, 4, 9, dtype=torch.float64)
+    for dim in (0, 1, 2, -1):
+        torch.testing.assert_close(fastattn.softmax(x, dim), torch.softmax(x, dim))
+    torch.testing.assert_close(fastattn.softmax(x.float(), -1, dtype=torch.float64), torch.softmax(x.float(), -1,
+                                                                                                   dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call,exc,words", [
+    (lambda: fastattn.softmax(torch.ones(3, 4, dtype=torch.int32)), TypeError, "floating-point"),
+    (lambda: fastattn.softmax(torch.ones(0, 4)), ValueError, "x is empty"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), dim=2), ValueError, "dim 2 is out of range"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), dtype=torch.int64), TypeError, "dtype"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(5, 4), backend="triton"), ValueError, "mask"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(2, 3, 4), backend="triton"), ValueError, "mask"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), dim=0, mask=torch.ones(4)), ValueError, "dim=-1"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(4, dtype=torch.bool)), TypeError, "mask"),
+])
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+def test_torch_compile_and_opcheck(device):
+    x = torch.randn(4, 6, 50, device=device, requires_grad=True)
+    mask = torch.randn(6, 50, device=device, requires_grad=True)
+
+    def f(x, mask):
+        return fastattn.softmax(x * 2, scale=0.5, mask=mask, backend="triton")
+
+    out = torch.compile(f, fullgraph=True)(x, mask)
+    assert torch.equal(out, f(x, mask))
+    torch.library.opcheck(torch.ops.fastattn.softmax_fwd.default,
+                          (x.detach().reshape(-1, 50).requires_grad_(), mask.view(1, 1, 6, 50), 0.5, [1, 4, 6],
+                           torch.float32, "triton"),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 8192, 32768, 65536, 100000])
+def test_gpu_widths(N, dtype):
+    assert_case(SoftmaxCase(shape=(64, N), dtype=dtype, scale=0.3, mask="row", mask_grad=True, seed=N), "cuda")
