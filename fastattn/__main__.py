@@ -53,13 +53,34 @@ def attention_cases(gpu: bool):
         yield AttentionCase(Lq=17, Lk=113, D=256, dtype=dtype, H=4, Hkv=1, logit_scale=10.0)
 
 
+def softmax_cases(gpu: bool):
+    from fastattn.testing import SoftmaxCase
+
+    rows = 256 if gpu else 4
+    for dtype in [torch.float16, torch.bfloat16, torch.float32] if gpu else [torch.float16, torch.float32]:
+        for n in (1, 1000, 4096, 40000):
+            yield SoftmaxCase(shape=(rows, n), dtype=dtype, seed=n)
+        yield SoftmaxCase(shape=(2, 4, 8, 100), dtype=dtype, scale=0.125, mask="lead", mask_grad=True)
+        yield SoftmaxCase(shape=(4, 7, 33), dim=1, dtype=dtype)
+
+
+def layer_norm_cases(gpu: bool):
+    from fastattn.testing import LayerNormCase
+
+    rows = 512 if gpu else 8
+    for dtype in [torch.float16, torch.bfloat16, torch.float32] if gpu else [torch.float16, torch.float32]:
+        for n in (1, 768, 4096, 40000):
+            yield LayerNormCase(shape=(rows if n < 8192 else 4, n), dtype=dtype, seed=n)
+        yield LayerNormCase(shape=(rows, 1000), dtype=dtype, residual=True, prenorm=True)
+        yield LayerNormCase(shape=(rows, 512), dtype=dtype, residual=True, weight=False, offset=100.0)
+
+
 def _check() -> int:
     gpu = torch.cuda.is_available()
     if not gpu:
         os.environ["TRITON_INTERPRET"] = "1"
     from fastattn import dispatch
-    from fastattn.testing import run_attention_case
-
+    from fastattn import testing
     device = "cuda" if gpu else "cpu"
     backends = [b for b in dispatch.available_backends(device) if b != "torch"]
     print(f"fastattn check on {torch.cuda.get_device_name() if gpu else 'cpu (Triton interpreter)'}: "
@@ -69,19 +90,24 @@ def _check() -> int:
     print("-" * len(header))
     failures = 0
     t0 = time.time()
+    ops = [("attention", attention_cases, testing.run_attention_case),
+           ("softmax", softmax_cases, testing.run_softmax_case),
+           ("layer_norm", layer_norm_cases, testing.run_layer_norm_case)]
     for backend in backends:
-        for case in attention_cases(gpu):
-            try:
-                results = run_attention_case(case, backend, device)
-            except Exception as e:  # a crash is a failed row, reported, not a traceback mid-table
-                failures += 1
-                print(f"{'attention':<10} {str(case):<66} {backend:<7} error: {type(e).__name__}: {e}")
-                continue
-            worst = max(results, key=lambda r: r.ratio / r.factor)
-            ok = all(r.ok for r in results)
-            failures += not ok
-            print(f"{'attention':<10} {str(case):<66} {backend:<7} {worst.name:<6} {worst.max_error:9.2e} "
-                  f"{worst.baseline_error:9.2e} {worst.ratio:6.2f}  {'pass' if ok else 'FAIL'}", flush=True)
+        for op, cases, run in ops:
+            for case in cases(gpu):
+                op_name = "add_ln" if op == "layer_norm" and case.residual else op
+                try:
+                    results = run(case, backend, device)
+                except Exception as e:  # a crash is a failed row, reported, not a traceback mid-table
+                    failures += 1
+                    print(f"{op_name:<10} {str(case):<66} {backend:<7} error: {type(e).__name__}: {e}")
+                    continue
+                worst = max(results, key=lambda r: r.ratio / r.factor)
+                ok = all(r.ok for r in results)
+                failures += not ok
+                print(f"{op_name:<10} {str(case):<66} {backend:<7} {worst.name:<6} {worst.max_error:9.2e} "
+                      f"{worst.baseline_error:9.2e} {worst.ratio:6.2f}  {'pass' if ok else 'FAIL'}", flush=True)
     print(f"{'all rows pass' if not failures else f'{failures} rows FAIL'} ({time.time() - t0:.0f}s)")
     return 1 if failures else 0
 

@@ -14,22 +14,24 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastattn.triton import attention as A
+from fastattn.triton import layer_norm as LN
+from fastattn.triton import softmax as SM
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
-            "DBias": "*fp32"}
-DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}
-FLOATS = {"sm_scale"}
+            "DBias": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
+DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
+FLOATS = {"sm_scale", "scale", "eps"}
 
 
-def signature(fn, dtype, consts):
+def signature(fn, dtype, consts, pointers=POINTERS):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
             sig[name] = "constexpr"
-        elif name in POINTERS:
-            sig[name] = POINTERS[name]
+        elif name in pointers:
+            sig[name] = pointers[name]
         elif name in DATA:
             sig[name] = "*" + TORCH_TO_TRITON[dtype]
         else:
@@ -37,14 +39,14 @@ def signature(fn, dtype, consts):
     return sig
 
 
-def compile_one(kernel, dtype, consts, config, arch):
+def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     fn = kernel.fn if hasattr(kernel, "configs") else kernel
     consts = dict(consts, **(config.kwargs if config else {}))
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     opts = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 2)
     t = time.time()
-    compiled = triton.compile(ASTSource(fn, signature(fn, dtype, consts), consts), target=GPUTarget("cuda", arch, 32),
-                              options=opts)
+    compiled = triton.compile(ASTSource(fn, signature(fn, dtype, consts, pointers), consts),
+                              target=GPUTarget("cuda", arch, 32), options=opts)
     return compiled.metadata.shared, time.time() - t
 
 
@@ -58,6 +60,28 @@ def cases():
     yield torch.bfloat16, 64, plain, False
     yield torch.float16, 111, dict(plain, CAUSAL=True, HAS_KVLENS=True), False
     yield torch.bfloat16, 256, dict(plain, HAS_MASK=True), True
+
+
+def row_kernels(arch):
+    """Softmax and LayerNorm: one-block and looped rows, every feature on, each dtype."""
+    failures = 0
+    flags = dict(HAS_MASK=True, STORE_DZ=True, HAS_RES=True, HAS_W=True, HAS_B=True, HAS_DSUM=True, WB_GRAD=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for block, single in ((1024, True), (SM.MAX_BLOCK, True), (SM.MAX_BLOCK, False)):
+            for kernel in (SM._softmax_fwd_kernel, SM._softmax_bwd_kernel, LN._ln_fwd_kernel, LN._ln_bwd_kernel):
+                config = triton.Config({}, num_warps=SM.warps_for(block), num_stages=1)
+                label = f"sm_{arch} {kernel.__name__:<20} {str(dtype)[6:]:<8} BLOCK {block} single={single}"
+                try:
+                    smem, secs = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
+                                             dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
+                except Exception as e:
+                    failures += 1
+                    print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
+                    continue
+                over = smem > SMEM_LIMIT[arch]
+                failures += over
+                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+    return failures
 
 
 def main():
@@ -88,6 +112,7 @@ def main():
                 over = smem > SMEM_LIMIT[args.arch]
                 failures += over
                 print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+    failures += row_kernels(args.arch)
     print(f"{failures} failures")
     return 1 if failures else 0
 
