@@ -31,3 +31,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+def assert_case(run, case, device=DEVICE, backend="triton"):
+    """Run a fastattn.testing case runner and fail with every comparison that broke the §5 rule."""
+    failed = [str(r) for r in run(case, backend, device) if not r.ok]
+    assert not failed, f"{case}:\n" + "\n".join(failed)

@@ -11,15 +11,14 @@ import torch
 import fastattn
 from fastattn.testing import AttentionCase, check_close, random_qkv, run_attention_case
 
+import conftest
 from conftest import DEVICE, HAS_CUDA
 
 DTYPES = [torch.float16, torch.float32]
 
 
-def assert_case(case, device=DEVICE, backend="triton"):
-    results = run_attention_case(case, backend, device)
-    failed = [str(r) for r in results if not r.ok]
-    assert not failed, f"{case}:\n" + "\n".join(failed)
+def assert_case(case, device=DEVICE):
+    conftest.assert_case(run_attention_case, case, device)
 
 
 # ------------------------------------------------------------------------------------------- shapes
