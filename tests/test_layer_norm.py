@@ -34,6 +34,15 @@ def test_variants(kw, dtype):
     assert_case(LayerNormCase(dtype=dtype, **{"shape": (9, 96), **kw}))
 
 
+def test_strided_weight_and_bias(device):
+    """Parameters that are views with a stride (e.g. slices of a packed buffer) are read correctly."""
+    x = torch.randn(5, 32, device=device)
+    packed = torch.randn(2, 32, device=device)
+    w, b = packed[0, ::1], packed.t()[:, 1]  # b has stride 2
+    torch.testing.assert_close(fastattn.layer_norm(x, 32, w, b, backend="triton"),
+                               torch.nn.functional.layer_norm(x, (32,), w, b), rtol=1e-5, atol=1e-5)
+
+
 def test_backward_is_deterministic(device):
     """Many more rows than backward programs: dw/db partial sums are reduced in a fixed order."""
     x = torch.randn(500, 64, device=device, requires_grad=True)

@@ -131,7 +131,7 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"kv_lens must have shape (B,)=({B},), got {tuple(kv_lens.shape)}")
         if not torch.compiler.is_compiling() and B > 0:  # a host sync; skipped while tracing
-            lo, hi = int(kv_lens.min()), int(kv_lens.max())
+            lo, hi = torch.stack(torch.aminmax(kv_lens)).tolist()
             if lo < 0 or hi > Lk:
                 raise ValueError(f"kv_lens must lie in [0, Lk={Lk}], got values in [{lo}, {hi}]")
         kv_lens = kv_lens.to(torch.int32).contiguous()

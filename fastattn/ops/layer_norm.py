@@ -135,8 +135,10 @@ def _run(x, residual, shape, weight, bias, eps, backend):
     N = math.prod(shape)
     x2d = x.reshape(-1, N).contiguous()
     r2d = residual.reshape(-1, N).contiguous() if residual is not None else None
-    y, s, _, _ = _layer_norm_fwd(x2d, r2d, weight.reshape(N) if weight is not None else None,
-                                 bias.reshape(N) if bias is not None else None, float(eps), use)
+    # the kernel reads weight / bias with stride 1
+    w1d = weight.reshape(N).contiguous() if weight is not None else None
+    b1d = bias.reshape(N).contiguous() if bias is not None else None
+    y, s, _, _ = _layer_norm_fwd(x2d, r2d, w1d, b1d, float(eps), use)
     return y.view(x.shape), (s.view(x.shape) if residual is not None else None)
 
 

@@ -79,11 +79,11 @@ def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
     if mask.dim() > x.dim():
         raise ValueError(f"mask of shape {tuple(mask.shape)} has more dims than x {tuple(x.shape)}")
     try:
-        torch.broadcast_shapes(mask.shape, x.shape)
+        ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
     except RuntimeError:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's {tuple(x.shape)}") from None
-    if torch.broadcast_shapes(mask.shape, x.shape) != x.shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} would broadcast x {tuple(x.shape)} to a larger shape")
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
     N = x.shape[-1]
     if mask.shape[-1] != N or mask.stride(-1) != 1:  # the kernel reads mask rows with stride 1
         mask = mask.expand(*mask.shape[:-1], N).contiguous()
