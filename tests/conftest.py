@@ -1,6 +1,6 @@
 """Test set-up: Triton runs under the interpreter on CPU-only machines; outputs are poisoned with NaN.
 
-Both variables are read when fastattn's kernels are imported, so they are set here, before any test imports.
+The variables are read when fastattn's kernels are imported, so they are set here, before any test imports.
 """
 import os
 
@@ -11,6 +11,9 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTATTN_POISON", "1")
+# One config per kernel instead of benchmarking every config for every new shape bucket (tests would spend
+# their time autotuning); test_gpu_autotuned runs the tuned path.
+os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

@@ -246,6 +246,16 @@ def test_gpu_features(feature, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_gpu_autotuned(D, dtype, monkeypatch):
+    """The autotuned launch path (every config benchmarked, the fastest kept) meets the rule too."""
+    monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
+    assert_case(AttentionCase(B=2, H=4, Hkv=2, Lq=700, Lk=900, D=D, dtype=dtype, causal=True, kv_lens=True,
+                              seed=D), device="cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_new_lengths_do_not_recompile():
     """Lengths in one power-of-two bucket share the tuned config and the compiled kernels."""
     from fastattn.triton import attention as kernels

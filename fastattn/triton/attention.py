@@ -39,10 +39,10 @@ def _configs(pairs):
 
 
 # (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim / dtype below.
-_FWD = _configs([(128, 64, 8, 3), (128, 64, 4, 2), (128, 32, 4, 3), (128, 128, 8, 2),
-                 (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
-_BWD_KV = _configs([(32, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
-_BWD_Q = _configs([(128, 32, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (128, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)])
+# The first config that survives pruning is the untuned default (FASTATTN_AUTOTUNE=0).
+_FWD = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
+_BWD_KV = _configs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
+_BWD_Q = _configs([(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)])
 
 _SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the compiler's scratch
 
@@ -58,6 +58,18 @@ def _prune(configs, named_args, **kwargs):
         if smem <= _SMEM_BUDGET and (bd <= 128 or max(m, n) <= 64):
             keep.append(c)
     return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+def autotune_enabled() -> bool:
+    """FASTATTN_AUTOTUNE=0 skips benchmarking configs: one compile per kernel (tests, quick runs)."""
+    return not INTERPRET and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if autotune_enabled():
+        return kernel[grid](*args, **kwargs)
+    config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
 # Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
@@ -334,7 +346,7 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     with device_ctx(q):
-        _fwd_kernel[grid](q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
+        _launch(_fwd_kernel, grid, q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
                           *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
                           **args)
 
@@ -350,8 +362,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
             HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
             DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *do.stride()[:3])
-        _bwd_dkdv_kernel[lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv)](
+        _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
             q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
             *common, *dk.stride()[:3], *dv.stride()[:3], BIAS_GRAD=dbias is not None, **args)
-        _bwd_dq_kernel[lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)](
+        _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
             q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dq, *common, *dq.stride()[:3], **args)
