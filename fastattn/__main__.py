@@ -117,8 +117,12 @@ def _check() -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "check"])
+    parser.add_argument("command", choices=["info", "check", "demo"])
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="options of the command (demo: --help)")
     args = parser.parse_args(argv)
+    if args.command == "demo":
+        from .demo import main as demo
+        return demo(args.args)
     return {"info": _info, "check": _check}[args.command]()
 
 

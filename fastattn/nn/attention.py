@@ -1,0 +1,135 @@
+"""``fastattn.nn.MultiheadAttention``: torch.nn.MultiheadAttention with the attention fused.
+
+A subclass of torch's module: same constructor, parameters and state_dict keys, so weights load both ways and
+``swap_modules`` can re-class an existing module in place. ``forward`` follows torch's semantics:
+
+    out = out_proj(concat_h softmax(q_h·k_hᵀ/√d + mask) · v_h),  q_h, k_h, v_h = in-projections of query, key, value
+
+Masks arrive in torch's module convention: bool True = *ignore* (both ``key_padding_mask`` and ``attn_mask``),
+float = added to the scores. ``need_weights=True`` returns the weights, which are L×L by definition, so that
+call runs torch's own implementation (bitwise torch's result).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..ops.attention import attention
+
+
+def _bool_or_float(mask: Optional[Tensor], name: str) -> Optional[Tensor]:
+    if mask is None or mask.dtype == torch.bool or mask.is_floating_point():
+        return mask
+    raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+
+
+def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, Lq: int,
+                 Lk: int):
+    """torch-module masks -> (attn_bias for fastattn.attention, key_padding_mask True = ignore).
+
+    attn_mask: (Lq, Lk) or (B·H, Lq, Lk); key_padding_mask: (B, Lk). Bool masks stay bool (the kernels read them
+    directly); a float key-padding mask is folded into a float bias."""
+    bias = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            if tuple(attn_mask.shape) != (Lq, Lk):
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} should be ({Lq}, {Lk})")
+            bias = attn_mask[None, None]
+        elif attn_mask.dim() == 3:
+            if tuple(attn_mask.shape) != (B * H, Lq, Lk):
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} should be ({B * H}, {Lq}, {Lk})")
+            bias = attn_mask.view(B, H, Lq, Lk)
+        else:
+            raise ValueError(f"attn_mask must be 2-d or 3-d, got {attn_mask.dim()} dims")
+        if bias.dtype == torch.bool:
+            bias = ~bias  # fastattn's attn_bias: True = attend
+    if key_padding_mask is not None:
+        if tuple(key_padding_mask.shape) != (B, Lk):
+            raise ValueError(f"key_padding_mask of shape {tuple(key_padding_mask.shape)} should be ({B}, {Lk})")
+        if key_padding_mask.is_floating_point():
+            kpm_bias = key_padding_mask[:, None, None, :]
+            if bias is None:
+                bias = kpm_bias
+            elif bias.dtype == torch.bool:
+                bias = kpm_bias.masked_fill(~bias, float("-inf"))
+            else:
+                bias = bias + kpm_bias
+            key_padding_mask = None
+    return bias, key_padding_mask
+
+
+class MultiheadAttention(torch.nn.MultiheadAttention):
+    """torch.nn.MultiheadAttention (same signature), fused attention in ``forward``."""
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if need_weights:
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
+        key_padding_mask = _bool_or_float(key_padding_mask, "key_padding_mask")
+        attn_mask = _bool_or_float(attn_mask, "attn_mask")
+
+        # torch's rule: with no key-padding mask the is_causal hint replaces attn_mask (the kernel builds the
+        # causal mask from indices); otherwise attn_mask itself is used.
+        causal = is_causal and key_padding_mask is None
+        if causal:
+            attn_mask = None
+
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E) -> (L, 1, E)
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        elif query.dim() != 3:
+            raise ValueError(f"query must be 2-d (unbatched) or 3-d, got shape {tuple(query.shape)}")
+        elif self.batch_first:  # work in (L, B, E) like torch's functional form
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        Lq, B, E = query.shape
+        H, Dh = self.num_heads, self.head_dim
+        if E != self.embed_dim:
+            raise ValueError(f"query's embedding size {E} differs from embed_dim {self.embed_dim}")
+        if key.shape[1] != B or value.shape[1] != B or key.shape[0] != value.shape[0]:
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} do not match query "
+                             f"{tuple(query.shape)} in batch / length")
+
+        q, k, v = self._in_projection(query, key, value)
+        if self.bias_k is not None:  # add_bias_kv: one learned key/value appended to every sequence
+            k = torch.cat([k, self.bias_k.expand(1, B, -1)])
+            v = torch.cat([v, self.bias_v.expand(1, B, -1)])
+        # (L, B, H·Dh) -> (B, H, L, Dh)
+        q, k, v = (x.reshape(x.shape[0], B, H, Dh).permute(1, 2, 0, 3) for x in (q, k, v))
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, Dh)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, Dh)], dim=2)
+        Lk = k.shape[2]
+        extra = Lk - key.shape[0]  # appended key columns (bias_k, zero attention), visible to every query
+        if extra:
+            attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, extra))
+            key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, extra))
+        bias, kpm = _merge_masks(attn_mask, key_padding_mask, B, H, Lq, Lk)
+        out = attention(q, k, v, causal=causal, key_padding_mask=kpm, attn_bias=bias,
+                        dropout_p=self.dropout if self.training else 0.0)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(Lq, B, E), self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        E = self.embed_dim
+        b = self.in_proj_bias
+        bq, bk, bv = (None, None, None) if b is None else b.split(E)
+        if self._qkv_same_embed_dim:
+            w = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one GEMM for q, k and v
+                return F.linear(query, w, b).chunk(3, dim=-1)
+            wq, wk, wv = w.split(E)
+        else:
+            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)

@@ -1,0 +1,401 @@
+"""Drop-in modules against their torch.nn twins, the reference Transformer fused vs unfused, swap_modules, HF.
+
+Each comparison follows DESIGN.md §5: the fastattn module (real Triton kernels, under the interpreter on a CPU
+machine) in the test dtype against the torch twin in float64 (ref64) and in the same dtype (baseline), for the
+output and the gradients of every input and parameter.
+"""
+import copy
+import importlib.util
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fastattn.nn as fnn
+from fastattn.testing import BACKWARD_FACTOR, FORWARD_FACTOR, compare
+
+from conftest import DEVICE
+
+KERNEL_BACKEND = "triton"
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Route every fastattn op called with backend="auto" inside the modules to the Triton kernels."""
+    monkeypatch.setenv("FASTATTN_BACKEND", KERNEL_BACKEND)
+
+
+def _run(module, call, inputs, grad_out, dtype):
+    """Output and gradients (inputs that require grad, and every parameter) of ``call(module, **inputs)``."""
+    m = copy.deepcopy(module).to(device=DEVICE, dtype=dtype)
+    ins = {}
+    for n, t in inputs.items():
+        if torch.is_tensor(t) and t.is_floating_point():
+            t = t.detach().to(device=DEVICE, dtype=dtype).requires_grad_(t.requires_grad)
+        elif torch.is_tensor(t):
+            t = t.to(DEVICE)
+        ins[n] = t
+    out = call(m, **ins)
+    leaves = {"d" + n: t for n, t in ins.items() if torch.is_tensor(t) and t.requires_grad}
+    leaves.update({"d." + n: p for n, p in m.named_parameters() if p.requires_grad})
+    grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=DEVICE, dtype=dtype),
+                                allow_unused=True)
+    res = {"out": out}
+    res.update({n: g for n, g in zip(leaves, grads) if g is not None})
+    return res
+
+
+def twin_comparisons(fast, twin, call, inputs, dtype, monkeypatch, zero_suffix=None):
+    """fastattn ``fast`` in ``dtype`` vs torch ``twin`` in float64 and ``dtype``, same weights.
+
+    Gradients whose exact value is 0 (``zero_suffix``: a key-projection bias adds the same q·b to every score of
+    a row, which softmax cancels) are rounding noise in every implementation, so comparing two noises says
+    nothing: those are checked to be 0 up to a few ulps of the largest gradient of their module instead."""
+    with torch.no_grad():
+        shape = call(copy.deepcopy(twin).to(DEVICE).double(), **{
+            n: (t.to(DEVICE).double() if torch.is_tensor(t) and t.is_floating_point() else
+                t.to(DEVICE) if torch.is_tensor(t) else t) for n, t in inputs.items()}).shape
+    grad_out = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    ref64 = _run(twin, call, inputs, grad_out, torch.float64)
+    low = _run(twin, call, inputs, grad_out, dtype)
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTATTN_BACKEND", KERNEL_BACKEND)
+        got = _run(fast, call, inputs, grad_out, dtype)
+    assert set(got) == set(ref64), f"gradients differ in which tensors get one: {set(got) ^ set(ref64)}"
+    if zero_suffix:
+        for n in [n for n in got if n.endswith(zero_suffix)]:
+            assert ref64[n].abs().max() < 1e-12, f"{n} is not identically zero in float64"
+            module = n[: -len(zero_suffix)]
+            scale = max(g.abs().max().item() for m, g in got.items() if m.startswith(module))
+            noise = got.pop(n).abs().max().item()
+            assert noise <= 64 * torch.finfo(dtype).eps * scale, f"{n}: {noise:.3e} is not 0 (scale {scale:.3e})"
+    return [compare(got[n], ref64[n], low[n], name=n, factor=BACKWARD_FACTOR if n.startswith("d") else FORWARD_FACTOR)
+            for n in got]
+
+
+def assert_rule(comparisons):
+    failed = [str(c) for c in comparisons if not c.ok]
+    assert not failed, "\n".join(failed)
+
+
+def _randn(*shape, seed=0, requires_grad=True):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(requires_grad)
+
+
+def _kpm(B, S, seed=1):
+    m = torch.rand(B, S, generator=torch.Generator().manual_seed(seed)) < 0.3
+    m[:, 0] = False  # at least one key per sequence: torch's module gives NaN for an all-padded row
+    return m
+
+
+def _tensors(batch_first, B, L, E, seed):
+    x = _randn(B, L, E, seed=seed)
+    return x if batch_first else x.detach().transpose(0, 1).contiguous().requires_grad_()
+
+
+# ------------------------------------------------------------------------------------------- MultiheadAttention
+E, HEADS, B, LQ, LK = 16, 2, 2, 9, 13
+
+MHA_CASES = {
+    "self": dict(),
+    "self-kpm": dict(kpm=True),
+    "self-causal": dict(causal=True),
+    "self-causal-kpm": dict(causal=True, kpm=True),
+    "cross-bool-mask": dict(cross=True, bool_mask=True),
+    "cross-float-mask-kpm": dict(cross=True, float_mask=True, kpm=True),
+    "cross-kdim-vdim": dict(cross=True, ctor=dict(kdim=12, vdim=20), kpm=True),
+    "bias-kv-zero-attn": dict(cross=True, ctor=dict(add_bias_kv=True, add_zero_attn=True), kpm=True),
+    "no-bias": dict(ctor=dict(bias=False), kpm=True),
+}
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize("name", list(MHA_CASES))
+def test_multihead_attention_matches_torch(name, batch_first, monkeypatch):
+    spec = MHA_CASES[name]
+    ctor = dict(batch_first=batch_first, **spec.get("ctor", {}))
+    torch.manual_seed(0)
+    twin = nn.MultiheadAttention(E, HEADS, **ctor)
+    fast = fnn.MultiheadAttention(E, HEADS, **ctor)
+    fast.load_state_dict(twin.state_dict())
+    Lk = LK if spec.get("cross") else LQ
+    kdim, vdim = ctor.get("kdim", E), ctor.get("vdim", E)
+    inputs = dict(query=_tensors(batch_first, B, LQ, E, 1))
+    if spec.get("cross"):
+        inputs.update(key=_tensors(batch_first, B, Lk, kdim, 2), value=_tensors(batch_first, B, Lk, vdim, 3))
+    if spec.get("kpm"):
+        inputs["key_padding_mask"] = _kpm(B, Lk)
+    if spec.get("bool_mask"):
+        m = torch.rand(LQ, Lk, generator=torch.Generator().manual_seed(4)) < 0.3
+        m[:, 0] = False
+        inputs["attn_mask"] = m
+    if spec.get("float_mask"):
+        inputs["attn_mask"] = _randn(B * HEADS, LQ, Lk, seed=5, requires_grad=False)
+    causal = spec.get("causal", False)
+    if causal:
+        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
+
+    def call(m, query, key=None, value=None, **kw):
+        key = query if key is None else key
+        value = query if value is None else value
+        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+def test_multihead_attention_fp16(monkeypatch):
+    torch.manual_seed(0)
+    twin = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    fast = fnn.MultiheadAttention(E, HEADS, batch_first=True)
+    fast.load_state_dict(twin.state_dict())
+    inputs = dict(query=_randn(B, LQ, E, seed=1), key_padding_mask=_kpm(B, LQ))
+
+    def call(m, query, **kw):
+        return m(query, query, query, need_weights=False, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float16, monkeypatch))
+
+
+def test_multihead_attention_need_weights_is_torch(kernels):
+    torch.manual_seed(0)
+    twin = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    fast = fnn.MultiheadAttention(E, HEADS, batch_first=True)
+    fast.load_state_dict(twin.state_dict())
+    x, kpm = _randn(B, LQ, E, requires_grad=False), _kpm(B, LQ)
+    for avg in (True, False):
+        o1, w1 = twin(x, x, x, key_padding_mask=kpm, average_attn_weights=avg)
+        o2, w2 = fast(x, x, x, key_padding_mask=kpm, average_attn_weights=avg)
+        assert torch.equal(o1, o2) and torch.equal(w1, w2)
+
+
+def test_multihead_attention_unbatched(monkeypatch):
+    torch.manual_seed(0)
+    twin, fast = nn.MultiheadAttention(E, HEADS), fnn.MultiheadAttention(E, HEADS)
+    fast.load_state_dict(twin.state_dict())
+    inputs = dict(query=_randn(LQ, E, seed=1), key_padding_mask=_kpm(1, LQ)[0])
+
+    def call(m, query, **kw):
+        return m(query, query, query, need_weights=False, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(0)
+    for a, b in ((nn.MultiheadAttention(E, HEADS, kdim=12, vdim=20), fnn.MultiheadAttention(E, HEADS, kdim=12, vdim=20)),
+                 (nn.TransformerEncoderLayer(E, HEADS, 32), fnn.TransformerEncoderLayer(E, HEADS, 32)),
+                 (nn.TransformerDecoderLayer(E, HEADS, 32), fnn.TransformerDecoderLayer(E, HEADS, 32))):
+        assert a.state_dict().keys() == b.state_dict().keys()
+        b.load_state_dict(a.state_dict())
+        a.load_state_dict(b.state_dict())
+
+
+def test_bad_masks_are_named(kernels):
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True)
+    x = _randn(B, LQ, E, requires_grad=False)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        m(x, x, x, key_padding_mask=torch.zeros(B, LQ + 1, dtype=torch.bool), need_weights=False)
+    with pytest.raises(ValueError, match="attn_mask"):
+        m(x, x, x, attn_mask=torch.zeros(LQ, LQ + 1, dtype=torch.bool), need_weights=False)
+    with pytest.raises(TypeError, match="attn_mask"):
+        m(x, x, x, attn_mask=torch.zeros(LQ, LQ, dtype=torch.int32), need_weights=False)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        m(x, x, x, is_causal=True, need_weights=False)
+
+
+# ------------------------------------------------------------------------------------------- Transformer layers
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_encoder_layer_matches_torch(norm_first, batch_first, monkeypatch):
+    torch.manual_seed(0)
+    ctor = dict(d_model=E, nhead=HEADS, dim_feedforward=32, dropout=0.0, batch_first=batch_first,
+                norm_first=norm_first, activation="gelu")
+    twin, fast = nn.TransformerEncoderLayer(**ctor), fnn.TransformerEncoderLayer(**ctor)
+    fast.load_state_dict(twin.state_dict())
+    inputs = dict(src=_tensors(batch_first, B, LQ, E, 1), src_key_padding_mask=_kpm(B, LQ),
+                  src_mask=nn.Transformer.generate_square_subsequent_mask(LQ))
+
+    def call(m, **kw):
+        return m(is_causal=True, **kw)
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_decoder_layer_matches_torch(norm_first, monkeypatch):
+    torch.manual_seed(0)
+    ctor = dict(d_model=E, nhead=HEADS, dim_feedforward=32, dropout=0.0, batch_first=True, norm_first=norm_first)
+    twin, fast = nn.TransformerDecoderLayer(**ctor), fnn.TransformerDecoderLayer(**ctor)
+    fast.load_state_dict(twin.state_dict())
+    inputs = dict(tgt=_randn(B, LQ, E, seed=1), memory=_randn(B, LK, E, seed=2),
+                  tgt_mask=nn.Transformer.generate_square_subsequent_mask(LQ), memory_key_padding_mask=_kpm(B, LK))
+
+    def call(m, **kw):
+        return m(tgt_is_causal=True, **kw)
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+# ------------------------------------------------------------------------------------------- reference Transformer
+VOCAB = 11
+
+
+def _tokens(B, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(1, VOCAB, (B, L), generator=g)
+    lens = torch.randint(L // 2, L + 1, (B,), generator=g)
+    lens[0] = L
+    t[torch.arange(L)[None, :] >= lens[:, None]] = 0  # right padding with pad_id 0
+    return t
+
+
+def _small_transformer(fused, **kw):
+    torch.manual_seed(0)
+    return fnn.Transformer(VOCAB, VOCAB, d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=32, dropout=0.0, max_len=64, fused=fused, **kw)
+
+
+def test_positional_encoding_formula():
+    pe = fnn.SinusoidalPositionalEncoding(6, max_len=10)
+    x = torch.zeros(1, 10, 6)
+    p, i = 7, 2  # PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)
+    assert math.isclose(pe(x)[0, p, 2 * i].item(), math.sin(p / 10000 ** (2 * i / 6)), rel_tol=1e-6)
+    assert math.isclose(pe(x)[0, p, 2 * i + 1].item(), math.cos(p / 10000 ** (2 * i / 6)), rel_tol=1e-6)
+
+
+def test_transformer_fused_matches_unfused(monkeypatch):
+    fused, twin = _small_transformer(True), _small_transformer(False)
+    twin.load_state_dict(fused.state_dict())
+    src, tgt = _tokens(B, 10, 1), _tokens(B, 7, 2)
+    assert (src == 0).any() and (tgt == 0).any()
+
+    def call(m, src, tgt):
+        return m(src, tgt)
+
+    assert_rule(twin_comparisons(fused, twin, call, dict(src=src, tgt=tgt), torch.float32, monkeypatch,
+                                 zero_suffix="k_proj.bias"))
+
+
+def test_transformer_training_trajectory(kernels):
+    """A few AdamW steps from the same weights and data give the same losses, fused and unfused."""
+    losses = {}
+    for fused in (True, False):
+        model = _small_transformer(fused).to(DEVICE)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[fused] = []
+        for step in range(4):
+            src, tgt = _tokens(4, 10, 10 + step).to(DEVICE), _tokens(4, 8, 20 + step).to(DEVICE)
+            logits = model(src, tgt[:, :-1])
+            loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), tgt[:, 1:].reshape(-1), ignore_index=0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[fused].append(loss.item())
+    assert losses[True][-1] < losses[True][0]
+    for a, b in zip(losses[True], losses[False]):
+        assert abs(a - b) <= 1e-4 * abs(b), (losses[True], losses[False])
+
+
+# ------------------------------------------------------------------------------------------- swap_modules
+def test_swap_modules_on_torch_transformer(monkeypatch):
+    torch.manual_seed(0)
+    twin = nn.Transformer(d_model=E, nhead=HEADS, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=32,
+                          dropout=0.0, batch_first=True)
+    fast = fnn.swap_modules(copy.deepcopy(twin))
+    kinds = {type(m) for m in fast.modules()}
+    assert {fnn.MultiheadAttention, fnn.LayerNorm, fnn.TransformerEncoderLayer, fnn.TransformerDecoderLayer} <= kinds
+    assert not {nn.MultiheadAttention, nn.LayerNorm, nn.TransformerEncoderLayer} & kinds
+    inputs = dict(src=_randn(B, LK, E, seed=1), tgt=_randn(B, LQ, E, seed=2),
+                  tgt_mask=nn.Transformer.generate_square_subsequent_mask(LQ),
+                  src_key_padding_mask=_kpm(B, LK), memory_key_padding_mask=_kpm(B, LK))
+
+    def call(m, **kw):
+        return m(tgt_is_causal=True, **kw)
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+def test_swap_modules_keeps_weights_and_selects():
+    model = nn.Sequential(nn.LayerNorm(E), nn.MultiheadAttention(E, HEADS))
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    fnn.swap_modules(model, attention=False)
+    assert type(model[0]) is fnn.LayerNorm and type(model[1]) is nn.MultiheadAttention
+    fnn.swap_modules(model)
+    assert type(model[1]) is fnn.MultiheadAttention
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
+    with pytest.raises(TypeError, match="model"):
+        fnn.swap_modules("not a model")
+
+
+def test_encoder_inference_does_not_take_nested_fast_path(kernels):
+    """torch.nn.TransformerEncoder turns padded inputs into nested tensors for its own layers in inference;
+    fastattn layers must still be the ones that run (and give torch's numbers on the non-padded rows)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True)
+    twin = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    fast = fnn.swap_modules(copy.deepcopy(twin))
+    x, kpm = _randn(B, LQ, E, requires_grad=False), _kpm(B, LQ)
+    calls = []
+    fast.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        got, want = fast(x, src_key_padding_mask=kpm), twin(x, src_key_padding_mask=kpm)
+    assert calls and not got.is_nested
+    want = want.to_padded_tensor(0.0, got.shape) if want.is_nested else want
+    keep = ~kpm
+    torch.testing.assert_close(got[keep], want[keep], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_model_attn_implementation(kernels):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=32, max_position_embeddings=32, attn_implementation="sdpa")
+    model = transformers.BertModel(cfg).eval().to(DEVICE)
+    ids = torch.randint(1, 50, (2, 9)).to(DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        fnn.swap_modules(model)
+        assert model.config._attn_implementation == "fastattn"
+        assert type(model.embeddings.LayerNorm) is fnn.LayerNorm
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_decoder_gqa(kernels):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   attn_implementation="sdpa")
+    model = transformers.LlamaForCausalLM(cfg).eval().to(DEVICE)
+    ids = torch.randint(1, 50, (2, 9)).to(DEVICE)
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = fnn.swap_modules(model)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- compile, demo
+def test_compiled_module_matches_eager(kernels):
+    torch.manual_seed(0)
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True).to(DEVICE)
+    x, kpm = _randn(B, LQ, E).to(DEVICE), _kpm(B, LQ).to(DEVICE)
+    eager = m(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    compiled = torch.compile(m, fullgraph=True)(x, x, x, key_padding_mask=kpm, need_weights=False)[0]
+    torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-5)
+
+
+def test_demo_runs():
+    r = subprocess.run([sys.executable, "-m", "fastattn", "demo", "--steps", "6", "--size", "tiny"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "fused" in r.stdout and "unfused" in r.stdout
