@@ -11,7 +11,17 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["attention", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
+__all__ = ["alibi_slopes", "attention", "diagonal", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
+
+
+def diagonal(B: int, Lq: int, Lk: int, *, device, bottom_right: bool = False,
+             kv_lens: Optional[Tensor] = None) -> Tensor:
+    """d(i) as a long tensor [B, 1, Lq, 1]: i (top-left) or i + Lk_b − Lq (bottom-right), Lk_b = kv_lens[b] or Lk."""
+    i = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
+    if not bottom_right:
+        return i.expand(B, 1, Lq, 1)
+    lk = kv_lens.to(device=device, dtype=torch.long) if kv_lens is not None else torch.full((B,), Lk, device=device)
+    return i + (lk - Lq).view(B, 1, 1, 1)
 
 
 def visible_keys(
@@ -24,24 +34,29 @@ def visible_keys(
     bottom_right: bool = False,
     attn_mask: Optional[Tensor] = None,
     kv_lens: Optional[Tensor] = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> Optional[Tensor]:
     """Bool [B|1, H|1, Lq, Lk]: True where query i may attend to key j (None = everything visible).
 
-    kv_lens[b] keys are valid (right padding). Causal: j <= d(i) with d(i) = i (top-left) or
-    i + Lk_b - Lq (bottom-right), where Lk_b is kv_lens[b] when given and Lk otherwise.
+    kv_lens[b] keys are valid (right padding). With d(i) the diagonal (see ``diagonal``) and
+    window_size = (left, right), −1 = unbounded: j visible iff d(i) − left <= j <= d(i) + right; causal sets
+    right = 0.
     """
     vis = None
-    j = torch.arange(Lk, device=device)
+    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
     if kv_lens is not None:
-        vis = j.view(1, 1, 1, Lk) < kv_lens.to(device=device, dtype=torch.long).view(B, 1, 1, 1)
+        vis = j < kv_lens.to(device=device, dtype=torch.long).view(B, 1, 1, 1)
+    left, right = window_size
     if causal:
-        i = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
-        shift = torch.zeros(B, 1, 1, 1, dtype=torch.long, device=device)
-        if bottom_right:
-            lk = kv_lens.to(device=device, dtype=torch.long) if kv_lens is not None else torch.full((B,), Lk, device=device)
-            shift = (lk - Lq).view(B, 1, 1, 1)
-        c = j.view(1, 1, 1, Lk) <= i + shift
-        vis = c if vis is None else vis & c
+        right = 0
+    if left >= 0 or right >= 0:
+        d = diagonal(B, Lq, Lk, device=device, bottom_right=bottom_right, kv_lens=kv_lens)
+        w = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
+        if right >= 0:
+            w &= j <= d + right
+        if left >= 0:
+            w &= j >= d - left
+        vis = w if vis is None else vis & w
     if attn_mask is not None:
         vis = attn_mask if vis is None else vis & attn_mask
     return vis
@@ -61,12 +76,18 @@ def attention(
     dropout_p: float = 0.0,
     dropout_mask: Optional[Tensor] = None,
     return_lse: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Optional[Tensor] = None,
+    softcap: float = 0.0,
 ):
     """out = dropout(softmax(q·kᵀ·scale + bias, masked)) · v, in q's dtype.
 
     q: [B, H, Lq, D]; k, v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA: query head h reads kv head h // (H/Hkv)).
     attn_mask: bool, broadcastable to [B, H, Lq, Lk], True = attend. attn_bias: float, same broadcast, added.
     dropout_mask: bool keep-mask [B, H, Lq, Lk]; kept weights are scaled by 1/(1 - dropout_p).
+    window_size (left, right): local attention around the diagonal d(i) (see ``visible_keys``).
+    softcap c > 0: the scaled score s becomes c·tanh(s/c) before bias, ALiBi and masks.
+    alibi_slopes: [H] or [B, H]; adds −slope·|d(i) − j| to the scores.
     A row with no visible key gives 0 (its LSE is +inf). LSE (natural log, float32) of the scaled,
     biased, masked scores before dropout is returned with return_lse=True.
     """
@@ -78,10 +99,17 @@ def attention(
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
+    if alibi_slopes is not None:
+        d = diagonal(B, Lq, Lk, device=q.device, bottom_right=bottom_right, kv_lens=kv_lens)
+        dist = (d - torch.arange(Lk, device=q.device).view(1, 1, 1, Lk)).abs().to(s.dtype)
+        slopes = alibi_slopes.to(s.dtype).view(-1, H, 1, 1)
+        s = s - slopes * dist
     vis = visible_keys(B, Lq, Lk, device=q.device, causal=causal, bottom_right=bottom_right,
-                       attn_mask=attn_mask, kv_lens=kv_lens)
+                       attn_mask=attn_mask, kv_lens=kv_lens, window_size=window_size)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     # A row with nothing visible (masks, or a bias of -inf) gives 0, never NaN.
@@ -97,6 +125,20 @@ def attention(
     lse = torch.logsumexp(s_safe.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(empty.squeeze(-1), float("inf"))
     return out, lse
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi's geometric slopes (Press et al.): for n = 2^k heads, 2^(−8i/n), i = 1..n; otherwise those of the
+    closest smaller power of two followed by every other slope of the next power of two. float32 [num_heads]."""
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
+
+    p = 2 ** int(math.floor(math.log2(num_heads)))
+    slopes = power_of_two(p) + power_of_two(2 * p)[0::2][: num_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
 
 
 def softmax(x: Tensor, dim: int = -1, *, dtype: Optional[torch.dtype] = None, scale: float = 1.0,

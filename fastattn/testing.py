@@ -136,6 +136,9 @@ class AttentionCase:
     bias_grad: bool = False
     lse_grad: bool = False
     logit_scale: float = 1.0
+    window: tuple = (-1, -1)  # window_size (left, right)
+    alibi: str | None = None  # None | "heads" [H] standard slopes | "batch" [B, H] random slopes
+    softcap: float = 0.0
     seed: int = 0
 
     def __str__(self) -> str:
@@ -151,6 +154,12 @@ class AttentionCase:
             parts.append(f"bias-{self.bias}" + ("+grad" if self.bias_grad else ""))
         if self.logit_scale != 1.0:
             parts.append(f"logits×{self.logit_scale:g}")
+        if tuple(self.window) != (-1, -1):
+            parts.append(f"window{tuple(self.window)}".replace(" ", ""))
+        if self.alibi:
+            parts.append(f"alibi-{self.alibi}")
+        if self.softcap:
+            parts.append(f"softcap{self.softcap:g}")
         return " ".join(parts)
 
 
@@ -159,6 +168,15 @@ def _case_inputs(case: AttentionCase, device):
     q, k, v = random_qkv(case.B, case.H, case.Lq, case.Lk, case.D, Hkv=case.Hkv, dtype=case.dtype, device=device,
                          generator=g, scale=case.logit_scale)
     kw = dict(causal=case.causal, causal_alignment=case.alignment)
+    if tuple(case.window) != (-1, -1):
+        kw["window_size"] = tuple(case.window)
+    if case.softcap:
+        kw["softcap"] = case.softcap
+    if case.alibi == "heads":
+        from .reference import alibi_slopes
+        kw["alibi_slopes"] = alibi_slopes(case.H).to(device)
+    elif case.alibi == "batch":
+        kw["alibi_slopes"] = torch.rand((case.B, case.H), generator=g).to(device)
     if case.kv_lens:
         kw["kv_lens"] = random_kv_lens(case.B, case.Lk, generator=g, device=device)
     if case.key_padding:

@@ -20,9 +20,9 @@ from fastattn.triton import softmax as SM
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
-            "DBias": "*fp32", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
+            "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
-FLOATS = {"sm_scale", "scale", "eps"}
+FLOATS = {"sm_scale", "scale", "eps", "softcap"}
 
 
 def signature(fn, dtype, consts, pointers=POINTERS):
@@ -51,14 +51,15 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
 
 
 def cases():
-    full = dict(CAUSAL=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True, BIAS_GRAD=True,
-                HAS_DLSE=True)
-    plain = dict(CAUSAL=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=False,
-                 BIAS_GRAD=False, HAS_DLSE=True)
+    full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
+                BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False)
+    plain = dict(WIN_LEFT=False, WIN_RIGHT=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False,
+                 HAS_KVLENS=False, BIAS_GRAD=False, HAS_DLSE=True, HAS_ALIBI=False, HAS_SOFTCAP=False,
+                 COUNT_VISITS=False)
     yield torch.float16, 128, full, True
     yield torch.float32, 256, full, True
     yield torch.bfloat16, 64, plain, False
-    yield torch.float16, 111, dict(plain, CAUSAL=True, HAS_KVLENS=True), False
+    yield torch.float16, 111, dict(plain, WIN_RIGHT=True, HAS_KVLENS=True), False
     yield torch.bfloat16, 256, dict(plain, HAS_MASK=True), True
 
 

@@ -29,31 +29,45 @@ def _kernels(backend: str):
 # --------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                   kv_lens: Optional[Tensor], scale: float, causal: bool, bottom_right: bool,
-                   backend: str) -> tuple[Tensor, Tensor]:
+                   kv_lens: Optional[Tensor], scale: float, causal: bool, bottom_right: bool, window_left: int,
+                   window_right: int, alibi: Optional[Tensor], softcap: float, backend: str) -> tuple[Tensor, Tensor]:
     """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), float32 [B, H, Lq], +inf for rows with no visible key."""
     out = empty_like(q)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float32)
-    _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right)
+    _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
+                              **_features(window_left, window_right, alibi, softcap))
     return out, lse2
 
 
+def _features(window_left, window_right, alibi, softcap) -> dict:
+    """Keyword arguments of the kernels for the options in use (none: backends without them still run)."""
+    kw = {}
+    if (window_left, window_right) != (-1, -1):
+        kw["window"] = (window_left, window_right)
+    if alibi is not None:
+        kw["alibi"] = alibi
+    if softcap > 0.0:
+        kw["softcap"] = softcap
+    return kw
+
+
 @_attention_fwd.register_fake
-def _(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, backend):
+def _(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right, alibi, softcap, backend):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                    bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor], scale: float,
-                   causal: bool, bottom_right: bool, bias_grad: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   causal: bool, bottom_right: bool, window_left: int, window_right: int, alibi: Optional[Tensor],
+                   softcap: float, bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     B, H, Lq, _ = q.shape
     # ds for every (b, h, i, j); blocks the kernel skips hold no gradient, hence zeros.
     ds = torch.zeros((B, H, Lq, k.shape[2]), device=q.device, dtype=torch.float32) if bias_grad else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
-                               dq, dk, dv, ds, scale, causal, bottom_right)
+                               dq, dk, dv, ds, scale, causal, bottom_right,
+                               **_features(window_left, window_right, alibi, softcap))
     if ds is None:
         return dq, dk, dv, q.new_empty(0)
     dims = [i for i in range(4) if bias.shape[i] == 1]
@@ -62,25 +76,28 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, scale, causal, bottom_right, bias_grad, backend):
+def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right,
+      alibi, softcap, bias_grad, backend):
     dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, backend = inputs
+    q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right, alibi, softcap, \
+        backend = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, out, lse)
-    ctx.params = (scale, causal, bottom_right)
+    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, alibi, out, lse)
+    ctx.params = (scale, causal, bottom_right, window_left, window_right)
+    ctx.softcap = softcap
     ctx.backend = backend
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, bias, mask, kv_lens, out, lse = ctx.saved_tensors
+    q, k, v, bias, mask, kv_lens, alibi, out, lse = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, *ctx.params,
-                                       bias_grad, ctx.backend)
-    return dq, dk, dv, (dbias if bias_grad else None), None, None, None, None, None, None
+    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, *ctx.params, alibi,
+                                       ctx.softcap, bias_grad, ctx.backend)
+    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -138,10 +155,33 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
     return bias, mask, kv_lens
 
 
+def _check_features(q, window_size, alibi_slopes, softcap):
+    """-> (left, right, slopes as float32 [1|B, H] or None, softcap) after checking each argument."""
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
+                         f"got {window_size!r}")
+    B, H = q.shape[:2]
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be a float32 tensor, got "
+                            f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
+        check_same(q, "q", alibi_slopes, "alibi_slopes", dtype=False)
+        if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
+            raise ValueError(f"alibi_slopes must have shape (H,)=({H},) or (B, H)=({B}, {H}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+        alibi_slopes = alibi_slopes.reshape(-1, H).contiguous()
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0 \
+            or softcap == float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    return int(window_size[0]), int(window_size[1]), alibi_slopes, float(softcap)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_alignment: str = "top_left",
               key_padding_mask: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None,
-              attn_bias: Optional[Tensor] = None, scale: Optional[float] = None, dropout_p: float = 0.0,
-              return_lse: bool = False, backend: str = "auto"):
+              attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
+              alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, scale: Optional[float] = None,
+              dropout_p: float = 0.0, return_lse: bool = False, backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
     q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
@@ -151,6 +191,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     kv_lens: int [B], keys j >= kv_lens[b] ignored (the fast form of right padding).
     attn_bias: float, added to the scaled scores, or bool, True = attend; broadcastable to [B, H, Lq, Lk];
     a float bias that requires grad gets its gradient.
+    window_size: (left, right), −1 = unbounded: key j visible iff d(i) − left <= j <= d(i) + right, d(i) the
+    diagonal above; causal=True sets right = 0. Key blocks outside every row's window are skipped.
+    alibi_slopes: float32 [H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
+    softcap: c > 0 maps the scaled score s to c·tanh(s/c) before attn_bias, ALiBi and masks.
     A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
     log-sum-exp of each row, float32 [B, H, Lq], +inf for empty rows.
     """
@@ -159,10 +203,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    left, right, alibi, softcap = _check_features(q, window_size, alibi_slopes, softcap)
     bias, mask, kv_lens = _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    bottom_right = causal and causal_alignment == "bottom_right"
     causal = bool(causal)
+    if causal:
+        right = 0
+    # The alignment matters wherever the diagonal d(i) is used.
+    uses_diagonal = causal or left >= 0 or right >= 0 or alibi is not None
+    bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
     use = dispatch.select(backend, q)
     if dropout_p > 0.0 and use != "torch":
@@ -175,12 +224,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
             keep = torch.rand(q.shape[:3] + k.shape[2:3], device=q.device) >= dropout_p
         return reference.attention(q, k, v, causal=causal, bottom_right=bottom_right, attn_mask=mask,
                                    attn_bias=bias, kv_lens=kv_lens, scale=scale, dropout_p=dropout_p,
-                                   dropout_mask=keep, return_lse=return_lse)
+                                   dropout_mask=keep, return_lse=return_lse, window_size=(left, right),
+                                   alibi_slopes=alibi, softcap=softcap)
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
     out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
-                               kv_lens, scale, causal, bottom_right, use)
+                               kv_lens, scale, causal, bottom_right, left, right, alibi, softcap, use)
     return (out, lse2 * LN2) if return_lse else out
 
 

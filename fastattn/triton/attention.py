@@ -74,7 +74,7 @@ def _launch(kernel, grid, *args, **kwargs):
 
 # Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
 # lengths are not specialised on, so a new length compiles nothing.
-_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_BIAS", "HAS_MASK", "GROUP"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "WIN_LEFT", "WIN_RIGHT", "HAS_BIAS", "HAS_MASK", "GROUP"]
 _NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET"]
 
 
@@ -92,12 +92,41 @@ def _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS: tl.constexpr, BOTTOM_RIGHT: tl.con
 
 
 @triton.jit
-def _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
-             CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+def _key_range(start_m, kv_len, shift, win_left, win_right, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys some row of the query block starting at start_m can see; lo is block-aligned.
+    Row i sees d(i) − left <= j <= d(i) + right, d(i) = i + shift."""
+    lo = 0
+    hi = kv_len
+    if WIN_RIGHT:
+        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + shift + win_right), 0)
+    if WIN_LEFT:
+        lo = tl.maximum(start_m + shift - win_left, 0) // BLOCK_N * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_n, Lq, shift, win_left, win_right, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the query rows that can see some key of the block starting at start_n; lo is block-aligned."""
+    lo = 0
+    hi = Lq
+    if WIN_RIGHT:  # j <= i + shift + right  <=>  i >= j − shift − right
+        lo = tl.maximum(start_n - shift - win_right, 0) // BLOCK_M * BLOCK_M
+    if WIN_LEFT:  # j >= i + shift − left  <=>  i <= j − shift + left
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - shift + win_left, 0), Lq)
+    return lo, hi
+
+
+@triton.jit
+def _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left, win_right,
+             WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr):
     """[BLOCK_M, BLOCK_N] bool tile: query offs_m may attend to key offs_n."""
     vis = (offs_m[:, None] < Lq) & (offs_n[None, :] < kv_len)
-    if CAUSAL:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift)
+    if WIN_RIGHT:
+        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + win_right)
+    if WIN_LEFT:
+        vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - win_left)
     if HAS_MASK:
         mk = tl.load(Mask + b * s_mb + h * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn,
                      mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0)
@@ -106,15 +135,34 @@ def _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len,
 
 
 @triton.jit
-def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
-            HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Scores in base-2 units, s·log2(e), with invisible entries at −inf. q: [M, D], k: [N, D]."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
+            HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+    """(s·log2(e) with invisible entries at −inf,  the soft cap's derivative 1 − tanh² (or 1)), where
+    s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). q: [M, D], k: [N, D]."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+    dcap = 1.0
+    if HAS_SOFTCAP:
+        # With a = |x|, u = 2 / (exp(2a) + 1): tanh(a) = 1 − u and 1 − tanh² = u (2 − u). Forming the derivative
+        # from u, not as 1 − t², keeps its relative precision where t → ±1 (large logits); exp(2a) = inf gives
+        # exactly t = ±1, derivative 0.
+        # Below |x| = 0.3, where 1 − u cancels, tanh's Taylor series to x¹¹ (next term < 1e-9 relative).
+        x = qk / softcap
+        u = 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)
+        x2 = x * x
+        series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
+            -1382.0 / 155925))))))
+        t = tl.where(x2 < 0.09, series, tl.where(x < 0, u - 1.0, 1.0 - u))
+        qk = softcap * t
+        dcap = u * (2.0 - u)
+    qk = qk * 1.4426950408889634
+    if HAS_ALIBI:
+        dist = tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
+        qk -= (slope * 1.4426950408889634) * dist
     if HAS_BIAS:
         bias = tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
                        mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0)
         qk += bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(vis, qk, float("-inf"))
+    return tl.where(vis, qk, float("-inf")), dcap
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -123,8 +171,10 @@ def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, L
 def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om,
-                H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, BOTTOM_RIGHT: tl.constexpr,
+                H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap, Visits,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                COUNT_VISITS: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -139,26 +189,30 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
                 mask=(offs_m[:, None] < Lq) & d_ok, other=0.0)
     K += b * s_kb + hk * s_kh
     V += b * s_vb + hk * s_vh
-    qk_scale = sm_scale * 1.4426950408889634
 
     kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
-    hi = kv_len
-    if CAUSAL:  # keys past the last row's diagonal are never visible to this block
-        hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift), 0)
+    # Key blocks outside the window (or past the causal diagonal) of every row of this block are never visited.
+    lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * s_ab + h)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    visits = 0
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, CAUSAL, HAS_MASK)
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+                       win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         # A bool mask can hide whole key blocks (padding): skip their loads and dots.
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+            visits += 1
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
-                         HAS_BIAS, DOT_PREC)
+            qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift,
+                            slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -175,6 +229,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
     tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
     tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
+        tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -207,9 +263,11 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                      s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-                     H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                     BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
+                     Visits,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                     BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     COUNT_VISITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      HAS_KVLENS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -224,32 +282,35 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
     kv_ok = (offs_n[:, None] < kv_len) & d_ok
     k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
 
-    lo = 0
-    if CAUSAL:  # rows whose diagonal is left of this key block see none of it
-        lo = tl.maximum(pid_n * BLOCK_N - shift, 0) // BLOCK_M * BLOCK_M
+    # Query rows whose window (or causal diagonal) misses this key block are never visited.
+    lo, hi = _query_range(pid_n * BLOCK_N, Lq, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if pid_n * BLOCK_N >= kv_len:  # a block of padding keys: gradients are 0, skip the query loop
-        lo = Lq
+        hi = 0
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    visits = 0
     for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * H + h
-        for start_m in range(lo, Lq, BLOCK_M):
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(Alibi + b * s_ab + h)
+        for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
-                           CAUSAL, HAS_MASK)
+            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+                           win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
             if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+                visits += 1
                 q_ok = (offs_m[:, None] < Lq) & d_ok
                 q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
                 do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
                              other=0.0)
                 lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
                 delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-                qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
-                             HAS_BIAS, DOT_PREC)
+                qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale,
+                                   shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
                 p = tl.math.exp2(qk - lse[:, None])  # 0 where invisible or the row is empty (lse = +inf)
                 dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -257,13 +318,15 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
                 if BIAS_GRAD:
                     tl.store(DBias + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
                              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
-                dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PREC)
+                dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PREC)
 
     st_ok = (offs_n[:, None] < Lk) & d_ok
     tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=st_ok)
     tl.store(DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=st_ok)
+    if COUNT_VISITS:
+        tl.store(Visits + pid_bhk * tl.num_programs(0) + pid_n, visits)
 
 
 @triton.autotune(configs=_BWD_Q, key=_KEY, prune_configs_by={"early_config_prune": _prune})
@@ -271,9 +334,11 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
 def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                    s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_dqb, s_dqh, s_dqm,
-                   H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
-                   BOTTOM_RIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                   H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
+                   Visits,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                   BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   COUNT_VISITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                    HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -290,30 +355,35 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
     delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
     K += b * s_kb + hk * s_kh
     V += b * s_vb + hk * s_vh
-    qk_scale = sm_scale * 1.4426950408889634
 
     kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
-    hi = kv_len
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(hi, (pid_m + 1) * BLOCK_M + shift), 0)
+    lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b * s_ab + h)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, hi, BLOCK_N):
+    visits = 0
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, CAUSAL, HAS_MASK)
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+                       win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+            visits += 1
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, qk_scale,
-                         HAS_BIAS, DOT_PREC)
+            qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift,
+                               slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
             p = tl.math.exp2(qk - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
+            ds = p * (dp - delta[:, None]) * dcap
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
+    if COUNT_VISITS:
+        tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -324,15 +394,22 @@ def _bcast_strides(t):
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
-def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right):
+def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
+    left, right = window
+    if causal:
+        right = 0
     dummy = q  # pointer for absent optional tensors; never dereferenced
     args = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, sm_scale=scale,
                 Q_BUCKET=triton.next_power_of_2(Lq), K_BUCKET=triton.next_power_of_2(Lk),
-                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), CAUSAL=causal,
+                Alibi=alibi if alibi is not None else dummy,
+                s_ab=alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
+                win_left=max(left, 0), win_right=max(right, 0), softcap=float(softcap),
+                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), WIN_LEFT=left >= 0, WIN_RIGHT=right >= 0,
                 BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
-                HAS_KVLENS=kv_lens is not None,
+                HAS_KVLENS=kv_lens is not None, HAS_ALIBI=alibi is not None, HAS_SOFTCAP=softcap > 0.0,
+                COUNT_VISITS=count is not None,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
     ptrs = (q, k, None, bias if bias is not None else dummy,
             mask.view(torch.uint8) if mask is not None else dummy,
@@ -340,21 +417,39 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right):
     return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask)
 
 
-def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right):
+def _visits(count, key, programs, like):
+    """Zeroed int32 counters, one per program (at most ``programs``), stored in ``count[key]``; else a dummy."""
+    if count is None:
+        return like
+    count[key] = torch.zeros(programs, dtype=torch.int32, device=like.device)
+    return count[key]
+
+
+MIN_BLOCK = 16  # smallest BLOCK_M / BLOCK_N of any config: bounds the number of programs per axis
+
+
+def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
+            softcap=0.0, count=None):
     """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
-    Last dims must be contiguous."""
-    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
+    Last dims must be contiguous. ``window`` = (left, right), −1 unbounded; ``alibi``: fp32 [H] or [B, H];
+    ``softcap`` > 0 caps scores. ``count``: a dict that receives the key blocks each program computed ("fwd")."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right,
+                                                        window, alibi, softcap, count)
+    visits = _visits(count, "fwd", B * H * triton.cdiv(Lq, MIN_BLOCK), lse)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     with device_ctx(q):
         _launch(_fwd_kernel, grid, q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
-                          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
-                          **args)
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
+                Visits=visits, **args)
 
 
-def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right):
+def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
+             window=(-1, -1), alibi=None, softcap=0.0, count=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
-    with ds (zero-initialised by the caller: skipped blocks are not written)."""
-    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right)
+    with ds (zero-initialised by the caller: skipped blocks are not written). ``count`` receives "dkdv" (query
+    blocks per key-block program) and "dq" (key blocks per query-block program)."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right,
+                                                        window, alibi, softcap, count)
     delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
     with device_ctx(q):
         _bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK), B * H)](
@@ -363,7 +458,9 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
             DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *do.stride()[:3])
         _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
-            q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
-            *common, *dk.stride()[:3], *dv.stride()[:3], BIAS_GRAD=dbias is not None, **args)
+                q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
+                *common, *dk.stride()[:3], *dv.stride()[:3], BIAS_GRAD=dbias is not None,
+                Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
         _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
-            q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dq, *common, *dq.stride()[:3], **args)
+                q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dq, *common, *dq.stride()[:3],
+                Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta), **args)
