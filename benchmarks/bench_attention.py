@@ -25,7 +25,7 @@ from common import Skip  # noqa: E402
 NAME = "attention"
 TOKENS = 16384
 HIDDEN = 2048
-SCORES_CAP = 4 << 30  # bytes of one B·H·Lq·Lk score tensor above which the unfused baselines are skipped
+SCORES_CAP = common.SCORES_CAP
 PASSES = ("fwd", "bwd", "fwd+bwd")
 FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 FASTATTN = ("fastattn-triton", "fastattn-cuda")
@@ -45,7 +45,7 @@ NOTES = [
     "reference get the equivalent bool mask [B, 1, 1, Lk]; FlexAttention a block mask from kv_lens",
     "bias rows: dense float bias [1, H, Lq, Lk] in the input dtype that requires grad (its gradient is computed)",
     f"unfused baselines (sdpa-math, ref-compiled, ref-eager) skipped when one B·H·Lq·Lk score tensor exceeds "
-    f"{SCORES_CAP >> 30} GiB",
+    f"{SCORES_CAP / 1e9:g} GB",
 ]
 
 
@@ -156,8 +156,8 @@ def leaves(x: dict) -> list:
 
 def _check_unfused(case: Case, name: str) -> None:
     if case.scores_bytes > SCORES_CAP:
-        raise Skip(f"{name}: B·H·Lq·Lk scores = {case.scores_bytes / 2**30:.1f} GiB > "
-                   f"{SCORES_CAP >> 30} GiB cap")
+        raise Skip(f"{name}: one B·H·Lq·Lk score tensor = {case.scores_bytes / 1e9:.1f} GB > "
+                   f"{SCORES_CAP / 1e9:g} GB cap")
 
 
 def make_fastattn(case: Case, x: dict, device: str, provider: str):

@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ RESULTS = BENCH_DIR / "results"
 
 TIMING_NOTE = ("median time; CUDA: triton.testing.do_bench with CUDA events, warm-up excluded, L2 cleared "
                "before every timed call; CPU: time.perf_counter loop, warm-up excluded")
+
+
+SCORES_CAP = 4e9  # bytes of one B·H·Lq·Lk score tensor above which the unfused (L×L) baselines are skipped
 
 
 class Skip(Exception):
@@ -355,7 +359,8 @@ def plot_lines(path: Path, title: str, panels: Sequence[tuple], xlabel: str, yla
     except ImportError:
         print(f"no plot {path.name}: matplotlib is not installed")
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    width = max(7.0, 5.5 * len(panels))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.4), squeeze=False)
     for ax, (subtitle, series) in zip(axes[0], panels):
         for label, pts in series.items():
             pts = [(x, y) for x, y in pts if y is not None]
@@ -372,7 +377,7 @@ def plot_lines(path: Path, title: str, panels: Sequence[tuple], xlabel: str, yla
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(textwrap.fill(title, int(width * 12)), fontsize=10)
     fig.tight_layout(rect=(0, 0.1 if handles else 0, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
