@@ -101,9 +101,13 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if is_cuda(device) else "cpu"
 
 
+def default_results_dir(device) -> Path:
+    """benchmarks/results/<gpu name, spaces as underscores> (e.g. NVIDIA_H200), or benchmarks/results/cpu."""
+    return RESULTS / device_name(device).replace(" ", "_")
+
+
 def results_dir(args) -> Path:
-    out = args.out or RESULTS / device_name(args.device).replace(" ", "_")
-    out = Path(out)
+    out = Path(args.out or default_results_dir(args.device))
     out.mkdir(parents=True, exist_ok=True)
     return out
 
