@@ -9,7 +9,6 @@ fastattn's TFLOPS ÷ the best other provider's (> 1: fastattn is faster).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -299,16 +298,10 @@ def plots(rows: list, out_dir, env: dict) -> list:
 
 
 def main(argv=None) -> int:
-    args = common.parse(common.parser(__doc__.splitlines()[0], budget_s=240), argv)
-    with common.bench_env(args):
-        env = common.env_info(args)
-        out_dir = common.results_dir(args)
-        timer = common.Timer.for_args(args)
-        budget = common.Budget(args.budget)
-        gpu = common.is_cuda(args.device)
-        if not gpu:
-            common.log("no CUDA GPU: fastattn, FlexAttention and torch.compile rows are skipped (reason in each "
-                       "row); the CPU grid runs the reference and SDPA at toy sizes in fp32")
+    with common.session(__doc__.splitlines()[0], argv, 240, "fastattn, FlexAttention and torch.compile rows are "
+                        "skipped (reason in each row); the CPU grid runs the reference and SDPA at toy sizes in "
+                        "fp32") as s:
+        args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         rows = []
         for case in common.progress(grid(args.mode, gpu), NAME):
             try:

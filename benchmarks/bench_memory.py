@@ -97,15 +97,9 @@ def measure(provider: str, L: int, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    args = common.parse(common.parser(__doc__.splitlines()[0], budget_s=40), argv)
-    with common.bench_env(args):
-        env = common.env_info(args)
-        out_dir = common.results_dir(args)
-        budget = common.Budget(args.budget)
-        gpu = common.is_cuda(args.device)
-        if not gpu:
-            common.log("no CUDA GPU: fastattn rows are skipped; saved-for-backward bytes of the reference and SDPA "
-                       "are counted on CPU (no peak-memory counter there)")
+    with common.session(__doc__.splitlines()[0], argv, 40, "fastattn rows are skipped; saved-for-backward bytes of "
+                        "the reference and SDPA are counted on CPU (no peak-memory counter there)") as s:
+        args, env, out_dir, budget, gpu = s.args, s.env, s.out_dir, s.budget, s.gpu
         rows = []
         for L in common.progress(lengths(args.mode, gpu), NAME):
             row = {"L": L, "results": {}}

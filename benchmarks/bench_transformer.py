@@ -122,15 +122,9 @@ def make_transformer(case: Case, provider: str, device: str, weights: dict):
 
 
 def main(argv=None) -> int:
-    args = common.parse(common.parser(__doc__.splitlines()[0], budget_s=60), argv)
-    with common.bench_env(args):
-        env = common.env_info(args)
-        out_dir = common.results_dir(args)
-        timer = common.Timer.for_args(args)
-        budget = common.Budget(args.budget)
-        gpu = common.is_cuda(args.device)
-        if not gpu:
-            common.log("no CUDA GPU: toy sizes in fp32 on CPU; fastattn's modules run their torch fallback there")
+    with common.session(__doc__.splitlines()[0], argv, 60, "toy sizes in fp32 on CPU; fastattn's modules run "
+                        "their torch fallback there") as s:
+        args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         rows = []
         for case in common.progress(grid(args.mode, gpu), NAME):
             row = case.to_json()

@@ -87,6 +87,29 @@ def bench_env(args):
                 os.environ[k] = v
 
 
+@dataclass
+class Session:
+    """What every script's main needs: options, environment record, results folder, timer, budget."""
+    args: argparse.Namespace
+    env: dict
+    out_dir: Path
+    timer: "Timer"
+    budget: "Budget"
+    gpu: bool
+
+
+@contextlib.contextmanager
+def session(description: str, argv, budget_s: float, cpu_note: str):
+    """Parse the options, set the environment (:func:`bench_env`) and say what a CPU run skips."""
+    args = parse(parser(description, budget_s), argv)
+    with bench_env(args):
+        s = Session(args, env_info(args), results_dir(args), Timer.for_args(args), Budget(args.budget),
+                    is_cuda(args.device))
+        if not s.gpu:
+            log(f"no CUDA GPU: {cpu_note}")
+        yield s
+
+
 def is_cuda(device) -> bool:
     return torch.device(device).type == "cuda"
 
@@ -485,16 +508,9 @@ def rowwise_main(name: str, description: str, argv, budget_s: float, grid: Calla
     grid(mode, gpu) -> [RowCase]; make(case, provider, device, mode) -> (fwd, dout, grads) or raises Skip."""
     passes = ("fwd", "bwd")
     providers = (*fast, *others)
-    args = parse(parser(description, budget_s), argv)
-    with bench_env(args):
-        env = env_info(args)
-        out_dir = results_dir(args)
-        timer = Timer.for_args(args)
-        budget = Budget(args.budget)
-        gpu = is_cuda(args.device)
-        if not gpu:
-            log("no CUDA GPU: fastattn and torch.compile rows are skipped (reason in each row); torch eager and the "
-                "copy ceiling run on CPU at small sizes")
+    with session(description, argv, budget_s, "fastattn and torch.compile rows are skipped (reason in each row); "
+                 "torch eager and the copy ceiling run on CPU at small sizes") as s:
+        args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         copy_bytes = row_sizes(args.mode, gpu)[2]
         copy_gbs = copy_bandwidth(args.device, timer, copy_bytes)
         rows = []
