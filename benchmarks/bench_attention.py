@@ -288,10 +288,11 @@ def plots(rows: list, out_dir, env: dict) -> list:
                       for prov in PROVIDERS}
             panels.append((p, series))
         tag = f"{dtype}_d{D}_{'causal' if causal else 'full'}"
+        tokens = sorted({r["B"] * r["Lq"] for r in rs})
         name = common.plot_lines(out_dir / f"attention_{tag}.png",
-                                 f"attention {dtype} d{D} {'causal' if causal else 'non-causal'}, {TOKENS} tokens, "
-                                 f"H·D={HIDDEN} — {env['device']}, torch {env['torch']}, {env['date'][:10]}",
-                                 panels, "sequence length", "TFLOPS")
+                                 f"attention {dtype} d{D} {'causal' if causal else 'non-causal'}, H={rs[0]['H']}, "
+                                 f"B·L={tokens[0] if len(tokens) == 1 else tokens} — {env['device']}, "
+                                 f"torch {env['torch']}, {env['date'][:10]}", panels, "sequence length", "TFLOPS")
         if name:
             names.append(name)
     return names
