@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
 DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools transformers==5.23.0
 
-.PHONY: venv test check gpu-check clean
+.PHONY: venv test check gpu-check bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -25,12 +25,26 @@ test: $(STAMP)
 check: $(STAMP)
 	$(PY) -W ignore -m fastattn check
 
-# On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv).
+# On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv); then the benchmarks.
 gpu-check:
 	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) -m fastattn info
 	$(PYTHON) -m pytest tests -q -m gpu -p no:cacheprovider
 	$(PYTHON) -W ignore -m fastattn check
+	$(MAKE) gpu-bench PYTHON="$(PYTHON)"
+
+# Every benchmark, then benchmarks/results/<gpu-name>/SUMMARY.md. BENCH_ARGS: --quick | --full, --autotune, --out DIR.
+# Default grids: about 6-8 minutes on an H200 (each script stops adding rows after its --budget of seconds).
+BENCH_ARGS ?=
+BENCH_SCRIPTS := attention softmax layer_norm transformer memory
+
+gpu-bench:
+	for b in $(BENCH_SCRIPTS); do $(PYTHON) -W ignore benchmarks/bench_$$b.py $(BENCH_ARGS) || exit 1; done
+	$(PYTHON) benchmarks/summary.py $(filter --out%,$(BENCH_ARGS))
+
+# The same with the venv (on a machine without a GPU the GPU rows skip with their reason).
+bench: $(STAMP)
+	$(MAKE) gpu-bench PYTHON="$(abspath $(PY))"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

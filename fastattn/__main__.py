@@ -1,9 +1,12 @@
-"""``python -m fastattn info | check``.
+"""``python -m fastattn info | check | bench | demo``.
 
 info   versions, devices and the backends that can run here.
 check  every available kernel backend × op over a small matrix of cases against the float64 reference
        (DESIGN.md §5); prints a table and exits 1 if any row fails. Without a GPU the Triton kernels run
        under the interpreter (TRITON_INTERPRET=1 is set here, before they are imported).
+bench  the --quick subset of every benchmark script in benchmarks/ (a source checkout), then its SUMMARY.md;
+       options: --out DIR, --autotune, --device cuda|cpu. The full suites: `make bench` or the scripts themselves.
+demo   trains the reference Transformer fused and unfused from one seed and prints both loss curves (--help).
 """
 from __future__ import annotations
 
@@ -114,15 +117,64 @@ def _check() -> int:
     return 1 if failures else 0
 
 
+BENCH_SCRIPTS = ("bench_attention", "bench_softmax", "bench_layer_norm", "bench_transformer", "bench_memory")
+
+
+def _load_benchmark(path):
+    """Import a benchmark script by path (benchmarks/ is a folder of scripts, not a package)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_fastattn_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench(argv) -> int:
+    import traceback
+    from pathlib import Path
+
+    p = argparse.ArgumentParser(prog="python -m fastattn bench")
+    p.add_argument("--out", default=None)
+    p.add_argument("--autotune", action="store_true")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    bench_dir = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (bench_dir / "common.py").is_file():
+        print(f"no benchmarks/ folder next to the fastattn package ({bench_dir}): `bench` needs a source checkout "
+              "(pip install -e .)")
+        return 1
+    common_args = ["--quick"] + (["--out", args.out] if args.out else []) + (["--autotune"] if args.autotune else [])
+    common_args += ["--device", args.device] if args.device else []
+    failed = []
+    for name in BENCH_SCRIPTS:
+        print(f"\n===== {name} --quick", flush=True)
+        try:
+            _load_benchmark(bench_dir / f"{name}.py").main(common_args)
+        except Exception:  # one broken script does not stop the others
+            traceback.print_exc()
+            failed.append(name)
+    summary = _load_benchmark(bench_dir / "summary.py")
+    out = args.out or str(summary.common.default_results_dir(args.device or ("cuda" if torch.cuda.is_available()
+                                                                                else "cpu")))
+    summary.main(["--out", out])
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["info", "check", "demo"])
-    parser.add_argument("args", nargs=argparse.REMAINDER, help="options of the command (demo: --help)")
-    args = parser.parse_args(argv)
+    parser.add_argument("command", choices=["info", "check", "bench", "demo"])
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        return _bench(rest)
     if args.command == "demo":
         from .demo import main as demo
-        return demo(args.args)
+        return demo(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return {"info": _info, "check": _check}[args.command]()
 
 

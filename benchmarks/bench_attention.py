@@ -1,0 +1,321 @@
+"""Attention forward / backward / forward+backward: time and TFLOPS, fastattn against PyTorch in one run.
+
+FLOPs follow FlashAttention's benchmark: forward 4·B·H·Lq·Lk·D (two matmuls), halved for causal, backward 2.5×
+forward, forward+backward 3.5×; key-padding rows count only the visible keys (Lk·(1 − padded fraction)).
+Shapes: 16k tokens per batch (B = 16384 // L), H·D = 2048 (H = 2048 // D). The ratio column is
+fastattn's TFLOPS ÷ the best other provider's (> 1: fastattn is faster).
+
+    python benchmarks/bench_attention.py [--quick | --full] [--autotune] [--out DIR] [--budget S]
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+sys.path[:0] = [os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import common  # noqa: E402
+from common import Skip  # noqa: E402
+
+NAME = "attention"
+TOKENS = 16384
+HIDDEN = 2048
+SCORES_CAP = common.SCORES_CAP
+PASSES = ("fwd", "bwd", "fwd+bwd")
+FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+FASTATTN = ("fastattn-triton", "fastattn-cuda")
+SDPA = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+        "sdpa-math": "MATH"}
+OTHERS = (*SDPA, "flex-compiled", "ref-compiled", "ref-eager")
+PROVIDERS = (*FASTATTN, *OTHERS)
+SHORT = {"fastattn-triton": "triton", "fastattn-cuda": "cuda", "sdpa-flash": "flash", "sdpa-efficient": "effic",
+         "sdpa-cudnn": "cudnn", "sdpa-math": "math", "flex-compiled": "flex", "ref-compiled": "ref-c",
+         "ref-eager": "ref"}
+NOTES = [
+    "FLOPs (FlashAttention's convention): fwd 4·B·H·Lq·Lk·D, halved for causal; bwd 2.5× fwd; fwd+bwd 3.5× fwd; "
+    "padding rows count only the visible keys",
+    "ratio = fastattn TFLOPS ÷ best other provider's TFLOPS (> 1: fastattn faster); '-' = could not run (notes)",
+    "fwd is timed with autograd recording (inputs require grad); bwd = backward of one retained graph",
+    "key padding: fastattn gets kv_lens (every sequence has the same number of valid keys); SDPA and the "
+    "reference get the equivalent bool mask [B, 1, 1, Lk]; FlexAttention a block mask from kv_lens",
+    "bias rows: dense float bias [1, H, Lq, Lk] in the input dtype that requires grad (its gradient is computed)",
+    f"unfused baselines (sdpa-math, ref-compiled, ref-eager) skipped when one B·H·Lq·Lk score tensor exceeds "
+    f"{SCORES_CAP / 1e9:g} GB",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # sweep | padding | bias | cross | gqa
+    dtype: torch.dtype
+    B: int
+    H: int
+    Hkv: int
+    Lq: int
+    Lk: int
+    D: int
+    causal: bool = False
+    pad: float = 0.0  # fraction of padded keys
+    bias: bool = False
+    compiled: bool = False  # in the default grid's subset of rows with torch.compile baselines
+
+    @property
+    def name(self) -> str:
+        s = f"{common.dtype_name(self.dtype)} B{self.B} H{self.H}"
+        s += f"/{self.Hkv}" if self.Hkv != self.H else ""
+        s += f" L{self.Lq}" if self.Lq == self.Lk else f" Lq{self.Lq} Lk{self.Lk}"
+        s += f" d{self.D}" + (" causal" if self.causal else "")
+        s += f" pad{int(self.pad * 100)}%" if self.pad else ""
+        return s + (" bias" if self.bias else "")
+
+    @property
+    def kv_len(self) -> int:
+        return round(self.Lk * (1.0 - self.pad))
+
+    def flops(self, p: str) -> float:
+        f = 4.0 * self.B * self.H * self.Lq * self.kv_len * self.D * (0.5 if self.causal else 1.0)
+        return f * FLOP_FACTOR[p]
+
+    @property
+    def scores_bytes(self) -> int:
+        return self.B * self.H * self.Lq * self.Lk * torch.tensor([], dtype=self.dtype).element_size()
+
+    def to_json(self) -> dict:
+        return {"case": self.name, "kind": self.kind, "dtype": common.dtype_name(self.dtype), "B": self.B,
+                "H": self.H, "Hkv": self.Hkv, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "causal": self.causal,
+                "pad": self.pad, "bias": self.bias, "flops_fwd": self.flops("fwd")}
+
+
+def square(dtype, L, D, causal, **kw) -> Case:
+    H = HIDDEN // D
+    return Case(kw.pop("kind", "sweep"), dtype, max(1, TOKENS // L), H, kw.pop("Hkv", H), L, L, D, causal, **kw)
+
+
+def grid(mode: str, gpu: bool) -> list[Case]:
+    """Rows in priority order (a spent --budget drops the last ones)."""
+    bf16, fp16 = torch.bfloat16, torch.float16
+    if not gpu:  # CPU: the reference / SDPA rows at toy sizes, fp32 (CPU half matmuls are slow)
+        f32, L = torch.float32, 128
+        Ls = (64, 128) if mode == "quick" else (128, 256, 512, 1024)
+        cases = [Case("sweep", f32, 1, 2, 2, n, n, 32, c) for c in (False, True) for n in Ls]
+        return cases + [Case("padding", f32, 1, 2, 2, L, L, 32, pad=0.5), Case("gqa", f32, 1, 4, 2, L, L, 32, True),
+                        Case("bias", f32, 1, 2, 2, L, L, 32, bias=True)]
+    if mode == "quick":
+        return [square(bf16, L, 128, c) for c in (False, True) for L in (1024, 4096)] + [
+            square(bf16, 4096, 128, False, kind="padding", pad=0.5),
+            square(bf16, 4096, 128, True, kind="gqa", Hkv=2)]
+    Ls = (512, 1024, 2048, 4096, 8192, 16384)
+    full = mode == "full"
+    cases = []
+    for dtype in ((bf16, fp16) if full else (bf16,)):
+        for D in ((128, 64, 256) if full else (128, 64)):
+            cases += [square(dtype, L, D, c, compiled=D == 128 and L in (2048, 8192))
+                      for c in (False, True) for L in Ls]
+    pads = [square(bf16, L, 128, c, kind="padding", pad=p)
+            for L in ((1024, 4096, 16384) if full else (4096,)) for c in ((False, True) if full else (False,))
+            for p in (0.25, 0.5)]
+    gqa = [square(bf16, L, 128, c, kind="gqa", Hkv=hkv) for L in ((2048, 8192) if not full else Ls)
+           for c in ((True,) if not full else (False, True)) for hkv in ((2,) if not full else (2, 1))]
+    bias = [square(bf16, L, 128, False, kind="bias", bias=True) for L in ((2048,) if not full else (1024, 2048, 4096))]
+    cross = [Case("cross", bf16, TOKENS // max(lq, lk), 16, 16, lq, lk, 128)
+             for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
+    cases += gqa + pads + bias + cross
+    if not full:  # a few fp16 rows and the fastattn-only head dim 256
+        cases += [square(fp16, 8192, 128, c) for c in (False, True)]
+        cases += [square(bf16, 4096, 256, c) for c in (False, True)]
+    return cases
+
+
+# ------------------------------------------------------------------------------------------------ providers
+def inputs(case: Case, device: str) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda *shape: torch.randn(*shape, device=device, dtype=case.dtype, generator=g)  # noqa: E731
+    q = mk(case.B, case.H, case.Lq, case.D).requires_grad_()
+    k = mk(case.B, case.Hkv, case.Lk, case.D).requires_grad_()
+    v = mk(case.B, case.Hkv, case.Lk, case.D).requires_grad_()
+    x = {"q": q, "k": k, "v": v, "dout": mk(case.B, case.H, case.Lq, case.D),
+         "kv_lens": None, "attend": None, "bias": None}
+    if case.pad:
+        x["kv_lens"] = torch.full((case.B,), case.kv_len, device=device, dtype=torch.int32)
+        x["attend"] = (torch.arange(case.Lk, device=device) < case.kv_len).view(1, 1, 1, case.Lk).expand(
+            case.B, 1, 1, case.Lk)
+    if case.bias:
+        x["bias"] = (mk(1, case.H, case.Lq, case.Lk) * 0.5).requires_grad_()
+    return x
+
+
+def leaves(x: dict) -> list:
+    return [x["q"], x["k"], x["v"], x["bias"]]
+
+
+def _check_unfused(case: Case, name: str) -> None:
+    if case.scores_bytes > SCORES_CAP:
+        raise Skip(f"{name}: one B·H·Lq·Lk score tensor = {case.scores_bytes / 1e9:.1f} GB > "
+                   f"{SCORES_CAP / 1e9:g} GB cap")
+
+
+def make_fastattn(case: Case, x: dict, device: str, provider: str):
+    backend = common.fastattn_backend(provider, device)
+    import fastattn
+
+    def fwd():
+        return fastattn.attention(x["q"], x["k"], x["v"], causal=case.causal, kv_lens=x["kv_lens"],
+                                  attn_bias=x["bias"], backend=backend)
+    return fwd, x["dout"], leaves(x)
+
+
+def _sdpa_mask(case: Case, x: dict):
+    """SDPA's attn_mask (bool True = attend, or the float bias) and is_causal for this case."""
+    mask = x["attend"] if x["attend"] is not None else x["bias"]
+    if case.causal and mask is not None:
+        tril = torch.ones(case.Lq, case.Lk, dtype=torch.bool, device=mask.device).tril()
+        mask = (mask & tril) if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
+        return mask, False
+    return mask, case.causal
+
+
+def make_sdpa(case: Case, x: dict, device: str, backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if backend == "sdpa-math":
+        _check_unfused(case, "sdpa-math")
+    which = getattr(SDPBackend, SDPA[backend])
+    gqa = {"enable_gqa": True} if case.Hkv != case.H else {}
+
+    mask, causal = _sdpa_mask(case, x)
+
+    def fwd():
+        with sdpa_kernel([which]):
+            return F.scaled_dot_product_attention(x["q"], x["k"], x["v"], attn_mask=mask, is_causal=causal, **gqa)
+    return fwd, x["dout"], leaves(x)
+
+
+def make_flex(case: Case, x: dict, device: str, mode: str):
+    common.require_compile(device, mode, case.compiled)
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    kv_lens, bias, causal = x["kv_lens"], x["bias"], case.causal
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = (q_idx >= kv_idx) if causal else (q_idx >= 0)
+        return ok & (kv_idx < kv_lens[b]) if kv_lens is not None else ok
+
+    block_mask = None
+    if causal or kv_lens is not None:
+        block_mask = create_block_mask(mask_mod, case.B if kv_lens is not None else None, None, case.Lq, case.Lk,
+                                       device=device)
+    score_mod = None
+    if bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+    flex = common.compiled(flex_attention)
+    gqa = {"enable_gqa": True} if case.Hkv != case.H else {}
+
+    def fwd():
+        return flex(x["q"], x["k"], x["v"], score_mod=score_mod, block_mask=block_mask, **gqa)
+    return fwd, x["dout"], leaves(x)
+
+
+def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]):
+    from fastattn import reference
+    _check_unfused(case, "unfused reference")
+    if compile_mode is not None:
+        common.require_compile(device, compile_mode, case.compiled)
+
+    def ref(q, k, v, bias, kv_lens):
+        return reference.attention(q, k, v, causal=case.causal, attn_bias=bias, kv_lens=kv_lens)
+    fn = common.compiled(ref) if compile_mode is not None else ref
+    return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
+
+
+def makers(case: Case, x: dict, device: str, mode: str) -> dict:
+    out = {b: (lambda b=b: make_fastattn(case, x, device, b)) for b in FASTATTN}
+    out.update({b: (lambda b=b: make_sdpa(case, x, device, b)) for b in SDPA})
+    out["flex-compiled"] = lambda: make_flex(case, x, device, mode)
+    out["ref-compiled"] = lambda: make_reference(case, x, device, mode)
+    out["ref-eager"] = lambda: make_reference(case, x, device, None)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ run
+def run_case(case: Case, device: str, mode: str, timer: common.Timer) -> dict:
+    row = case.to_json()
+    try:
+        x = inputs(case, device)
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory: the row is recorded, the run goes on
+        row["results"] = common.skipped_row(common.reason_of(e), PROVIDERS, PASSES)
+        return row
+    results = {name: common.time_passes(make, PASSES, timer).to_json()
+               for name, make in makers(case, x, device, mode).items()}
+    del x
+    common.free_memory(device)
+    for res in results.values():
+        res["tflops"] = {p: (case.flops(p) / (ms * 1e-3) / 1e12 if ms else None) for p, ms in res["ms"].items()}
+    row["results"] = results
+    row["best_other"], row["ratio"] = common.best_and_ratios(results, FASTATTN, OTHERS, PASSES)
+    return row
+
+
+def tables(rows: list) -> list:
+    t = common.Table("attention TFLOPS (ratio = fastattn ÷ best other)",
+                     ["case", "pass", *(SHORT[p] for p in PROVIDERS), "best other", "triton÷best", "cuda÷best"])
+    for r in rows:
+        for p in PASSES:
+            res = r["results"]
+            best = (r.get("best_other") or {}).get(p)
+            ratio = (r.get("ratio") or {}).get(p, {})
+            t.add(r["case"] if p == "fwd" else "", p,
+                  *(common.fmt(res[prov].get("tflops", {}).get(p)) for prov in PROVIDERS),
+                  SHORT.get(best, "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),
+                  common.fmt(ratio.get("fastattn-cuda"), ".2f"))
+    return [t]
+
+
+def plots(rows: list, out_dir, env: dict) -> list:
+    groups: dict = {}
+    for r in rows:
+        if r["kind"] == "sweep":
+            groups.setdefault((r["dtype"], r["D"], r["causal"]), []).append(r)
+    names = []
+    for (dtype, D, causal), rs in groups.items():
+        if len(rs) < 2:
+            continue
+        panels = []
+        for p in PASSES:
+            series = {prov: [(r["Lq"], r["results"][prov].get("tflops", {}).get(p)) for r in rs]
+                      for prov in PROVIDERS}
+            panels.append((p, series))
+        tag = f"{dtype}_d{D}_{'causal' if causal else 'full'}"
+        tokens = sorted({r["B"] * r["Lq"] for r in rs})
+        name = common.plot_lines(out_dir / f"attention_{tag}.png",
+                                 f"attention {dtype} d{D} {'causal' if causal else 'non-causal'}, H={rs[0]['H']}, "
+                                 f"B·L={tokens[0] if len(tokens) == 1 else tokens} — {env['device']}, "
+                                 f"torch {env['torch']}, {env['date'][:10]}", panels, "sequence length", "TFLOPS")
+        if name:
+            names.append(name)
+    return names
+
+
+def main(argv=None) -> int:
+    with common.session(__doc__.splitlines()[0], argv, 240, "fastattn, FlexAttention and torch.compile rows are "
+                        "skipped (reason in each row); the CPU grid runs the reference and SDPA at toy sizes in "
+                        "fp32") as s:
+        args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
+        rows = []
+        for case in common.progress(grid(args.mode, gpu), NAME):
+            try:
+                budget.check()
+                rows.append(run_case(case, args.device, args.mode, timer))
+            except Skip as e:
+                rows.append({**case.to_json(), "results": common.skipped_row(str(e), PROVIDERS, PASSES)})
+        notes = NOTES + common.notes_from_reasons(common.reasons_by_provider([r["results"] for r in rows]))
+        pngs = [] if args.no_plots else plots(rows, out_dir, env)
+        common.report(NAME, args, env, tables(rows), notes, rows, pngs, out_dir,
+                      {"flop_convention": NOTES[0], "elapsed_s": round(budget.elapsed(), 1)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""pytest-benchmark timings of the CPU-visible paths (reference and torch fallbacks, small sizes, 3 rounds), and
+each benchmark script's ``main(["--quick", "--out", tmp])``: it runs here, says why the GPU rows skip, and
+writes valid JSON (plus SUMMARY.md from it).
+
+``pytest --benchmark-only tests/test_benchmarks.py`` runs the timings alone, anywhere."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastattn
+from fastattn import reference
+from fastattn.__main__ import BENCH_SCRIPTS, _load_benchmark
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _pedantic(benchmark, fn):
+    return benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def _qkv(L=128, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 4, L, 32, generator=g).requires_grad_(requires_grad) for _ in range(3)]
+
+
+@pytest.mark.benchmark(group="attention")
+@pytest.mark.parametrize("causal", [False, True])
+def test_bench_reference_attention_fwd(benchmark, causal):
+    q, k, v = _qkv()
+    out = _pedantic(benchmark, lambda: reference.attention(q, k, v, causal=causal))
+    assert out.shape == q.shape
+
+
+@pytest.mark.benchmark(group="attention")
+def test_bench_reference_attention_fwd_bwd(benchmark):
+    q, k, v = _qkv(requires_grad=True)
+    _pedantic(benchmark, lambda: reference.attention(q, k, v, causal=True).sum().backward())
+    assert q.grad is not None
+
+
+@pytest.mark.benchmark(group="attention")
+def test_bench_attention_torch_backend(benchmark):
+    q, k, v = _qkv()
+    kv_lens = torch.tensor([100, 128])
+    out = _pedantic(benchmark, lambda: fastattn.attention(q, k, v, kv_lens=kv_lens, backend="torch"))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.benchmark(group="attention")
+def test_bench_sdpa_torch_backend(benchmark):
+    q, k, v = _qkv()
+    out = _pedantic(benchmark, lambda: fastattn.scaled_dot_product_attention(q, k, v, is_causal=True))
+    assert out.shape == q.shape
+
+
+@pytest.mark.benchmark(group="rowwise")
+@pytest.mark.parametrize("op", ["reference", "torch-backend"])
+def test_bench_softmax(benchmark, op):
+    x = torch.randn(256, 1024)
+    fn = (lambda: reference.softmax(x, -1)) if op == "reference" else (lambda: fastattn.softmax(x, -1, backend="torch"))
+    y = _pedantic(benchmark, fn)
+    torch.testing.assert_close(y.sum(-1), torch.ones(256))
+
+
+@pytest.mark.benchmark(group="rowwise")
+@pytest.mark.parametrize("op", ["reference", "torch-backend", "add-torch-backend"])
+def test_bench_layer_norm(benchmark, op):
+    x, r, w, b = torch.randn(256, 1024), torch.randn(256, 1024), torch.randn(1024), torch.randn(1024)
+    fn = {"reference": lambda: reference.layer_norm(x, (1024,), w, b),
+          "torch-backend": lambda: fastattn.layer_norm(x, (1024,), w, b, backend="torch"),
+          "add-torch-backend": lambda: fastattn.add_layer_norm(x, r, (1024,), w, b, backend="torch")}[op]
+    y = _pedantic(benchmark, fn)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("name", BENCH_SCRIPTS)
+def test_script_quick_on_this_machine(name, tmp_path, capsys):
+    """main(["--quick", "--out", tmp]) runs, prints a table and why rows skip, and writes valid JSON."""
+    module = _load_benchmark(BENCH_DIR / f"{name}.py")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert module.main(["--quick", "--out", str(tmp_path), "--device", device, "--no-plots"]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((tmp_path / f"{module.NAME}.json").read_text())
+    assert data["benchmark"] == module.NAME and data["rows"]
+    assert {"device", "torch", "triton", "cuda", "date", "autotune"} <= set(data["env"])
+    assert data["env"]["autotune"] is False
+    assert data["tables"] and data["tables"][0]["rows"]
+    if device == "cpu":  # says so; the GPU-only rows are skipped with a reason, printed and stored
+        assert "no CUDA GPU" in printed
+        if name != "bench_transformer":  # (its fastattn modules run their torch fallback on CPU)
+            assert any("needs a CUDA GPU" in n for n in data["notes"]) and "needs a CUDA GPU" in printed
+    summary = _load_benchmark(BENCH_DIR / "summary.py")
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    assert module.NAME in (tmp_path / "SUMMARY.md").read_text()
+
+
+def test_plot_helper_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    common = _load_benchmark(BENCH_DIR / "common.py")
+    name = common.plot_lines(tmp_path / "p.png", "t", [("a", {"x": [(1, 2.0), (2, 3.0)]})], "x", "y", logy=True)
+    assert name == "p.png" and (tmp_path / "p.png").stat().st_size > 0
