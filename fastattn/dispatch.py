@@ -19,8 +19,11 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # once: torch.compile cannot trace find_spec
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _HAS_TRITON
 
 
 def available_backends(device: torch.device | str) -> list[str]:

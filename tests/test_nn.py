@@ -335,9 +335,9 @@ def test_encoder_inference_does_not_take_nested_fast_path(kernels):
     fastattn layers must still be the ones that run (and give torch's numbers on the non-padded rows)."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True)
-    twin = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    twin = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval().to(DEVICE)
     fast = fnn.swap_modules(copy.deepcopy(twin))
-    x, kpm = _randn(B, LQ, E, requires_grad=False), _kpm(B, LQ)
+    x, kpm = _randn(B, LQ, E, requires_grad=False).to(DEVICE), _kpm(B, LQ).to(DEVICE)
     calls = []
     fast.layers[0].register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
