@@ -20,10 +20,7 @@ LN2 = math.log(2.0)
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import attention as mod
-        return mod
-    raise RuntimeError(f"no attention kernels for backend {backend!r}")
+    return dispatch.kernels("attention", backend)
 
 
 # --------------------------------------------------------------------------------------------- custom ops
