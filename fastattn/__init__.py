@@ -1,4 +1,4 @@
-"""fastattn: fused attention kernels for PyTorch (Triton; CUDA C++ to come).
+"""fastattn: fused attention kernels for PyTorch (Triton, and CUDA C++ with backend="cuda").
 
 Public API: :func:`attention` (every feature), :func:`scaled_dot_product_attention` (torch's signature),
 :func:`alibi_slopes` (ALiBi's standard slopes), :func:`softmax`, :func:`layer_norm`, :func:`add_layer_norm` (torch's semantics), modules in :mod:`fastattn.nn`.

@@ -30,6 +30,9 @@ def _info() -> int:
     except ImportError:
         rows.append(("triton", "not installed"))
     rows.append(("CUDA (torch)", torch.version.cuda or "none"))
+    from fastattn import cuda
+    ext, why = cuda._load()
+    rows.append(("fastattn._C", f"{ext.version}, built for sm_{', sm_'.join(ext.compiled_archs())}" if ext else why))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for d in devices:
@@ -102,6 +105,10 @@ def _check() -> int:
         for op, cases, run in ops:
             for case in cases(gpu):
                 op_name = "add_ln" if op == "layer_norm" and case.residual else op
+                if backend == "cuda" and op == "attention" and case.dtype == torch.float32:
+                    print(f"{op_name:<10} {str(case):<66} {backend:<7} skipped: the CUDA attention kernels are "
+                          "fp16/bf16 only")
+                    continue
                 try:
                     results = run(case, backend, device)
                 except Exception as e:  # a crash is a failed row, reported, not a traceback mid-table

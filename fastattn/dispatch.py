@@ -1,12 +1,15 @@
 """The one place that picks a backend per call: "triton" | "cuda" | "torch".
 
-``backend="auto"`` picks Triton for CUDA tensors and the PyTorch reference for CPU tensors; the environment
+``backend="auto"`` picks Triton for CUDA tensors and the PyTorch reference for CPU tensors (Triton stays the
+automatic choice over the CUDA C++ backend until benchmarks show which is faster per op); the environment
 variable ``FASTATTN_BACKEND`` replaces that automatic choice (an explicit ``backend=`` argument wins).
 Triton on CPU tensors runs the real kernels under the interpreter, only when asked for and only with
-``TRITON_INTERPRET=1`` set before fastattn is imported.
+``TRITON_INTERPRET=1`` set before fastattn is imported. ``backend="cuda"`` needs the extension fastattn._C
+(built by setup.py when nvcc is found) and CUDA tensors.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 
@@ -32,6 +35,10 @@ def available_backends(device: torch.device | str) -> list[str]:
     out = []
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
         out.append("triton")
+    if device.type == "cuda":
+        from . import cuda
+        if cuda.available(device):
+            out.append("cuda")
     out.append("torch")
     return out
 
@@ -50,5 +57,16 @@ def select(backend: str, x: torch.Tensor) -> str:
         if not x.is_cuda and not interpreter_enabled():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing fastattn")
     if backend == "cuda":
-        raise RuntimeError("backend='cuda': the CUDA C++ extension fastattn._C is not part of this build yet")
+        from . import cuda
+        why = cuda.why_unavailable(x.device) if x.is_cuda else f"the inputs are on {x.device}, not a CUDA device"
+        if why:
+            raise RuntimeError(f"backend='cuda' (the CUDA C++ extension fastattn._C) cannot run here: {why}")
     return backend
+
+
+def kernels(op: str, backend: str):
+    """The kernel module of ``op`` ("attention" | "softmax" | "layer_norm") for a resolved kernel backend:
+    ``fastattn.<backend>.<op>``, whose ``forward`` / ``backward`` functions take the same arguments."""
+    if backend not in ("triton", "cuda"):
+        raise RuntimeError(f"no {op} kernels for backend {backend!r}")
+    return importlib.import_module(f"fastattn.{backend}.{op}")

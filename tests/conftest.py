@@ -18,6 +18,16 @@ os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+def _cuda_backend_skip():
+    from fastattn import cuda  # after the variables above: fastattn reads them at import
+    why = cuda.why_unavailable() if HAS_CUDA else "no CUDA GPU on this machine"
+    return pytest.mark.skipif(why is not None, reason=f"backend 'cuda': {why}")
+
+
+# The kernel backends every `gpu` test of an op runs for; "cuda" is skipped, with the reason, where it cannot run.
+GPU_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip())]
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (larger shapes, bf16, autotuning)")
 
@@ -34,6 +44,16 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def device():
     return DEVICE
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu_backend(request):
+    return request.param
+
+
+def skip_cuda_fp32_attention(backend, dtype):
+    if backend == "cuda" and dtype == torch.float32:
+        pytest.skip("the CUDA attention kernels are fp16/bf16 only (fp32 runs on backend='triton')")
 
 
 def assert_case(run, case, device=DEVICE, backend="triton"):

@@ -1,4 +1,5 @@
-"""The Triton attention kernels against the float64 reference under DESIGN.md §5, forward and every gradient.
+"""The attention kernels (Triton; the `gpu` tests also CUDA C++)
+against the float64 reference under DESIGN.md §5, forward and every gradient.
 
 On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (tiny shapes, fp16/fp32); the `gpu` tests run
 the same checks larger and in bf16 on CUDA.
@@ -17,8 +18,8 @@ from conftest import DEVICE, HAS_CUDA
 DTYPES = [torch.float16, torch.float32]
 
 
-def assert_case(case, device=DEVICE):
-    conftest.assert_case(run_attention_case, case, device)
+def assert_case(case, device=DEVICE, backend="triton"):
+    conftest.assert_case(run_attention_case, case, device, backend)
 
 
 # ------------------------------------------------------------------------------------------- shapes
@@ -226,23 +227,25 @@ GPU_SHAPES = [(1, 1), (17, 17), (113, 113), (1023, 1023), (128, 2048), (2048, 12
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("Lq,Lk", GPU_SHAPES)
 @pytest.mark.parametrize("D", [16, 40, 64, 80, 111, 128, 256])
-def test_gpu_matrix(Lq, Lk, D, dtype):
+def test_gpu_matrix(Lq, Lk, D, dtype, gpu_backend):
+    conftest.skip_cuda_fp32_attention(gpu_backend, dtype)
     for causal, align in ((False, "top_left"), (True, "top_left"), (True, "bottom_right")):
         assert_case(AttentionCase(B=2, H=3, Hkv=1, Lq=Lq, Lk=Lk, D=D, dtype=dtype, causal=causal, alignment=align,
-                                  kv_lens=True, seed=D + Lq), device="cuda")
+                                  kv_lens=True, seed=D + Lq), device="cuda", backend=gpu_backend)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("feature", list(MASKS) + ["bias", "lse"])
-def test_gpu_features(feature, dtype):
+def test_gpu_features(feature, dtype, gpu_backend):
     extra = MASKS.get(feature, {})
     if feature == "bias":
         extra = dict(bias="heads", bias_grad=True, causal=True)
     if feature == "lse":
         extra = dict(lse_grad=True, kv_lens=True)
     for D, (Lq, Lk) in itertools.product((64, 128), ((1000, 1000), (300, 1500))):
-        assert_case(AttentionCase(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype, seed=D, **extra), device="cuda")
+        assert_case(AttentionCase(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype, seed=D, **extra), device="cuda",
+                    backend=gpu_backend)
 
 
 @pytest.mark.gpu
@@ -270,3 +273,13 @@ def test_gpu_new_lengths_do_not_recompile():
         q, k, v = random_qkv(1, 2, L, L, 64, device="cuda", requires_grad=False)
         fastattn.attention(q, k, v, causal=True)
     assert compiled() == n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [40, 64])
+def test_gpu_unaligned_strided_inputs(D, gpu_backend):
+    """q, k, v whose rows are neither 16-byte aligned nor of a 16-byte multiple stride."""
+    q, k, v = (torch.randn(2, 3, 100, D + 2, device="cuda", dtype=torch.float16)[..., 1:D + 1] for _ in range(3))
+    out = fastattn.attention(q, k, v, causal=True, backend=gpu_backend)
+    ref = fastattn.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=gpu_backend)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)

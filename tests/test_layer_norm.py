@@ -1,4 +1,5 @@
-"""Triton LayerNorm / add + LayerNorm against the float64 reference under DESIGN.md §5, the nn drop-in."""
+"""LayerNorm / add + LayerNorm kernels (Triton; the `gpu` tests also CUDA C++)
+against the float64 reference under DESIGN.md §5, the nn drop-in."""
 import pytest
 import torch
 
@@ -13,8 +14,8 @@ from conftest import DEVICE
 DTYPES = [torch.float16, torch.float32]
 
 
-def assert_case(case, device=DEVICE):
-    conftest.assert_case(run_layer_norm_case, case, device)
+def assert_case(case, device=DEVICE, backend="triton"):
+    conftest.assert_case(run_layer_norm_case, case, device, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -129,6 +130,34 @@ def test_torch_compile_and_opcheck(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 8192, 32768, 65536])
-def test_gpu_widths(N, dtype):
+def test_gpu_widths(N, dtype, gpu_backend):
     assert_case(LayerNormCase(shape=(512, N) if N <= 8192 else (16, N), dtype=dtype, residual=True, prenorm=True,
-                              seed=N), "cuda")
+                              seed=N), "cuda", gpu_backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [7, 1000, 20000])
+def test_gpu_unaligned_rows_and_mixed_dtypes(N, gpu_backend):
+    """fp16 rows off a 16-byte boundary with fp32 weight and bias (vector loads fall back to element loads)."""
+    x = torch.randn(6 * N + 1, device="cuda", dtype=torch.float16)[1:].view(6, N)
+    r = torch.randn(6 * N + 3, device="cuda", dtype=torch.float16)[3:].view(6, N)
+    w, b = torch.randn(N, device="cuda"), torch.randn(N, device="cuda")
+    y, s = fastattn.add_layer_norm(x, r, N, w, b, prenorm=True, backend=gpu_backend)
+    torch.testing.assert_close(s, x + r)
+    ref = torch.nn.functional.layer_norm((x + r).double(), (N,), w.double(), b.double())
+    torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [64, 1000, 30000])
+def test_gpu_backward_is_deterministic(N, gpu_backend):
+    """Many more rows than backward blocks: dw/db partial sums are reduced in a fixed order, bitwise equal."""
+    R = 4000 if N <= 1000 else 200
+    x = torch.randn(R, N, device="cuda", dtype=torch.float16, requires_grad=True)
+    w = torch.randn(N, device="cuda", requires_grad=True)
+    b = torch.randn(N, device="cuda", requires_grad=True)
+    dy = torch.randn(R, N, device="cuda", dtype=torch.float16)
+    runs = [torch.autograd.grad(fastattn.layer_norm(x, N, w, b, backend=gpu_backend), (x, w, b), dy)
+            for _ in range(2)]
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)

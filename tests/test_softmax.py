@@ -1,8 +1,10 @@
-"""Triton softmax against the float64 reference under DESIGN.md §5 (forward and gradients), plus torch parity."""
+"""Softmax kernels (Triton; the `gpu` tests also CUDA C++)
+against the float64 reference under DESIGN.md §5 (forward and gradients), plus torch parity."""
 import pytest
 import torch
 
 import fastattn
+from fastattn import reference
 from fastattn.testing import SoftmaxCase, run_softmax_case
 
 import conftest
@@ -11,8 +13,8 @@ from conftest import DEVICE
 DTYPES = [torch.float16, torch.float32]
 
 
-def assert_case(case, device=DEVICE):
-    conftest.assert_case(run_softmax_case, case, device)
+def assert_case(case, device=DEVICE, backend="triton"):
+    conftest.assert_case(run_softmax_case, case, device, backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -105,5 +107,17 @@ def test_torch_compile_and_opcheck(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 8192, 32768, 65536, 100000])
-def test_gpu_widths(N, dtype):
-    assert_case(SoftmaxCase(shape=(64, N), dtype=dtype, scale=0.3, mask="row", mask_grad=True, seed=N), "cuda")
+def test_gpu_widths(N, dtype, gpu_backend):
+    assert_case(SoftmaxCase(shape=(64, N), dtype=dtype, scale=0.3, mask="row", mask_grad=True, seed=N), "cuda",
+                gpu_backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [7, 1000, 20000])
+def test_gpu_unaligned_rows(N, gpu_backend):
+    """Rows and a mask that start off a 16-byte boundary (vector loads fall back to element loads)."""
+    x = torch.randn(4 * N + 1, device="cuda", dtype=torch.float16)[1:].view(4, N)
+    mask = torch.randn(N + 3, device="cuda")[3:]
+    y = fastattn.softmax(x, mask=mask, backend=gpu_backend)
+    torch.testing.assert_close(y.float(), reference.softmax(x.double(), mask=mask.double()).float(),
+                               atol=1e-3, rtol=1e-2)

@@ -16,10 +16,7 @@ from .common import check_kernel_dtype, check_same, check_tensor, empty
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import layer_norm as mod
-        return mod
-    raise RuntimeError(f"no layer_norm kernels for backend {backend!r}")
+    return dispatch.kernels("layer_norm", backend)
 
 
 @torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())

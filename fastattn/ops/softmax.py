@@ -15,10 +15,7 @@ from .common import check_kernel_dtype, check_same, check_tensor, empty
 
 
 def _kernels(backend: str):
-    if backend == "triton":
-        from ..triton import softmax as mod
-        return mod
-    raise RuntimeError(f"no softmax kernels for backend {backend!r}")
+    return dispatch.kernels("softmax", backend)
 
 
 @torch.library.custom_op("fastattn::softmax_fwd", mutates_args=())

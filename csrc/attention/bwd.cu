@@ -1,0 +1,297 @@
+// FlashAttention-2 backward with tensor cores (sm80+), in three deterministic kernels and no atomics:
+//   1. delta_kernel: D_i = Σ_d do_id·o_id − log2(e)·dlse2_i into the workspace ([B, H, Lq] fp32);
+//   2. dkdv_kernel: one CTA per (key block of 16·W keys, kv head, batch), W warps each owning 16 keys; it loops
+//      over the query heads of the GQA group and over the query tiles, recomputing Sᵀ = K·Qᵀ and
+//      dPᵀ = V·dOᵀ, and accumulates dV = Pᵀ·dO and dK = scale·dSᵀ·Q in registers (fixed order);
+//   3. dq_kernel: one CTA per (query block of 16·W rows, head, batch), looping over the visible key tiles,
+//      recomputing S and dP and accumulating dQ = scale·dS·K in registers; it also writes dS when p.ds is set.
+// p_ij = exp2(s_ij·log2 e − lse2_i) (0 where invisible or for an empty row, whose lse2 is +inf),
+// ds_ij = p_ij (dp_ij − D_i).
+// Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel).
+#include "attention.h"
+#include "kernel_common.cuh"
+
+namespace fastattn {
+namespace attn {
+namespace {
+
+// ------------------------------------------------------------------------------------------- delta
+constexpr int kDeltaWarps = 4;  // one warp per query row
+
+template <typename T>
+__global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParams p, float* delta) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= static_cast<int64_t>(p.B) * p.H * p.Lq) return;
+  const int i = static_cast<int>(row % p.Lq);
+  const int64_t bh = row / p.Lq;
+  const int h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
+  const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + i * p.o_sl;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sl;
+  float sum = 0.f;
+  for (int c = lane; c < p.D; c += 32) sum += Elem<T>::to_float(o[c]) * Elem<T>::to_float(d[c]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) delta[row] = p.dlse != nullptr ? sum - kLog2e * p.dlse[row] : sum;
+}
+
+// ------------------------------------------------------------------------------------------- dK, dV
+// Per head dim: warps W (key block 16·W), query tile BM, and DSPLIT passes over the query tiles, each
+// accumulating D / DSPLIT columns of dK and dV (D = 256 would not fit both accumulators in registers; its
+// second pass recomputes Sᵀ and dPᵀ). Shared memory (2·16W + 4·BM)·(D + 8)·2 + 16·BM bytes:
+// D=32: 31 KB, 64: 55 KB, 96: 79 KB, 128: 69 KB, 256: 100 KB.
+template <int D> struct DkdvCfg { static constexpr int kWarps = 4, kBlockM = 64, kSplit = 1; };
+template <> struct DkdvCfg<128> { static constexpr int kWarps = 4, kBlockM = 32, kSplit = 1; };
+template <> struct DkdvCfg<256> { static constexpr int kWarps = 4, kBlockM = 16, kSplit = 2; };
+
+template <typename T, int D, int NW, int BM>
+constexpr size_t dkdv_smem_bytes() {
+  return static_cast<size_t>(2 * 16 * NW + 4 * BM) * (D + 8) * sizeof(T) + 4 * BM * sizeof(float);
+}
+
+template <typename T, int D, int NW, int BM, int DSPLIT, bool BIAS_MASK>
+__global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
+  constexpr int BN = 16 * NW, NTH = NW * 32, P = D + 8, DC = D / DSPLIT;
+  constexpr int NTS = BM / 8;  // n-tiles of a warp's 16 x BM tile of Sᵀ / dPᵀ
+  constexpr int NTD = DC / 8;  // n-tiles of a warp's 16 x DC tile of dK / dV
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);                     // [BN][P]
+  T* sV = sK + BN * P;                                    // [BN][P]
+  T* sQ = sV + BN * P;                                    // [2][BM][P]
+  T* sdO = sQ + 2 * BM * P;                               // [2][BM][P]
+  float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * P);  // [2][BM]
+  float* sDelta = sLse + 2 * BM;                          // [2][BM]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
+  const int group = p.H / p.Hkv;
+  const int kv_len = kv_length(p, b);
+  const int shift = p.bottom_right ? kv_len - p.Lq : 0;
+  const float* delta = static_cast<const float*>(p.workspace);
+
+  // Query rows whose diagonal lies left of this key block see none of it; a block of padding keys sees nothing.
+  const int m_begin = p.causal ? max(n0 - shift, 0) / BM * BM : 0;
+  const int nm = (n0 < kv_len && m_begin < p.Lq) ? (p.Lq - m_begin + BM - 1) / BM : 0;
+  const int total = group * nm;  // (query head, query tile) steps
+
+  load_tile_async<T, BN, D, NTH>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh, p.k_sl, n0, kv_len, tid);
+  load_tile_async<T, BN, D, NTH>(sV, static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh, p.v_sl, n0, kv_len, tid);
+  cp_async_commit();
+
+  // Step it: query head hk·group + it / nm, query rows from m_begin + (it % nm)·BM.
+  auto load_step = [&](int it, int st) {
+    const int h = hk * group + it / nm;
+    const int mq0 = m_begin + (it % nm) * BM;
+    load_tile_async<T, BM, D, NTH>(sQ + st * BM * P, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_sl,
+                                   mq0, p.Lq, tid);
+    load_tile_async<T, BM, D, NTH>(sdO + st * BM * P, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh,
+                                   p.do_sl, mq0, p.Lq, tid);
+    for (int i = tid; i < BM; i += NTH) {
+      const int row = mq0 + i;
+      const bool ok = row < p.Lq;
+      const int64_t idx = (static_cast<int64_t>(b) * p.H + h) * p.Lq + row;
+      sLse[st * BM + i] = ok ? p.lse[idx] : INFINITY;  // +inf: p = 0 for padding rows
+      sDelta[st * BM + i] = ok ? delta[idx] : 0.f;
+    }
+  };
+
+  for (int pass = 0; pass < DSPLIT; ++pass) {
+    float dk[NTD][4], dv[NTD][4];
+    zero(dk);
+    zero(dv);
+    if (total > 0) load_step(0, 0);
+    cp_async_commit();
+
+    for (int it = 0; it < total; ++it) {
+      const int st = it & 1;
+      if (it + 1 < total) load_step(it + 1, st ^ 1);  // the other stage was freed by the last barrier
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();  // this stage's Q, dO (cp.async) and lse, delta (plain stores) are visible
+
+      const int h = hk * group + it / nm;
+      const int mq0 = m_begin + (it % nm) * BM;
+      const Scores<T> sc(p, b, h, kv_len);
+      const T* sQs = sQ + st * BM * P;
+      const T* sdOs = sdO + st * BM * P;
+      const float* lse_s = sLse + st * BM;
+      const float* delta_s = sDelta + st * BM;
+
+      float s[NTS][4], dp[NTS][4];
+      zero(s);
+      gemm_ss<T, NTS, D>(s, sK, P, warp * 16, sQs, P, 0, lane);
+      sc.template apply<BIAS_MASK, true>(s, n0 + warp * 16, mq0, lane);
+      zero(dp);
+      gemm_ss<T, NTS, D>(dp, sV, P, warp * 16, sdOs, P, 0, lane);
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = nt * 8 + 2 * (lane & 3) + (e & 1);  // query row within the tile
+          const float pr = exp2f(s[nt][e] - lse_s[col]);
+          s[nt][e] = pr;
+          // ds, exactly 0 where p = 0 (even if dp is not finite)
+          dp[nt][e] = pr != 0.f ? pr * (dp[nt][e] - delta_s[col]) : 0.f;
+        }
+
+      uint32_t a[NTS / 2][4];
+      c_to_a<T, NTS>(a, s);
+      gemm_rs<T, NTD, BM>(dv, a, sdOs, P, pass * DC, lane);
+      c_to_a<T, NTS>(a, dp);
+      gemm_rs<T, NTD, BM>(dk, a, sQs, P, pass * DC, lane);
+      __syncthreads();  // every warp is done with this stage before it is refilled
+    }
+
+    // Keys in [kv_len, Lk) and keys no query sees get 0.
+    store_c<T, NTD>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh, p.dk_sl, n0 + warp * 16, pass * DC, p.Lk,
+                    dk, p.scale, p.scale, lane);
+    store_c<T, NTD>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh, p.dv_sl, n0 + warp * 16, pass * DC, p.Lk,
+                    dv, 1.f, 1.f, lane);
+  }
+  cp_async_wait<0>();  // K / V when total == 0
+}
+
+// ------------------------------------------------------------------------------------------- dQ
+// Warps W (query block 16·W), key tile BN. Shared memory (2·16W + 4·BN)·(D + 8)·2 bytes:
+// D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 132 KB.
+template <int D> struct DqCfg { static constexpr int kWarps = 4, kBlockN = 64; };
+template <> struct DqCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+
+template <typename T, int D, int NW, int BN>
+constexpr size_t dq_smem_bytes() {
+  return static_cast<size_t>(2 * 16 * NW + 4 * BN) * (D + 8) * sizeof(T);
+}
+
+template <typename T, int D, int NW, int BN, bool BIAS_MASK>
+__global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
+  constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
+  constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of S / dP
+  constexpr int NTD = D / 8;   // n-tiles of a warp's 16 x D tile of dQ
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][P]
+  T* sdO = sQ + BM * P;                // [BM][P]
+  T* sK = sdO + BM * P;                // [2][BN][P]
+  T* sV = sK + 2 * BN * P;             // [2][BN][P]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int64_t bh = static_cast<int64_t>(b) * p.H + h;
+  const Scores<T> sc(p, b, h, kv_length(p, b));
+  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, sc);  // the forward's key range
+  const int nblocks = keys.count;
+
+  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_sl, m0, p.Lq, tid);
+  load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh, p.do_sl, m0, p.Lq,
+                                 tid);
+  if (nblocks > 0) keys.load(sK, sV, 0, tid);
+  cp_async_commit();
+
+  // lse2 and D of rows g and g + 8 of the warp's tile.
+  const float* delta = static_cast<const float*>(p.workspace);
+  float lse_r[2], delta_r[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
+    const bool ok = row < p.Lq;
+    lse_r[r] = ok ? p.lse[bh * p.Lq + row] : INFINITY;
+    delta_r[r] = ok ? delta[bh * p.Lq + row] : 0.f;
+  }
+  float* ds_out = p.ds != nullptr ? p.ds + bh * p.Lq * p.Lk : nullptr;
+
+  float dq[NTD][4];
+  zero(dq);
+  for (int it = 0; it < nblocks; ++it) {
+    const int st = it & 1;
+    if (it + 1 < nblocks) keys.load(sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, it + 1, tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* sKs = sK + st * BN * P;
+    float s[NTS][4], dp[NTS][4];
+    zero(s);
+    gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sKs, P, 0, lane);
+    sc.template apply<BIAS_MASK, false>(s, m0 + warp * 16, it * BN, lane);
+    zero(dp);
+    gemm_ss<T, NTS, D>(dp, sdO, P, warp * 16, sV + st * BN * P, P, 0, lane);
+#pragma unroll
+    for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1;
+        const float pr = exp2f(s[nt][e] - lse_r[r]);
+        const float ds = pr != 0.f ? pr * (dp[nt][e] - delta_r[r]) : 0.f;
+        dp[nt][e] = ds;
+        if (ds_out != nullptr) {
+          const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
+          const int col = it * BN + nt * 8 + 2 * (lane & 3) + (e & 1);
+          if (row < p.Lq && col < p.Lk) ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;
+        }
+      }
+
+    uint32_t a[NTS / 2][4];
+    c_to_a<T, NTS>(a, dp);
+    gemm_rs<T, NTD, BN>(dq, a, sKs, P, 0, lane);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+
+  store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh, p.dq_sl, m0 + warp * 16, 0, p.Lq, dq, p.scale,
+                  p.scale, lane);
+}
+
+}  // namespace
+}  // namespace attn
+
+std::size_t attention_bwd_workspace_bytes(const AttnParams& p) {
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
+  return static_cast<std::size_t>(p.B) * p.H * p.Lq * sizeof(float);  // delta [B, H, Lq]
+}
+
+const char* attention_bwd(const AttnParams& p, void* stream) {
+  using namespace attn;
+  if (!attention_supports_head_dim(p.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
+  if (const char* err = check_common(p)) return err;
+  if (!aligned_rows(p.dout, p.do_sb, p.do_sh, p.do_sl, p.B, p.H, p.Lq) ||
+      !aligned_rows(p.dq, p.dq_sb, p.dq_sh, p.dq_sl, p.B, p.H, p.Lq) ||
+      !aligned_rows(p.dk, p.dk_sb, p.dk_sh, p.dk_sl, p.B, p.Hkv, p.Lk) ||
+      !aligned_rows(p.dv, p.dv_sb, p.dv_sh, p.dv_sl, p.B, p.Hkv, p.Lk))
+    return "fastattn CUDA attention: dout, dq, dk, dv must be non-null, 16-byte aligned, with batch/head/row "
+           "strides that are multiples of 8 elements";
+  if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
+    return "fastattn CUDA attention: the backward needs lse and a workspace of attention_bwd_workspace_bytes()";
+  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
+  if ((rows + kDeltaWarps - 1) / kDeltaWarps > 0x7fffffff) return "fastattn CUDA attention: too many query rows";
+  const auto s = static_cast<cudaStream_t>(stream);
+  const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
+  return dispatch(p, [&](auto t, auto d) -> const char* {
+    using T = decltype(t);
+    constexpr int D = decltype(d)::value;
+    if (p.Lq > 0) {
+      const dim3 grid(static_cast<unsigned>((rows + kDeltaWarps - 1) / kDeltaWarps));
+      if (const char* err = launch(delta_kernel<T>, grid, kDeltaWarps * 32, 0, s, p, static_cast<float*>(p.workspace)))
+        return err;
+    }
+    if (p.Lk > 0) {  // dK, dV (zeros when Lq == 0)
+      using C = DkdvCfg<D>;
+      constexpr int BN = 16 * C::kWarps;
+      const dim3 grid((p.Lk + BN - 1) / BN, p.Hkv, p.B);
+      const size_t smem = dkdv_smem_bytes<T, D, C::kWarps, C::kBlockM>();
+      const auto kernel = bias_mask ? dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, true>
+                                    : dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, false>;
+      if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
+    }
+    if (p.Lq > 0) {  // dQ (zeros when Lk == 0)
+      using C = DqCfg<D>;
+      constexpr int BM = 16 * C::kWarps;
+      const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
+      const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>();
+      const auto kernel = bias_mask ? dq_kernel<T, D, C::kWarps, C::kBlockN, true>
+                                    : dq_kernel<T, D, C::kWarps, C::kBlockN, false>;
+      if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
+    }
+    return nullptr;
+  });
+}
+
+}  // namespace fastattn

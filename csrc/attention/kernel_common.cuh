@@ -1,0 +1,406 @@
+// Private helpers of the attention kernels (fwd.cu, bwd.cu): inline PTX for tensor-core MMA (m16n8k16, fp32
+// accumulation), ldmatrix and cp.async, warp-level GEMMs on 16-row tiles, score masking, and host launch checks.
+//
+// Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), two 16-bit values per 32-bit register, the lower
+// column (A, C) or lower k (B) in the low half:
+//   A 16x16 row-major: a[0] = (row g, cols 2t..2t+1), a[1] = (row g+8, same), a[2] = (row g, cols 2t+8..),
+//                      a[3] = (row g+8, cols 2t+8..)
+//   B 16x8  (k x n):   b[0] = (k 2t..2t+1, col g), b[1] = (k 2t+8..2t+9, col g)
+//   C 16x8  fp32:      c[0..1] = (row g, cols 2t, 2t+1), c[2..3] = (row g+8, cols 2t, 2t+1)
+// Shared-memory tiles are row-major with a row pitch of D + 8 elements (16 bytes of padding): the 8 row addresses
+// of every ldmatrix 8x8 matrix then fall in 8 different 16-byte bank groups (no bank conflicts), and every row
+// start stays 16-byte aligned for cp.async.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "params.h"
+
+namespace fastattn {
+namespace attn {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ------------------------------------------------------------------------------------------- element types
+template <typename T> struct Elem;
+
+template <> struct Elem<__half> {
+  static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <> struct Elem<__nv_bfloat16> {
+  static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// ------------------------------------------------------------------------------------------- inline PTX
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// d += a · b (16x8x16), fp32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives matrix i.
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p))
+               : "memory");
+}
+
+// 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes are zero-filled.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const uint32_t n = valid ? 16u : 0u;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n)
+               : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// ------------------------------------------------------------------------------------------- tiles
+// Rows [row0, row0 + ROWS) of a global [*, D] matrix (row stride ld elements, last dim contiguous) into a shared
+// tile of pitch D + 8; rows >= nvalid are zero-filled (never read), so padding (even NaN) cannot reach the MMAs.
+template <typename T, int ROWS, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t ld, int row0, int nvalid, int tid) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  constexpr int kPitch = D + 8;
+#pragma unroll
+  for (int it = 0; it < (ROWS * kChunks + NTHREADS - 1) / NTHREADS; ++it) {
+    const int c = tid + it * NTHREADS;
+    if (ROWS * kChunks % NTHREADS != 0 && c >= ROWS * kChunks) break;
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    const int gr = row0 + r;
+    const bool ok = gr < nvalid;
+    const T* src = ok ? g + static_cast<int64_t>(gr) * ld + col : g;
+    cp_async_16(s + r * kPitch + col, src, ok);
+  }
+}
+
+// A operand (16x16) at (row0, k0) of a row-major shared tile.
+template <typename T>
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* s, int pitch, int row0, int k0, int lane) {
+  const int mi = lane >> 3, r = lane & 7;
+  ldsm_x4(a, s + (row0 + r + (mi & 1) * 8) * pitch + k0 + (mi >> 1) * 8);
+}
+
+// B operands of two n-tiles (n0, n0 + 8) at k0, from a shared tile stored [n][k] (e.g. K for Q·Kᵀ):
+// b[0], b[1] for n-tile n0; b[2], b[3] for n-tile n0 + 8.
+template <typename T>
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const T* s, int pitch, int n0, int k0, int lane) {
+  const int mi = lane >> 3, r = lane & 7;
+  ldsm_x4(b, s + (n0 + r + (mi >> 1) * 8) * pitch + k0 + (mi & 1) * 8);
+}
+
+// Same, from a shared tile stored [k][n] (e.g. V for P·V), through ldmatrix.trans.
+template <typename T>
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* s, int pitch, int k0, int n0, int lane) {
+  const int mi = lane >> 3, r = lane & 7;
+  ldsm_x4_trans(b, s + (k0 + r + (mi & 1) * 8) * pitch + n0 + (mi >> 1) * 8);
+}
+
+// acc[16 x 8NT] += A[rows arow0.., K] · Bᵀ, A row-major in shared, B stored [n][k] in shared (n from bn0).
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_ss(float (&acc)[NT][4], const T* sA, int pitch_a, int arow0, const T* sB,
+                                        int pitch_b, int bn0, int lane) {
+  static_assert(NT % 2 == 0 && K % 16 == 0, "tile shape");
+  // Fully unrolled, the K = 128 and 256 loops hoist so many ldmatrix results that the backward kernels spill.
+  constexpr int kUnroll = K >= 256 ? 2 : (K >= 128 ? 4 : K / 16);
+#pragma unroll kUnroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+    uint32_t a[4];
+    load_a(a, sA, pitch_a, arow0, kk * 16, lane);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      load_b_nk(b, sB, pitch_b, bn0 + np * 16, kk * 16, lane);
+      mma16816<T>(acc[2 * np], a, b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// acc[16 x 8NT] += A · B, A in registers (K/16 fragments), B stored [k][n] in shared (k from 0, n from bn0).
+template <typename T, int NT, int K>
+__device__ __forceinline__ void gemm_rs(float (&acc)[NT][4], const uint32_t (&a)[K / 16][4], const T* sB,
+                                        int pitch_b, int bn0, int lane) {
+  static_assert(NT % 2 == 0 && K % 16 == 0, "tile shape");
+#pragma unroll
+  for (int kk = 0; kk < K / 16; ++kk) {
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t b[4];
+      load_b_kn(b, sB, pitch_b, kk * 16, bn0 + np * 16, lane);
+      mma16816<T>(acc[2 * np], a[kk], b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a[kk], b[2], b[3]);
+    }
+  }
+}
+
+// A fragments (16 x 8NT, rounded to T) of a 16 x 8NT fp32 C tile: the C tile of one MMA feeds the next.
+template <typename T, int NT>
+__device__ __forceinline__ void c_to_a(uint32_t (&a)[NT / 2][4], const float (&c)[NT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < NT / 2; ++kk) {
+    a[kk][0] = Elem<T>::pack(c[2 * kk][0], c[2 * kk][1]);
+    a[kk][1] = Elem<T>::pack(c[2 * kk][2], c[2 * kk][3]);
+    a[kk][2] = Elem<T>::pack(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[kk][3] = Elem<T>::pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+  }
+}
+
+template <int NT>
+__device__ __forceinline__ void zero(float (&c)[NT][4]) {
+#pragma unroll
+  for (int i = 0; i < NT; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
+}
+
+// Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global [*, *] matrix
+// (row stride ld, columns from col0), rows >= nrows skipped. Two adjacent columns per 4-byte store.
+template <typename T, int NT>
+__device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, int nrows, const float (&c)[NT][4],
+                                        float mul0, float mul1, int lane) {
+  const int gr = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + gr + half * 8;
+    if (row >= nrows) continue;
+    const float mul = half ? mul1 : mul0;
+    T* dst = g + static_cast<int64_t>(row) * ld + col0 + 2 * tq;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      *reinterpret_cast<uint32_t*>(dst + nt * 8) = Elem<T>::pack(c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
+  }
+}
+
+// ------------------------------------------------------------------------------------------- masking
+// Valid keys of batch b: min(kv_lens[b], Lk) (clamped at 0); shift = d(i) − i of the causal diagonal.
+__device__ __forceinline__ int kv_length(const AttnParams& p, int b) {
+  return p.kv_lens ? max(0, min(p.kv_lens[b], p.Lk)) : p.Lk;
+}
+
+// Turns raw dot products q_i·k_j of one (batch, query head) into base-2 scores s_ij·log2(e), −inf where invisible.
+template <typename T>
+struct Scores {
+  int Lq, kv_len, shift;
+  bool causal;
+  float scale_log2;
+  const T* bias;  // already offset to (b, h); null when absent
+  int64_t bias_sm, bias_sn;
+  const uint8_t* mask;  // already offset to (b, h); null when absent
+  int64_t mask_sm, mask_sn;
+
+  __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, int kv_len_) {
+    Lq = p.Lq;
+    kv_len = kv_len_;
+    shift = p.bottom_right ? kv_len - p.Lq : 0;
+    causal = p.causal;
+    scale_log2 = p.scale * kLog2e;
+    bias = p.bias ? static_cast<const T*>(p.bias) + b * p.bias_sb + h * p.bias_sh : nullptr;
+    bias_sm = p.bias_sm;
+    bias_sn = p.bias_sn;
+    mask = p.mask ? p.mask + b * p.mask_sb + h * p.mask_sh : nullptr;
+    mask_sm = p.mask_sm;
+    mask_sn = p.mask_sn;
+  }
+
+  // One past the last key visible to query i through kv_len and causality (0 for rows past Lq).
+  __device__ __forceinline__ int key_limit(int i) const {
+    if (i >= Lq) return 0;
+    return causal ? max(0, min(kv_len, i + shift + 1)) : kv_len;
+  }
+
+  // A warp's 16 x 8NT tile of dot products, rows from row0 and columns from col0 (global indices), to scores.
+  // Rows are queries and columns keys, or the other way round when KEY_ROWS (the dK/dV kernel computes K·Qᵀ).
+  // BIAS_MASK (a template flag, as the bias / mask loads cost ~50 registers even when skipped at run time):
+  // p.bias or p.mask is set, each read where it is non-null.
+  template <bool BIAS_MASK, bool KEY_ROWS, int NT>
+  __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane) const {
+    const int gr = lane >> 2, tq = lane & 3;
+    int row_limit[2];  // key limits of the two query rows of this thread (query rows only)
+    if (!KEY_ROWS) {
+      row_limit[0] = key_limit(row0 + gr);
+      row_limit[1] = key_limit(row0 + gr + 8);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = row0 + gr + (e >> 1) * 8;
+        const int col = col0 + nt * 8 + 2 * tq + (e & 1);
+        const bool vis = KEY_ROWS ? row < key_limit(col) : col < row_limit[e >> 1];
+        s[nt][e] = vis ? s[nt][e] * scale_log2 : -INFINITY;
+      }
+    if constexpr (BIAS_MASK) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = row0 + gr + (e >> 1) * 8;
+          const int col = col0 + nt * 8 + 2 * tq + (e & 1);
+          const int i = KEY_ROWS ? col : row, j = KEY_ROWS ? row : col;
+          if (s[nt][e] == -INFINITY) continue;  // invisible by position: no load
+          if (mask && mask[i * mask_sm + j * mask_sn] == 0) {
+            s[nt][e] = -INFINITY;
+          } else if (bias) {
+            s[nt][e] += Elem<T>::to_float(bias[i * bias_sm + j * bias_sn]) * kLog2e;
+          }
+        }
+    }
+  }
+};
+
+// The keys a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
+// h / (H / Hkv) below kv_len and, when causal, left of the diagonal of the block's last row.
+template <typename T, int BM, int BN, int D, int NTHREADS>
+struct KeyTiles {
+  const T* k;
+  const T* v;
+  int64_t k_sl, v_sl;
+  int kv_len, count;
+
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b, int h, int m0, const Scores<T>& sc) {
+    const int hk = h / (p.H / p.Hkv);
+    k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
+    v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    k_sl = p.k_sl;
+    v_sl = p.v_sl;
+    kv_len = sc.kv_len;
+    int n_end = kv_len;
+    if (sc.causal) n_end = max(0, min(n_end, m0 + BM + sc.shift));
+    count = (n_end + BN - 1) / BN;
+  }
+
+  // cp.async of K and V tile n into sK, sV ([BN][D + 8] each); keys >= kv_len are zero-filled.
+  __device__ __forceinline__ void load(T* sK, T* sV, int n, int tid) const {
+    load_tile_async<T, BN, D, NTHREADS>(sK, k, k_sl, n * BN, kv_len, tid);
+    load_tile_async<T, BN, D, NTHREADS>(sV, v, v_sl, n * BN, kv_len, tid);
+  }
+};
+
+// Sum / max over the 4 threads of a quad (the threads holding one C-fragment row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  x += __shfl_xor_sync(0xffffffffu, x, 2);
+  return x;
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  return x;
+}
+
+// ------------------------------------------------------------------------------------------- host side
+// Kernels read q/k/v/do with 16-byte cp.async and write o/dq/dk/dv two elements at a time: a tensor of sizes
+// (nb, nh, nl, D) needs a 16-byte aligned pointer and strides that are multiples of 8 elements, except the strides
+// of dims of size 1 (never used). An empty tensor (nl == 0) is never touched and may be null.
+inline bool aligned_rows(const void* ptr, int64_t sb, int64_t sh, int64_t sl, int nb, int nh, int nl) {
+  if (nl == 0) return true;
+  return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (nb == 1 || sb % 8 == 0) &&
+         (nh == 1 || sh % 8 == 0) && (nl == 1 || sl % 8 == 0);
+}
+
+// Checks shared by forward and backward; nullptr when fine.
+inline const char* check_common(const AttnParams& p) {
+  if (p.dtype != kFloat16 && p.dtype != kBFloat16) return "fastattn CUDA attention: dtype must be float16 or bfloat16";
+  if (p.B <= 0 || p.H <= 0 || p.Hkv <= 0 || p.Lq < 0 || p.Lk < 0)
+    return "fastattn CUDA attention: B, H, Hkv must be positive and Lq, Lk non-negative";
+  if (p.H % p.Hkv != 0) return "fastattn CUDA attention: H must be a multiple of Hkv";
+  if (p.B > 65535 || p.H > 65535) return "fastattn CUDA attention: B and H must be at most 65535";
+  if (p.dropout_p != 0.f) return "fastattn CUDA attention: dropout is not supported by the CUDA kernels";
+  if (!aligned_rows(p.q, p.q_sb, p.q_sh, p.q_sl, p.B, p.H, p.Lq) ||
+      !aligned_rows(p.k, p.k_sb, p.k_sh, p.k_sl, p.B, p.Hkv, p.Lk) ||
+      !aligned_rows(p.v, p.v_sb, p.v_sh, p.v_sl, p.B, p.Hkv, p.Lk) ||
+      !aligned_rows(p.o, p.o_sb, p.o_sh, p.o_sl, p.B, p.H, p.Lq))
+    return "fastattn CUDA attention: q, k, v, o must be non-null, 16-byte aligned, with batch/head/row strides "
+           "that are multiples of 8 elements";
+  if (p.bias && reinterpret_cast<uintptr_t>(p.bias) % 2 != 0) return "fastattn CUDA attention: bias is misaligned";
+  return nullptr;
+}
+
+// Calls f(T(), std::integral_constant<int, D>()) for the element type and head dim of p (checked before).
+template <typename T, typename F>
+inline const char* dispatch_head_dim(int d, F&& f) {
+  switch (d) {
+    case 32: return f(T(), std::integral_constant<int, 32>());
+    case 64: return f(T(), std::integral_constant<int, 64>());
+    case 96: return f(T(), std::integral_constant<int, 96>());
+    case 128: return f(T(), std::integral_constant<int, 128>());
+    case 256: return f(T(), std::integral_constant<int, 256>());
+    default: return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
+  }
+}
+
+template <typename F>
+inline const char* dispatch(const AttnParams& p, F&& f) {
+  return p.dtype == kBFloat16 ? dispatch_head_dim<__nv_bfloat16>(p.D, f) : dispatch_head_dim<__half>(p.D, f);
+}
+
+// Raises the dynamic shared memory limit when needed, launches, and checks both.
+template <typename Kernel, typename... Args>
+inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
+  if (smem > 48 * 1024) {
+    int dev = 0, optin = 0;
+    cudaError_t e = cudaGetDevice(&dev);
+    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return cudaGetErrorString(e);
+    }
+    if (static_cast<size_t>(optin) < smem)
+      return "fastattn CUDA attention: this head dim needs more shared memory per block than the GPU allows";
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      return cudaGetErrorString(e);
+    }
+  }
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+}  // namespace attn
+}  // namespace fastattn

@@ -1,0 +1,117 @@
+"""Python side of the CUDA C++ extension ``fastattn._C``: loading it (lazily), telling whether it can run here
+(:func:`available`, :func:`why_unavailable`), and the tensor → integer marshalling the op modules share
+(data pointers, dtype codes, the current stream). One module per op: attention.py, softmax.py, layer_norm.py,
+each with the ``forward`` / ``backward`` functions of the Triton module of the same name.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Optional
+
+import torch
+
+from ..triton import device_ctx  # noqa: F401  (launch on the tensors' GPU; shared with the Triton backend)
+
+REBUILD = "pip install --no-deps --no-build-isolation -e ."
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """-> (module, None) or (None, why it cannot be imported)."""
+    try:
+        return importlib.import_module("fastattn._C"), None
+    except ModuleNotFoundError as e:
+        if e.name != "fastattn._C":
+            return None, f"the CUDA extension fastattn._C failed to import: {e}"
+        return None, ("the CUDA extension fastattn._C is not built (nvcc was not found when fastattn was installed, "
+                      f"or FASTATTN_BUILD_CUDA=0); rebuild with nvcc on PATH: `{REBUILD}`")
+    except ImportError as e:  # built, but does not load (missing symbol, wrong Python, ...)
+        return None, f"the CUDA extension fastattn._C failed to import: {e}; rebuild it: `{REBUILD}`"
+
+
+def extension():
+    """The ``fastattn._C`` module; RuntimeError saying why when it cannot be imported."""
+    mod, why = _load()
+    if mod is None:
+        raise RuntimeError(why)
+    return mod
+
+
+def _runs_on(arch: str, cc: tuple[int, int]) -> bool:
+    """Whether a cubin for ``arch`` ("80", "90a", "100f") runs on a device of compute capability ``cc``."""
+    suffix = arch[-1] if arch[-1] in "af" else ""
+    num = arch.rstrip("af")
+    major, minor = int(num[:-1]), int(num[-1])
+    if suffix == "a":  # architecture-specific features: that exact device only
+        return cc == (major, minor)
+    return cc[0] == major and cc[1] >= minor
+
+
+@functools.lru_cache(maxsize=None)
+def _why_device(index: int) -> Optional[str]:
+    archs = extension().compiled_archs()
+    cc = torch.cuda.get_device_capability(index)
+    if any(_runs_on(a, cc) for a in archs):
+        return None
+    have = ", ".join(f"sm_{a}" for a in archs) or "no architecture"
+    return (f"fastattn._C was built for {have} but cuda:{index} ({torch.cuda.get_device_name(index)}) is "
+            f"sm_{cc[0]}{cc[1]}; rebuild with FASTATTN_CUDA_ARCHS=\"{cc[0]}{cc[1]}\" `{REBUILD}`")
+
+
+def why_unavailable(device: torch.device | str | int | None = None) -> Optional[str]:
+    """Why ``backend="cuda"`` cannot run on ``device`` (default: the current CUDA device); None when it can."""
+    _, why = _load()
+    if why:
+        return why
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return f"no CUDA device: torch.cuda.is_available() is False (torch {torch.__version__}, {build})"
+    if device is None or isinstance(device, int):
+        index = torch.cuda.current_device() if device is None else device
+    else:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return f"fastattn._C runs on CUDA devices, not {device}"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+    return _why_device(index)
+
+
+def available(device: torch.device | str | int | None = None) -> bool:
+    """Whether ``backend="cuda"`` can run on ``device`` (default: the current CUDA device)."""
+    return why_unavailable(device) is None
+
+
+# --------------------------------------------------------------------------------------------- marshalling
+_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # csrc/dtype.h RowDType
+
+
+def dtype_code(t: torch.Tensor, name: str, dtypes=tuple(_CODES)) -> int:
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: backend 'cuda' supports {names}, got {t.dtype}")
+    return _CODES[t.dtype]
+
+
+def check_cuda(*named: tuple[str, Optional[torch.Tensor]]) -> None:
+    """Every given tensor is on the same CUDA device."""
+    first = None
+    for name, t in named:
+        if t is None:
+            continue
+        if not t.is_cuda:
+            raise ValueError(f"{name}: backend 'cuda' needs CUDA tensors, got a tensor on {t.device}")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{name} is on {t.device} but {first[0]} is on {first[1]}")
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    """Data pointer as an int, 0 for an absent tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
+def stream(t: torch.Tensor) -> int:
+    """The current stream of t's device, as the integer value of its cudaStream_t."""
+    return torch.cuda.current_stream(t.device).cuda_stream

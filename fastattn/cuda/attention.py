@@ -1,0 +1,165 @@
+"""CUDA C++ fused attention (csrc/attention/): the ``forward`` / ``backward`` of fastattn.triton.attention,
+same arguments and semantics (preallocated out / lse (base 2) and dq / dk / dv / ds).
+
+The kernels take fp16 / bf16 and head dims of ``HEAD_DIMS`` that ``_C.attention_supports_head_dim`` accepts;
+other head dims run zero-padded to the next supported one (padding changes no score, and the padded output
+columns are dropped). Rows are read with 16-byte vector loads: inputs whose data pointer or row strides are not
+16-byte aligned are copied first.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..triton.attention import _bcast_strides
+from . import check_cuda, device_ctx, extension, ptr, stream
+
+HEAD_DIMS = (32, 64, 96, 128, 256)
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def padded_head_dim(D: int) -> int:
+    """The smallest head dim >= D the kernels support."""
+    C = extension()
+    for d in HEAD_DIMS:
+        if d >= D and C.attention_supports_head_dim(d):
+            return d
+    supported = [d for d in HEAD_DIMS if C.attention_supports_head_dim(d)]
+    raise NotImplementedError(f"backend 'cuda': no attention kernel for head dim {D} (built with {supported}); "
+                              "use backend='triton'")
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    esize = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(n == 1 or (s * esize) % 16 == 0 for n, s in zip(t.shape[:-1], t.stride()[:-1])))
+
+
+def _input(t: torch.Tensor, D: int) -> torch.Tensor:
+    """t [.., d] zero-padded to D columns and 16-byte aligned (a copy only when needed)."""
+    if t.shape[-1] != D:
+        return F.pad(t, (0, D - t.shape[-1]))
+    if not _aligned(t):
+        t = t.contiguous()
+        return t if _aligned(t) else t.clone()
+    return t
+
+
+def _output(t: torch.Tensor, D: int) -> torch.Tensor:
+    """Where the kernel writes ``t``: t itself, or a padded / aligned scratch copied back by :func:`_finish`."""
+    if t.shape[-1] == D and _aligned(t):
+        return t
+    return torch.empty((*t.shape[:-1], D), dtype=t.dtype, device=t.device)
+
+
+def _finish(t: torch.Tensor, written: torch.Tensor) -> None:
+    if written is not t:
+        t.copy_(written[..., :t.shape[-1]])
+
+
+def _check(q, k, v, bias, mask, kv_lens):
+    if q.dtype == torch.float32:
+        raise NotImplementedError("backend 'cuda': attention supports float16 and bfloat16, got torch.float32; "
+                                  "use backend='triton' for float32")
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"backend 'cuda': attention supports float16 and bfloat16, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    check_cuda(("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("kv_lens", kv_lens))
+
+
+def _check_f32(t: Optional[torch.Tensor], name: str, shape) -> None:
+    """lse / dlse / ds: fp32, contiguous, of the given shape (the kernels index them densely)."""
+    if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape)):
+        raise ValueError(f"{name} must be a contiguous float32 tensor of shape {tuple(shape)}, got {t.dtype} "
+                         f"{tuple(t.shape)} with strides {t.stride()}")
+
+
+def _set(p, name: str, prefix: str, t: torch.Tensor, nstrides: int = 3) -> None:
+    """p.<name> = t's data pointer, p.<prefix>_s{b,h,l} = its leading strides (elements)."""
+    setattr(p, name, t.data_ptr())
+    for suffix, s in zip(("sb", "sh", "sl"), t.stride()[:nstrides]):
+        setattr(p, f"{prefix}_{suffix}", s)
+
+
+def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right):
+    """AttnParams for the (padded) q, k, v and the optional bias (in q's dtype) / bool mask / kv_lens."""
+    C = extension()
+    p = C.AttnParams()
+    B, H, Lq, D = q.shape
+    p.dtype = C.FLOAT16 if q.dtype == torch.float16 else C.BFLOAT16
+    p.B, p.H, p.Hkv, p.Lq, p.Lk, p.D = B, H, k.shape[1], Lq, k.shape[2], D
+    p.scale, p.causal, p.bottom_right = float(scale), bool(causal), bool(bottom_right)
+    _set(p, "q", "q", q)
+    _set(p, "k", "k", k)
+    _set(p, "v", "v", v)
+    if bias is not None:
+        p.bias = bias.data_ptr()
+        p.bias_sb, p.bias_sh, p.bias_sm, p.bias_sn = _bcast_strides(bias)
+    if mask is not None:
+        p.mask = mask.data_ptr()
+        p.mask_sb, p.mask_sh, p.mask_sm, p.mask_sn = _bcast_strides(mask)
+    p.kv_lens = ptr(kv_lens)
+    return p
+
+
+def _bias(bias: Optional[torch.Tensor], q: torch.Tensor) -> Optional[torch.Tensor]:
+    if bias is None:
+        return None
+    bias = bias.to(q.dtype)
+    return bias if bias.data_ptr() % 16 == 0 else bias.clone()
+
+
+def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if mask is None else mask.view(torch.uint8)
+
+
+def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right):
+    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
+    Last dims must be contiguous."""
+    _check(q, k, v, bias, mask, kv_lens)
+    _check_f32(lse, "lse", q.shape[:3])
+    C = extension()
+    D = padded_head_dim(q.shape[-1])
+    qp, kp, vp = _input(q, D), _input(k, D), _input(v, D)
+    bias, mask = _bias(bias, q), _mask(mask)
+    o = _output(out, D)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right)
+    _set(p, "o", "o", o)
+    p.lse = lse.data_ptr()
+    with device_ctx(q):
+        C.attention_fwd(p, stream(q))
+        _finish(out, o)
+
+
+def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right):
+    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
+    with ds (zero-initialised by the caller: skipped blocks are not written)."""
+    _check(q, k, v, bias, mask, kv_lens)
+    dlse = dlse.float().contiguous() if dlse is not None else None
+    for t, name in ((lse, "lse"), (dlse, "dlse")):
+        _check_f32(t, name, q.shape[:3])
+    _check_f32(dbias, "dbias", (*q.shape[:3], k.shape[2]))
+    C = extension()
+    D = padded_head_dim(q.shape[-1])
+    qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
+    bias, mask = _bias(bias, q), _mask(mask)
+    dqp, dkp, dvp = _output(dq, D), _output(dk, D), _output(dv, D)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right)
+    _set(p, "o", "o", op)
+    _set(p, "dout", "do", dop)
+    _set(p, "dq", "dq", dqp)
+    _set(p, "dk", "dk", dkp)
+    _set(p, "dv", "dv", dvp)
+    p.lse = lse.data_ptr()
+    p.dlse = ptr(dlse)
+    p.ds = ptr(dbias)
+    with device_ctx(q):
+        nbytes = C.attention_bwd_workspace_bytes(p)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
+        p.workspace = ptr(workspace)
+        C.attention_bwd(p, stream(q))
+        for t, written in ((dq, dqp), (dk, dkp), (dv, dvp)):
+            _finish(t, written)
