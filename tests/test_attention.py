@@ -214,9 +214,11 @@ def test_custom_op_registration():
     """The fakes agree with the real ops (torch.library's own consistency check)."""
     q, k, v = random_qkv(1, 2, 20, 24, 16, device=DEVICE)
     bias = torch.randn(1, 2, 20, 24, device=DEVICE, dtype=q.dtype, requires_grad=True)
-    args = (q, k, v, bias, None, None, 0.25, True, False, "triton")
-    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    slopes = torch.rand(1, 2, device=DEVICE)
+    for window, alibi, cap in (((-1, -1), None, 0.0), ((5, 0), slopes, 3.0)):
+        args = (q, k, v, bias, None, None, 0.25, True, False, *window, alibi, cap, "triton")
+        torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # ------------------------------------------------------------------------------------------- GPU
