@@ -223,9 +223,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
                                    attn_bias=bias, kv_lens=kv_lens, scale=scale, dropout_p=dropout_p,
                                    dropout_mask=keep, return_lse=return_lse, window_size=(left, right),
                                    alibi_slopes=alibi, softcap=softcap)
-    if use == "cuda" and (tuple(window_size) != (-1, -1) or alibi is not None or softcap > 0.0):
-        raise NotImplementedError("window_size / causal local, alibi_slopes and softcap are not in the CUDA C++ "
-                                  "kernels yet: use backend='triton'")
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
