@@ -51,3 +51,34 @@ def and_masks(a: Optional[Tensor], b: Optional[Tensor]) -> Optional[Tensor]:
         return a
     return a & b
 
+
+
+def unpad(x: Tensor, key_padding_mask: Tensor):
+    """Padded -> packed: x [B, L, ...] and key_padding_mask bool [B, L] (True = padding, as
+    ``fastattn.attention``'s key_padding_mask) -> (x_packed [total, ...], indices [total] into x.flatten(0, 1),
+    cu_seqlens int32 [B + 1], max_seqlen int). Tokens keep their order; padding may sit anywhere. Differentiable."""
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor (True = padding), got "
+                        f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+    if not isinstance(x, Tensor) or x.dim() < 2 or tuple(x.shape[:2]) != tuple(key_padding_mask.shape):
+        raise ValueError(f"x must be [B, L, ...] with (B, L) = key_padding_mask's {tuple(key_padding_mask.shape)}, "
+                         f"got {tuple(getattr(x, 'shape', ()))}")
+    if key_padding_mask.device != x.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but x is on {x.device}")
+    valid = ~key_padding_mask
+    lens = valid.sum(dim=1, dtype=torch.int32)
+    indices = valid.flatten().nonzero().flatten()
+    cu = torch.zeros(lens.shape[0] + 1, dtype=torch.int32, device=x.device)
+    cu[1:] = lens.cumsum(0)
+    max_seqlen = int(lens.max()) if lens.numel() else 0
+    return x.flatten(0, 1).index_select(0, indices), indices, cu, max_seqlen
+
+
+def pad(x_packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
+    """Packed -> padded, the inverse of :func:`unpad`: [total, ...] -> [batch, seqlen, ...] with zeros at the
+    padding. Differentiable."""
+    if indices.dim() != 1 or indices.shape[0] != x_packed.shape[0]:
+        raise ValueError(f"indices must be 1-d with one entry per packed row ({x_packed.shape[0]}), "
+                         f"got shape {tuple(indices.shape)}")
+    out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
+    return out.index_copy(0, indices, x_packed).view(batch, seqlen, *x_packed.shape[1:])

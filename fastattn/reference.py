@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["alibi_slopes", "attention", "diagonal", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
+__all__ = ["alibi_slopes", "attention", "attention_varlen", "diagonal", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
 
 
 def diagonal(B: int, Lq: int, Lk: int, *, device, bottom_right: bool = False,
@@ -125,6 +125,34 @@ def attention(
     lse = torch.logsumexp(s_safe.to(torch.promote_types(s.dtype, torch.float32)), dim=-1)
     lse = lse.masked_fill(empty.squeeze(-1), float("inf"))
     return out, lse
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
+                     dropout_mask: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                     return_lse: bool = False, **kwargs):
+    """:func:`attention` on a packed batch, one sequence at a time: q [total_q, H, D], k/v [total_k, Hkv, D],
+    sequence b in rows cu[b] .. cu[b+1]. dropout_mask: [B, H, ≥Lq_b, ≥Lk_b], sequence b uses the top-left
+    corner of mask[b]; alibi_slopes [H] or [B, H]. Returns out [total_q, H, D] (and lse [H, total_q])."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb = q[cq[b]:cq[b + 1]].transpose(0, 1).unsqueeze(0)
+        kb = k[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        vb = v[ck[b]:ck[b + 1]].transpose(0, 1).unsqueeze(0)
+        keep = None
+        if dropout_mask is not None:
+            keep = dropout_mask[b:b + 1, :, :qb.shape[2], :kb.shape[2]]
+        slopes = None
+        if alibi_slopes is not None:
+            slopes = alibi_slopes.reshape(-1, q.shape[1])
+            slopes = slopes[b:b + 1] if slopes.shape[0] > 1 else slopes
+        res = attention(qb, kb, vb, dropout_mask=keep, alibi_slopes=slopes, return_lse=return_lse, **kwargs)
+        out, lse = res if return_lse else (res, None)
+        outs.append(out[0].transpose(0, 1))
+        if return_lse:
+            lses.append(lse[0])
+    out = torch.cat(outs, dim=0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
+    return (out, torch.cat(lses, dim=1)) if return_lse else out
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -116,17 +116,20 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
-def _no_local_features(window, alibi, softcap, count):
+def _no_local_features(window, alibi, softcap, count, dropout=(0.0, 0), varlen=None):
+    if dropout[0] > 0.0 or varlen is not None:
+        raise NotImplementedError("dropout_p > 0 and packed varlen batches (cu_seqlens) are not in the CUDA C++ "
+                                  "attention kernels yet; use backend='triton'")
     if tuple(window) != (-1, -1) or alibi is not None or softcap > 0.0 or count is not None:
         raise NotImplementedError("window_size, alibi_slopes, softcap (and block counting) are not in the CUDA C++ "
                                   "kernels yet: use backend='triton'")
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None):
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
     Last dims must be contiguous. The Triton module's signature; window/alibi/softcap are not supported yet."""
-    _no_local_features(window, alibi, softcap, count)
+    _no_local_features(window, alibi, softcap, count, dropout, varlen)
     _check(q, k, v, bias, mask, kv_lens)
     _check_f32(lse, "lse", q.shape[:3])
     C = extension()
@@ -143,10 +146,10 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
-             window=(-1, -1), alibi=None, softcap=0.0, count=None):
+             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
     with ds (zero-initialised by the caller: skipped blocks are not written)."""
-    _no_local_features(window, alibi, softcap, count)
+    _no_local_features(window, alibi, softcap, count, dropout, varlen)
     _check(q, k, v, bias, mask, kv_lens)
     dlse = dlse.float().contiguous() if dlse is not None else None
     for t, name in ((lse, "lse"), (dlse, "dlse")):

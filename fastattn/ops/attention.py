@@ -26,17 +26,25 @@ def _kernels(backend: str):
 # --------------------------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fastattn::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor],
-                   kv_lens: Optional[Tensor], scale: float, causal: bool, bottom_right: bool, window_left: int,
-                   window_right: int, alibi: Optional[Tensor], softcap: float, backend: str) -> tuple[Tensor, Tensor]:
-    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), float32 [B, H, Lq], +inf for rows with no visible key."""
+                   kv_lens: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                   max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
+                   window_left: int, window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
+                   seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), float32 [B, H, Lq] ([H, total_q] packed), +inf for rows with
+    no visible key."""
     out = empty_like(q)
-    lse2 = empty(q.shape[:3], like=q, dtype=torch.float32)
+    lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=torch.float32)
     _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
-                              **_features(window_left, window_right, alibi, softcap))
+                              **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
+                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     return out, lse2
 
 
-def _features(window_left, window_right, alibi, softcap) -> dict:
+def _lse_shape(q, cu_seqlens_q):
+    return (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
+
+
+def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, cu_k, max_q, max_k) -> dict:
     """Keyword arguments of the kernels for the options in use (none: backends without them still run)."""
     kw = {}
     if (window_left, window_right) != (-1, -1):
@@ -45,26 +53,33 @@ def _features(window_left, window_right, alibi, softcap) -> dict:
         kw["alibi"] = alibi
     if softcap > 0.0:
         kw["softcap"] = softcap
+    if dropout_p > 0.0:
+        kw["dropout"] = (dropout_p, int(seed.item()))  # a CPU tensor: no device sync
+    if cu_q is not None:
+        kw["varlen"] = (cu_q, cu_k, max_q, max_k)
     return kw
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right, alibi, softcap, backend):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
+      bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend):
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
-                   bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor], scale: float,
-                   causal: bool, bottom_right: bool, window_left: int, window_right: int, alibi: Optional[Tensor],
-                   softcap: float, bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor],
+                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
+                   max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool, window_left: int,
+                   window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
+                   seed: Optional[Tensor], bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
-    B, H, Lq, _ = q.shape
     # ds for every (b, h, i, j); blocks the kernel skips hold no gradient, hence zeros.
-    ds = torch.zeros((B, H, Lq, k.shape[2]), device=q.device, dtype=torch.float32) if bias_grad else None
+    ds = torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32) if bias_grad else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
-                               **_features(window_left, window_right, alibi, softcap))
+                               **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
+                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if ds is None:
         return dq, dk, dv, q.new_empty(0)
     dims = [i for i in range(4) if bias.shape[i] == 1]
@@ -73,28 +88,28 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right,
-      alibi, softcap, bias_grad, backend):
+def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
     dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, window_left, window_right, alibi, softcap, \
-        backend = inputs
+    (q, k, v, bias, mask, kv_lens, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left,
+     window_right, alibi, softcap, dropout_p, seed, backend) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, alibi, out, lse)
-    ctx.params = (scale, causal, bottom_right, window_left, window_right)
-    ctx.softcap = softcap
+    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse)
+    ctx.params = (max_q, max_k, scale, causal, bottom_right, window_left, window_right)
+    ctx.options = (softcap, dropout_p)
     ctx.backend = backend
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, bias, mask, kv_lens, alibi, out, lse = ctx.saved_tensors
+    q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, *ctx.params, alibi,
-                                       ctx.softcap, bias_grad, ctx.backend)
-    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 10
+    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_q, cu_k,
+                                       *ctx.params, alibi, *ctx.options, seed, bias_grad, ctx.backend)
+    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 16
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -152,13 +167,12 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
     return bias, mask, kv_lens
 
 
-def _check_features(q, window_size, alibi_slopes, softcap):
+def _check_features(q, B, H, window_size, alibi_slopes, softcap):
     """-> (left, right, slopes as float32 [1|B, H] or None, softcap) after checking each argument."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
         raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
                          f"got {window_size!r}")
-    B, H = q.shape[:2]
     if alibi_slopes is not None:
         if not isinstance(alibi_slopes, Tensor) or alibi_slopes.dtype != torch.float32:
             raise TypeError(f"alibi_slopes must be a float32 tensor, got "
@@ -174,11 +188,54 @@ def _check_features(q, window_size, alibi_slopes, softcap):
     return int(window_size[0]), int(window_size[1]), alibi_slopes, float(softcap)
 
 
+def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, kv_lens,
+                  attn_bias):
+    """Packed batch: q [total_q, H, D], k/v [total_k, Hkv, D], int32 cumulative lengths [B + 1]. -> B."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, name, dim=3)
+    for t, name in ((k, "k"), (v, "v")):
+        check_same(q, "q", t, name)
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape (total_k, Hkv, D)")
+    _check_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2))
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("packed varlen attention needs both cu_seqlens_q and cu_seqlens_k")
+    for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
+        if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 2:
+            raise TypeError(f"{name} must be an int32 tensor of shape (B + 1,), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+        check_same(q, "q", t, name, dtype=False)
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         "must both have B + 1 entries")
+    for m, name in ((max_seqlen_q, "max_seqlen_q"), (max_seqlen_k, "max_seqlen_k")):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise TypeError(f"{name} must be a Python int >= 0 (the longest sequence), got {m!r}")
+    for x, name in ((key_padding_mask, "key_padding_mask"), (kv_lens, "kv_lens"), (attn_bias, "attn_bias")):
+        if x is not None:
+            raise ValueError(f"{name} cannot be combined with packed varlen batches (cu_seqlens): "
+                             "the packing already removes the padding")
+    if not torch.compiler.is_compiling():  # a host sync; skipped while tracing
+        for cu, total, m, name in ((cu_seqlens_q, q.shape[0], max_seqlen_q, "q"),
+                                   (cu_seqlens_k, k.shape[0], max_seqlen_k, "k")):
+            lens = cu.diff()
+            first, last, shortest, longest = torch.stack([cu[0], cu[-1], lens.min(), lens.max()]).tolist()
+            if first != 0 or last != total or shortest < 0:
+                raise ValueError(f"cu_seqlens_{name} must rise from 0 to total_{name} = {total}, got "
+                                 f"{cu.tolist() if cu.numel() <= 16 else '…'}")
+            if longest > m:
+                raise ValueError(f"max_seqlen_{name} = {m} but a sequence has {longest} tokens")
+    return cu_seqlens_q.shape[0] - 1
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_alignment: str = "top_left",
               key_padding_mask: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None,
+              cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
+              max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
               attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, scale: Optional[float] = None,
-              dropout_p: float = 0.0, return_lse: bool = False, backend: str = "auto"):
+              dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
+              backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
     q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
@@ -186,22 +243,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     is_causal), i + Lk_b − Lq for ``"bottom_right"`` (FlashAttention's; Lk_b = kv_lens[b] when given, else Lk).
     key_padding_mask: bool [B, Lk], True = padding, ignored (nn.MultiheadAttention's convention).
     kv_lens: int [B], keys j >= kv_lens[b] ignored (the fast form of right padding).
+    cu_seqlens_q / cu_seqlens_k: int32 [B + 1], packed variable-length batch: q [total_q, H, D], k/v
+    [total_k, Hkv, D], sequence b in rows cu[b] .. cu[b+1] (see :func:`fastattn.unpad`); ``max_seqlen_q/k``
+    (Python ints) bound the lengths. Every option except masks, kv_lens and attn_bias applies per sequence.
     attn_bias: float, added to the scaled scores, or bool, True = attend; broadcastable to [B, H, Lq, Lk];
     a float bias that requires grad gets its gradient.
     window_size: (left, right), −1 = unbounded: key j visible iff d(i) − left <= j <= d(i) + right, d(i) the
     diagonal above; causal=True sets right = 0. Key blocks outside every row's window are skipped.
     alibi_slopes: float32 [H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
     softcap: c > 0 maps the scaled score s to c·tanh(s/c) before attn_bias, ALiBi and masks.
+    dropout_p: p > 0 drops each attention weight with probability p and scales the kept ones by 1/(1 − p)
+    (as torch; pass 0 in eval). The kernels draw the mask from Philox counters seeded from torch's CPU
+    generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in memory.
     A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
-    log-sum-exp of each row, float32 [B, H, Lq], +inf for empty rows.
+    log-sum-exp of each row, float32 [B, H, Lq] ([H, total_q] packed), +inf for empty rows. With
+    ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk] that was applied
+    ([B, H, max_seqlen_q, max_seqlen_k] packed, sequence b in the top-left corner of mask[b]).
     """
-    _check_inputs(q, k, v)
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        B = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
+                          kv_lens, attn_bias)
+        H, Lq, Lk = q.shape[1], max_seqlen_q, max_seqlen_k
+    else:
+        if max_seqlen_q is not None or max_seqlen_k is not None:
+            raise ValueError("max_seqlen_q / max_seqlen_k belong to packed batches: give cu_seqlens_q/k too")
+        _check_inputs(q, k, v)
+        B, H, Lq = q.shape[:3]
+        Lk = k.shape[2]
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    left, right, alibi, softcap = _check_features(q, window_size, alibi_slopes, softcap)
-    bias, mask, kv_lens = _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    dropout_p = float(dropout_p)
+    left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
+    bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
+                                                                             attn_bias)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal = bool(causal)
     if causal:
@@ -211,24 +288,42 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
     use = dispatch.select(backend, q)
-    if dropout_p > 0.0 and use != "torch":
-        if backend != "auto":
-            raise NotImplementedError(f"dropout_p > 0 is not supported by backend {use!r} yet; use backend='torch'")
-        use = "torch"
     if use == "torch" or q.numel() == 0 or k.numel() == 0:
         keep = None
         if dropout_p > 0.0:
-            keep = torch.rand(q.shape[:3] + k.shape[2:3], device=q.device) >= dropout_p
-        return reference.attention(q, k, v, causal=causal, bottom_right=bottom_right, attn_mask=mask,
-                                   attn_bias=bias, kv_lens=kv_lens, scale=scale, dropout_p=dropout_p,
-                                   dropout_mask=keep, return_lse=return_lse, window_size=(left, right),
-                                   alibi_slopes=alibi, softcap=softcap)
+            keep = torch.rand((B, H, Lq, Lk), device=q.device) >= dropout_p
+        kw = dict(causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
+                  return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap)
+        if varlen:
+            result = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+        else:
+            result = reference.attention(q, k, v, attn_mask=mask, attn_bias=bias, kv_lens=kv_lens, **kw)
+        if return_dropout_mask and keep is None:
+            keep = torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device)
+        return _results(result, return_lse, keep if return_dropout_mask else None)
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
+    seed = None
+    if dropout_p > 0.0:
+        # From torch's CPU generator: torch.manual_seed reproduces it, and reading it never syncs a GPU. Drawn
+        # >= 2**31 so that Triton always types the argument int64 (one compiled kernel).
+        seed = torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64)
     out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
-                               kv_lens, scale, causal, bottom_right, left, right, alibi, softcap, use)
-    return (out, lse2 * LN2) if return_lse else out
+                               kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
+                               scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use)
+    keep = None
+    if return_dropout_mask:
+        keep = (_kernels(use).dropout_mask(B, H, Lq, Lk, dropout_p, int(seed), q.device) if seed is not None
+                else torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device))
+    return _results((out, lse2 * LN2) if return_lse else out, return_lse, keep)
+
+
+def _results(result, return_lse: bool, keep: Optional[Tensor]):
+    """out, [lse], [keep-mask], as ``attention`` returns them."""
+    if keep is None:
+        return result
+    return (*result, keep) if return_lse else (result, keep)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,

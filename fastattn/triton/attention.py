@@ -74,21 +74,42 @@ def _launch(kernel, grid, *args, **kwargs):
 
 # Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
 # lengths are not specialised on, so a new length compiles nothing.
-_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "WIN_LEFT", "WIN_RIGHT", "HAS_BIAS", "HAS_MASK", "GROUP"]
-_NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "WIN_LEFT", "WIN_RIGHT", "HAS_BIAS", "HAS_MASK", "GROUP", "VARLEN",
+        "DROPOUT"]
+_NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET", "seed"]
 
 
 # --------------------------------------------------------------------------------------------- shared pieces
 @triton.jit
-def _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS: tl.constexpr, BOTTOM_RIGHT: tl.constexpr):
-    """Number of valid keys of batch b and the causal diagonal shift d(i) − i."""
-    kv_len = Lk
+def _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN: tl.constexpr, HAS_KVLENS: tl.constexpr,
+            BOTTOM_RIGHT: tl.constexpr):
+    """Sequence b's (first query row, first key row, query rows, key rows, valid keys, diagonal shift d(i) − i).
+    Packed varlen: rows cu[b] .. cu[b+1] of the packed tensors; else the whole [Lq] / [Lk] of batch b."""
+    if VARLEN:
+        q0 = tl.load(CuQ + b)
+        q_len = tl.load(CuQ + b + 1) - q0
+        k0 = tl.load(CuK + b)
+        k_len = tl.load(CuK + b + 1) - k0
+    else:
+        q0 = 0
+        q_len = Lq
+        k0 = 0
+        k_len = Lk
+    kv_len = k_len
     if HAS_KVLENS:
-        kv_len = tl.minimum(tl.load(KvLens + b), Lk)
+        kv_len = tl.minimum(tl.load(KvLens + b), k_len)
     shift = 0
     if BOTTOM_RIGHT:
-        shift = kv_len - Lq
-    return kv_len, shift
+        shift = kv_len - q_len
+    return q0, k0, q_len, k_len, kv_len, shift
+
+
+@triton.jit
+def _keep(seed, dropout_p, bh, offs_m, offs_n, Lq, Lk):
+    """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
+    (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask."""
+    counter = (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    return tl.rand(seed, counter) >= dropout_p
 
 
 @triton.jit
@@ -168,13 +189,14 @@ def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, L
 # --------------------------------------------------------------------------------------------- forward
 @triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=_NOSPEC)
-def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
+def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om,
-                H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap, Visits,
+                s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_lb, s_lh,
+                H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
+                dropout_p, seed, Visits,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                COUNT_VISITS: tl.constexpr,
+                COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -182,17 +204,21 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
-                mask=(offs_m[:, None] < Lq) & d_ok, other=0.0)
-    K += b * s_kb + hk * s_kh
-    V += b * s_vb + hk * s_vh
+    row_ok = offs_m < q_len
+    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + offs_m[:, None]) * s_qm + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok, other=0.0)
+    K += b * s_kb + hk * s_kh + k0 * s_kn
+    V += b * s_vb + hk * s_vh + k0 * s_vn
 
-    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
-    # Key blocks outside the window (or past the causal diagonal) of every row of this block are never visited.
+    # Key blocks outside the window (or past the causal diagonal) of every row of this block are never visited,
+    # nor any key block of a query block past the end of its (packed) sequence.
     lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    if VARLEN:
+        hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * s_ab + h)
@@ -203,7 +229,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
                        win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         # A bool mask can hide whole key blocks (padding): skip their loads and dots.
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
@@ -211,23 +237,27 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, Out, Lse,
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift,
-                            slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+            qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
+                            shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_safe[:, None])
             alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
+            if DROPOUT:
+                p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), p, 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
 
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    norm = tl.where(empty, 1.0, l_i)
+    if DROPOUT:
+        norm = norm * (1.0 - dropout_p)
+    out = acc / norm[:, None]
     lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    row_ok = offs_m < Lq
-    tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
-    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+    tl.store(Lse + b * s_lb + h * s_lh + q0 + offs_m, lse2, mask=row_ok)
+    tl.store(Out + b * s_ob + h * s_oh + (q0 + offs_m[:, None]) * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
@@ -259,15 +289,16 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
 
 @triton.autotune(configs=_BWD_KV, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=_NOSPEC)
-def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
+def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, DV, DBias,
                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                     s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm,
+                     s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                      H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                     Visits,
+                     dropout_p, seed, Visits,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                      BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                     COUNT_VISITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                     COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                      HAS_KVLENS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -275,16 +306,18 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
     HKV = H // GROUP
     b = pid_bhk // HKV
     hk = pid_bhk % HKV
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
     kv_ok = (offs_n[:, None] < kv_len) & d_ok
-    k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = tl.load(K + b * s_kb + hk * s_kh + (k0 + offs_n[:, None]) * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(V + b * s_vb + hk * s_vh + (k0 + offs_n[:, None]) * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    Q += b * s_qb + q0 * s_qm
+    DO += b * s_db + q0 * s_dm
 
     # Query rows whose window (or causal diagonal) misses this key block are never visited.
-    lo, hi = _query_range(pid_n * BLOCK_N, Lq, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    lo, hi = _query_range(pid_n * BLOCK_N, q_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if pid_n * BLOCK_N >= kv_len:  # a block of padding keys: gradients are 0, skip the query loop
         hi = 0
 
@@ -299,31 +332,38 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
             slope = tl.load(Alibi + b * s_ab + h)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
-                           win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+                           win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
             if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
                 visits += 1
-                q_ok = (offs_m[:, None] < Lq) & d_ok
-                q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-                do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
-                             other=0.0)
-                lse = tl.load(Lse + bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-                delta = tl.load(Delta + bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-                qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale,
-                                   shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+                row_ok = offs_m < q_len
+                q_ok = row_ok[:, None] & d_ok
+                q = tl.load(Q + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
+                do = tl.load(DO + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
+                rows = b * s_lb + h * s_lh + q0 + offs_m
+                lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+                qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len,
+                                   sm_scale, shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
                 p = tl.math.exp2(qk - lse[:, None])  # 0 where invisible or the row is empty (lse = +inf)
-                dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
                 dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                p_out = p
+                if DROPOUT:  # out used p·keep/(1 − p_drop): so do dv and the dp that reaches p
+                    keep = _keep(seed, dropout_p, bh, offs_m, offs_n, Lq, Lk)
+                    p_out = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                dv += tl.dot(tl.trans(p_out.to(do.dtype)), do, input_precision=DOT_PREC)
                 ds = p * (dp - delta[:, None])
                 if BIAS_GRAD:
                     tl.store(DBias + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
                              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
                 dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PREC)
 
-    st_ok = (offs_n[:, None] < Lk) & d_ok
-    tl.store(DK + b * s_dkb + hk * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
+    # Every key row of the sequence is written (0 for padding keys); in a packed batch, none of the next one's.
+    st_ok = (offs_n[:, None] < k_len) & d_ok
+    tl.store(DK + b * s_dkb + hk * s_dkh + (k0 + offs_n[:, None]) * s_dkn + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=st_ok)
-    tl.store(DV + b * s_dvb + hk * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
+    tl.store(DV + b * s_dvb + hk * s_dvh + (k0 + offs_n[:, None]) * s_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=st_ok)
     if COUNT_VISITS:
         tl.store(Visits + pid_bhk * tl.num_programs(0) + pid_n, visits)
@@ -331,33 +371,39 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DK, DV, DBias,
 
 @triton.autotune(configs=_BWD_Q, key=_KEY, prune_configs_by={"early_config_prune": _prune})
 @triton.jit(do_not_specialize=_NOSPEC)
-def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
-                   s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_dqb, s_dqh, s_dqm,
+                   s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
+                   s_dqb, s_dqh, s_dqm,
                    H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                   Visits,
+                   dropout_p, seed, Visits,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                   COUNT_VISITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                   COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                    HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_ok = (offs_m[:, None] < Lq) & d_ok
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
-    lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=float("inf"))
-    delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
-    K += b * s_kb + hk * s_kh
-    V += b * s_vb + hk * s_vh
+    row_ok = offs_m < q_len
+    q_ok = row_ok[:, None] & d_ok
+    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + offs_m[:, None]) * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
+    do = tl.load(DO + b * s_db + h * s_dh + (q0 + offs_m[:, None]) * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
+    rows = b * s_lb + h * s_lh + q0 + offs_m
+    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    K += b * s_kb + hk * s_kh + k0 * s_kn
+    V += b * s_vb + hk * s_vh + k0 * s_vn
 
-    kv_len, shift = _kv_extent(KvLens, b, Lq, Lk, HAS_KVLENS, BOTTOM_RIGHT)
     lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    if VARLEN:
+        hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * s_ab + h)
@@ -366,24 +412,37 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, DO, Lse, Delta, DQ,
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
                        win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
             visits += 1
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift,
-                               slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+            qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
+                               shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
             p = tl.math.exp2(qk - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            if DROPOUT:
+                dp = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None]) * dcap
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
-    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
+    tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
     if COUNT_VISITS:
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the attention kernels use, written out as uint8 [B, H, Lq, Lk] (debugging and tests)."""
+    pid_bh = tl.program_id(2)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
+    tl.store(Keep + (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.uint8),
+             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -394,27 +453,41 @@ def _bcast_strides(t):
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
-def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count):
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+def _rows(t, varlen):
+    """(batch, head, row) strides of a [B, H, L, D] tensor, or of a packed [total, H, D] one (batch stride 0:
+    the kernels find a sequence's rows from cu_seqlens)."""
+    return (0, t.stride(1), t.stride(0)) if varlen is not None else tuple(t.stride()[:3])
+
+
+def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen):
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]  # [B, H, L, D] or packed [total, H, D]
+    if varlen is not None:  # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        B, Lq, Lk = varlen[0].shape[0] - 1, varlen[2], varlen[3]
+    else:
+        B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
     left, right = window
     if causal:
         right = 0
+    dropout_p, seed = dropout
     dummy = q  # pointer for absent optional tensors; never dereferenced
     args = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, sm_scale=scale,
                 Q_BUCKET=triton.next_power_of_2(Lq), K_BUCKET=triton.next_power_of_2(Lk),
                 Alibi=alibi if alibi is not None else dummy,
                 s_ab=alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
                 win_left=max(left, 0), win_right=max(right, 0), softcap=float(softcap),
+                dropout_p=float(dropout_p), seed=int(seed),
                 HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), WIN_LEFT=left >= 0, WIN_RIGHT=right >= 0,
                 BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 HAS_KVLENS=kv_lens is not None, HAS_ALIBI=alibi is not None, HAS_SOFTCAP=softcap > 0.0,
-                COUNT_VISITS=count is not None,
+                COUNT_VISITS=count is not None, VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0,
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
-    ptrs = (q, k, None, bias if bias is not None else dummy,
+    ptrs = (bias if bias is not None else dummy,
             mask.view(torch.uint8) if mask is not None else dummy,
-            kv_lens if kv_lens is not None else dummy)
-    return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask)
+            kv_lens if kv_lens is not None else dummy,
+            varlen[0] if varlen is not None else dummy, varlen[1] if varlen is not None else dummy)
+    # lse / delta: [B, H, Lq] contiguous, or [H, total_q] for a packed batch
+    lse_strides = (0, q.shape[0]) if varlen is not None else (H * Lq, Lq)
+    return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask), lse_strides
 
 
 def _visits(count, key, programs, like):
@@ -429,38 +502,54 @@ MIN_BLOCK = 16  # smallest BLOCK_M / BLOCK_N of any config: bounds the number of
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None):
-    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
-    Last dims must be contiguous. ``window`` = (left, right), −1 unbounded; ``alibi``: fp32 [H] or [B, H];
-    ``softcap`` > 0 caps scores. ``count``: a dict that receives the key blocks each program computed ("fwd")."""
-    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right,
-                                                        window, alibi, softcap, count)
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
+    """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse [B, H, Lq],
+    or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q [total_q, H, D],
+    k/v [total_k, Hkv, D] and lse [H, total_q]. Last dims must be contiguous. ``window`` = (left, right), −1
+    unbounded; ``alibi``: fp32 [H] or [B, H]; ``softcap`` > 0 caps scores; ``dropout`` = (p, Philox seed).
+    ``count``: a dict that receives the key blocks each program computed ("fwd")."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
+        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     visits = _visits(count, "fwd", B * H * triton.cdiv(Lq, MIN_BLOCK), lse)
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
     with device_ctx(q):
-        _launch(_fwd_kernel, grid, q, k, v, ptrs[3], ptrs[4], ptrs[5], out, lse,
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *out.stride()[:3],
-                Visits=visits, **args)
+        _launch(_fwd_kernel, grid, q, k, v, *ptrs, out, lse,
+                *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(out, varlen),
+                *lse_strides, Visits=visits, **args)
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
-             window=(-1, -1), alibi=None, softcap=0.0, count=None):
+             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
-    with ds (zero-initialised by the caller: skipped blocks are not written). ``count`` receives "dkdv" (query
-    blocks per key-block program) and "dq" (key blocks per query-block program)."""
-    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides = _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right,
-                                                        window, alibi, softcap, count)
-    delta = torch.empty((B, H, Lq), device=q.device, dtype=torch.float32)
+    with ds (zero-initialised by the caller: skipped blocks are not written). Layouts and options as
+    :func:`forward`, with the same ``dropout`` seed. ``count`` receives "dkdv" (query blocks per key-block
+    program) and "dq" (key blocks per query-block program)."""
+    B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
+        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
+    delta = torch.empty_like(lse)
+    # The delta kernel sees a packed batch as one sequence of total_q rows: [H, total_q] is its [1, H, Lq].
+    rows_total = q.shape[0] if varlen is not None else Lq
     with device_ctx(q):
-        _bwd_delta_kernel[(triton.cdiv(Lq, DELTA_BLOCK), B * H)](
-            out, do, dlse if dlse is not None else delta, delta, *out.stride()[:3], *do.stride()[:3], H, Lq,
-            HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
+        _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), (1 if varlen is not None else B) * H)](
+            out, do, dlse if dlse is not None else delta, delta, *_rows(out, varlen), *_rows(do, varlen), H,
+            rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
             DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
-        common = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *bm_strides, *do.stride()[:3])
+        common = (*_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(do, varlen),
+                  *lse_strides)
         _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
-                q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dk, dv, dbias if dbias is not None else delta,
-                *common, *dk.stride()[:3], *dv.stride()[:3], BIAS_GRAD=dbias is not None,
+                q, k, v, *ptrs, do, lse, delta, dk, dv, dbias if dbias is not None else delta,
+                *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None,
                 Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
         _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
-                q, k, v, ptrs[3], ptrs[4], ptrs[5], do, lse, delta, dq, *common, *dq.stride()[:3],
+                q, k, v, *ptrs, do, lse, delta, dq, *common, *_rows(dq, varlen),
                 Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta), **args)
+
+
+def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
+    """The bool keep-mask [B, H, Lq, Lk] the kernels apply for (dropout_p, seed); Lq, Lk: max_seqlen for packed
+    batches, whose sequence b uses the top-left [len_q(b), len_k(b)] corner of mask[b]."""
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.uint8, device=device)
+    grid = (triton.cdiv(Lq, 32), triton.cdiv(Lk, 32), B * H)
+    with device_ctx(keep):
+        _dropout_mask_kernel[grid](keep, int(seed), float(dropout_p), Lq, Lk, BLOCK_M=32, BLOCK_N=32)
+    return keep.view(torch.bool)
