@@ -139,10 +139,19 @@ class AttentionCase:
     window: tuple = (-1, -1)  # window_size (left, right)
     alibi: str | None = None  # None | "heads" [H] standard slopes | "batch" [B, H] random slopes
     softcap: float = 0.0
+    dropout: float = 0.0  # dropout_p: the kernel's keep-mask is replayed on the reference
+    varlen: tuple | None = None  # packed batch: ((len_q, len_k), ...) per sequence; B, Lq, Lk then follow from it
     seed: int = 0
 
+    def __post_init__(self):
+        if self.varlen is not None:
+            self.B = len(self.varlen)
+            self.Lq = max(lq for lq, _ in self.varlen)
+            self.Lk = max(lk for _, lk in self.varlen)
+
     def __str__(self) -> str:
-        parts = [f"B{self.B} H{self.H}" + (f"/{self.Hkv}" if self.Hkv else ""), f"Lq{self.Lq} Lk{self.Lk} d{self.D}",
+        shape = f"Lq{self.Lq} Lk{self.Lk}" if self.varlen is None else "varlen" + str(list(self.varlen)).replace(" ", "")
+        parts = [f"B{self.B} H{self.H}" + (f"/{self.Hkv}" if self.Hkv else ""), f"{shape} d{self.D}",
                  str(self.dtype).replace("torch.", "")]
         if self.causal:
             parts.append(f"causal-{self.alignment}")
@@ -160,14 +169,34 @@ class AttentionCase:
             parts.append(f"alibi-{self.alibi}")
         if self.softcap:
             parts.append(f"softcap{self.softcap:g}")
+        if self.dropout:
+            parts.append(f"dropout{self.dropout:g}")
         return " ".join(parts)
+
+
+def _packed_qkv(case: AttentionCase, g: torch.Generator, device):
+    """Packed q [total_q, H, D], k/v [total_k, Hkv, D] and the varlen keyword arguments of ``case``."""
+    kw = {}
+    for side, lens in (("q", [lq for lq, _ in case.varlen]), ("k", [lk for _, lk in case.varlen])):
+        cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+        cu[1:] = torch.tensor(lens).cumsum(0)
+        kw[f"cu_seqlens_{side}"], kw[f"max_seqlen_{side}"] = cu.to(device), max(lens)
+    tq, tk = int(kw["cu_seqlens_q"][-1]), int(kw["cu_seqlens_k"][-1])
+    shapes = ((tq, case.H, case.D), (tk, case.Hkv or case.H, case.D), (tk, case.Hkv or case.H, case.D))
+    q, k, v = ((torch.randn(s, generator=g) * case.logit_scale).to(device=device, dtype=case.dtype).requires_grad_()
+               for s in shapes)
+    return q, k, v, kw
 
 
 def _case_inputs(case: AttentionCase, device):
     g = torch.Generator().manual_seed(case.seed)
-    q, k, v = random_qkv(case.B, case.H, case.Lq, case.Lk, case.D, Hkv=case.Hkv, dtype=case.dtype, device=device,
-                         generator=g, scale=case.logit_scale)
     kw = dict(causal=case.causal, causal_alignment=case.alignment)
+    if case.varlen is None:
+        q, k, v = random_qkv(case.B, case.H, case.Lq, case.Lk, case.D, Hkv=case.Hkv, dtype=case.dtype,
+                             device=device, generator=g, scale=case.logit_scale)
+    else:
+        q, k, v, packed = _packed_qkv(case, g, device)
+        kw.update(packed)
     if tuple(case.window) != (-1, -1):
         kw["window_size"] = tuple(case.window)
     if case.softcap:
@@ -193,8 +222,9 @@ def _case_inputs(case: AttentionCase, device):
         if case.bool_mask:
             raise ValueError("a case has either a bool mask or a float bias")
         kw["attn_bias"] = bias.requires_grad_(case.bias_grad)
-    do = torch.randn((case.B, case.H, case.Lq, case.D), generator=g).to(dtype=case.dtype, device=device)
-    dlse = torch.randn((case.B, case.H, case.Lq), generator=g).to(device) if case.lse_grad else None
+    do = torch.randn(q.shape, generator=g).to(dtype=case.dtype, device=device)
+    lse_shape = (case.B, case.H, case.Lq) if case.varlen is None else (case.H, q.shape[0])
+    dlse = torch.randn(lse_shape, generator=g).to(device) if case.lse_grad else None
     return (q, k, v), kw, do, dlse
 
 
@@ -230,10 +260,19 @@ def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[
 
     (q, k, v), kw, do, dlse = _case_inputs(case, device)
     bias = kw.pop("attn_bias", None)
+    keep = {}  # the kernel runs first (compare_all); the reference then replays its dropout mask
+    if case.dropout:
+        torch.manual_seed(case.seed)  # the kernel's dropout seed comes from torch's generator: same mask every run
 
     def fn(q, k, v, attn_bias, backend):
-        out, lse = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend, **kw)
-        return {"out": out, "lse": lse}
+        extra = {}
+        if case.dropout:
+            extra = dict(dropout_mask=keep["mask"]) if backend == "torch" else dict(return_dropout_mask=True)
+        res = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend,
+                                 dropout_p=case.dropout, **extra, **kw)
+        if "return_dropout_mask" in extra:
+            keep["mask"] = res[2]
+        return {"out": res[0], "lse": res[1]}
 
     return compare_all(fn, dict(q=q, k=k, v=v, attn_bias=bias), {"out": do, "lse": dlse}, case.dtype, backend)
 

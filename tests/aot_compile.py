@@ -20,9 +20,10 @@ from fastattn.triton import softmax as SM
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
-            "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
+            "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "CuQ": "*i32", "CuK": "*i32", "Keep": "*u8", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
-FLOATS = {"sm_scale", "scale", "eps", "softcap"}
+FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p"}
+INT64 = {"seed"}
 
 
 def signature(fn, dtype, consts, pointers=POINTERS):
@@ -35,7 +36,7 @@ def signature(fn, dtype, consts, pointers=POINTERS):
         elif name in DATA:
             sig[name] = "*" + TORCH_TO_TRITON[dtype]
         else:
-            sig[name] = "fp32" if name in FLOATS else "i32"
+            sig[name] = "fp32" if name in FLOATS else "i64" if name in INT64 else "i32"
     return sig
 
 
@@ -52,15 +53,17 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
 
 def cases():
     full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
-                BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False)
+                BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False, VARLEN=False,
+                DROPOUT=True)
     plain = dict(WIN_LEFT=False, WIN_RIGHT=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False,
                  HAS_KVLENS=False, BIAS_GRAD=False, HAS_DLSE=True, HAS_ALIBI=False, HAS_SOFTCAP=False,
-                 COUNT_VISITS=False)
+                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False)
     yield torch.float16, 128, full, True
     yield torch.float32, 256, full, True
     yield torch.bfloat16, 64, plain, False
     yield torch.float16, 111, dict(plain, WIN_RIGHT=True, HAS_KVLENS=True), False
     yield torch.bfloat16, 256, dict(plain, HAS_MASK=True), True
+    yield torch.float16, 64, dict(plain, VARLEN=True, DROPOUT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True), False
 
 
 def row_kernels(arch):
@@ -113,6 +116,12 @@ def main():
                 over = smem > SMEM_LIMIT[args.arch]
                 failures += over
                 print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+    try:
+        compile_one(A._dropout_mask_kernel, torch.float16, dict(BLOCK_M=32, BLOCK_N=32), None, args.arch)
+        print(f"ok   sm_{args.arch} _dropout_mask_kernel", flush=True)
+    except Exception as e:
+        failures += 1
+        print(f"FAIL sm_{args.arch} _dropout_mask_kernel: {type(e).__name__}: {str(e)[-700:]}", flush=True)
     failures += row_kernels(args.arch)
     print(f"{failures} failures")
     return 1 if failures else 0

@@ -235,7 +235,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
               attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, scale: Optional[float] = None,
               dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
-              backend: str = "auto"):
+              dropout_mask: Optional[Tensor] = None, backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
     q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
@@ -259,6 +259,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     log-sum-exp of each row, float32 [B, H, Lq] ([H, total_q] packed), +inf for empty rows. With
     ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk] that was applied
     ([B, H, max_seqlen_q, max_seqlen_k] packed, sequence b in the top-left corner of mask[b]).
+    ``dropout_mask`` (tests): apply this bool keep-mask, shaped as returned, instead of drawing one; backend
+    "torch" only (the kernels draw theirs), so a kernel's mask can be replayed on the reference.
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
@@ -288,9 +290,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
     use = dispatch.select(backend, q)
+    if dropout_mask is not None:
+        if use != "torch":
+            raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
+        if dropout_mask.dtype != torch.bool or tuple(dropout_mask.shape) != (B, H, Lq, Lk):
+            raise ValueError(f"dropout_mask must be a bool tensor of shape {(B, H, Lq, Lk)}, got "
+                             f"{dropout_mask.dtype} {tuple(dropout_mask.shape)}")
     if use == "torch" or q.numel() == 0 or k.numel() == 0:
-        keep = None
-        if dropout_p > 0.0:
+        keep = dropout_mask
+        if dropout_p > 0.0 and keep is None:
             keep = torch.rand((B, H, Lq, Lk), device=q.device) >= dropout_p
         kw = dict(causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
                   return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap)
