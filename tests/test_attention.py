@@ -215,10 +215,18 @@ def test_custom_op_registration():
     q, k, v = random_qkv(1, 2, 20, 24, 16, device=DEVICE)
     bias = torch.randn(1, 2, 20, 24, device=DEVICE, dtype=q.dtype, requires_grad=True)
     slopes = torch.rand(1, 2, device=DEVICE)
-    for window, alibi, cap in (((-1, -1), None, 0.0), ((5, 0), slopes, 3.0)):
-        args = (q, k, v, bias, None, None, 0.25, True, False, *window, alibi, cap, "triton")
+    seed = torch.tensor(1 << 40)
+    for window, alibi, cap, drop in (((-1, -1), None, 0.0, 0.0), ((5, 0), slopes, 3.0, 0.2)):
+        args = (q, k, v, bias, None, None, None, None, 0, 0, 0.25, True, False, *window, alibi, cap, drop, seed,
+                "triton")
         torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # packed varlen: [total, H, D] with cumulative lengths, lse [H, total]
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
+    qp, kp, vp = (t[0].transpose(0, 1).contiguous().detach().requires_grad_() for t in (q, k[:, :, :20], v[:, :, :20]))
+    args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, "triton")
+    torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # ------------------------------------------------------------------------------------------- GPU
