@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+import fastattn
 import fastattn.nn as fnn
 from fastattn.testing import BACKWARD_FACTOR, FORWARD_FACTOR, compare
 
@@ -204,6 +206,114 @@ def test_bad_masks_are_named(kernels):
         m(x, x, x, attn_mask=torch.zeros(LQ, LQ, dtype=torch.int32), need_weights=False)
     with pytest.raises(RuntimeError, match="is_causal"):
         m(x, x, x, is_causal=True, need_weights=False)
+
+
+# ------------------------------------------------------------------------------------------- local attention, ALiBi
+class _ReferenceLocalMHA(nn.MultiheadAttention):
+    """The twin of fnn.MultiheadAttention(window_size=..., alibi=...): torch's parameters, attention by
+    fastattn.reference (batch_first, self- or cross-attention, separate q/k/v projections of the packed weight)."""
+
+    def __init__(self, *args, window_size=None, alibi=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local = dict(window_size=window_size or (-1, -1), alibi=alibi)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                is_causal=False):
+        from fastattn import reference
+
+        assert self.batch_first and not need_weights
+        E, H = self.embed_dim, self.num_heads
+        (wq, wk, wv), (bq, bk, bv) = self.in_proj_weight.split(E), self.in_proj_bias.split(E)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (H, E // H)).transpose(1, 2)
+                   for x, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
+        attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attn_mask is not None and not is_causal:
+            raise NotImplementedError("the twin takes key_padding_mask and is_causal only")
+        slopes = reference.alibi_slopes(H).to(q.device) if self.local["alibi"] else None
+        out = reference.attention(q, k, v, causal=is_causal, attn_mask=attend, window_size=self.local["window_size"],
+                                  alibi_slopes=slopes)
+        return self.out_proj(out.transpose(1, 2).flatten(2)), None
+
+
+LOCAL_CASES = {
+    "window": dict(window_size=(3, 2), kpm=True),
+    "causal-window": dict(window_size=(4, -1), causal=True),  # kernel causal + window, no mask
+    "causal-window-kpm": dict(window_size=(2, 1), causal=True, kpm=True),  # torch rule: attn_mask used
+    "alibi": dict(alibi=True, kpm=True),
+    "alibi-causal-window": dict(alibi=True, window_size=(5, 0), causal=True),
+    "cross-window": dict(window_size=(2, 5), cross=True, kpm=True),  # Lq != Lk, top-left diagonal
+    "cross-alibi": dict(alibi=True, cross=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOCAL_CASES))
+def test_multihead_attention_local_matches_reference(name, monkeypatch):
+    spec = LOCAL_CASES[name]
+    ctor = dict(batch_first=True, window_size=spec.get("window_size"), alibi=spec.get("alibi", False))
+    torch.manual_seed(0)
+    twin, fast = _ReferenceLocalMHA(E, HEADS, **ctor), fnn.MultiheadAttention(E, HEADS, **ctor)
+    fast.load_state_dict(twin.state_dict())
+    Lk = LK if spec.get("cross") else LQ
+    inputs = dict(query=_randn(B, LQ, E, seed=1))
+    if spec.get("cross"):
+        inputs.update(key=_randn(B, Lk, E, seed=2), value=_randn(B, Lk, E, seed=3))
+    if spec.get("kpm"):
+        inputs["key_padding_mask"] = _kpm(B, Lk)
+    causal = spec.get("causal", False)
+    if causal:
+        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
+
+    def call(m, query, key=None, value=None, **kw):
+        key = query if key is None else key
+        value = query if value is None else value
+        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+def test_multihead_attention_local_fp16(monkeypatch):
+    """.half() keeps the ALiBi slopes float32 (the kernels take fp32 slopes, not re-rounded ones)."""
+    ctor = dict(batch_first=True, window_size=(3, 0), alibi=True)
+    torch.manual_seed(0)
+    twin, fast = _ReferenceLocalMHA(E, HEADS, **ctor), fnn.MultiheadAttention(E, HEADS, **ctor)
+    fast.load_state_dict(twin.state_dict())
+    assert fast.half().alibi_slopes.dtype == torch.float32
+    assert torch.equal(fast.alibi_slopes, fastattn.alibi_slopes(HEADS))
+    inputs = dict(query=_randn(B, LQ, E, seed=1), key_padding_mask=_kpm(B, LQ))
+
+    def call(m, query, **kw):
+        return m(query, query, query, need_weights=False, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float16, monkeypatch))
+
+
+def test_multihead_attention_local_options_api(kernels):
+    """Keyword-only extras; state_dict as torch's; bad values named; need_weights refused; swap defaults."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True, window_size=(2, 0), alibi=True)
+    assert m.state_dict().keys() == plain.state_dict().keys() and "alibi_slopes" in dict(m.named_buffers())
+    m.load_state_dict(plain.state_dict())
+    plain.load_state_dict(m.state_dict())
+    x = _randn(B, LQ, E, requires_grad=False)
+    with pytest.raises(ValueError, match="need_weights"):
+        m(x, x, x)
+    for bad in ((2,), (1, -2), (1.0, 0), 3, (True, 0)):
+        with pytest.raises(ValueError, match="window_size"):
+            fnn.MultiheadAttention(E, HEADS, window_size=bad)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        fnn.MultiheadAttention(E, HEADS, add_bias_kv=True, alibi=True)
+    with pytest.raises(TypeError):  # keyword-only: torch's positional signature is unchanged
+        fnn.MultiheadAttention(E, HEADS, 0.0, True, False, False, None, None, True, None, None, (2, 0))
+    # swap_modules re-classes without __init__: the class-level defaults make it plain (no window, no ALiBi),
+    # and need_weights=True still takes torch's path.
+    swapped = fnn.swap_modules(copy.deepcopy(plain))
+    assert type(swapped) is fnn.MultiheadAttention and swapped.window_size is None and not swapped.alibi
+    want = plain(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(swapped(x, x, x, need_weights=False)[0], want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(swapped(x, x, x)[0], plain(x, x, x)[0])
+    # The options change the result (they are not silently dropped).
+    assert (m(x, x, x, need_weights=False)[0] - want).abs().max() > 1e-2
 
 
 # ------------------------------------------------------------------------------------------- Transformer layers
