@@ -494,6 +494,139 @@ def test_hf_decoder_gqa(kernels):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+# ------------------------------------------------------------------------------------------- HF: sliding window, softcap
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
+SLIDING = 4  # tokens per window; every sequence below is longer, so the window changes the result
+
+
+def _hf_local_lm(kind, **overrides):
+    """A tiny random causal LM with sliding-window layers (Gemma 2 also soft-caps the logits); query and key
+    projections scaled up so scores reach a few units and the soft cap (1.0) changes them. Same weights for the
+    same ``kind`` whatever ``overrides`` say."""
+    import transformers
+
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, attn_implementation="eager")
+    if kind == "gemma2":  # layer 0 sliding, layer 1 full attention
+        cfg = transformers.Gemma2Config(**common, sliding_window=SLIDING, attn_logit_softcapping=1.0,
+                                        final_logit_softcapping=None, query_pre_attn_scalar=16)
+        cls = transformers.Gemma2ForCausalLM
+    else:  # every layer sliding
+        cfg = transformers.MistralConfig(**common, sliding_window=SLIDING)
+        cls = transformers.MistralForCausalLM
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(12.0)
+    return model.to(DEVICE)
+
+
+def _hf_inputs(B, L, padded, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if padded:
+        mask[1, : L // 3] = 0  # left padding (generation's convention)
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@needs_transformers
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_hf_sliding_window_softcap_logits(kind, padded, kernels):
+    """attn_implementation="fastattn" gives eager's logits for models with sliding-window layers and soft-capped
+    logits; the same models without window / cap give clearly different logits (the options are not dropped)."""
+    ids, mask = _hf_inputs(2, 13, padded)
+    model = _hf_local_lm(kind)
+    plain = _hf_local_lm(kind, sliding_window=10_000, **({"attn_logit_softcapping": None} if kind == "gemma2" else {}))
+    keep = mask.bool()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        without = plain(input_ids=ids, attention_mask=mask).logits
+        got = fnn.swap_modules(model)(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "fastattn"
+    torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=1e-4)
+    assert (without[keep] - want[keep]).abs().max() > 1e-2
+
+
+@needs_transformers
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_hf_sliding_window_decoding(kind, cache, kernels):
+    """Prefill then single-token steps past the window with transformers' caches (a sliding cache's truncated
+    keys; a static cache's fixed-length buffer): the logits of every step are eager's."""
+    import transformers
+
+    ids, mask = _hf_inputs(2, 14, padded=True, seed=1)
+    prefill = 5
+    logits = {}
+    for impl in ("eager", "fastattn"):
+        model = _hf_local_lm(kind)
+        if impl == "fastattn":
+            fnn.swap_modules(model)
+        past = (transformers.DynamicCache(config=model.config) if cache == "dynamic"
+                else transformers.StaticCache(config=model.config, max_cache_len=32))
+        steps = []
+        with torch.no_grad():
+            for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+                out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=past,
+                            use_cache=True)
+                steps.append(out.logits[:, -1])
+        logits[impl] = torch.stack(steps, 1)
+    torch.testing.assert_close(logits["fastattn"], logits["eager"], atol=2e-5, rtol=1e-4)
+
+
+@needs_transformers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", ["prefill", "decode", "mask-with-offsets"])
+def test_hf_attention_forward_window_softcap(shape, dtype, monkeypatch):
+    """fastattn's HF attention function with ``softcap`` and ``sliding_window`` against fastattn.reference given
+    the mask transformers itself builds for that window (sliding_window_causal_mask_function at the positions the
+    call implies), output and gradients under DESIGN.md §5. "mask-with-offsets": transformers passes the mask
+    (queries at positions 7..9 of a 20-slot static cache) and the window: the mask alone decides."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    from fastattn import reference
+    from fastattn.nn.hf import attention_forward
+    from fastattn.testing import forward_backward
+
+    Bz, H, Hkv, D, Lk, w, cap, scaling = 2, 4, 2, 16, 20, 5, 2.0, 0.3
+    Lq, q_offset = {"prefill": (Lk, 0), "decode": (1, Lk - 1), "mask-with-offsets": (3, 7)}[shape]
+    hf_mask = sdpa_mask(batch_size=Bz, q_length=Lq, kv_length=Lk, q_offset=q_offset,
+                        mask_function=sliding_window_causal_mask_function(w), allow_is_causal_skip=False)
+    assert not hf_mask.all(dim=-1).any() and hf_mask.any(dim=-1).all()  # the window cuts every row, empties none
+    given = hf_mask.to(DEVICE) if shape == "mask-with-offsets" else None
+    g = torch.Generator().manual_seed(3)
+    inputs = {n: (torch.randn(Bz, h, L, D, generator=g) * 3).to(DEVICE).requires_grad_()  # scores of a few units
+              for n, h, L in (("q", H, Lq), ("k", Hkv, Lk), ("v", Hkv, Lk))}
+    grads = {"out": torch.randn(Bz, Lq, H, D, generator=g).to(DEVICE)}
+    module = nn.Module()
+    module.is_causal = True
+
+    def fast(q, k, v):
+        return {"out": attention_forward(module, q, k, v, given, scaling=scaling, softcap=cap, sliding_window=w)[0]}
+
+    def ref(q, k, v):
+        out = reference.attention(q, k, v, attn_mask=hf_mask.to(q.device), scale=scaling, softcap=cap)
+        return {"out": out.transpose(1, 2)}
+
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTATTN_BACKEND", KERNEL_BACKEND)
+        got = forward_backward(fast, inputs, grads, dtype)
+    ref64, low = forward_backward(ref, inputs, grads, torch.float64), forward_backward(ref, inputs, grads, dtype)
+    assert_rule([compare(got[n], ref64[n], low[n], name=n, factor=BACKWARD_FACTOR if n.startswith("d") else
+                         FORWARD_FACTOR) for n in ref64])
+    # The cap and the window matter at these scores: without them the reference is far from the result.
+    loose = reference.attention(*(inputs[n].detach().double() for n in "qkv"), scale=scaling,
+                                causal=shape != "decode").transpose(1, 2)
+    assert (loose - ref64["out"]).abs().max() > 0.1
+
+
 # ------------------------------------------------------------------------------------------- compile, demo
 def test_compiled_module_matches_eager(kernels):
     torch.manual_seed(0)
