@@ -1,9 +1,14 @@
 """Attention forward / backward / forward+backward: time and TFLOPS, fastattn against PyTorch in one run.
 
 FLOPs follow FlashAttention's benchmark: forward 4·B·H·Lq·Lk·D (two matmuls), halved for causal, backward 2.5×
-forward, forward+backward 3.5×; key-padding rows count only the visible keys (Lk·(1 − padded fraction)).
-Shapes: 16k tokens per batch (B = 16384 // L), H·D = 2048 (H = 2048 // D). The ratio column is
-fastattn's TFLOPS ÷ the best other provider's (> 1: fastattn is faster).
+forward, forward+backward 3.5×; key-padding rows count only the visible keys (Lk·(1 − padded fraction)),
+sliding-window rows only the (query, key) pairs inside the window. Shapes: 16k tokens per batch (B = 16384 // L),
+H·D = 2048 (H = 2048 // D). The ratio column is fastattn's TFLOPS ÷ the best other provider's (> 1: fastattn is
+faster).
+
+Sliding-window rows (causal local attention, window (w, 0): query i sees keys i − w..i) get a second table: time
+per token (ns per query token, ms ÷ (B·L)), which is flat in L when the kernel skips the key blocks outside the
+window (O(L·w) work), and the speed-up over SDPA given the equivalent dense L×L bool mask.
 
     python benchmarks/bench_attention.py [--quick | --full] [--autotune] [--out DIR] [--budget S]
 """
@@ -45,6 +50,13 @@ NOTES = [
     "bias rows: dense float bias [1, H, Lq, Lk] in the input dtype that requires grad (its gradient is computed)",
     f"unfused baselines (sdpa-math, ref-compiled, ref-eager) skipped when one B·H·Lq·Lk score tensor exceeds "
     f"{SCORES_CAP / 1e9:g} GB",
+    "window rows: causal local attention, window (w, 0); fastattn gets window_size=(w, 0) (no L×L tensor, key "
+    "blocks outside the window skipped); SDPA the equivalent dense bool mask [L, L] (True = attend; skipped when it "
+    "would not fit in memory); FlexAttention a block mask from the same mask_mod (create_block_mask); FLOPs count "
+    "the pairs inside the window",
+    "window table: ns per query token = ms ÷ (B·L) (flat in L = O(L·w) work); ×sdpa-mask = best SDPA-with-mask "
+    "time ÷ fastattn time (> 1: fastattn faster); flat = ns/token ÷ ns/token of the same w and pass at the "
+    "smallest L",
 ]
 
 
@@ -62,6 +74,8 @@ class Case:
     pad: float = 0.0  # fraction of padded keys
     bias: bool = False
     compiled: bool = False  # in the default grid's subset of rows with torch.compile baselines
+    window: int = 0  # > 0: causal local attention, window (window, 0)
+    gpu_only: bool = False  # sized for a GPU: skipped (with the reason) if run on a CPU
 
     @property
     def name(self) -> str:
@@ -70,13 +84,22 @@ class Case:
         s += f" L{self.Lq}" if self.Lq == self.Lk else f" Lq{self.Lq} Lk{self.Lk}"
         s += f" d{self.D}" + (" causal" if self.causal else "")
         s += f" pad{int(self.pad * 100)}%" if self.pad else ""
+        s += f" window{self.window}" if self.window else ""
         return s + (" bias" if self.bias else "")
 
     @property
     def kv_len(self) -> int:
         return round(self.Lk * (1.0 - self.pad))
 
+    @property
+    def window_pairs(self) -> int:
+        """(query, key) pairs of causal local attention, Lq == Lk = L: Σ_i (min(i, w) + 1)."""
+        L, w = self.Lq, self.window
+        return L + ((L - 1) * L // 2 if L - 1 <= w else w * (w + 1) // 2 + (L - 1 - w) * w)
+
     def flops(self, p: str) -> float:
+        if self.window:
+            return 4.0 * self.B * self.H * self.window_pairs * self.D * FLOP_FACTOR[p]
         f = 4.0 * self.B * self.H * self.Lq * self.kv_len * self.D * (0.5 if self.causal else 1.0)
         return f * FLOP_FACTOR[p]
 
@@ -87,12 +110,22 @@ class Case:
     def to_json(self) -> dict:
         return {"case": self.name, "kind": self.kind, "dtype": common.dtype_name(self.dtype), "B": self.B,
                 "H": self.H, "Hkv": self.Hkv, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "causal": self.causal,
-                "pad": self.pad, "bias": self.bias, "flops_fwd": self.flops("fwd")}
+                "pad": self.pad, "bias": self.bias, "window": self.window, "flops_fwd": self.flops("fwd")}
 
 
 def square(dtype, L, D, causal, **kw) -> Case:
     H = HIDDEN // D
     return Case(kw.pop("kind", "sweep"), dtype, max(1, TOKENS // L), H, kw.pop("Hkv", H), L, L, D, causal, **kw)
+
+
+WINDOWS = (256, 1024)
+WINDOW_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+
+
+def window_rows(dtype, windows, lengths) -> list[Case]:
+    """Causal local attention (window (w, 0)), d128, torch.compile baselines (FlexAttention) on every row."""
+    return [square(dtype, L, 128, True, kind="window", window=w, compiled=True, gpu_only=True)
+            for w in windows for L in lengths]
 
 
 def grid(mode: str, gpu: bool) -> list[Case]:
@@ -103,11 +136,12 @@ def grid(mode: str, gpu: bool) -> list[Case]:
         Ls = (64, 128) if mode == "quick" else (128, 256, 512, 1024)
         cases = [Case("sweep", f32, 1, 2, 2, n, n, 32, c) for c in (False, True) for n in Ls]
         return cases + [Case("padding", f32, 1, 2, 2, L, L, 32, pad=0.5), Case("gqa", f32, 1, 4, 2, L, L, 32, True),
-                        Case("bias", f32, 1, 2, 2, L, L, 32, bias=True)]
+                        Case("bias", f32, 1, 2, 2, L, L, 32, bias=True),
+                        Case("window", f32, 1, 2, 2, 2 * L, 2 * L, 32, True, window=32)]
     if mode == "quick":
         return [square(bf16, L, 128, c) for c in (False, True) for L in (1024, 4096)] + [
             square(bf16, 4096, 128, False, kind="padding", pad=0.5),
-            square(bf16, 4096, 128, True, kind="gqa", Hkv=2)]
+            square(bf16, 4096, 128, True, kind="gqa", Hkv=2), *window_rows(bf16, (256,), (4096,))]
     Ls = (512, 1024, 2048, 4096, 8192, 16384)
     full = mode == "full"
     cases = []
@@ -123,7 +157,8 @@ def grid(mode: str, gpu: bool) -> list[Case]:
     bias = [square(bf16, L, 128, False, kind="bias", bias=True) for L in ((2048,) if not full else (1024, 2048, 4096))]
     cross = [Case("cross", bf16, TOKENS // max(lq, lk), 16, 16, lq, lk, 128)
              for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
-    cases += gqa + pads + bias + cross
+    # Sliding window after the main sweep: ahead of the rarer kinds when --budget runs out.
+    cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + gqa + pads + bias + cross
     if not full:  # a few fp16 rows and the fastattn-only head dim 256
         cases += [square(fp16, 8192, 128, c) for c in (False, True)]
         cases += [square(bf16, 4096, 256, c) for c in (False, True)]
@@ -162,14 +197,33 @@ def make_fastattn(case: Case, x: dict, device: str, provider: str):
     backend = common.fastattn_backend(provider, device)
     import fastattn
 
+    local = {"window_size": (case.window, 0)} if case.window else {}
+
     def fwd():
         return fastattn.attention(x["q"], x["k"], x["v"], causal=case.causal, kv_lens=x["kv_lens"],
-                                  attn_bias=x["bias"], backend=backend)
+                                  attn_bias=x["bias"], backend=backend, **local)
     return fwd, x["dout"], leaves(x)
+
+
+def _window_mask(case: Case, x: dict, device: str):
+    """The dense bool [L, L] mask of causal local attention (True = attend: i − w <= j <= i), built once per row
+    and shared by the SDPA providers; Skip when it (and the float copy SDPA's kernels may make of it) would not fit."""
+    if "window_mask" not in x:
+        need = case.Lq * case.Lk * (1 + torch.tensor([], dtype=case.dtype).element_size())
+        free = torch.cuda.mem_get_info(torch.device(device))[0] if common.is_cuda(device) else SCORES_CAP
+        if need > free:
+            raise Skip(f"the dense {case.Lq}×{case.Lk} window mask (+ its float copy) needs {need / 1e9:.1f} GB, "
+                       f"{free / 1e9:.1f} GB free")
+        i = torch.arange(case.Lq, device=device).view(-1, 1)
+        j = torch.arange(case.Lk, device=device).view(1, -1)
+        x["window_mask"] = (j <= i) & (j >= i - case.window)
+    return x["window_mask"]
 
 
 def _sdpa_mask(case: Case, x: dict):
     """SDPA's attn_mask (bool True = attend, or the float bias) and is_causal for this case."""
+    if case.window:
+        return x["window_mask"], False
     mask = x["attend"] if x["attend"] is not None else x["bias"]
     if case.causal and mask is not None:
         tril = torch.ones(case.Lq, case.Lk, dtype=torch.bool, device=mask.device).tril()
@@ -184,6 +238,10 @@ def make_sdpa(case: Case, x: dict, device: str, backend: str):
         _check_unfused(case, "sdpa-math")
     which = getattr(SDPBackend, SDPA[backend])
     gqa = {"enable_gqa": True} if case.Hkv != case.H else {}
+    if case.window:
+        if backend == "sdpa-flash":
+            raise Skip("sdpa-flash takes no attn_mask (a sliding window needs the dense mask)")
+        _window_mask(case, x, device)
 
     mask, causal = _sdpa_mask(case, x)
 
@@ -196,10 +254,12 @@ def make_sdpa(case: Case, x: dict, device: str, backend: str):
 def make_flex(case: Case, x: dict, device: str, mode: str):
     common.require_compile(device, mode, case.compiled)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    kv_lens, bias, causal = x["kv_lens"], x["bias"], case.causal
+    kv_lens, bias, causal, window = x["kv_lens"], x["bias"], case.causal, case.window
 
     def mask_mod(b, h, q_idx, kv_idx):
         ok = (q_idx >= kv_idx) if causal else (q_idx >= 0)
+        if window:
+            ok = ok & (q_idx - kv_idx <= window)
         return ok & (kv_idx < kv_lens[b]) if kv_lens is not None else ok
 
     block_mask = None
@@ -224,8 +284,10 @@ def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]
     if compile_mode is not None:
         common.require_compile(device, compile_mode, case.compiled)
 
+    window = (case.window, 0) if case.window else (-1, -1)
+
     def ref(q, k, v, bias, kv_lens):
-        return reference.attention(q, k, v, causal=case.causal, attn_bias=bias, kv_lens=kv_lens)
+        return reference.attention(q, k, v, causal=case.causal, attn_bias=bias, kv_lens=kv_lens, window_size=window)
     fn = common.compiled(ref) if compile_mode is not None else ref
     return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
 
@@ -241,6 +303,8 @@ def makers(case: Case, x: dict, device: str, mode: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run
 def run_case(case: Case, device: str, mode: str, timer: common.Timer) -> dict:
+    if case.gpu_only:
+        common.require_cuda(device, f"{case.name} (a GPU-sized row)")
     row = case.to_json()
     try:
         x = inputs(case, device)
@@ -255,6 +319,11 @@ def run_case(case: Case, device: str, mode: str, timer: common.Timer) -> dict:
         res["tflops"] = {p: (case.flops(p) / (ms * 1e-3) / 1e12 if ms else None) for p, ms in res["ms"].items()}
     row["results"] = results
     row["best_other"], row["ratio"] = common.best_and_ratios(results, FASTATTN, OTHERS, PASSES)
+    if case.window:
+        tokens = case.B * case.Lq
+        for res in results.values():
+            res["ns_per_token"] = {p: (ms * 1e6 / tokens if ms else None) for p, ms in res["ms"].items()}
+        row["vs_sdpa_mask"] = common.best_and_ratios(results, FASTATTN, tuple(SDPA), PASSES)[1]
     return row
 
 
@@ -270,7 +339,33 @@ def tables(rows: list) -> list:
                   *(common.fmt(res[prov].get("tflops", {}).get(p)) for prov in PROVIDERS),
                   SHORT.get(best, "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),
                   common.fmt(ratio.get("fastattn-cuda"), ".2f"))
-    return [t]
+    return [t] + ([window_table(rows)] if any(r.get("window") for r in rows) else [])
+
+
+def window_table(rows: list) -> "common.Table":
+    """ns per query token of the sliding-window rows, speed-up over SDPA with the dense mask, flatness in L."""
+    cols = ("fastattn-triton", "fastattn-cuda", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex-compiled")
+    t = common.Table("sliding-window attention (causal, window (w, 0)): ns per query token; ×sdpa-mask = best "
+                     "SDPA-with-mask ÷ fastattn; flat = ns/token ÷ that at the smallest L",
+                     ["case", "w", "L", "pass", *(SHORT[c] for c in cols), "triton×sdpa-mask", "cuda×sdpa-mask",
+                      "triton flat", "cuda flat"])
+    first: dict = {}
+    for r in rows:
+        if not r.get("window"):
+            continue
+        for p in PASSES:
+            res, vs = r["results"], (r.get("vs_sdpa_mask") or {}).get(p, {})
+            ns = {c: res[c].get("ns_per_token", {}).get(p) for c in cols}
+            flat = []
+            for f in FASTATTN:
+                key = (r["dtype"], r["window"], p, f)
+                if first.get(key) is None:  # rows come in increasing L: the first timed one is the base
+                    first[key] = ns[f]
+                base = first[key]
+                flat.append(common.fmt(ns[f] / base if ns[f] and base else None, ".2f"))
+            t.add(r["case"] if p == "fwd" else "", r["window"], r["Lq"], p, *(common.fmt(ns[c]) for c in cols),
+                  common.fmt(vs.get("fastattn-triton"), ".2f"), common.fmt(vs.get("fastattn-cuda"), ".2f"), *flat)
+    return t
 
 
 def plots(rows: list, out_dir, env: dict) -> list:
@@ -279,6 +374,21 @@ def plots(rows: list, out_dir, env: dict) -> list:
         if r["kind"] == "sweep":
             groups.setdefault((r["dtype"], r["D"], r["causal"]), []).append(r)
     names = []
+    windows: dict = {}
+    for r in rows:
+        if r.get("window"):
+            windows.setdefault((r["dtype"], r["window"]), []).append(r)
+    for (dtype, w), rs in windows.items():
+        if len(rs) < 2:
+            continue
+        panels = [(p, {prov: [(r["Lq"], r["results"][prov].get("ns_per_token", {}).get(p)) for r in rs]
+                       for prov in PROVIDERS}) for p in PASSES]
+        name = common.plot_lines(out_dir / f"attention_window{w}_{dtype}.png",
+                                 f"sliding-window attention {dtype}, causal window ({w}, 0), d{rs[0]['D']}, "
+                                 f"H={rs[0]['H']} — {env['device']}, torch {env['torch']}, {env['date'][:10]}",
+                                 panels, "sequence length", "ns per query token", logy=True)
+        if name:
+            names.append(name)
     for (dtype, D, causal), rs in groups.items():
         if len(rs) < 2:
             continue

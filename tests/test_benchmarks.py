@@ -101,3 +101,35 @@ def test_plot_helper_writes_png(tmp_path):
     common = _load_benchmark(BENCH_DIR / "common.py")
     name = common.plot_lines(tmp_path / "p.png", "t", [("a", {"x": [(1, 2.0), (2, 3.0)]})], "x", "y", logy=True)
     assert name == "p.png" and (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_attention_window_rows(tmp_path, capsys):
+    """Sliding-window rows: w ∈ {256, 1024} × L = 2k..32k, causal local, in the GPU grid (one in --quick); a
+    GPU-sized row skips on a CPU with the reason; the toy CPU row gives SDPA (dense mask) and the reference the
+    same attention, its FLOPs count the pairs inside the window, and the quick CPU run prints the window table."""
+    bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
+    rows = [c for c in bench.grid("default", gpu=True) if c.window]
+    assert sorted((c.window, c.Lq) for c in rows) == [(w, L) for w in (256, 1024)
+                                                      for L in (2048, 4096, 8192, 16384, 32768)]
+    assert all(c.causal and c.Lq == c.Lk and c.compiled and c.gpu_only for c in rows)
+    assert any(c.window for c in bench.grid("quick", gpu=True))
+    if not torch.cuda.is_available():
+        with pytest.raises(bench.Skip, match="needs a CUDA GPU"):
+            bench.run_case(rows[-1], "cpu", "default", None)
+
+    toy = next(c for c in bench.grid("quick", gpu=False) if c.window)
+    vis = reference.visible_keys(1, toy.Lq, toy.Lk, device="cpu", causal=True, window_size=(toy.window, -1))
+    assert toy.window_pairs == int(vis.sum()) and toy.window_pairs < toy.Lq * (toy.Lq + 1) // 2
+    x = bench.inputs(toy, "cpu")
+    outs = [make()[0]().detach() for make in (lambda: bench.make_sdpa(toy, x, "cpu", "sdpa-math"),
+                                             lambda: bench.make_reference(toy, x, "cpu", None))]
+    assert torch.equal(x["window_mask"], vis[0, 0])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+    assert bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--no-plots"]) == 0
+    data = json.loads((tmp_path / "attention.json").read_text())
+    row = next(r for r in data["rows"] if r["window"])
+    assert "needs a CUDA GPU" in row["results"]["fastattn-triton"]["reason"]
+    assert row["results"]["sdpa-math"]["ns_per_token"]["fwd"] > 0
+    assert any(t["title"].startswith("sliding-window") for t in data["tables"])
+    assert "ns per query token" in capsys.readouterr().out

@@ -13,7 +13,9 @@ import sys
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
+import fastattn
 import fastattn.nn as fnn
 from fastattn.testing import BACKWARD_FACTOR, FORWARD_FACTOR, compare
 
@@ -206,6 +208,114 @@ def test_bad_masks_are_named(kernels):
         m(x, x, x, is_causal=True, need_weights=False)
 
 
+# ------------------------------------------------------------------------------------------- local attention, ALiBi
+class _ReferenceLocalMHA(nn.MultiheadAttention):
+    """The twin of fnn.MultiheadAttention(window_size=..., alibi=...): torch's parameters, attention by
+    fastattn.reference (batch_first, self- or cross-attention, separate q/k/v projections of the packed weight)."""
+
+    def __init__(self, *args, window_size=None, alibi=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.local = dict(window_size=window_size or (-1, -1), alibi=alibi)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=False, attn_mask=None,
+                is_causal=False):
+        from fastattn import reference
+
+        assert self.batch_first and not need_weights
+        E, H = self.embed_dim, self.num_heads
+        (wq, wk, wv), (bq, bk, bv) = self.in_proj_weight.split(E), self.in_proj_bias.split(E)
+        q, k, v = (F.linear(x, w, b).unflatten(-1, (H, E // H)).transpose(1, 2)
+                   for x, w, b in ((query, wq, bq), (key, wk, bk), (value, wv, bv)))
+        attend = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        if attn_mask is not None and not is_causal:
+            raise NotImplementedError("the twin takes key_padding_mask and is_causal only")
+        slopes = reference.alibi_slopes(H).to(q.device) if self.local["alibi"] else None
+        out = reference.attention(q, k, v, causal=is_causal, attn_mask=attend, window_size=self.local["window_size"],
+                                  alibi_slopes=slopes)
+        return self.out_proj(out.transpose(1, 2).flatten(2)), None
+
+
+LOCAL_CASES = {
+    "window": dict(window_size=(3, 2), kpm=True),
+    "causal-window": dict(window_size=(4, -1), causal=True),  # kernel causal + window, no mask
+    "causal-window-kpm": dict(window_size=(2, 1), causal=True, kpm=True),  # torch rule: attn_mask used
+    "alibi": dict(alibi=True, kpm=True),
+    "alibi-causal-window": dict(alibi=True, window_size=(5, 0), causal=True),
+    "cross-window": dict(window_size=(2, 5), cross=True, kpm=True),  # Lq != Lk, top-left diagonal
+    "cross-alibi": dict(alibi=True, cross=True),
+}
+
+
+@pytest.mark.parametrize("name", list(LOCAL_CASES))
+def test_multihead_attention_local_matches_reference(name, monkeypatch):
+    spec = LOCAL_CASES[name]
+    ctor = dict(batch_first=True, window_size=spec.get("window_size"), alibi=spec.get("alibi", False))
+    torch.manual_seed(0)
+    twin, fast = _ReferenceLocalMHA(E, HEADS, **ctor), fnn.MultiheadAttention(E, HEADS, **ctor)
+    fast.load_state_dict(twin.state_dict())
+    Lk = LK if spec.get("cross") else LQ
+    inputs = dict(query=_randn(B, LQ, E, seed=1))
+    if spec.get("cross"):
+        inputs.update(key=_randn(B, Lk, E, seed=2), value=_randn(B, Lk, E, seed=3))
+    if spec.get("kpm"):
+        inputs["key_padding_mask"] = _kpm(B, Lk)
+    causal = spec.get("causal", False)
+    if causal:
+        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
+
+    def call(m, query, key=None, value=None, **kw):
+        key = query if key is None else key
+        value = query if value is None else value
+        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
+def test_multihead_attention_local_fp16(monkeypatch):
+    """.half() keeps the ALiBi slopes float32 (the kernels take fp32 slopes, not re-rounded ones)."""
+    ctor = dict(batch_first=True, window_size=(3, 0), alibi=True)
+    torch.manual_seed(0)
+    twin, fast = _ReferenceLocalMHA(E, HEADS, **ctor), fnn.MultiheadAttention(E, HEADS, **ctor)
+    fast.load_state_dict(twin.state_dict())
+    assert fast.half().alibi_slopes.dtype == torch.float32
+    assert torch.equal(fast.alibi_slopes, fastattn.alibi_slopes(HEADS))
+    inputs = dict(query=_randn(B, LQ, E, seed=1), key_padding_mask=_kpm(B, LQ))
+
+    def call(m, query, **kw):
+        return m(query, query, query, need_weights=False, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float16, monkeypatch))
+
+
+def test_multihead_attention_local_options_api(kernels):
+    """Keyword-only extras; state_dict as torch's; bad values named; need_weights refused; swap defaults."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(E, HEADS, batch_first=True)
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True, window_size=(2, 0), alibi=True)
+    assert m.state_dict().keys() == plain.state_dict().keys() and "alibi_slopes" in dict(m.named_buffers())
+    m.load_state_dict(plain.state_dict())
+    plain.load_state_dict(m.state_dict())
+    x = _randn(B, LQ, E, requires_grad=False)
+    with pytest.raises(ValueError, match="need_weights"):
+        m(x, x, x)
+    for bad in ((2,), (1, -2), (1.0, 0), 3, (True, 0)):
+        with pytest.raises(ValueError, match="window_size"):
+            fnn.MultiheadAttention(E, HEADS, window_size=bad)
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        fnn.MultiheadAttention(E, HEADS, add_bias_kv=True, alibi=True)
+    with pytest.raises(TypeError):  # keyword-only: torch's positional signature is unchanged
+        fnn.MultiheadAttention(E, HEADS, 0.0, True, False, False, None, None, True, None, None, (2, 0))
+    # swap_modules re-classes without __init__: the class-level defaults make it plain (no window, no ALiBi),
+    # and need_weights=True still takes torch's path.
+    swapped = fnn.swap_modules(copy.deepcopy(plain))
+    assert type(swapped) is fnn.MultiheadAttention and swapped.window_size is None and not swapped.alibi
+    want = plain(x, x, x, need_weights=False)[0]
+    torch.testing.assert_close(swapped(x, x, x, need_weights=False)[0], want, atol=1e-5, rtol=1e-4)
+    assert torch.equal(swapped(x, x, x)[0], plain(x, x, x)[0])
+    # The options change the result (they are not silently dropped).
+    assert (m(x, x, x, need_weights=False)[0] - want).abs().max() > 1e-2
+
+
 # ------------------------------------------------------------------------------------------- Transformer layers
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
@@ -382,6 +492,139 @@ def test_hf_decoder_gqa(kernels):
         want = model(input_ids=ids).logits
         got = fnn.swap_modules(model)(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- HF: sliding window, softcap
+needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                                        reason="transformers is not installed")
+SLIDING = 4  # tokens per window; every sequence below is longer, so the window changes the result
+
+
+def _hf_local_lm(kind, **overrides):
+    """A tiny random causal LM with sliding-window layers (Gemma 2 also soft-caps the logits); query and key
+    projections scaled up so scores reach a few units and the soft cap (1.0) changes them. Same weights for the
+    same ``kind`` whatever ``overrides`` say."""
+    import transformers
+
+    common = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, head_dim=16, max_position_embeddings=64, attn_implementation="eager")
+    if kind == "gemma2":  # layer 0 sliding, layer 1 full attention
+        cfg = transformers.Gemma2Config(**common, sliding_window=SLIDING, attn_logit_softcapping=1.0,
+                                        final_logit_softcapping=None, query_pre_attn_scalar=16)
+        cls = transformers.Gemma2ForCausalLM
+    else:  # every layer sliding
+        cfg = transformers.MistralConfig(**common, sliding_window=SLIDING)
+        cls = transformers.MistralForCausalLM
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(12.0)
+    return model.to(DEVICE)
+
+
+def _hf_inputs(B, L, padded, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (B, L), generator=g)
+    mask = torch.ones(B, L, dtype=torch.long)
+    if padded:
+        mask[1, : L // 3] = 0  # left padding (generation's convention)
+    return ids.to(DEVICE), mask.to(DEVICE)
+
+
+@needs_transformers
+@pytest.mark.parametrize("padded", [False, True], ids=["no-padding", "left-padding"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_hf_sliding_window_softcap_logits(kind, padded, kernels):
+    """attn_implementation="fastattn" gives eager's logits for models with sliding-window layers and soft-capped
+    logits; the same models without window / cap give clearly different logits (the options are not dropped)."""
+    ids, mask = _hf_inputs(2, 13, padded)
+    model = _hf_local_lm(kind)
+    plain = _hf_local_lm(kind, sliding_window=10_000, **({"attn_logit_softcapping": None} if kind == "gemma2" else {}))
+    keep = mask.bool()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        without = plain(input_ids=ids, attention_mask=mask).logits
+        got = fnn.swap_modules(model)(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "fastattn"
+    torch.testing.assert_close(got[keep], want[keep], atol=2e-5, rtol=1e-4)
+    assert (without[keep] - want[keep]).abs().max() > 1e-2
+
+
+@needs_transformers
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("kind", ["gemma2", "mistral"])
+def test_hf_sliding_window_decoding(kind, cache, kernels):
+    """Prefill then single-token steps past the window with transformers' caches (a sliding cache's truncated
+    keys; a static cache's fixed-length buffer): the logits of every step are eager's."""
+    import transformers
+
+    ids, mask = _hf_inputs(2, 14, padded=True, seed=1)
+    prefill = 5
+    logits = {}
+    for impl in ("eager", "fastattn"):
+        model = _hf_local_lm(kind)
+        if impl == "fastattn":
+            fnn.swap_modules(model)
+        past = (transformers.DynamicCache(config=model.config) if cache == "dynamic"
+                else transformers.StaticCache(config=model.config, max_cache_len=32))
+        steps = []
+        with torch.no_grad():
+            for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, ids.shape[1])]:
+                out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=past,
+                            use_cache=True)
+                steps.append(out.logits[:, -1])
+        logits[impl] = torch.stack(steps, 1)
+    torch.testing.assert_close(logits["fastattn"], logits["eager"], atol=2e-5, rtol=1e-4)
+
+
+@needs_transformers
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", ["prefill", "decode", "mask-with-offsets"])
+def test_hf_attention_forward_window_softcap(shape, dtype, monkeypatch):
+    """fastattn's HF attention function with ``softcap`` and ``sliding_window`` against fastattn.reference given
+    the mask transformers itself builds for that window (sliding_window_causal_mask_function at the positions the
+    call implies), output and gradients under DESIGN.md §5. "mask-with-offsets": transformers passes the mask
+    (queries at positions 7..9 of a 20-slot static cache) and the window: the mask alone decides."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    from fastattn import reference
+    from fastattn.nn.hf import attention_forward
+    from fastattn.testing import forward_backward
+
+    Bz, H, Hkv, D, Lk, w, cap, scaling = 2, 4, 2, 16, 20, 5, 2.0, 0.3
+    Lq, q_offset = {"prefill": (Lk, 0), "decode": (1, Lk - 1), "mask-with-offsets": (3, 7)}[shape]
+    hf_mask = sdpa_mask(batch_size=Bz, q_length=Lq, kv_length=Lk, q_offset=q_offset,
+                        mask_function=sliding_window_causal_mask_function(w), allow_is_causal_skip=False)
+    assert not hf_mask.all(dim=-1).any() and hf_mask.any(dim=-1).all()  # the window cuts every row, empties none
+    given = hf_mask.to(DEVICE) if shape == "mask-with-offsets" else None
+    g = torch.Generator().manual_seed(3)
+    inputs = {n: (torch.randn(Bz, h, L, D, generator=g) * 3).to(DEVICE).requires_grad_()  # scores of a few units
+              for n, h, L in (("q", H, Lq), ("k", Hkv, Lk), ("v", Hkv, Lk))}
+    grads = {"out": torch.randn(Bz, Lq, H, D, generator=g).to(DEVICE)}
+    module = nn.Module()
+    module.is_causal = True
+
+    def fast(q, k, v):
+        return {"out": attention_forward(module, q, k, v, given, scaling=scaling, softcap=cap, sliding_window=w)[0]}
+
+    def ref(q, k, v):
+        out = reference.attention(q, k, v, attn_mask=hf_mask.to(q.device), scale=scaling, softcap=cap)
+        return {"out": out.transpose(1, 2)}
+
+    with monkeypatch.context() as mp:
+        mp.setenv("FASTATTN_BACKEND", KERNEL_BACKEND)
+        got = forward_backward(fast, inputs, grads, dtype)
+    ref64, low = forward_backward(ref, inputs, grads, torch.float64), forward_backward(ref, inputs, grads, dtype)
+    assert_rule([compare(got[n], ref64[n], low[n], name=n, factor=BACKWARD_FACTOR if n.startswith("d") else
+                         FORWARD_FACTOR) for n in ref64])
+    # The cap and the window matter at these scores: without them the reference is far from the result.
+    loose = reference.attention(*(inputs[n].detach().double() for n in "qkv"), scale=scaling,
+                                causal=shape != "decode").transpose(1, 2)
+    assert (loose - ref64["out"]).abs().max() > 0.1
 
 
 # ------------------------------------------------------------------------------------------- compile, demo

@@ -8,6 +8,11 @@ A subclass of torch's module: same constructor, parameters and state_dict keys, 
 Masks arrive in torch's module convention: bool True = *ignore* (both ``key_padding_mask`` and ``attn_mask``),
 float = added to the scores. ``need_weights=True`` returns the weights, which are L×L by definition, so that
 call runs torch's own implementation (bitwise torch's result).
+
+Two keyword-only constructor options go beyond torch (DESIGN.md §3, computed in the kernel from indices, never as
+an L×L tensor): ``window_size=(left, right)`` (−1 = unbounded) lets query i see key j iff i − left <= j <= i + right
+(top-left diagonal; ``is_causal`` sets right = 0), and ``alibi=True`` adds −slope_h·|i − j| to the scores with
+``fastattn.alibi_slopes(num_heads)``.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..ops.attention import attention
+from ..reference import alibi_slopes
 
 
 def _bool_or_float(mask: Optional[Tensor], name: str) -> Optional[Tensor]:
@@ -62,12 +68,45 @@ def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
-    """torch.nn.MultiheadAttention (same signature), fused attention in ``forward``."""
+    """torch.nn.MultiheadAttention (same signature), fused attention in ``forward``; keyword-only extras
+    ``window_size`` (local attention) and ``alibi`` (ALiBi slopes), see the module docstring."""
+
+    # Class-level defaults: swap_modules re-classes torch modules in place without running __init__.
+    window_size: Optional[tuple[int, int]] = None
+    alibi: bool = False
+
+    def __init__(self, *args, window_size: Optional[tuple[int, int]] = None, alibi: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if window_size is not None:
+            if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+                    or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+                raise ValueError(f"window_size must be None or a pair (left, right) of ints >= -1, got {window_size!r}")
+            window_size = (int(window_size[0]), int(window_size[1]))
+        if (window_size is not None or alibi) and (self.bias_k is not None or self.add_zero_attn):
+            # The appended keys have no sequence position for a window or a distance to be measured from.
+            raise ValueError("window_size / alibi cannot be combined with add_bias_kv or add_zero_attn")
+        self.window_size = window_size
+        self.alibi = bool(alibi)
+        if self.alibi:
+            # A buffer so it follows .to(device); non-persistent so state_dict keys stay torch's.
+            self.register_buffer("alibi_slopes", alibi_slopes(self.num_heads).to(self.out_proj.weight.device),
+                                 persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        slopes = self._buffers.get("alibi_slopes")
+        if slopes is not None and slopes.dtype != torch.float32:  # .half() etc.: the kernels take fp32 slopes,
+            self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)  # exact, not re-rounded
+        return self
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        slopes = self._buffers.get("alibi_slopes") if self.alibi else None
         if need_weights:
+            if self.window_size is not None or slopes is not None:
+                raise ValueError("need_weights=True runs torch's implementation, which has no window_size / alibi; "
+                                 "call with need_weights=False (the weights would be an L×L tensor)")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=True,
                                    attn_mask=attn_mask, average_attn_weights=average_attn_weights,
                                    is_causal=is_causal)
@@ -114,8 +153,13 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, extra))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, extra))
         bias, kpm = _merge_masks(attn_mask, key_padding_mask, B, H, Lq, Lk)
+        local = {}
+        if self.window_size is not None:
+            local["window_size"] = self.window_size
+        if slopes is not None:
+            local["alibi_slopes"] = slopes
         out = attention(q, k, v, causal=causal, key_padding_mask=kpm, attn_bias=bias,
-                        dropout_p=self.dropout if self.training else 0.0)
+                        dropout_p=self.dropout if self.training else 0.0, **local)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(Lq, B, E), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
             return out.squeeze(1), None

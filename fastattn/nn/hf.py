@@ -3,6 +3,12 @@
 ``register_hf_attention()`` registers fastattn's attention function with transformers' AttentionInterface (and
 SDPA's mask builder, whose bool masks, True = attend, fastattn takes as they are). It runs when fastattn.nn is
 imported after transformers, or call it yourself before ``from_pretrained(..., attn_implementation="fastattn")``.
+
+Models with logit soft-capping (Gemma 2) get it computed in the kernel. A model's ``sliding_window`` is applied
+from indices (no mask) when transformers builds no mask; transformers' SDPA mask builder does build one whenever
+the window matters (key length >= window), and that mask, which already holds the window, is then used as is.
+HF's bidirectional sliding mask is |i − j| <= w while its flash-attention path uses w − 1: without a mask fastattn
+follows the flash-attention convention; the two agree for causal models (Mistral, Gemma 2/3).
 """
 from __future__ import annotations
 
@@ -17,20 +23,38 @@ NAME = "fastattn"
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
-                      is_causal: Optional[bool] = None, softcap: Optional[float] = None, **kwargs):
+                      is_causal: Optional[bool] = None, softcap: Optional[float] = None,
+                      sliding_window: Optional[int] = None, **kwargs):
     """transformers' attention-function interface: (B, H, Lq, D) query, (B, Hkv, Lk, D) key/value (GQA native),
     ``attention_mask`` bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk).
-    Returns ((B, Lq, H, D) output, None): no attention weights."""
-    if softcap:
-        raise NotImplementedError("fastattn's HF attention does not support softcap yet")
+    Returns ((B, Lq, H, D) output, None): no attention weights.
+
+    ``softcap`` c (Gemma 2's attn_logit_softcapping): scores s = q·kᵀ·scaling become c·tanh(s/c) before the mask.
+    ``sliding_window`` w: key j visible iff |i − j| <= w − 1 around the diagonal (HF flash-attention's
+    window_size=(w − 1, w − 1); with causal, i − w < j <= i, the mask HF builds for sliding layers)."""
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='fastattn' returns no attention weights; use 'eager' for them")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
+    Lq = query.shape[2]
     # As transformers' SDPA path: the causal flag only when no mask was built (prefill); decoding steps get a mask.
-    causal = bool(query.shape[2] > 1 and attention_mask is None and is_causal)
+    causal = bool(Lq > 1 and attention_mask is None and is_causal)
+    local = {}
+    if softcap is not None and softcap != 0:  # HF passes None when off; eager divides by it, so 0 is not a value
+        local["softcap"] = float(softcap)
+    if sliding_window is not None and attention_mask is None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+            raise ValueError(f"sliding_window must be a positive int, got {sliding_window!r}")
+        local["window_size"] = (sliding_window - 1, sliding_window - 1)
+        # Without a mask HF's SDPA convention holds: a prefill (Lq > 1) is top-left (query i at position i; a
+        # longer key length is an empty static-cache tail), a single decoding query is the last position.
+        if Lq == 1:
+            local["causal_alignment"] = "bottom_right"
+    # With a mask the mask is exact and already holds the window: it is built from absolute positions (cache
+    # offsets, a static cache's fixed-length key buffer, a sliding cache's truncated keys) that this function
+    # cannot see, so a window applied from indices here could disagree with it; the mask alone is used.
     out = attention(query, key, value, causal=causal, attn_bias=attention_mask, scale=scaling,
-                    dropout_p=dropout)
+                    dropout_p=dropout, **local)
     return out.transpose(1, 2).contiguous(), None
 
 
