@@ -273,19 +273,24 @@ def _torch_block_forward(q, k, v, scale, causal, acc):
     return o.reshape(B, H, Lq, D), lse2.reshape(B, H, Lq)
 
 
-def _torch_block_backward(do, q, k, v, lse2, delta, scale, causal, acc):
-    """(dq, dk, dv) in ``acc`` of this block's keys, from the global lse2 (+inf: empty row) and D_i = do_i·o_i."""
+def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
+    """(dq, dk, dv) in ``acc`` of this block's keys, from the global output and lse2 (+inf: empty row) of these
+    query rows, with D_i = do_i·o_i."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
     qg, dog = q.to(acc).reshape(B, Hkv, G, Lq, D), do.to(acc).reshape(B, Hkv, G, Lq, D)
     kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
+    # D_i through the same matmul reduction as dp_ij = do_i·v_j (as the Triton delta kernel does): a row that sees
+    # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
+    og = out.to(acc).reshape(B, Hkv, G, Lq, D)
+    delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     s2 = torch.matmul(qg, kk.transpose(-1, -2)) * (scale * LOG2E)
     if causal:
         s2.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
     p = torch.exp2(s2 - lse2.to(acc).reshape(B, Hkv, G, Lq, 1))
     dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
-    ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta.reshape(B, Hkv, G, Lq, 1))
+    ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta)
     dq = torch.matmul(ds, kk) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
     return dq.reshape(B, H, Lq, D), dk, dv
@@ -358,8 +363,6 @@ class _RingAttention(torch.autograd.Function):
         r, N = ring.rank, ring.size
         D = q.shape[3]
         do = lastdim_contiguous(dout)
-        if backend == "torch":  # the Triton backward forms D_i itself, from the same global out
-            delta = (do.to(acc) * out.to(acc)).sum(-1)
         kv_len = lambda rank: sum(n for _, n in chunks[rank])  # noqa: E731
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v])
@@ -372,13 +375,12 @@ class _RingAttention(torch.autograd.Function):
             # arrive meanwhile and are added below.
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
             for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
-                kb_, vb_ = kv[0, :, :, ka:kb], kv[1, :, :, ka:kb]
-                if backend == "triton":
-                    g = _triton_block_backward(do[:, :, qa:qb], q[:, :, qa:qb], kb_, vb_, out[:, :, qa:qb],
-                                               lse[:, :, qa:qb], scale, diag)
+                rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
+                        lse[:, :, qa:qb], scale, diag)
+                if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
+                    g = _triton_block_backward(*rows)
                 else:
-                    g = _torch_block_backward(do[:, :, qa:qb], q[:, :, qa:qb], kb_, vb_, lse[:, :, qa:qb],
-                                              delta[:, :, qa:qb], scale, diag, acc)
+                    g = _torch_block_backward(*rows, acc)
                 dq[:, :, qa:qb] += g[0]
                 dkv[0, :, :, ka:kb] += g[1]
                 dkv[1, :, :, ka:kb] += g[2]
