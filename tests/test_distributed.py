@@ -119,8 +119,10 @@ def case_shard_roundtrip(env):
 
 
 def case_error_vs_ranks(env):
-    """The error against float64 does not grow with N: N = 1, 2, 4 (groups of ranks 0.., fp16, causal zigzag,
-    partials merged in fp32) within 1.5× of each other for the output and every gradient."""
+    """The error against float64 does not grow with N: for N = 1, 2, 4 (groups of ranks 0.., fp16, causal zigzag)
+    the max errors of the output and every gradient are within 1.5× of each other, and so are the mean errors
+    within 5 %: in fp16 both are set by the final rounding, while rounding the partial outputs or the travelling
+    dK/dV to 16 bits between steps raises the mean errors at N = 4 by 10–25 % (measured)."""
     qkv, do = _inputs(1, 4, 2, 96, 16, 5, env.device)
     errs = {}
     for n in (1, 2, 4):
@@ -128,11 +130,13 @@ def case_error_vs_ranks(env):
             got = _run_cp(env.groups[f"first{n}"], qkv, do, torch.float16, causal=True)
             if env.rank == 0:
                 ref64 = _single(qkv, do, torch.float64, True)
-                errs[n] = {k: (got[k].double() - ref64[k].double()).abs().max().item() for k in ref64}
+                errs[n] = {k: (got[k].double() - ref64[k].double()).abs() for k in ref64}
     if env.rank == 0:
         for k in errs[1]:
-            e = [errs[n][k] for n in (1, 2, 4)]
-            assert max(e) <= 1.5 * min(e), f"{k}: max error vs float64 for N = 1, 2, 4: {e}"
+            worst = [errs[n][k].max().item() for n in (1, 2, 4)]
+            mean = [errs[n][k].mean().item() for n in (1, 2, 4)]
+            assert max(worst) <= 1.5 * min(worst), f"{k}: max error vs float64 for N = 1, 2, 4: {worst}"
+            assert max(mean) <= 1.05 * min(mean), f"{k}: mean error vs float64 for N = 1, 2, 4: {mean}"
 
 
 def case_saved_bytes(env):
