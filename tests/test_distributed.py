@@ -165,6 +165,21 @@ def case_saved_bytes(env):
         assert saved[1] == 2 * saved[2] == 4 * saved[4], saved
 
 
+def case_comm_bytes(env):
+    """Each rank sends exactly: forward, the K/V shards of every rank but its successor (N − 1 hops); backward,
+    those again plus the fp32 dK/dV of every rank (N hops, the last one home). Uneven lengths, GQA, fp16."""
+    B, H, Hkv, L, D, N, r = 1, 4, 2, 37, 8, env.world, env.rank
+    qkv, do = _inputs(B, H, Hkv, L, D, 4, env.device)
+    shards = [shard(t.half()).requires_grad_() for t in qkv]
+    kv_bytes = [2 * B * Hkv * n * D * 2 for n in fd.shard_lengths(L, N)]
+    fd.comm_stats(reset=True)
+    out = context_parallel_attention(*shards, causal=True)
+    assert fd.comm_stats(reset=True) == {"bytes": sum(kv_bytes) - kv_bytes[(r + 1) % N], "messages": N - 1}
+    out.backward(shard(do.half()))
+    assert fd.comm_stats(reset=True) == {"bytes": sum(kv_bytes) - kv_bytes[(r + 1) % N] + 2 * sum(kv_bytes),
+                                         "messages": 2 * N - 1}
+
+
 def case_pairs(env):
     """Two groups at once, of non-adjacent global ranks ([0, 2] and [1, 3]): ring neighbours are group ranks."""
     case_matches_single(env, dtype=torch.float32, causal=True, layout="zigzag", L=29, group="pair",
@@ -305,7 +320,8 @@ SUITES = {
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=8))},
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
-        "saved-bytes": (case_saved_bytes, {}), "two-groups-of-two": (case_pairs, {}),
+        "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
+        "two-groups-of-two": (case_pairs, {}),
         "layout-mismatch": (case_layout_mismatch, {})},
 }
 # With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
