@@ -322,7 +322,9 @@ SUITES = {
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
         "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
         "two-groups-of-two": (case_pairs, {}),
-        "layout-mismatch": (case_layout_mismatch, {})},
+        "layout-mismatch": (case_layout_mismatch, {}),
+        "triton-zigzag-causal-float32-gqa": (case_matches_single, dict(
+            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=9))},
 }
 # With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
 SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
