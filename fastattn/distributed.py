@@ -4,8 +4,8 @@ Each of the N ranks holds a shard of the sequence (:func:`shard`): its queries, 
 positions. :func:`context_parallel_attention` is ring attention. The K/V shards travel around the ring (rank r
 sends to r + 1 and receives from r − 1, point to point, overlapped with the attention of the shard in hand), so
 after N steps every query has seen every key. Step t gives a partial output o_t, normalised over the keys seen,
-and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32, nothing rounded
-between steps:
+and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float64
+inputs), nothing rounded between steps:
 
     lse = log2 Σ_t 2^lse_t,   o = Σ_t 2^(lse_t − lse) · o_t.
 
@@ -333,7 +333,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, ring: _Ring, chunks, scale: float, causal: bool, backend: str):
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        B, H, Lq, D = q.shape
+        D = q.shape[3]
         r, N = ring.rank, ring.size
         kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
