@@ -43,7 +43,7 @@ gpu-check:
 # Every benchmark, then benchmarks/results/<gpu-name>/SUMMARY.md. BENCH_ARGS: --quick | --full, --autotune, --out DIR.
 # Default grids: about 6-8 minutes on an H200 (each script stops adding rows after its --budget of seconds).
 BENCH_ARGS ?=
-BENCH_SCRIPTS := attention softmax layer_norm transformer memory
+BENCH_SCRIPTS := attention softmax layer_norm transformer memory context_parallel
 
 gpu-bench:
 	for b in $(BENCH_SCRIPTS); do $(PYTHON) -W ignore benchmarks/bench_$$b.py $(BENCH_ARGS) || exit 1; done

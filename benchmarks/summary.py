@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 import common  # noqa: E402
 
-ORDER = ("attention", "softmax", "layer_norm", "transformer", "memory")
+ORDER = ("attention", "softmax", "layer_norm", "transformer", "memory", "context_parallel")
 
 
 def summarize(out_dir: Path) -> Path:

@@ -124,7 +124,8 @@ def _check() -> int:
     return 1 if failures else 0
 
 
-BENCH_SCRIPTS = ("bench_attention", "bench_softmax", "bench_layer_norm", "bench_transformer", "bench_memory")
+BENCH_SCRIPTS = ("bench_attention", "bench_softmax", "bench_layer_norm", "bench_transformer", "bench_memory",
+                 "bench_context_parallel")
 
 
 def _load_benchmark(path):

@@ -372,3 +372,68 @@ def run_layer_norm_case(case: LayerNormCase, backend: str, device="cpu") -> list
         return {"y": y, "sum": s}
 
     return compare_all(fn, inputs, grads, case.dtype, backend)
+
+
+# --------------------------------------------------------------------------------------------- processes
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_entry(rank, world_size, port, backend, module, path, name, args, timeout, threads):
+    import datetime
+    import importlib
+    import importlib.util
+    import sys
+
+    import torch.distributed as dist
+
+    mod = sys.modules.get(module)
+    if mod is None:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:  # a script loaded by path (benchmarks/): load it the same way here
+            spec = importlib.util.spec_from_file_location(module, path)
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[module] = mod
+            spec.loader.exec_module(mod)
+    if threads:
+        torch.set_num_threads(threads)
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    try:
+        getattr(mod, name)(rank, world_size, *args)
+        # Every rank done before any tears down: a gloo rank whose peer exits early can abort ("terminate called
+        # without an active exception", seen in ~20 % of 2-rank torchrun runs of a plain training step).
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 120.0,
+                    threads: int | None = 1) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined in a torch.distributed
+    process group (``backend``, TCP rendezvous on a free local port). ``fn`` must be a module-level function.
+    Raises the first process's error; after ``timeout`` seconds kills the processes and raises TimeoutError, so
+    a hang fails instead of blocking. ``threads``: torch threads per process (None: torch's default)."""
+    import inspect
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_distributed_entry, nprocs=world_size, join=False, start_method="spawn",
+                             args=(world_size, _free_port(), backend, fn.__module__, inspect.getfile(fn),
+                                   fn.__name__, args, timeout, threads))
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(deadline - time.monotonic(), 0.0)):
+        if time.monotonic() >= deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            for p in ctx.processes:
+                p.join()
+            raise TimeoutError(f"{fn.__name__} in {world_size} processes did not finish within {timeout:g} s")

@@ -69,14 +69,21 @@ def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor]
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
     """torch.nn.MultiheadAttention (same signature), fused attention in ``forward``; keyword-only extras
-    ``window_size`` (local attention) and ``alibi`` (ALiBi slopes), see the module docstring."""
+    ``window_size`` (local attention) and ``alibi`` (ALiBi slopes), see the module docstring.
+
+    ``context_parallel_group`` (keyword-only): a torch.distributed group; ``forward`` then takes this rank's shards
+    of the sequence (``fastattn.distributed.shard``, zigzag layout, along the module's sequence dim) and runs
+    ring attention over the group (see :meth:`_context_parallel_forward`)."""
 
     # Class-level defaults: swap_modules re-classes torch modules in place without running __init__.
     window_size: Optional[tuple[int, int]] = None
     alibi: bool = False
+    context_parallel_group = None
 
-    def __init__(self, *args, window_size: Optional[tuple[int, int]] = None, alibi: bool = False, **kwargs):
+    def __init__(self, *args, window_size: Optional[tuple[int, int]] = None, alibi: bool = False,
+                 context_parallel_group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.context_parallel_group = context_parallel_group
         if window_size is not None:
             if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
                     or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
@@ -102,6 +109,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
                 is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if self.context_parallel_group is not None:
+            return self._context_parallel_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                  is_causal)
         slopes = self._buffers.get("alibi_slopes") if self.alibi else None
         if need_weights:
             if self.window_size is not None or slopes is not None:
@@ -177,3 +187,40 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         else:
             wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
         return F.linear(query, wq, bq), F.linear(key, wk, bk), F.linear(value, wv, bv)
+
+    def _context_parallel_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
+        """Self-attention of this rank's shards over ``context_parallel_group`` (ring attention): query, key and
+        value hold the same positions; ``is_causal=True`` (no attn_mask needed) is causal in global positions."""
+        from ..distributed import context_parallel_attention
+
+        if need_weights:
+            raise ValueError("need_weights=True is not available with context_parallel_group (the weights span every "
+                             "rank's keys): pass need_weights=False")
+        if attn_mask is not None or key_padding_mask is not None:
+            raise ValueError("with context_parallel_group the only masks are causal (is_causal=True, no attn_mask) or "
+                             "none: attn_mask and key_padding_mask must be None")
+        if self.bias_k is not None or self.add_zero_attn:
+            raise ValueError("add_bias_kv and add_zero_attn are not supported with context_parallel_group")
+        if self.window_size is not None or self.alibi:
+            raise ValueError("window_size and alibi are not supported with context_parallel_group yet")
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E) -> (L, 1, E)
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        elif query.dim() != 3:
+            raise ValueError(f"query must be 2-d (unbatched) or 3-d, got shape {tuple(query.shape)}")
+        elif self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        L, B, E = query.shape
+        if E != self.embed_dim:
+            raise ValueError(f"query's embedding size {E} differs from embed_dim {self.embed_dim}")
+        if key.shape[:2] != (L, B) or value.shape[:2] != (L, B):
+            raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} must be shards of the same "
+                             f"positions as query {tuple(query.shape)} (self-attention)")
+        H, Dh = self.num_heads, self.head_dim
+        q, k, v = (x.reshape(L, B, H, Dh).permute(1, 2, 0, 3) for x in self._in_projection(query, key, value))
+        out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
+                                         dropout_p=self.dropout if self.training else 0.0)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None

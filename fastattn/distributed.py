@@ -1,0 +1,485 @@
+"""Context parallelism: attention over a sequence sharded across the ranks of a ``torch.distributed`` group.
+
+Each of the N ranks holds a shard of the sequence (:func:`shard`): its queries, keys and values at the same global
+positions. :func:`context_parallel_attention` is ring attention. The K/V shards travel around the ring (rank r
+sends to r + 1 and receives from r − 1, point to point, overlapped with the attention of the shard in hand), so
+after N steps every query has seen every key. Step t gives a partial output o_t, normalised over the keys seen,
+and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float64
+inputs), nothing rounded between steps:
+
+    lse = log2 Σ_t 2^lse_t,   o = Σ_t 2^(lse_t − lse) · o_t.
+
+The backward takes the global o and lse that the forward saved, D_i = do_i·o_i, and on each step's keys
+p_ij = 2^(s_ij·log2(e) − lse_i):  dv_j += Σ_i p_ij do_i,  ds_ij = p_ij (do_i·v_j − D_i),
+dq_i += scale Σ_j ds_ij k_j,  dk_j += scale Σ_i ds_ij q_i. dK/dV (fp32) travel around the ring with their K/V and
+come home after N hops.
+
+Layouts cut the sequence into the chunks of ``torch.tensor_split`` (sizes differ by at most one: any length
+works). "zigzag": 2N chunks, rank r holds chunks r and 2N−1−r (every rank gets the same causal work);
+"contiguous": N chunks, rank r holds chunk r.
+
+Causal attention is top-left in global positions (query i sees keys j <= i). Between a query chunk and a key chunk
+a block is "full" (every key before every query), "skip" (every key after every query) or "causal-diagonal" (the
+same chunk: its query and key positions coincide, so its diagonal is top-left whatever the chunk's length).
+Distinct chunks are disjoint ranges, hence only a rank's own shard has diagonal blocks.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import dispatch
+from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, lastdim_contiguous
+
+__all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
+
+LAYOUTS = ("zigzag", "contiguous")
+LOG2E = 1.4426950408889634
+MAX_HEAD_DIM = 256
+_MAX_DIMS = 8  # dims of a tensor whose shape unshard can gather
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Point-to-point traffic of this process (every ring call): what the benchmark compares with its model.
+_SENT = {"bytes": 0, "messages": 0}
+
+
+def comm_stats(reset: bool = False) -> dict:
+    """{"bytes", "messages"} this process has sent through the ring's point-to-point operations so far."""
+    out = dict(_SENT)
+    if reset:
+        _SENT.update(bytes=0, messages=0)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- geometry
+def _group_info(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("fastattn.distributed needs an initialised process group "
+                           "(torch.distributed.init_process_group)")
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the group passed to fastattn.distributed")
+    return rank, dist.get_world_size(group)
+
+
+def _check_layout(layout) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+def _chunks(L: int, n: int) -> list[tuple[int, int]]:
+    """(start, length) of the n chunks of ``torch.tensor_split(x, n)`` of a length-L dim: the first L mod n hold
+    one more element."""
+    base, extra = divmod(L, n)
+    out, start = [], 0
+    for c in range(n):
+        length = base + (c < extra)
+        out.append((start, length))
+        start += length
+    return out
+
+
+def _chunk_ids(rank: int, N: int, layout: str) -> list[int]:
+    return [rank, 2 * N - 1 - rank] if layout == "zigzag" else [rank]
+
+
+def _rank_chunks(L: int, N: int, rank: int, layout: str) -> list[tuple[int, int]]:
+    """(start, length) of rank's chunks in its local order (increasing global position)."""
+    chunks = _chunks(L, 2 * N if layout == "zigzag" else N)
+    return [chunks[c] for c in _chunk_ids(rank, N, layout)]
+
+
+def shard_lengths(L: int, N: int, layout: str = "zigzag") -> list[int]:
+    """Local length of each of N ranks' shards of a length-L sequence."""
+    _check_layout(layout)
+    return [sum(n for _, n in _rank_chunks(L, N, r, layout)) for r in range(N)]
+
+
+def _dim(x: Tensor, dim: int) -> int:
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for a tensor of {x.dim()} dims")
+    return dim % x.dim()
+
+
+def shard(x: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -> Tensor:
+    """This rank's part of the full sequence ``x`` along ``dim``: with c = ``torch.tensor_split(x, 2N, dim)``,
+    ``cat(c[r], c[2N−1−r])`` ("zigzag"), or ``tensor_split(x, N, dim)[r]`` ("contiguous"). Differentiable."""
+    _check_layout(layout)
+    rank, N = _group_info(group)
+    dim = _dim(x, dim)
+    return torch.cat([x.narrow(dim, s, n) for s, n in _rank_chunks(x.shape[dim], N, rank, layout)], dim)
+
+
+def _comm_device(group, t: Tensor) -> torch.device:
+    """Where the group's backend reads tensors: NCCL needs them on t's GPU; gloo gets CPU copies (so several
+    processes can share one GPU over gloo: the transfers are staged through host memory)."""
+    backend = str(dist.get_backend(group))
+    if ":" in backend:  # a per-device mapping such as "cpu:gloo,cuda:nccl": each tensor goes to its own device
+        return t.device
+    if backend == "nccl":
+        if not t.is_cuda:
+            raise ValueError(f"the group's backend is NCCL, which needs CUDA tensors; got tensors on {t.device}")
+        return t.device
+    return torch.device("cpu")
+
+
+def _all_gather_ints(values: list[int], group, N: int, device) -> list[list[int]]:
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    out = [torch.empty_like(t) for _ in range(N)]
+    dist.all_gather(out, t, group=group)
+    return [o.tolist() for o in out]
+
+
+def _check_lengths(lengths: list[int], N: int, layout: str, what: str) -> int:
+    """L = Σ lengths, after checking that they are the shard lengths of a length-L sequence in ``layout``."""
+    L = sum(lengths)
+    expected = shard_lengths(L, N, layout)
+    if lengths != expected:
+        raise ValueError(f"{what}: the shard lengths across the group's ranks are {lengths}, but fastattn.distributed"
+                         f".shard of a length-{L} sequence over {N} ranks with layout={layout!r} gives {expected}: "
+                         "the tensors were not sharded with this group and layout")
+    return L
+
+
+def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -> Tensor:
+    """The full sequence from every rank's shard (the inverse of :func:`shard`), on every rank. The shard lengths
+    come from the group (an all-gather of the shapes), so uneven lengths need no argument. Not differentiable."""
+    _check_layout(layout)
+    rank, N = _group_info(group)
+    dim = _dim(x_local, dim)
+    if x_local.dim() > _MAX_DIMS:
+        raise ValueError(f"unshard takes tensors of at most {_MAX_DIMS} dims, got {x_local.dim()}")
+    device = _comm_device(group, x_local)
+    meta = [x_local.dim(), *x_local.shape] + [-1] * (_MAX_DIMS - x_local.dim())
+    shapes = _all_gather_ints(meta, group, N, device)
+    mine = meta[: 1 + x_local.dim()]
+    for r, s in enumerate(shapes):
+        other = s[: 1 + s[0]]
+        if len(other) != len(mine) or any(a != b for i, (a, b) in enumerate(zip(mine[1:], other[1:])) if i != dim):
+            raise ValueError(f"unshard: rank {r} holds a shard of shape {tuple(other[1:])} and rank {rank} one of "
+                             f"{tuple(mine[1:])}: they must agree in every dim but dim {dim}")
+    lengths = [s[1 + dim] for s in shapes]
+    _check_lengths(lengths, N, layout, "unshard")
+    # all_gather moves equal shapes: pad every shard to the longest, cut the padding off afterwards.
+    longest = max(lengths)
+    x = x_local.detach().to(device)
+    if x.shape[dim] < longest:
+        pad = list(x.shape)
+        pad[dim] = longest - x.shape[dim]
+        x = torch.cat([x, x.new_zeros(pad)], dim)
+    gathered = [torch.empty_like(x) for _ in range(N)]
+    dist.all_gather(gathered, x.contiguous(), group=group)
+    L = sum(lengths)
+    parts = [None] * (2 * N if layout == "zigzag" else N)
+    for r, t in enumerate(gathered):
+        offset = 0
+        for c, (_, n) in zip(_chunk_ids(r, N, layout), _rank_chunks(L, N, r, layout)):
+            parts[c] = t.narrow(dim, offset, n)
+            offset += n
+    return torch.cat(parts, dim).to(x_local.device)
+
+
+# --------------------------------------------------------------------------------------------- ring steps
+def _plan(q_chunks, k_chunks, causal: bool) -> list[tuple[int, int, int, int, bool]]:
+    """The attention blocks of one ring step, (q_lo, q_hi, k_lo, k_hi, causal-diagonal) in local offsets, for a
+    rank holding queries at ``q_chunks`` and keys at ``k_chunks`` ((global start, length), increasing)."""
+    Lq, Lk = sum(n for _, n in q_chunks), sum(n for _, n in k_chunks)
+    if Lq == 0 or Lk == 0:
+        return []
+    if not causal:
+        return [(0, Lq, 0, Lk, False)]
+    if q_chunks == k_chunks:
+        # The same positions in the same increasing order: local index order is global order, so one top-left
+        # causal call covers the diagonal blocks, the full block of the later chunk on the earlier one and the
+        # skipped block (the kernels do not visit key blocks past the diagonal).
+        return [(0, Lq, 0, Lk, True)]
+    blocks, q_off = [], 0
+    for qs, ql in q_chunks:
+        ranges, k_off = [], 0  # the key ranges every query of this chunk sees entirely
+        for ks, kl in k_chunks:
+            if ql and kl:
+                if ks + kl <= qs:  # full
+                    if ranges and ranges[-1][1] == k_off:
+                        ranges[-1] = (ranges[-1][0], k_off + kl)
+                    else:
+                        ranges.append((k_off, k_off + kl))
+                elif ks < qs + ql:  # distinct chunks of a layout never overlap
+                    raise AssertionError(f"chunks ({qs}, {ql}) and ({ks}, {kl}) overlap")
+            k_off += kl
+        for lo, hi in ranges:  # a run of query chunks seeing the same keys is one call
+            if blocks and blocks[-1][1] == q_off and blocks[-1][2:4] == (lo, hi):
+                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, False)
+            else:
+                blocks.append((q_off, q_off + ql, lo, hi, False))
+        q_off += ql
+    return blocks
+
+
+class _Pending:
+    def __init__(self, works, recv: Tensor, device, keep):
+        self.works, self.recv, self.device, self.keep = works, recv, device, keep
+
+    def wait(self) -> Tensor:
+        for w in self.works:
+            w.wait()
+        self.keep = None  # the send buffer may be freed now
+        return self.recv.to(self.device)
+
+
+class _Ring:
+    """Point-to-point exchange with the ring neighbours: send to rank + 1, receive from rank − 1 (group ranks)."""
+
+    def __init__(self, group, rank: int, size: int, comm_device):
+        self.group, self.rank, self.size, self.comm_device = group, rank, size, comm_device
+        self.next, self.prev = (rank + 1) % size, (rank - 1) % size
+
+    def exchange(self, send: Tensor, recv_shape, dtype, tag: int) -> _Pending:
+        """Start sending ``send`` and receiving a tensor of ``recv_shape``; ``.wait()`` returns the received one."""
+        send_c = send.to(self.comm_device)
+        recv = torch.empty(recv_shape, dtype=dtype, device=self.comm_device)
+        ops = []
+        # Both ends know every shard's length, so both skip an empty message.
+        if send_c.numel():
+            ops.append(dist.P2POp(dist.isend, send_c, group=self.group, group_peer=self.next, tag=tag))
+            _SENT["bytes"] += send_c.numel() * send_c.element_size()
+            _SENT["messages"] += 1
+        if recv.numel():
+            ops.append(dist.P2POp(dist.irecv, recv, group=self.group, group_peer=self.prev, tag=tag))
+        works = dist.batch_isend_irecv(ops) if ops else []
+        return _Pending(works, recv, send.device, send_c)
+
+
+# --------------------------------------------------------------------------------------------- block kernels
+def _torch_block_forward(q, k, v, scale, causal, acc):
+    """(o, lse2) in dtype ``acc``: o = softmax(s)·v over this block's keys, lse2 = log2 Σ_j 2^(s_ij·log2(e)),
+    s = scale·q·kᵀ; causal: key b visible to query a iff b <= a (top-left). −inf lse2, o = 0 for a row without
+    keys. GQA: query head h reads kv head h // (H/Hkv)."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    qg = q.to(acc).reshape(B, Hkv, H // Hkv, Lq, D)
+    s2 = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * (scale * LOG2E)
+    if causal:
+        s2.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    m = s2.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row without keys: 2^(−inf − 0) = 0, not NaN
+    p = torch.exp2(s2 - m)
+    l = p.sum(-1, keepdim=True)
+    o = torch.matmul(p, v.to(acc).unsqueeze(2)) / torch.where(l == 0, 1.0, l)
+    lse2 = (m + torch.log2(l)).squeeze(-1)
+    return o.reshape(B, H, Lq, D), lse2.reshape(B, H, Lq)
+
+
+def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
+    """(dq, dk, dv) in ``acc`` of this block's keys, from the global output and lse2 (+inf: empty row) of these
+    query rows, with D_i = do_i·o_i."""
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = H // Hkv
+    qg, dog = q.to(acc).reshape(B, Hkv, G, Lq, D), do.to(acc).reshape(B, Hkv, G, Lq, D)
+    kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
+    # D_i through the same matmul reduction as dp_ij = do_i·v_j (as the Triton delta kernel does): a row that sees
+    # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
+    og = out.to(acc).reshape(B, Hkv, G, Lq, D)
+    delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    s2 = torch.matmul(qg, kk.transpose(-1, -2)) * (scale * LOG2E)
+    if causal:
+        s2.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    p = torch.exp2(s2 - lse2.to(acc).reshape(B, Hkv, G, Lq, 1))
+    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
+    ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kk) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
+    return dq.reshape(B, H, Lq, D), dk, dv
+
+
+def _triton_block_forward(q, k, v, scale, causal, acc):
+    """As :func:`_torch_block_forward`, by the Triton kernel writing an fp32 (un-rounded) output."""
+    from .triton import attention as kernels
+    out = empty(q.shape, like=q, dtype=torch.float32)
+    lse2 = empty(q.shape[:3], like=q, dtype=torch.float32)
+    kernels.forward(q, k, v, None, None, None, out, lse2, scale, causal, False)
+    return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
+
+
+def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
+    """(dq, dk, dv) in fp32 by the Triton kernels, given the global output and lse2 of these query rows."""
+    from .triton import attention as kernels
+    dq = empty(q.shape, like=q, dtype=torch.float32)
+    dk = empty(k.shape, like=k, dtype=torch.float32)
+    dv = empty(v.shape, like=v, dtype=torch.float32)
+    kernels.backward(do, q, k, v, out, lse2.contiguous(), None, None, None, None, dq, dk, dv, None, scale, causal,
+                     False)
+    return dq, dk, dv
+
+
+def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
+    """In place: (acc_out, acc_lse) ← the merge of two partials, lse = log2(2^acc_lse + 2^lse),
+    out = (2^acc_lse·acc_out + 2^lse·o) / 2^lse_new; −inf lse is a partial that saw no key."""
+    m = torch.maximum(acc_lse, lse)
+    m = torch.where(m == float("-inf"), 0.0, m)
+    wa, wb = torch.exp2(acc_lse - m), torch.exp2(lse - m)
+    total = wa + wb
+    acc_lse.copy_(m + torch.log2(total))
+    total = torch.where(total == 0, 1.0, total)
+    acc_out.mul_((wa / total).unsqueeze(-1)).add_(o.to(acc_out.dtype) * (wb / total).unsqueeze(-1))
+
+
+# --------------------------------------------------------------------------------------------- autograd
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring: _Ring, chunks, scale: float, causal: bool, backend: str):
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        D = q.shape[3]
+        r, N = ring.rank, ring.size
+        kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        for t in range(N):
+            src = (r - t) % N
+            if t + 1 < N:  # the next shard is on its way while this one is computed
+                nxt = (r - t - 1) % N
+                pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
+            for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
+                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, diag, acc)
+                o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
+                _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
+            if t + 1 < N:
+                kv = pending.wait()
+        out = out.to(q.dtype)
+        lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend = ring, chunks, scale, causal, backend
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        ring, chunks, scale, causal, backend = ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        r, N = ring.rank, ring.size
+        D = q.shape[3]
+        do = lastdim_contiguous(dout)
+        kv_len = lambda rank: sum(n for _, n in chunks[rank])  # noqa: E731
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        kv = torch.stack([k, v])
+        home = None
+        for t in range(N):
+            src = (r - t) % N
+            if t + 1 < N:
+                pending_kv = ring.exchange(kv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), kv.dtype, tag=2)
+            # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
+            # arrive meanwhile and are added below.
+            dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
+            for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
+                rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
+                        lse[:, :, qa:qb], scale, diag)
+                if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
+                    g = _triton_block_backward(*rows)
+                else:
+                    g = _torch_block_backward(*rows, acc)
+                dq[:, :, qa:qb] += g[0]
+                dkv[0, :, :, ka:kb] += g[1]
+                dkv[1, :, :, ka:kb] += g[2]
+            if t > 0:
+                dkv += pending_dkv.wait()
+            if N > 1:  # to the next rank; after the last step they reach the rank that owns them
+                pending_dkv = ring.exchange(dkv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), acc, tag=3)
+            else:
+                home = dkv
+            if t + 1 < N:
+                kv = pending_kv.wait()
+        if N > 1:
+            home = pending_dkv.wait()
+        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------- public
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if code < len(_DTYPES) else "an unsupported dtype"
+
+
+def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
+    """Every rank runs the same checks on every rank's shapes, so a bad input raises on all ranks (no hang).
+    -> the global length L."""
+    def name(i):
+        return ("q", "k", "v")[i]
+    for r, m in enumerate(metas):
+        shapes, dtypes = [m[0:4], m[4:8], m[8:12]], m[12:15]
+        for i, s in enumerate(shapes):
+            if s[0] < 0:
+                raise ValueError(f"rank {r}: {name(i)} must be a (B, H, L_local, D) shard, got {s[3]} dims")
+        if len(set(dtypes)) != 1:
+            raise TypeError(f"rank {r}: q, k, v dtypes differ: {[_dtype_name(d) for d in dtypes]}")
+        (B, H, L, D), (Bk, Hkv, Lk, Dk), sv = shapes
+        if [Bk, Hkv, Lk, Dk] != sv:
+            raise ValueError(f"rank {r}: k {tuple(shapes[1])} and v {tuple(sv)} must have the same shape")
+        if Bk != B:
+            raise ValueError(f"rank {r}: batch sizes differ: q {B}, k/v {Bk}")
+        if Dk != D:
+            raise ValueError(f"rank {r}: head dims differ: q {D}, k/v {Dk}")
+        if Hkv == 0 or H % Hkv:
+            raise ValueError(f"rank {r}: q's {H} heads must be a multiple of k/v's {Hkv} heads (GQA)")
+        if Lk != L:
+            raise ValueError(f"rank {r}: k/v hold {Lk} positions and q {L}: context-parallel self-attention needs "
+                             "the shards of q, k and v at the same positions")
+    for i, what in ((0, "batch sizes"), (1, "query heads"), (5, "k/v heads"), (3, "head dims"), (12, "dtypes"),
+                    (15, "causal flags"), (16, "layouts")):
+        values = [m[i] for m in metas]
+        if i == 12:
+            values = [_dtype_name(c) for c in values]
+        elif i == 16:
+            values = [LAYOUTS[c] for c in values]
+        if len(set(values)) != 1:
+            raise ValueError(f"the shards differ across ranks in {what}: {values} (ranks 0..{N - 1}): every rank must "
+                             "pass its shard of the same q, k, v and the same options")
+    return _check_lengths([m[2] for m in metas], N, layout, "context_parallel_attention")
+
+
+def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
+                               layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
+                               backend: str = "auto") -> Tensor:
+    """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
+
+    q: [B, H, L_local, D], k/v: [B, Hkv, L_local, D] (H % Hkv == 0: GQA, K/V travel with Hkv heads): this rank's
+    shards, from :func:`shard` with the same ``group`` (default: the world) and ``layout``. ``causal``: top-left
+    in global positions (query i sees keys j <= i). Per block: the Triton kernels with fp32 outputs when
+    ``backend`` resolves to "triton" (CUDA tensors), plain torch in fp32 (float64 for float64 inputs) for
+    "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
+    input raises the same error on every rank. Every rank of the group must call it.
+    """
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0.0:
+        raise NotImplementedError("context_parallel_attention does not support dropout_p > 0 yet")
+    _check_layout(layout)
+    for t, n in ((q, "q"), (k, "k"), (v, "v")):
+        check_tensor(t, n)
+        check_same(q, "q", t, n, dtype=False)
+    rank, N = _group_info(group)
+    use = dispatch.select(backend, q)
+    if use == "cuda":
+        raise NotImplementedError("context_parallel_attention runs its blocks with backend 'triton' or 'torch'; the "
+                                  "CUDA C++ kernels do not write the fp32 partial outputs it merges")
+    device = _comm_device(group, q)
+
+    def shape4(t):
+        return list(t.shape) if t.dim() == 4 else [-1, -1, -1, t.dim()]
+
+    code = {d: i for i, d in enumerate(_DTYPES)}
+    meta = shape4(q) + shape4(k) + shape4(v) + [code.get(t.dtype, len(_DTYPES)) for t in (q, k, v)]
+    meta += [int(bool(causal)), LAYOUTS.index(layout)]
+    L = _check_shards(_all_gather_ints(meta, group, N, device), N, layout)
+    if q.dtype not in _DTYPES:
+        raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
+    if use == "triton":
+        check_kernel_dtype(q, "q", use)
+        if q.shape[3] > MAX_HEAD_DIM:
+            raise ValueError(f"head dim {q.shape[3]} is larger than the kernels' {MAX_HEAD_DIM}")
+    chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
+    return _RingAttention.apply(q, k, v, _Ring(group, rank, N, device), chunks, scale, bool(causal), use)

@@ -1,0 +1,446 @@
+"""Context parallelism (fastattn.distributed): ring attention on the CPU with gloo, in 2 and 4 spawned processes.
+
+Every output and gradient, gathered with ``unshard``, is compared with the float64 reference on the full sequence
+under DESIGN.md §5, the baseline being the single-process fastattn result in the same dtype (on the CPU: the
+reference in that dtype). Spawning costs seconds, so each world size is spawned once (a module fixture): its
+processes run every case of that size and write one result per case and rank, which the tests read. A hang fails
+after the timeout (the processes are killed). `gpu` tests run the cases with NCCL when two or more GPUs exist.
+"""
+import contextlib
+import copy
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastattn
+import fastattn.nn
+from fastattn import distributed as fd
+from fastattn.distributed import context_parallel_attention, shard, unshard
+from fastattn.testing import BACKWARD_FACTOR, FORWARD_FACTOR, compare, forward_backward, run_distributed
+
+TIMEOUT = 240.0  # seconds for a whole suite; a hang fails after this
+
+
+# ------------------------------------------------------------------------------------------- helpers (in workers)
+@dataclass
+class Env:
+    rank: int
+    world: int
+    device: str
+    groups: dict  # name -> process group; created in the same order on every rank
+
+
+def _inputs(B, H, Hkv, L, D, seed, device):
+    """Full-sequence q, k, v, do: the same on every rank (same seed)."""
+    g = torch.Generator().manual_seed(seed)
+    t = [torch.randn(s, generator=g) for s in ((B, H, L, D), (B, Hkv, L, D), (B, Hkv, L, D), (B, H, L, D))]
+    return [x.to(device) for x in t[:3]], t[3].to(device)
+
+
+def _run_cp(group, qkv, do, dtype, **kw):
+    """Context-parallel forward + backward on this rank's shards -> the unsharded out, dq, dk, dv."""
+    layout = kw.get("layout", "zigzag")
+    shards = [shard(t.detach().to(dtype), group, layout=layout).requires_grad_() for t in qkv]
+    out = context_parallel_attention(*shards, group, **kw)
+    assert out.dtype == dtype and out.shape == shards[0].shape
+    out.backward(shard(do.to(dtype), group, layout=layout))
+    names = ("out", "dq", "dk", "dv")
+    return {n: unshard(t.detach(), group, layout=layout) for n, t in zip(names, (out, *[s.grad for s in shards]))}
+
+
+def _single(qkv, do, dtype, causal, scale=None):
+    """Single-process fastattn on the full sequence (backend torch: the reference) in ``dtype``."""
+    def fn(q, k, v):
+        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, backend="torch")}
+    q, k, v = (t.detach().requires_grad_() for t in qkv)
+    return forward_backward(fn, dict(q=q, k=k, v=v), {"out": do}, dtype)
+
+
+def _assert_rule(got: dict, ref64: dict, low: dict):
+    results = [compare(got[n], ref64[n], low[n], name=n, factor=FORWARD_FACTOR if n == "out" else BACKWARD_FACTOR)
+               for n in ref64]
+    failed = [str(c) for c in results if not c.ok]
+    assert not failed, "\n".join(failed)
+
+
+@contextlib.contextmanager
+def _count_triton_calls():
+    """Counts the launches of fastattn.triton.attention.forward / backward (the ring's block kernels)."""
+    from fastattn.triton import attention as kernels
+    calls = {"forward": 0, "backward": 0}
+    originals = {n: getattr(kernels, n) for n in calls}
+
+    def counting(name):
+        def fn(*args, **kwargs):
+            calls[name] += 1
+            return originals[name](*args, **kwargs)
+        return fn
+    try:
+        for n in calls:
+            setattr(kernels, n, counting(n))
+        yield calls
+    finally:
+        for n, f in originals.items():
+            setattr(kernels, n, f)
+
+
+# ------------------------------------------------------------------------------------------- cases
+def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
+                        seed=0, group="world"):
+    group = env.groups[group]
+    qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
+    with _count_triton_calls() as calls:
+        got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend)
+    if backend == "triton" or (backend == "auto" and env.device != "cpu"):
+        assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
+    else:
+        assert calls == {"forward": 0, "backward": 0}, calls
+    if dist.get_rank(group) == 0:  # the comparisons once per group
+        _assert_rule(got, _single(qkv, do, torch.float64, causal, scale), _single(qkv, do, dtype, causal, scale))
+
+
+def case_shard_roundtrip(env):
+    """shard gives tensor_split's chunks (r and 2N−1−r, or r) for any length, empty chunks included; unshard
+    inverts it exactly."""
+    N, r = env.world, env.rank
+    for L in (1, 2 * N - 1, 2 * N + 3, 37):
+        x = torch.arange(L * 3, device=env.device).view(3, L).float()
+        for layout in fd.LAYOUTS:
+            parts = torch.tensor_split(x, 2 * N if layout == "zigzag" else N, dim=1)
+            mine = torch.cat([parts[r], parts[2 * N - 1 - r]] if layout == "zigzag" else [parts[r]], 1)
+            s = shard(x, dim=1, layout=layout)
+            assert torch.equal(s, mine) and s.shape[1] == fd.shard_lengths(L, N, layout)[r]
+            assert torch.equal(unshard(s, dim=-1, layout=layout), x)
+
+
+def case_error_vs_ranks(env):
+    """The error against float64 does not grow with N: for N = 1, 2, 4 (groups of ranks 0.., fp16, causal zigzag)
+    the max errors of the output and every gradient are within 1.5× of each other, and so are the mean errors
+    within 5 %: in fp16 both are set by the final rounding, while rounding the partial outputs or the travelling
+    dK/dV to 16 bits between steps raises the mean errors at N = 4 by 10–25 % (measured)."""
+    qkv, do = _inputs(1, 4, 2, 96, 16, 5, env.device)
+    errs = {}
+    for n in (1, 2, 4):
+        if env.rank < n:
+            got = _run_cp(env.groups[f"first{n}"], qkv, do, torch.float16, causal=True)
+            if env.rank == 0:
+                ref64 = _single(qkv, do, torch.float64, True)
+                errs[n] = {k: (got[k].double() - ref64[k].double()).abs() for k in ref64}
+    if env.rank == 0:
+        for k in errs[1]:
+            worst = [errs[n][k].max().item() for n in (1, 2, 4)]
+            mean = [errs[n][k].mean().item() for n in (1, 2, 4)]
+            assert max(worst) <= 1.5 * min(worst), f"{k}: max error vs float64 for N = 1, 2, 4: {worst}"
+            assert max(mean) <= 1.05 * min(mean), f"{k}: mean error vs float64 for N = 1, 2, 4: {mean}"
+
+
+def case_saved_bytes(env):
+    """Each rank saves for backward exactly its shards of q, k, v, out and the fp32 LSE: 1/N of N = 1's."""
+    B, H, Hkv, L, D = 1, 4, 2, 64, 16
+    qkv, do = _inputs(B, H, Hkv, L, D, 6, env.device)
+    saved = {}
+    for n in (1, 2, 4):
+        if env.rank >= n:
+            continue
+        group = env.groups[f"first{n}"]
+        shards = [shard(t.half(), group).requires_grad_() for t in qkv]
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = context_parallel_attention(*shards, group, causal=True)
+        Ll = L // n
+        expected = 2 * (2 * B * H * Ll * D + 2 * B * Hkv * Ll * D) + 4 * B * H * Ll  # q, out, k, v fp16; lse fp32
+        saved[n] = sum(seen.values())
+        assert saved[n] == expected, f"N={n}: saved {saved[n]} bytes, expected {expected}"
+        out.backward(shard(do.half(), group))
+    if env.rank == 0:
+        assert saved[1] == 2 * saved[2] == 4 * saved[4], saved
+
+
+def case_comm_bytes(env):
+    """Each rank sends exactly: forward, the K/V shards of every rank but its successor (N − 1 hops); backward,
+    those again plus the fp32 dK/dV of every rank (N hops, the last one home). Uneven lengths, GQA, fp16."""
+    B, H, Hkv, L, D, N, r = 1, 4, 2, 37, 8, env.world, env.rank
+    qkv, do = _inputs(B, H, Hkv, L, D, 4, env.device)
+    shards = [shard(t.half()).requires_grad_() for t in qkv]
+    kv_bytes = [2 * B * Hkv * n * D * 2 for n in fd.shard_lengths(L, N)]
+    fd.comm_stats(reset=True)
+    out = context_parallel_attention(*shards, causal=True)
+    assert fd.comm_stats(reset=True) == {"bytes": sum(kv_bytes) - kv_bytes[(r + 1) % N], "messages": N - 1}
+    out.backward(shard(do.half()))
+    assert fd.comm_stats(reset=True) == {"bytes": sum(kv_bytes) - kv_bytes[(r + 1) % N] + 2 * sum(kv_bytes),
+                                         "messages": 2 * N - 1}
+
+
+def case_pairs(env):
+    """Two groups at once, of non-adjacent global ranks ([0, 2] and [1, 3]): ring neighbours are group ranks."""
+    case_matches_single(env, dtype=torch.float32, causal=True, layout="zigzag", L=29, group="pair",
+                        seed=10 + env.rank % 2)
+
+
+def _module_case(env, make, call, seq_dim, causal):
+    """A module on this rank's shards (its attention over the world group) against the same module unsharded, single
+    process: output, input gradient and every parameter gradient (summed over the ranks) under §5."""
+    torch.manual_seed(1)
+    module = make()
+    shape = [2, 2, 32]
+    shape[seq_dim] = 37
+    g = torch.Generator().manual_seed(2)
+    x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    cp = copy.deepcopy(module).to(env.device)
+    cp_mha = cp.self_attn if hasattr(cp, "self_attn") else cp
+    cp_mha.context_parallel_group = dist.group.WORLD
+    xs = shard(x.to(env.device), dim=seq_dim).requires_grad_()
+    y = call(cp, xs, None, causal)
+    y.backward(shard(dy.to(env.device), dim=seq_dim))
+    got = {"out": unshard(y.detach(), dim=seq_dim), "dx": unshard(xs.grad, dim=seq_dim)}
+    for name, p in cp.named_parameters():
+        dist.all_reduce(p.grad)  # each rank's gradient is that of its tokens' outputs
+        got["d." + name] = p.grad
+    if env.rank != 0:
+        return
+    L = shape[seq_dim]
+    mask = torch.ones(L, L, dtype=torch.bool, device=env.device).triu(1) if causal else None  # True = ignore
+
+    def run(dtype):
+        m = copy.deepcopy(module).to(device=env.device, dtype=dtype)
+        xx = x.to(device=env.device, dtype=dtype).requires_grad_()
+        out = call(m, xx, mask, causal)
+        out.backward(dy.to(device=env.device, dtype=dtype))
+        return {"out": out.detach(), "dx": xx.grad, **{"d." + n: p.grad for n, p in m.named_parameters()}}
+    _assert_rule(got, run(torch.float64), run(torch.float32))
+
+
+def case_mha(env, *, causal):
+    """fastattn.nn.MultiheadAttention(context_parallel_group=...) on (L, B, E) shards (sequence first)."""
+    def call(m, x, mask, causal):
+        return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
+    _module_case(env, lambda: fastattn.nn.MultiheadAttention(32, 4), call, 0, causal)
+
+
+def case_encoder_layer(env, *, causal):
+    """fastattn.nn.TransformerEncoderLayer (batch_first) with its self-attention over the group (README example)."""
+    def make():
+        return fastattn.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+
+    def call(m, x, mask, causal):
+        return m(x, src_mask=mask, is_causal=causal)
+    _module_case(env, make, call, 1, causal)
+
+
+def case_mha_errors(env):
+    """Masks other than causal, need_weights and dropout get clear errors (raised before any communication)."""
+    mha = fastattn.nn.MultiheadAttention(16, 2, dropout=0.1, context_parallel_group=dist.group.WORLD).to(env.device)
+    x = torch.randn(5, 2, 16, device=env.device)
+    with pytest.raises(ValueError, match="need_weights"):
+        mha(x, x, x)
+    with pytest.raises(ValueError, match="attn_mask and key_padding_mask must be None"):
+        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device=env.device))
+    with pytest.raises(ValueError, match="attn_mask and key_padding_mask must be None"):
+        mha(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=env.device))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        mha.train()(x, x, x, need_weights=False)
+
+
+def _shards(env, L=20, D=16, Hkv=2, dtype=torch.float32):
+    qkv, _ = _inputs(1, 2, Hkv, L, D, 0, env.device)
+    return [shard(t.to(dtype)) for t in qkv]
+
+
+def case_errors(env):
+    """Bad input raises the same clear error on every rank (the checks run on all ranks' gathered shapes)."""
+    r = env.rank
+    with pytest.raises(ValueError, match=r"head dims: \[16, 8\]"):
+        context_parallel_attention(*_shards(env, D=16 if r == 0 else 8))
+    q, k, v = _shards(env)
+    if r == 0:  # rank 0 passes the whole sequence instead of its shard
+        q, k, v = (torch.cat([t, t], 2) for t in (q, k, v))
+    with pytest.raises(ValueError, match="not sharded with this group and layout"):
+        context_parallel_attention(q, k, v)
+    q, k, v = _shards(env)
+    with pytest.raises(ValueError, match="same positions"):
+        context_parallel_attention(q, torch.cat([k, k[:, :, :1]], 2), torch.cat([v, v[:, :, :1]], 2))
+    with pytest.raises(ValueError, match="dtypes"):
+        context_parallel_attention(*_shards(env, dtype=torch.float32 if r == 0 else torch.float16))
+    with pytest.raises(ValueError, match="causal flags"):
+        context_parallel_attention(*_shards(env), causal=r == 0)
+    with pytest.raises(ValueError, match="multiple of k/v's 3 heads"):
+        context_parallel_attention(*_shards(env, Hkv=3))
+    with pytest.raises(NotImplementedError, match="dropout"):
+        context_parallel_attention(*_shards(env), dropout_p=0.1)
+    with pytest.raises(ValueError, match="agree in every dim but dim 2"):
+        unshard(torch.zeros(2, 3 + r, 5, device=env.device))
+    with pytest.raises(ValueError, match="not sharded with this group"):
+        unshard(torch.zeros(2, 3, 7 if r == 0 else 3, device=env.device))
+    context_parallel_attention(*_shards(env))  # the group is still in step after the errors
+
+
+def case_layout_mismatch(env):
+    """Contiguous shards of a length-13 sequence over 4 ranks ([4, 3, 3, 3]) passed as zigzag ([3, 3, 3, 4])."""
+    qkv, _ = _inputs(1, 2, 2, 13, 8, 0, env.device)
+    with pytest.raises(ValueError, match="not sharded with this group and layout"):
+        context_parallel_attention(*[shard(t, layout="contiguous") for t in qkv], layout="zigzag")
+
+
+def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
+    cases = {}
+    for layout in fd.LAYOUTS:
+        for causal in (True, False):
+            for dtype in dtypes:
+                name = f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-gqa-L37"
+                cases[name] = (case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
+                                                         seed=len(cases)))
+    cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
+        case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
+                                  backend=backend, seed=99))
+    # A sequence shorter than the chunks: some chunks, and with N = 4 a whole shard, are empty.
+    cases[f"{backend}-zigzag-causal-float32-L{world - 1}"] = (
+        case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", L=world - 1, backend=backend))
+    return cases
+
+
+MODULES = {"mha-seq-first-causal": (case_mha, dict(causal=True)), "mha-seq-first-full": (case_mha, dict(causal=False)),
+           "encoder-layer-causal": (case_encoder_layer, dict(causal=True)),
+           "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {})}
+
+SUITES = {
+    2: {**_match(2), "shard-roundtrip": (case_shard_roundtrip, {}), **MODULES, "errors": (case_errors, {}),
+        # The Triton kernels (under the interpreter on CPU) as the blocks of the ring: the path GPUs take.
+        "triton-zigzag-causal-float16-gqa": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=7)),
+        "triton-contiguous-full-float32": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
+            seed=8))},
+    4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
+        "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
+        "two-groups-of-two": (case_pairs, {}),
+        "layout-mismatch": (case_layout_mismatch, {}),
+        "triton-zigzag-causal-float32-gqa": (case_matches_single, dict(
+            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=9))},
+}
+# With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
+SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
+                  "errors": (case_errors, {})}
+
+
+def _suite_worker(rank, world, suite, out_dir):
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    groups = {"world": None}
+    for n in (1, 2, 4):  # new_group is collective: every rank creates every group, in the same order
+        if n <= world:
+            groups[f"first{n}"] = dist.new_group(list(range(n)))
+    if world == 4:
+        pairs = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+        groups["pair"] = pairs[rank % 2]
+    env = Env(rank, world, device, groups)
+    results = {}
+    for name, (fn, kw) in SUITES[suite].items():
+        try:
+            fn(env, **kw)
+            results[name] = "ok"
+        except Exception:  # noqa: BLE001 - recorded per case; the test of that case fails with the traceback
+            results[name] = traceback.format_exc()
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+
+
+def _run_suite(tmp_path_factory, suite, world, backend="gloo"):
+    out = tmp_path_factory.mktemp(f"cp_{suite}_{world}")
+    run_distributed(_suite_worker, world, suite, str(out), backend=backend, timeout=TIMEOUT)
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+def _check(results, name):
+    failed = {r: res.get(name, "not run") for r, res in enumerate(results) if res.get(name) != "ok"}
+    assert not failed, "\n".join(f"rank {r}:\n{msg}" for r, msg in failed.items())
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return _run_suite(tmp_path_factory, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    return _run_suite(tmp_path_factory, 4, 4)
+
+
+@pytest.mark.parametrize("name", list(SUITES[2]))
+def test_two_ranks(two_ranks, name):
+    _check(two_ranks, name)
+
+
+@pytest.mark.parametrize("name", list(SUITES[4]))
+def test_four_ranks(four_ranks, name):
+    _check(four_ranks, name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [2, 4])
+def test_nccl(tmp_path_factory, world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"NCCL context-parallel tests with {world} ranks need {world} GPUs, "
+                    f"found {torch.cuda.device_count()}")
+    results = _run_suite(tmp_path_factory, "nccl", world, backend="nccl")
+    for name in SUITES["nccl"]:
+        _check(results, name)
+
+
+# ------------------------------------------------------------------------------------------- in this process
+def _causal_step_mask(N, L, layout, r, src):
+    q = torch.cat([torch.arange(s, s + n) for s, n in fd._rank_chunks(L, N, r, layout)])
+    k = torch.cat([torch.arange(s, s + n) for s, n in fd._rank_chunks(L, N, src, layout)])
+    return q, k, k[None, :] <= q[:, None]
+
+
+@pytest.mark.parametrize("layout", fd.LAYOUTS)
+def test_plan_is_the_causal_mask(layout):
+    """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step
+    (full, or top-left causal-diagonal) cover exactly the global causal mask, with no block twice; zigzag steps
+    away from the diagonal are one block of one chunk's length on either side (the balanced work)."""
+    for N in range(1, 6):
+        for L in list(range(0, 2 * N + 3)) + [37, 64]:
+            for r in range(N):
+                for src in range(N):
+                    q, k, want = _causal_step_mask(N, L, layout, r, src)
+                    got = torch.zeros(len(q), len(k), dtype=torch.int32)
+                    blocks = fd._plan(fd._rank_chunks(L, N, r, layout), fd._rank_chunks(L, N, src, layout), True)
+                    for qa, qb, ka, kb, diag in blocks:
+                        block = torch.ones(qb - qa, kb - ka, dtype=torch.int32)
+                        got[qa:qb, ka:kb] += block.tril() if diag else block
+                        assert diag == (src == r)
+                    assert torch.equal(got, want.int()), (N, L, r, src, blocks)
+                    if layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
+                        assert len(blocks) == 1 and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) \
+                            == len(q) * len(k) // 2
+                    plain = fd._plan(fd._rank_chunks(L, N, r, layout), fd._rank_chunks(L, N, src, layout), False)
+                    assert plain == ([(0, len(q), 0, len(k), False)] if len(q) and len(k) else [])
+
+
+def test_errors_without_process_group():
+    q = torch.randn(1, 2, 4, 8)
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        context_parallel_attention(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        shard(q)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        context_parallel_attention(q, q, q, layout="ring")
+    with pytest.raises(NotImplementedError, match="dropout"):
+        context_parallel_attention(q, q, q, dropout_p=0.5)
+    with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
+        context_parallel_attention(q, q, q, dropout_p=1.5)
+
+
+def test_swapped_modules_have_no_group():
+    """swap_modules re-classes torch's module without running __init__: the class default (None) applies."""
+    m = fastattn.nn.swap_modules(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2)))[0]
+    assert type(m) is fastattn.nn.MultiheadAttention and m.context_parallel_group is None
+    assert fastattn.nn.MultiheadAttention(8, 2).context_parallel_group is None
