@@ -54,6 +54,9 @@ NOTES = [
     "blocks outside the window skipped); SDPA the equivalent dense bool mask [L, L] (True = attend; skipped when it "
     "would not fit in memory); FlexAttention a block mask from the same mask_mod (create_block_mask); FLOPs count "
     "the pairs inside the window",
+    "varlen rows: B sequences of lengths spread evenly over [L(1 − 2·pad), L]; fastattn runs the packed batch "
+    "(cu_seqlens, no padding); SDPA and the reference the padded batch with the bool key mask [B, 1, 1, L] (and "
+    "causal), FlexAttention a block mask from the lengths; FLOPs count only real tokens' pairs Σ n_b²",
     "window table: ns per query token = ms ÷ (B·L) (flat in L = O(L·w) work); ×sdpa-mask = best SDPA-with-mask "
     "time ÷ fastattn time (> 1: fastattn faster); flat = ns/token ÷ ns/token of the same w and pass at the "
     "smallest L",
@@ -62,7 +65,7 @@ NOTES = [
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # sweep | padding | bias | cross | gqa
+    kind: str  # sweep | padding | bias | cross | gqa | window | varlen
     dtype: torch.dtype
     B: int
     H: int
@@ -71,7 +74,7 @@ class Case:
     Lk: int
     D: int
     causal: bool = False
-    pad: float = 0.0  # fraction of padded keys
+    pad: float = 0.0  # fraction of padded keys (varlen: of padded tokens, lengths spread over [L(1 − 2·pad), L])
     bias: bool = False
     compiled: bool = False  # in the default grid's subset of rows with torch.compile baselines
     window: int = 0  # > 0: causal local attention, window (window, 0)
@@ -84,6 +87,7 @@ class Case:
         s += f" L{self.Lq}" if self.Lq == self.Lk else f" Lq{self.Lq} Lk{self.Lk}"
         s += f" d{self.D}" + (" causal" if self.causal else "")
         s += f" pad{int(self.pad * 100)}%" if self.pad else ""
+        s += " varlen" if self.kind == "varlen" else ""
         s += f" window{self.window}" if self.window else ""
         return s + (" bias" if self.bias else "")
 
@@ -97,7 +101,16 @@ class Case:
         L, w = self.Lq, self.window
         return L + ((L - 1) * L // 2 if L - 1 <= w else w * (w + 1) // 2 + (L - 1 - w) * w)
 
+    @property
+    def lengths(self) -> list[int]:
+        """varlen rows: the B sequence lengths, evenly spread over [L(1 − 2·pad), L] (mean L(1 − pad))."""
+        lo = self.Lq * (1.0 - 2.0 * self.pad)
+        return [max(1, round(lo + (self.Lq - lo) * (b + 0.5) / self.B)) for b in range(self.B)]
+
     def flops(self, p: str) -> float:
+        if self.kind == "varlen":  # only the real tokens' pairs: Σ_b n_b² (halved for causal)
+            pairs = sum(n * n for n in self.lengths) * (0.5 if self.causal else 1.0)
+            return 4.0 * self.H * pairs * self.D * FLOP_FACTOR[p]
         if self.window:
             return 4.0 * self.B * self.H * self.window_pairs * self.D * FLOP_FACTOR[p]
         f = 4.0 * self.B * self.H * self.Lq * self.kv_len * self.D * (0.5 if self.causal else 1.0)
@@ -137,11 +150,13 @@ def grid(mode: str, gpu: bool) -> list[Case]:
         cases = [Case("sweep", f32, 1, 2, 2, n, n, 32, c) for c in (False, True) for n in Ls]
         return cases + [Case("padding", f32, 1, 2, 2, L, L, 32, pad=0.5), Case("gqa", f32, 1, 4, 2, L, L, 32, True),
                         Case("bias", f32, 1, 2, 2, L, L, 32, bias=True),
-                        Case("window", f32, 1, 2, 2, 2 * L, 2 * L, 32, True, window=32)]
+                        Case("window", f32, 1, 2, 2, 2 * L, 2 * L, 32, True, window=32),
+                        Case("varlen", f32, 4, 2, 2, L, L, 32, True, pad=0.5)]
     if mode == "quick":
         return [square(bf16, L, 128, c) for c in (False, True) for L in (1024, 4096)] + [
             square(bf16, 4096, 128, False, kind="padding", pad=0.5),
-            square(bf16, 4096, 128, True, kind="gqa", Hkv=2), *window_rows(bf16, (256,), (4096,))]
+            square(bf16, 4096, 128, True, kind="gqa", Hkv=2), *window_rows(bf16, (256,), (4096,)),
+            square(bf16, 4096, 128, True, kind="varlen", pad=0.5)]
     Ls = (512, 1024, 2048, 4096, 8192, 16384)
     full = mode == "full"
     cases = []
@@ -154,11 +169,13 @@ def grid(mode: str, gpu: bool) -> list[Case]:
             for p in (0.25, 0.5)]
     gqa = [square(bf16, L, 128, c, kind="gqa", Hkv=hkv) for L in ((2048, 8192) if not full else Ls)
            for c in ((True,) if not full else (False, True)) for hkv in ((2,) if not full else (2, 1))]
+    varlen = [square(bf16, L, 128, c, kind="varlen", pad=p) for L in ((2048, 8192) if not full else (1024, 4096, 16384))
+              for c in (False, True) for p in ((0.5,) if not full else (0.25, 0.5))]
     bias = [square(bf16, L, 128, False, kind="bias", bias=True) for L in ((2048,) if not full else (1024, 2048, 4096))]
     cross = [Case("cross", bf16, TOKENS // max(lq, lk), 16, 16, lq, lk, 128)
              for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
     # Sliding window after the main sweep: ahead of the rarer kinds when --budget runs out.
-    cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + gqa + pads + bias + cross
+    cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + gqa + pads + varlen + bias + cross
     if not full:  # a few fp16 rows and the fastattn-only head dim 256
         cases += [square(fp16, 8192, 128, c) for c in (False, True)]
         cases += [square(bf16, 4096, 256, c) for c in (False, True)]
@@ -180,6 +197,15 @@ def inputs(case: Case, device: str) -> dict:
             case.B, 1, 1, case.Lk)
     if case.bias:
         x["bias"] = (mk(1, case.H, case.Lq, case.Lk) * 0.5).requires_grad_()
+    if case.kind == "varlen":  # padded batch for the others (kv_lens / bool mask), packed copy for fastattn
+        import fastattn
+        lens = torch.tensor(case.lengths, device=device)
+        x["kv_lens"] = lens.to(torch.int32)
+        x["attend"] = (torch.arange(case.Lk, device=device) < lens[:, None]).view(case.B, 1, 1, case.Lk)
+        pad = ~x["attend"].view(case.B, case.Lk)
+        packed = [fastattn.unpad(t.detach().transpose(1, 2), pad) for t in (q, k, v, x["dout"])]
+        cu, x["max_len"] = packed[0][2], packed[0][3]
+        x["packed"] = [t[0].requires_grad_(i < 3) for i, t in enumerate(packed)] + [cu]
     return x
 
 
@@ -198,6 +224,14 @@ def make_fastattn(case: Case, x: dict, device: str, provider: str):
     import fastattn
 
     local = {"window_size": (case.window, 0)} if case.window else {}
+    if case.kind == "varlen":
+        q, k, v, dout, cu = x["packed"]
+        m = x["max_len"]
+
+        def fwd_packed():
+            return fastattn.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m,
+                                      causal=case.causal, backend=backend)
+        return fwd_packed, dout, [q, k, v]
 
     def fwd():
         return fastattn.attention(x["q"], x["k"], x["v"], causal=case.causal, kv_lens=x["kv_lens"],
