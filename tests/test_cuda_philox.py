@@ -26,8 +26,8 @@ SEEDS = [0, 12345, 2**31 - 1, 2**31, 2**32 + 5, 0x123456789ABCDEF, 2**62 - 1]
 
 def _compiler(kind):
     if kind == "c++":
-        return next((shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)),
-                    None)
+        found = (shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
+        return next((c for c in found if c), None)
     return os.environ.get("NVCC") or shutil.which("nvcc") or next(
         (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),)
          if os.path.exists(p)), None)
