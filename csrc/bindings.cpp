@@ -83,7 +83,8 @@ PYBIND11_MODULE(_C, m) {
   FA_FIELD(o_sb); FA_FIELD(o_sh); FA_FIELD(o_sl);
   FA_FIELD(bias_sb); FA_FIELD(bias_sh); FA_FIELD(bias_sm); FA_FIELD(bias_sn);
   FA_FIELD(mask_sb); FA_FIELD(mask_sh); FA_FIELD(mask_sm); FA_FIELD(mask_sn);
-  FA_FIELD(dropout_p); FA_FIELD(seed); FA_FIELD(offset);
+  FA_FIELD(dropout_p); FA_FIELD(seed);
+  FA_FIELD(total_q); FA_FIELD(total_k);
   FA_FIELD(do_sb); FA_FIELD(do_sh); FA_FIELD(do_sl);
   FA_FIELD(dq_sb); FA_FIELD(dq_sh); FA_FIELD(dq_sl);
   FA_FIELD(dk_sb); FA_FIELD(dk_sh); FA_FIELD(dk_sl);
@@ -97,6 +98,8 @@ PYBIND11_MODULE(_C, m) {
   pointer_field(cls, "bias", &AttnParams::bias);
   pointer_field(cls, "mask", &AttnParams::mask);
   pointer_field(cls, "kv_lens", &AttnParams::kv_lens);
+  pointer_field(cls, "cu_seqlens_q", &AttnParams::cu_seqlens_q);
+  pointer_field(cls, "cu_seqlens_k", &AttnParams::cu_seqlens_k);
   pointer_field(cls, "dout", &AttnParams::dout);
   pointer_field(cls, "dlse", &AttnParams::dlse);
   pointer_field(cls, "dq", &AttnParams::dq);

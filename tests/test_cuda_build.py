@@ -52,8 +52,8 @@ def test_attn_params_round_trip(C):
     p = C.AttnParams()
     assert p.q == 0 and p.lse == 0 and p.B == 0 and p.scale == 1.0 and p.causal is False  # params.h defaults
     fields = [n for n in dir(p) if not n.startswith("_")]
-    pointers = {"q", "k", "v", "o", "lse", "bias", "mask", "kv_lens", "dout", "dlse", "dq", "dk", "dv", "ds",
-                "workspace"}
+    pointers = {"q", "k", "v", "o", "lse", "bias", "mask", "kv_lens", "cu_seqlens_q", "cu_seqlens_k", "dout", "dlse",
+                "dq", "dk", "dv", "ds", "workspace"}
     assert pointers <= set(fields)
     values = {}
     for i, name in enumerate(fields):
@@ -158,3 +158,52 @@ def test_attention_marshalling():
     assert torch.equal(out, scratch[..., :D])
     with pytest.raises(NotImplementedError, match="float32.*backend='triton'"):
         A._check(q.float(), k.float(), v.float(), None, None, None)
+
+
+@needs_build
+def test_attention_marshalling_varlen_dropout():
+    """A packed batch: batch strides 0, row strides the packed tensors' first stride, Lq/Lk = max_seqlen, B from
+    cu_seqlens, totals and cu_seqlens pointers; dropout's p and seed (any uint64)."""
+    from fastattn.cuda import attention as A
+
+    H, Hkv, D = 4, 2, 64
+    cu_q = torch.tensor([0, 3, 3, 10], dtype=torch.int32)
+    cu_k = torch.tensor([0, 5, 6, 6], dtype=torch.int32)
+    q, k = torch.randn(10, H, D, dtype=torch.float16), torch.randn(6, Hkv, D, dtype=torch.float16)
+    varlen = (cu_q, cu_k, 7, 5)
+    p = A._params(q, k, k, None, None, None, 0.125, True, True, (0.25, 2**62 + 3), varlen)
+    assert (p.B, p.H, p.Hkv, p.Lq, p.Lk, p.D) == (3, H, Hkv, 7, 5, D)
+    assert (p.q_sb, p.q_sh, p.q_sl) == (0, D, H * D) and (p.k_sb, p.k_sh, p.k_sl) == (0, D, Hkv * D)
+    assert (p.cu_seqlens_q, p.cu_seqlens_k, p.total_q, p.total_k) == (cu_q.data_ptr(), cu_k.data_ptr(), 10, 6)
+    assert p.dropout_p == 0.25 and p.seed == 2**62 + 3
+    assert A._lse_shape(q, varlen) == (H, 10) and A._shape(q, k, varlen) == (3, H, 7, 5)
+    plain = A._params(q[None].transpose(1, 2), k[None].transpose(1, 2), k[None].transpose(1, 2), None, None, None,
+                      0.125, False, False)
+    assert (plain.cu_seqlens_q, plain.total_q, plain.dropout_p, plain.seed) == (0, 0, 0.0, 0)
+
+
+def test_attention_varlen_dropout_checks():
+    """The CUDA module's own checks of packed-batch and dropout arguments (no extension or GPU needed); local
+    attention options keep their NotImplementedError."""
+    from fastattn.cuda import attention as A
+
+    q = torch.randn(10, 2, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    A._check_varlen(q, q, (cu, cu, 6, 6))
+    A._check_dropout((0.5, 2**64 - 1))
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a contiguous int32"):
+        A._check_varlen(q, q, (cu.long(), cu, 6, 6))
+    with pytest.raises(ValueError, match="cu_seqlens_k must be a contiguous int32"):
+        A._check_varlen(q, q, (cu, torch.tensor([0, 0, 4, 0, 10], dtype=torch.int32)[::2], 6, 6))
+    with pytest.raises(ValueError, match="B \\+ 1 entries"):
+        A._check_varlen(q, q, (cu, cu[:2], 6, 6))
+    with pytest.raises(ValueError, match="max_seqlen_k must be an int"):
+        A._check_varlen(q, q, (cu, cu, 6, 6.0))
+    with pytest.raises(ValueError, match="packed batch has q"):
+        A._check_varlen(q[None], q, (cu, cu, 6, 6))
+    with pytest.raises(ValueError, match="dropout_p must lie in"):
+        A._check_dropout((1.0, 0))
+    for window, alibi, softcap in (((4, 0), None, 0.0), ((-1, -1), torch.ones(2), 0.0), ((-1, -1), None, 5.0)):
+        with pytest.raises(NotImplementedError, match="window_size, alibi_slopes, softcap"):
+            A.forward(q, q, q, None, None, None, q, None, 1.0, False, False, window=window, alibi=alibi,
+                      softcap=softcap)

@@ -6,7 +6,9 @@
 //   3. dq_kernel: one CTA per (query block of 16·W rows, head, batch), looping over the visible key tiles,
 //      recomputing S and dP and accumulating dQ = scale·dS·K in registers; it also writes dS when p.ds is set.
 // p_ij = exp2(s_ij·log2 e − lse2_i) (0 where invisible or for an empty row, whose lse2 is +inf),
-// ds_ij = p_ij (dp_ij − D_i).
+// ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
+// dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij·r before ds (D_i = do_i·o_i already holds the scale).
+// Packed batches: CTAs past their sequence's end return at once; D lives in the workspace as [B, H, max_seqlen_q].
 // Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
@@ -18,6 +20,7 @@ namespace {
 // ------------------------------------------------------------------------------------------- delta
 constexpr int kDeltaWarps = 4;  // one warp per query row
 
+// delta[(b·H + h)·Lq + i] for i < the sequence's query rows (the rest is never read).
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParams p, float* delta) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + (threadIdx.x >> 5);
@@ -26,13 +29,16 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
   const int i = static_cast<int>(row % p.Lq);
   const int64_t bh = row / p.Lq;
   const int h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
-  const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + i * p.o_sl;
-  const T* d = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + i * p.do_sl;
+  const Seq seq(p, b);
+  if (i >= seq.q_len) return;  // a whole warp: past the end of a packed sequence
+  const int64_t r = seq.q0 + i;  // row in the (packed) tensors
+  const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + r * p.o_sl;
+  const T* d = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + r * p.do_sl;
   float sum = 0.f;
   for (int c = lane; c < p.D; c += 32) sum += Elem<T>::to_float(o[c]) * Elem<T>::to_float(d[c]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) delta[row] = p.dlse != nullptr ? sum - kLog2e * p.dlse[row] : sum;
+  if (lane == 0) delta[row] = p.dlse != nullptr ? sum - kLog2e * p.dlse[seq.lse_row0(p, b, h) + i] : sum;
 }
 
 // ------------------------------------------------------------------------------------------- dK, dV
@@ -49,7 +55,7 @@ constexpr size_t dkdv_smem_bytes() {
   return static_cast<size_t>(2 * 16 * NW + 4 * BM) * (D + 8) * sizeof(T) + 4 * BM * sizeof(float);
 }
 
-template <typename T, int D, int NW, int BM, int DSPLIT, bool BIAS_MASK>
+template <typename T, int D, int NW, int BM, int DSPLIT, bool BIAS_MASK, bool DROPOUT>
 __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   constexpr int BN = 16 * NW, NTH = NW * 32, P = D + 8, DC = D / DSPLIT;
   constexpr int NTS = BM / 8;  // n-tiles of a warp's 16 x BM tile of Sᵀ / dPᵀ
@@ -65,33 +71,40 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
   const int group = p.H / p.Hkv;
-  const int kv_len = kv_length(p, b);
-  const int shift = p.bottom_right ? kv_len - p.Lq : 0;
+  const Seq seq(p, b);
+  if (n0 >= seq.k_len) return;  // past the end of a packed sequence: these rows belong to the next one
+  const int kv_len = seq.kv_len;
+  const int shift = p.bottom_right ? kv_len - seq.q_len : 0;
   const float* delta = static_cast<const float*>(p.workspace);
+  const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   // Query rows whose diagonal lies left of this key block see none of it; a block of padding keys sees nothing.
   const int m_begin = p.causal ? max(n0 - shift, 0) / BM * BM : 0;
-  const int nm = (n0 < kv_len && m_begin < p.Lq) ? (p.Lq - m_begin + BM - 1) / BM : 0;
+  const int nm = (n0 < kv_len && m_begin < seq.q_len) ? (seq.q_len - m_begin + BM - 1) / BM : 0;
   const int total = group * nm;  // (query head, query tile) steps
 
-  load_tile_async<T, BN, D, NTH>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh, p.k_sl, n0, kv_len, tid);
-  load_tile_async<T, BN, D, NTH>(sV, static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh, p.v_sl, n0, kv_len, tid);
+  load_tile_async<T, BN, D, NTH>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + seq.k0 * p.k_sl, p.k_sl,
+                                 n0, kv_len, tid);
+  load_tile_async<T, BN, D, NTH>(sV, static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + seq.k0 * p.v_sl, p.v_sl,
+                                 n0, kv_len, tid);
   cp_async_commit();
 
   // Step it: query head hk·group + it / nm, query rows from m_begin + (it % nm)·BM.
   auto load_step = [&](int it, int st) {
     const int h = hk * group + it / nm;
     const int mq0 = m_begin + (it % nm) * BM;
-    load_tile_async<T, BM, D, NTH>(sQ + st * BM * P, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_sl,
-                                   mq0, p.Lq, tid);
-    load_tile_async<T, BM, D, NTH>(sdO + st * BM * P, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh,
-                                   p.do_sl, mq0, p.Lq, tid);
+    load_tile_async<T, BM, D, NTH>(sQ + st * BM * P,
+                                   static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
+                                   mq0, seq.q_len, tid);
+    load_tile_async<T, BM, D, NTH>(sdO + st * BM * P,
+                                   static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl,
+                                   p.do_sl, mq0, seq.q_len, tid);
+    const int64_t lse0 = seq.lse_row0(p, b, h), delta0 = (static_cast<int64_t>(b) * p.H + h) * p.Lq;
     for (int i = tid; i < BM; i += NTH) {
       const int row = mq0 + i;
-      const bool ok = row < p.Lq;
-      const int64_t idx = (static_cast<int64_t>(b) * p.H + h) * p.Lq + row;
-      sLse[st * BM + i] = ok ? p.lse[idx] : INFINITY;  // +inf: p = 0 for padding rows
-      sDelta[st * BM + i] = ok ? delta[idx] : 0.f;
+      const bool ok = row < seq.q_len;
+      sLse[st * BM + i] = ok ? p.lse[lse0 + row] : INFINITY;  // +inf: p = 0 for padding rows
+      sDelta[st * BM + i] = ok ? delta[delta0 + row] : 0.f;
     }
   };
 
@@ -111,7 +124,8 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
 
       const int h = hk * group + it / nm;
       const int mq0 = m_begin + (it % nm) * BM;
-      const Scores<T> sc(p, b, h, kv_len);
+      const Scores<T> sc(p, b, h, seq);
+      const DropoutMask drop(p, b, h);
       const T* sQs = sQ + st * BM * P;
       const T* sdOs = sdO + st * BM * P;
       const float* lse_s = sLse + st * BM;
@@ -129,9 +143,15 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
         for (int e = 0; e < 4; ++e) {
           const int col = nt * 8 + 2 * (lane & 3) + (e & 1);  // query row within the tile
           const float pr = exp2f(s[nt][e] - lse_s[col]);
-          s[nt][e] = pr;
+          float dpe = dp[nt][e], pv = pr;  // dp and the weight that reaches dV
+          if constexpr (DROPOUT) {  // the forward's mask: query mq0 + col, key n0 + this thread's row
+            const bool kept = drop.keep(mq0 + col, n0 + warp * 16 + (lane >> 2) + (e >> 1) * 8);
+            pv = kept ? pr * keep_scale : 0.f;
+            dpe = kept ? dpe * keep_scale : 0.f;
+          }
+          s[nt][e] = pv;
           // ds, exactly 0 where p = 0 (even if dp is not finite)
-          dp[nt][e] = pr != 0.f ? pr * (dp[nt][e] - delta_s[col]) : 0.f;
+          dp[nt][e] = pr != 0.f ? pr * (dpe - delta_s[col]) : 0.f;
         }
 
       uint32_t a[NTS / 2][4];
@@ -142,11 +162,11 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
       __syncthreads();  // every warp is done with this stage before it is refilled
     }
 
-    // Keys in [kv_len, Lk) and keys no query sees get 0.
-    store_c<T, NTD>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh, p.dk_sl, n0 + warp * 16, pass * DC, p.Lk,
-                    dk, p.scale, p.scale, lane);
-    store_c<T, NTD>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh, p.dv_sl, n0 + warp * 16, pass * DC, p.Lk,
-                    dv, 1.f, 1.f, lane);
+    // Keys in [kv_len, k_len) and keys no query sees get 0; none of the next packed sequence's rows is written.
+    store_c<T, NTD>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + seq.k0 * p.dk_sl, p.dk_sl, n0 + warp * 16,
+                    pass * DC, seq.k_len, dk, p.scale, p.scale, lane);
+    store_c<T, NTD>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + seq.k0 * p.dv_sl, p.dv_sl, n0 + warp * 16,
+                    pass * DC, seq.k_len, dv, 1.f, 1.f, lane);
   }
   cp_async_wait<0>();  // K / V when total == 0
 }
@@ -162,7 +182,7 @@ constexpr size_t dq_smem_bytes() {
   return static_cast<size_t>(2 * 16 * NW + 4 * BN) * (D + 8) * sizeof(T);
 }
 
-template <typename T, int D, int NW, int BN, bool BIAS_MASK>
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT>
 __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of S / dP
@@ -176,24 +196,30 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int64_t bh = static_cast<int64_t>(b) * p.H + h;
-  const Scores<T> sc(p, b, h, kv_length(p, b));
-  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, sc);  // the forward's key range
+  const Seq seq(p, b);
+  if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
+  const Scores<T> sc(p, b, h, seq);
+  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);  // the forward's key range
   const int nblocks = keys.count;
+  const DropoutMask drop(p, b, h);
+  const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
-  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_sl, m0, p.Lq, tid);
-  load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh, p.do_sl, m0, p.Lq,
-                                 tid);
+  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
+                                 m0, seq.q_len, tid);
+  load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl,
+                                 p.do_sl, m0, seq.q_len, tid);
   if (nblocks > 0) keys.load(sK, sV, 0, tid);
   cp_async_commit();
 
   // lse2 and D of rows g and g + 8 of the warp's tile.
   const float* delta = static_cast<const float*>(p.workspace);
   float lse_r[2], delta_r[2];
+  const int64_t lse0 = seq.lse_row0(p, b, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-    const bool ok = row < p.Lq;
-    lse_r[r] = ok ? p.lse[bh * p.Lq + row] : INFINITY;
+    const bool ok = row < seq.q_len;
+    lse_r[r] = ok ? p.lse[lse0 + row] : INFINITY;
     delta_r[r] = ok ? delta[bh * p.Lq + row] : 0.f;
   }
   float* ds_out = p.ds != nullptr ? p.ds + bh * p.Lq * p.Lk : nullptr;
@@ -219,14 +245,15 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
+        const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;  // query and key of this element
+        const int col = it * BN + nt * 8 + 2 * (lane & 3) + (e & 1);
         const float pr = exp2f(s[nt][e] - lse_r[r]);
-        const float ds = pr != 0.f ? pr * (dp[nt][e] - delta_r[r]) : 0.f;
+        float dpe = dp[nt][e];
+        if constexpr (DROPOUT) dpe = drop.keep(row, col) ? dpe * keep_scale : 0.f;
+        const float ds = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
         dp[nt][e] = ds;
-        if (ds_out != nullptr) {
-          const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-          const int col = it * BN + nt * 8 + 2 * (lane & 3) + (e & 1);
-          if (row < p.Lq && col < p.Lk) ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;
-        }
+        if (ds_out != nullptr && row < seq.q_len && col < seq.k_len)
+          ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;
       }
 
     uint32_t a[NTS / 2][4];
@@ -236,8 +263,8 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   }
   cp_async_wait<0>();
 
-  store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh, p.dq_sl, m0 + warp * 16, 0, p.Lq, dq, p.scale,
-                  p.scale, lane);
+  store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + seq.q0 * p.dq_sl, p.dq_sl, m0 + warp * 16, 0,
+                  seq.q_len, dq, p.scale, p.scale, lane);
 }
 
 }  // namespace
@@ -252,10 +279,11 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
   using namespace attn;
   if (!attention_supports_head_dim(p.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
   if (const char* err = check_common(p)) return err;
-  if (!aligned_rows(p.dout, p.do_sb, p.do_sh, p.do_sl, p.B, p.H, p.Lq) ||
-      !aligned_rows(p.dq, p.dq_sb, p.dq_sh, p.dq_sl, p.B, p.H, p.Lq) ||
-      !aligned_rows(p.dk, p.dk_sb, p.dk_sh, p.dk_sl, p.B, p.Hkv, p.Lk) ||
-      !aligned_rows(p.dv, p.dv_sb, p.dv_sh, p.dv_sl, p.B, p.Hkv, p.Lk))
+  const int64_t nb = batches(p), nq = q_rows(p), nk = k_rows(p);
+  if (!aligned_rows(p.dout, p.do_sb, p.do_sh, p.do_sl, nb, p.H, nq) ||
+      !aligned_rows(p.dq, p.dq_sb, p.dq_sh, p.dq_sl, nb, p.H, nq) ||
+      !aligned_rows(p.dk, p.dk_sb, p.dk_sh, p.dk_sl, nb, p.Hkv, nk) ||
+      !aligned_rows(p.dv, p.dv_sb, p.dv_sh, p.dv_sl, nb, p.Hkv, nk))
     return "fastattn CUDA attention: dout, dq, dk, dv must be non-null, 16-byte aligned, with batch/head/row "
            "strides that are multiples of 8 elements";
   if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
@@ -263,7 +291,7 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
   if ((rows + kDeltaWarps - 1) / kDeltaWarps > 0x7fffffff) return "fastattn CUDA attention: too many query rows";
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool bias_mask = p.bias != nullptr || p.mask != nullptr;
+  const bool bias_mask = p.bias != nullptr || p.mask != nullptr, dropout = p.dropout_p > 0.f;
   return dispatch(p, [&](auto t, auto d) -> const char* {
     using T = decltype(t);
     constexpr int D = decltype(d)::value;
@@ -277,8 +305,9 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
       constexpr int BN = 16 * C::kWarps;
       const dim3 grid((p.Lk + BN - 1) / BN, p.Hkv, p.B);
       const size_t smem = dkdv_smem_bytes<T, D, C::kWarps, C::kBlockM>();
-      const auto kernel = bias_mask ? dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, true>
-                                    : dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, false>;
+      const auto kernel = pick_kernel(bias_mask, dropout, [](auto bm, auto dr) {
+        return dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, decltype(bm)::value, decltype(dr)::value>;
+      });
       if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
     }
     if (p.Lq > 0) {  // dQ (zeros when Lk == 0)
@@ -286,8 +315,9 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
       constexpr int BM = 16 * C::kWarps;
       const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
       const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>();
-      const auto kernel = bias_mask ? dq_kernel<T, D, C::kWarps, C::kBlockN, true>
-                                    : dq_kernel<T, D, C::kWarps, C::kBlockN, false>;
+      const auto kernel = pick_kernel(bias_mask, dropout, [](auto bm, auto dr) {
+        return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value>;
+      });
       if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
     }
     return nullptr;

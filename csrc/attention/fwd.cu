@@ -1,7 +1,10 @@
 // FlashAttention-2 forward with tensor cores (sm80+): one CTA per (query block of 16·W rows, head, batch), W warps
 // each owning 16 query rows; K/V tiles of BN keys double-buffered in shared memory through cp.async; online
 // softmax in fp32 and base 2 (exp2f, scale folded with log2 e). Output o_i = Σ_j p_ij v_j and lse2_i (+inf and
-// o_i = 0 for a row with no visible key). Semantics: fastattn/triton/attention.py (_fwd_kernel).
+// o_i = 0 for a row with no visible key). With dropout the normaliser l_i = Σ_j p_ij counts every weight, the
+// accumulator sums p_ij·keep_ij·v_j, and o_i = acc_i / (l_i (1 − p)). Packed batches: the grid covers
+// max_seqlen_q; a CTA past its sequence's end returns at once. Semantics: fastattn/triton/attention.py
+// (_fwd_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
 
@@ -19,8 +22,11 @@ constexpr size_t fwd_smem_bytes() {
   return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
 }
 
-template <typename T, int D, int NW, int BN, bool BIAS_MASK>
-__global__ void __launch_bounds__(NW * 32) fwd_kernel(const AttnParams p) {
+// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0 (template flags: both cost registers even when
+// skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs share an SM (the
+// packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128 without spills).
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT>
+__global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's score tile (16 x BN)
   constexpr int NTO = D / 8;   // n-tiles of a warp's output tile (16 x D)
@@ -31,12 +37,16 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const AttnParams p) {
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
-  const Scores<T> sc(p, b, h, kv_length(p, b));
+  const Seq seq(p, b);
+  if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
+  const Scores<T> sc(p, b, h, seq);
   // Keys past kv_len, or past the diagonal of the block's last row, are never visible: not visited.
-  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, sc);
+  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
   const int nblocks = keys.count;
+  const DropoutMask drop(p, b, h);
 
-  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh, p.q_sl, m0, p.Lq, tid);
+  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
+                                 m0, seq.q_len, tid);
   if (nblocks > 0) keys.load(sK, sV, 0, tid);
   cp_async_commit();
 
@@ -77,12 +87,21 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const AttnParams p) {
         s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_safe);
         sum += s[nt][2 * r] + s[nt][2 * r + 1];
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
+      row_sum[r] = row_sum[r] * alpha + sum;  // the normaliser counts dropped weights too
 #pragma unroll
       for (int dt = 0; dt < NTO; ++dt) {
         acc[dt][2 * r] *= alpha;
         acc[dt][2 * r + 1] *= alpha;
       }
+    }
+
+    if constexpr (DROPOUT) {  // only the weights that reach V are dropped
+      const int row = m0 + warp * 16 + (lane >> 2);
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!drop.keep(row + (e >> 1) * 8, it * BN + nt * 8 + 2 * (lane & 3) + (e & 1))) s[nt][e] = 0.f;
     }
 
     uint32_t pa[NTS / 2][4];
@@ -93,17 +112,19 @@ __global__ void __launch_bounds__(NW * 32) fwd_kernel(const AttnParams p) {
   cp_async_wait<0>();  // nothing may land in shared memory after the CTA exits (Q when nblocks == 0)
 
   float inv[2];
+  const float keep_scale = DROPOUT ? 1.f - p.dropout_p : 1.f;  // kept weights count 1 / (1 − p)
+  const int64_t lse0 = seq.lse_row0(p, b, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(row_sum[r]);
     const bool empty = total == 0.f;
-    inv[r] = empty ? 0.f : 1.f / total;
+    inv[r] = empty ? 0.f : 1.f / (total * keep_scale);
     const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-    if (p.lse != nullptr && (lane & 3) == 0 && row < p.Lq)
-      p.lse[(static_cast<int64_t>(b) * p.H + h) * p.Lq + row] = empty ? INFINITY : row_max[r] + log2f(total);
+    if (p.lse != nullptr && (lane & 3) == 0 && row < seq.q_len)
+      p.lse[lse0 + row] = empty ? INFINITY : row_max[r] + log2f(total);
   }
-  T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh;
-  store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, p.Lq, acc, inv[0], inv[1], lane);
+  T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl;
+  store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
 }
 
 }  // namespace
@@ -122,8 +143,9 @@ const char* attention_fwd(const AttnParams& p, void* stream) {
     constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
     const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
     const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
-    const auto kernel = p.bias != nullptr || p.mask != nullptr ? fwd_kernel<T, D, NW, BN, true>
-                                                                : fwd_kernel<T, D, NW, BN, false>;
+    const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, [](auto bm, auto dr) {
+      return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value>;
+    });
     return launch(kernel, grid, NW * 32, smem, static_cast<cudaStream_t>(stream), p);
   });
 }

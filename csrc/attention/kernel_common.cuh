@@ -21,6 +21,7 @@
 #include <type_traits>
 
 #include "params.h"
+#include "philox.h"
 
 namespace fastattn {
 namespace attn {
@@ -216,10 +217,31 @@ __device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, in
 }
 
 // ------------------------------------------------------------------------------------------- masking
-// Valid keys of batch b: min(kv_lens[b], Lk) (clamped at 0); shift = d(i) − i of the causal diagonal.
-__device__ __forceinline__ int kv_length(const AttnParams& p, int b) {
-  return p.kv_lens ? max(0, min(p.kv_lens[b], p.Lk)) : p.Lk;
-}
+// Sequence b of the batch: where its rows start in the (packed) tensors, how many there are, how many keys are
+// visible. Not packed: the whole [Lq] / [Lk] of batch b. Packed: rows cu[b] .. cu[b+1], lengths clamped to
+// [0, Lq] / [0, Lk] (max_seqlen) so that a bad cu_seqlens can never index outside the grid's extents.
+struct Seq {
+  int q0 = 0, k0 = 0;  // first query / key row of the sequence (0 unless packed)
+  int q_len, k_len;    // its query / key rows
+  int kv_len;          // visible keys: min(kv_lens[b], k_len), at least 0
+
+  __device__ __forceinline__ Seq(const AttnParams& p, int b) {
+    q_len = p.Lq;
+    k_len = p.Lk;
+    if (p.cu_seqlens_q != nullptr) {
+      q0 = p.cu_seqlens_q[b];
+      k0 = p.cu_seqlens_k[b];
+      q_len = max(0, min(p.cu_seqlens_q[b + 1] - q0, p.Lq));
+      k_len = max(0, min(p.cu_seqlens_k[b + 1] - k0, p.Lk));
+    }
+    kv_len = p.kv_lens ? max(0, min(p.kv_lens[b], k_len)) : k_len;
+  }
+
+  // Index in lse / dlse of query row 0 of head h: [B, H, Lq] dense, or [H, total_q] packed.
+  __device__ __forceinline__ int64_t lse_row0(const AttnParams& p, int b, int h) const {
+    return p.cu_seqlens_q != nullptr ? h * p.total_q + q0 : (static_cast<int64_t>(b) * p.H + h) * p.Lq;
+  }
+};
 
 // Turns raw dot products q_i·k_j of one (batch, query head) into base-2 scores s_ij·log2(e), −inf where invisible.
 template <typename T>
@@ -232,10 +254,10 @@ struct Scores {
   const uint8_t* mask;  // already offset to (b, h); null when absent
   int64_t mask_sm, mask_sn;
 
-  __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, int kv_len_) {
-    Lq = p.Lq;
-    kv_len = kv_len_;
-    shift = p.bottom_right ? kv_len - p.Lq : 0;
+  __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, const Seq& seq) {
+    Lq = seq.q_len;
+    kv_len = seq.kv_len;
+    shift = p.bottom_right ? kv_len - seq.q_len : 0;
     causal = p.causal;
     scale_log2 = p.scale * kLog2e;
     bias = p.bias ? static_cast<const T*>(p.bias) + b * p.bias_sb + h * p.bias_sh : nullptr;
@@ -293,7 +315,7 @@ struct Scores {
 };
 
 // The keys a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
-// h / (H / Hkv) below kv_len and, when causal, left of the diagonal of the block's last row.
+// h / (H / Hkv) of sequence b below kv_len and, when causal, left of the diagonal of the block's last row.
 template <typename T, int BM, int BN, int D, int NTHREADS>
 struct KeyTiles {
   const T* k;
@@ -301,10 +323,11 @@ struct KeyTiles {
   int64_t k_sl, v_sl;
   int kv_len, count;
 
-  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b, int h, int m0, const Scores<T>& sc) {
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b, int h, int m0, const Seq& seq,
+                                      const Scores<T>& sc) {
     const int hk = h / (p.H / p.Hkv);
-    k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh;
-    v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh;
+    k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + seq.k0 * p.k_sl;
+    v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + seq.k0 * p.v_sl;
     k_sl = p.k_sl;
     v_sl = p.v_sl;
     kv_len = sc.kv_len;
@@ -336,11 +359,17 @@ __device__ __forceinline__ float quad_max(float x) {
 // Kernels read q/k/v/do with 16-byte cp.async and write o/dq/dk/dv two elements at a time: a tensor of sizes
 // (nb, nh, nl, D) needs a 16-byte aligned pointer and strides that are multiples of 8 elements, except the strides
 // of dims of size 1 (never used). An empty tensor (nl == 0) is never touched and may be null.
-inline bool aligned_rows(const void* ptr, int64_t sb, int64_t sh, int64_t sl, int nb, int nh, int nl) {
+inline bool aligned_rows(const void* ptr, int64_t sb, int64_t sh, int64_t sl, int64_t nb, int64_t nh, int64_t nl) {
   if (nl == 0) return true;
   return ptr != nullptr && reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && (nb == 1 || sb % 8 == 0) &&
          (nh == 1 || sh % 8 == 0) && (nl == 1 || sl % 8 == 0);
 }
+
+// (batches, rows) of the query-side (q, o, dq, do) and key-side (k, v, dk, dv) tensors for aligned_rows: a packed
+// batch is one batch of total_q / total_k rows, all reached through the row stride.
+inline int64_t batches(const AttnParams& p) { return p.cu_seqlens_q != nullptr ? 1 : p.B; }
+inline int64_t q_rows(const AttnParams& p) { return p.cu_seqlens_q != nullptr ? p.total_q : p.Lq; }
+inline int64_t k_rows(const AttnParams& p) { return p.cu_seqlens_q != nullptr ? p.total_k : p.Lk; }
 
 // Checks shared by forward and backward; nullptr when fine.
 inline const char* check_common(const AttnParams& p) {
@@ -349,11 +378,16 @@ inline const char* check_common(const AttnParams& p) {
     return "fastattn CUDA attention: B, H, Hkv must be positive and Lq, Lk non-negative";
   if (p.H % p.Hkv != 0) return "fastattn CUDA attention: H must be a multiple of Hkv";
   if (p.B > 65535 || p.H > 65535) return "fastattn CUDA attention: B and H must be at most 65535";
-  if (p.dropout_p != 0.f) return "fastattn CUDA attention: dropout is not supported by the CUDA kernels";
-  if (!aligned_rows(p.q, p.q_sb, p.q_sh, p.q_sl, p.B, p.H, p.Lq) ||
-      !aligned_rows(p.k, p.k_sb, p.k_sh, p.k_sl, p.B, p.Hkv, p.Lk) ||
-      !aligned_rows(p.v, p.v_sb, p.v_sh, p.v_sl, p.B, p.Hkv, p.Lk) ||
-      !aligned_rows(p.o, p.o_sb, p.o_sh, p.o_sl, p.B, p.H, p.Lq))
+  if (!(p.dropout_p >= 0.f && p.dropout_p < 1.f)) return "fastattn CUDA attention: dropout_p must lie in [0, 1)";
+  if ((p.cu_seqlens_q == nullptr) != (p.cu_seqlens_k == nullptr))
+    return "fastattn CUDA attention: a packed batch needs both cu_seqlens_q and cu_seqlens_k";
+  if (p.cu_seqlens_q != nullptr && (p.total_q < 0 || p.total_k < 0 || p.total_q > 0x7fffffff || p.total_k > 0x7fffffff))
+    return "fastattn CUDA attention: total_q and total_k must lie in [0, 2^31)";
+  const int64_t nb = batches(p), nq = q_rows(p), nk = k_rows(p);
+  if (!aligned_rows(p.q, p.q_sb, p.q_sh, p.q_sl, nb, p.H, nq) ||
+      !aligned_rows(p.k, p.k_sb, p.k_sh, p.k_sl, nb, p.Hkv, nk) ||
+      !aligned_rows(p.v, p.v_sb, p.v_sh, p.v_sl, nb, p.Hkv, nk) ||
+      !aligned_rows(p.o, p.o_sb, p.o_sh, p.o_sl, nb, p.H, nq))
     return "fastattn CUDA attention: q, k, v, o must be non-null, 16-byte aligned, with batch/head/row strides "
            "that are multiples of 8 elements";
   if (p.bias && reinterpret_cast<uintptr_t>(p.bias) % 2 != 0) return "fastattn CUDA attention: bias is misaligned";
@@ -376,6 +410,15 @@ inline const char* dispatch_head_dim(int d, F&& f) {
 template <typename F>
 inline const char* dispatch(const AttnParams& p, F&& f) {
   return p.dtype == kBFloat16 ? dispatch_head_dim<__nv_bfloat16>(p.D, f) : dispatch_head_dim<__half>(p.D, f);
+}
+
+// The kernel instance for the run-time flags (BIAS_MASK, DROPOUT): f(std::bool_constant<BIAS_MASK>(),
+// std::bool_constant<DROPOUT>()) returns a pointer to it.
+template <typename F>
+inline auto pick_kernel(bool bias_mask, bool dropout, F&& f) {
+  using Yes = std::true_type;
+  using No = std::false_type;
+  return bias_mask ? (dropout ? f(Yes(), Yes()) : f(Yes(), No())) : (dropout ? f(No(), Yes()) : f(No(), No()));
 }
 
 // Raises the dynamic shared memory limit when needed, launches, and checks both.

@@ -5,6 +5,12 @@
 // contiguous. Query head h reads kv head h / (H / Hkv) (GQA). Scores s_ij = scale·q_i·k_j + bias_ij over the
 // visible keys j of row i (causal, kv_lens, mask); lse is kept in base 2: lse2_i = log2 Σ_j exp2(s_ij·log2 e),
 // +inf for a row with no visible key, whose output is 0 (and whose gradients are 0).
+//
+// Packed variable-length batch (cu_seqlens_q set): q/o/dq/do are [total_q, H, D] and k/v/dk/dv [total_k, Hkv, D]
+// (batch strides 0, row strides the packed tensors' first stride); sequence b holds rows cu_seqlens_q[b] ..
+// cu_seqlens_q[b+1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k; Lq, Lk are max_seqlen_q/k (the grid)
+// and every index i, j below (causal diagonal, dropout counter, bias/mask/ds) is local to the sequence;
+// lse / dlse are [H, total_q]. Semantics: fastattn/triton/attention.py (VARLEN).
 #pragma once
 #include <cstdint>
 
@@ -18,33 +24,41 @@ struct AttnParams {
   int D = 0;                            // head dim: 32, 64, 96, 128 or 256 (the Python side pads others)
   float scale = 1.f;
   bool causal = false;
-  bool bottom_right = false;            // causal diagonal d(i) = i + kv_len − Lq instead of i
+  bool bottom_right = false;            // causal diagonal d(i) = i + kv_len − Lq instead of i (per sequence)
 
   // Forward inputs / outputs.
   const void* q = nullptr; int64_t q_sb = 0, q_sh = 0, q_sl = 0;
   const void* k = nullptr; int64_t k_sb = 0, k_sh = 0, k_sl = 0;
   const void* v = nullptr; int64_t v_sb = 0, v_sh = 0, v_sl = 0;
   void* o = nullptr;       int64_t o_sb = 0, o_sh = 0, o_sl = 0;
-  float* lse = nullptr;                 // [B, H, Lq] contiguous, base 2 (see above)
+  float* lse = nullptr;                 // [B, H, Lq] contiguous ([H, total_q] packed), base 2 (see above)
+
+  // Packed batch (see above): int32 [B + 1] cumulative lengths, both set or both null; total rows of q and k.
+  const int32_t* cu_seqlens_q = nullptr;
+  const int32_t* cu_seqlens_k = nullptr;
+  int64_t total_q = 0, total_k = 0;
 
   // Optional: additive bias (dtype), bool mask (uint8, nonzero = attend), per-batch key lengths (right padding).
   // Broadcast dims of bias / mask have stride 0.
   const void* bias = nullptr;   int64_t bias_sb = 0, bias_sh = 0, bias_sm = 0, bias_sn = 0;
   const uint8_t* mask = nullptr; int64_t mask_sb = 0, mask_sh = 0, mask_sm = 0, mask_sn = 0;
-  const int32_t* kv_lens = nullptr;     // [B]; keys j >= min(kv_lens[b], Lk) are invisible
+  const int32_t* kv_lens = nullptr;     // [B]; keys j >= min(kv_lens[b], Lk or the sequence's keys) are invisible
 
-  // Dropout (issue 8): keep with probability 1 − p, Philox(seed, offset). p = 0 now.
-  float dropout_p = 0.f; uint64_t seed = 0, offset = 0;
+  // Dropout: weight (b, h, i, j) is kept iff philox_uniform(seed, ((b·H + h)·Lq + i)·Lk + j) >= dropout_p
+  // (philox.h: the Triton kernels' rule, bit for bit), and kept weights are scaled by 1 / (1 − dropout_p).
+  float dropout_p = 0.f;                // in [0, 1); 0 = off
+  uint64_t seed = 0;
 
   // Backward.
   const void* dout = nullptr; int64_t do_sb = 0, do_sh = 0, do_sl = 0;
-  const float* dlse = nullptr;          // optional gradient of lse (base 2) [B, H, Lq] contiguous
+  const float* dlse = nullptr;          // optional gradient of lse (base 2), laid out as lse
   void* dq = nullptr; int64_t dq_sb = 0, dq_sh = 0, dq_sl = 0;
   void* dk = nullptr; int64_t dk_sb = 0, dk_sh = 0, dk_sl = 0;
   void* dv = nullptr; int64_t dv_sb = 0, dv_sh = 0, dv_sl = 0;
   float* ds = nullptr;                  // optional [B, H, Lq, Lk] contiguous fp32, zero-filled by the caller:
                                         // ds_ij = p_ij (dp_ij − D_i) where visible (the bias gradient)
   void* workspace = nullptr;            // attention_bwd_workspace_bytes(p) bytes, allocated by the caller
+                                        // (D_i of every (b, h, i < Lq), dense [B, H, Lq] fp32)
 };
 
 }  // namespace fastattn

@@ -1,5 +1,7 @@
-"""CUDA C++ fused attention (csrc/attention/): the ``forward`` / ``backward`` of fastattn.triton.attention,
-same arguments and semantics (preallocated out / lse (base 2) and dq / dk / dv / ds).
+"""CUDA C++ fused attention (csrc/attention/): the ``forward`` / ``backward`` / ``dropout_mask`` of
+fastattn.triton.attention, same arguments and semantics (preallocated out / lse (base 2) and dq / dk / dv / ds),
+including dropout (the same Philox keep-mask bit for bit, csrc/attention/philox.h) and packed variable-length
+batches; not window / ALiBi / softcap.
 
 The kernels take fp16 / bf16 and head dims of ``HEAD_DIMS`` that ``_C.attention_supports_head_dim`` accepts;
 other head dims run zero-padded to the next supported one (padding changes no score, and the padded output
@@ -13,7 +15,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..triton.attention import _bcast_strides
+from ..triton.attention import _bcast_strides, _rows
+from ..triton.attention import dropout_mask as _triton_dropout_mask
 from . import check_cuda, device_ctx, extension, ptr, stream
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -59,7 +62,7 @@ def _finish(t: torch.Tensor, written: torch.Tensor) -> None:
         t.copy_(written[..., :t.shape[-1]])
 
 
-def _check(q, k, v, bias, mask, kv_lens):
+def _check(q, k, v, bias, mask, kv_lens, varlen=None):
     if q.dtype == torch.float32:
         raise NotImplementedError("backend 'cuda': attention supports float16 and bfloat16, got torch.float32; "
                                   "use backend='triton' for float32")
@@ -67,7 +70,48 @@ def _check(q, k, v, bias, mask, kv_lens):
         raise TypeError(f"backend 'cuda': attention supports float16 and bfloat16, got {q.dtype}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    check_cuda(("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("kv_lens", kv_lens))
+    check_cuda(("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("kv_lens", kv_lens),
+               *((("cu_seqlens_q", varlen[0]), ("cu_seqlens_k", varlen[1])) if varlen is not None else ()))
+
+
+def _check_varlen(q, k, varlen):
+    """Packed batch: q [total_q, H, D], k [total_k, Hkv, D], int32 contiguous cu_seqlens [B + 1] (read densely by
+    the kernels) and max_seqlen ints. The values (rising from 0 to total) are checked by fastattn.attention."""
+    if varlen is None:
+        return
+    cu_q, cu_k, max_q, max_k = varlen
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"a packed batch has q [total_q, H, D] and k/v [total_k, Hkv, D], got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    for cu, name in ((cu_q, "cu_seqlens_q"), (cu_k, "cu_seqlens_k")):
+        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.shape[0] < 2 or not cu.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous int32 tensor of shape (B + 1,), got {cu.dtype} "
+                             f"{tuple(cu.shape)} with strides {cu.stride()}")
+    if cu_q.shape != cu_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_q.shape)} and cu_seqlens_k {tuple(cu_k.shape)} must both have "
+                         "B + 1 entries")
+    for m, name in ((max_q, "max_seqlen_q"), (max_k, "max_seqlen_k")):
+        if isinstance(m, bool) or not isinstance(m, int) or not 0 <= m < 2**31:
+            raise ValueError(f"{name} must be an int in [0, 2**31), got {m!r}")
+
+
+def _check_dropout(dropout):
+    p, seed = dropout
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {p!r}")
+    if not 0 <= int(seed) < 2**64:
+        raise ValueError(f"the dropout seed must lie in [0, 2**64), got {seed!r}")
+
+
+def _shape(q, k, varlen):
+    """(B, H, Lq, Lk): the grid's extents, max_seqlen_q/k for a packed batch (as the Triton launchers)."""
+    if varlen is not None:
+        return varlen[0].shape[0] - 1, q.shape[1], varlen[2], varlen[3]
+    return q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+
+
+def _lse_shape(q, varlen):
+    return (q.shape[1], q.shape[0]) if varlen is not None else tuple(q.shape[:3])
 
 
 def _check_f32(t: Optional[torch.Tensor], name: str, shape) -> None:
@@ -77,24 +121,30 @@ def _check_f32(t: Optional[torch.Tensor], name: str, shape) -> None:
                          f"{tuple(t.shape)} with strides {t.stride()}")
 
 
-def _set(p, name: str, prefix: str, t: torch.Tensor, nstrides: int = 3) -> None:
-    """p.<name> = t's data pointer, p.<prefix>_s{b,h,l} = its leading strides (elements)."""
+def _set(p, name: str, prefix: str, t: torch.Tensor, varlen=None) -> None:
+    """p.<name> = t's data pointer, p.<prefix>_s{b,h,l} = its (batch, head, row) strides in elements: a packed
+    [total, H, D] tensor has batch stride 0 (the kernels find a sequence's rows from cu_seqlens)."""
     setattr(p, name, t.data_ptr())
-    for suffix, s in zip(("sb", "sh", "sl"), t.stride()[:nstrides]):
+    for suffix, s in zip(("sb", "sh", "sl"), _rows(t, varlen)):
         setattr(p, f"{prefix}_{suffix}", s)
 
 
-def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right):
-    """AttnParams for the (padded) q, k, v and the optional bias (in q's dtype) / bool mask / kv_lens."""
+def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, dropout=(0.0, 0), varlen=None):
+    """AttnParams for the (padded) q, k, v, the optional bias (in q's dtype) / bool mask / kv_lens, dropout
+    (p, seed) and packed batch (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
     C = extension()
     p = C.AttnParams()
-    B, H, Lq, D = q.shape
+    B, H, Lq, Lk = _shape(q, k, varlen)
     p.dtype = C.FLOAT16 if q.dtype == torch.float16 else C.BFLOAT16
-    p.B, p.H, p.Hkv, p.Lq, p.Lk, p.D = B, H, k.shape[1], Lq, k.shape[2], D
+    p.B, p.H, p.Hkv, p.Lq, p.Lk, p.D = B, H, k.shape[1], Lq, Lk, q.shape[-1]
     p.scale, p.causal, p.bottom_right = float(scale), bool(causal), bool(bottom_right)
-    _set(p, "q", "q", q)
-    _set(p, "k", "k", k)
-    _set(p, "v", "v", v)
+    _set(p, "q", "q", q, varlen)
+    _set(p, "k", "k", k, varlen)
+    _set(p, "v", "v", v, varlen)
+    p.dropout_p, p.seed = float(dropout[0]), int(dropout[1])
+    if varlen is not None:
+        p.cu_seqlens_q, p.cu_seqlens_k = varlen[0].data_ptr(), varlen[1].data_ptr()
+        p.total_q, p.total_k = q.shape[0], k.shape[0]
     if bias is not None:
         p.bias = bias.data_ptr()
         p.bias_sb, p.bias_sh, p.bias_sm, p.bias_sn = _bcast_strides(bias)
@@ -116,10 +166,7 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
-def _no_local_features(window, alibi, softcap, count, dropout=(0.0, 0), varlen=None):
-    if dropout[0] > 0.0 or varlen is not None:
-        raise NotImplementedError("dropout_p > 0 and packed varlen batches (cu_seqlens) are not in the CUDA C++ "
-                                  "attention kernels yet; use backend='triton'")
+def _no_local_features(window, alibi, softcap, count):
     if tuple(window) != (-1, -1) or alibi is not None or softcap > 0.0 or count is not None:
         raise NotImplementedError("window_size, alibi_slopes, softcap (and block counting) are not in the CUDA C++ "
                                   "kernels yet: use backend='triton'")
@@ -127,18 +174,22 @@ def _no_local_features(window, alibi, softcap, count, dropout=(0.0, 0), varlen=N
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
             softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
-    """Fill ``out`` [B, H, Lq, D] and ``lse`` [B, H, Lq] (fp32, contiguous, base 2: lse·log2(e)).
-    Last dims must be contiguous. The Triton module's signature; window/alibi/softcap are not supported yet."""
-    _no_local_features(window, alibi, softcap, count, dropout, varlen)
-    _check(q, k, v, bias, mask, kv_lens)
-    _check_f32(lse, "lse", q.shape[:3])
+    """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse
+    [B, H, Lq], or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q
+    [total_q, H, D], k/v [total_k, Hkv, D] and lse [H, total_q]. ``dropout`` = (p, Philox seed). Last dims must be
+    contiguous. The Triton module's signature; window/alibi/softcap are not supported yet."""
+    _no_local_features(window, alibi, softcap, count)
+    _check(q, k, v, bias, mask, kv_lens, varlen)
+    _check_varlen(q, k, varlen)
+    _check_dropout(dropout)
+    _check_f32(lse, "lse", _lse_shape(q, varlen))
     C = extension()
     D = padded_head_dim(q.shape[-1])
     qp, kp, vp = _input(q, D), _input(k, D), _input(v, D)
     bias, mask = _bias(bias, q), _mask(mask)
     o = _output(out, D)
-    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right)
-    _set(p, "o", "o", o)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen)
+    _set(p, "o", "o", o, varlen)
     p.lse = lse.data_ptr()
     with device_ctx(q):
         C.attention_fwd(p, stream(q))
@@ -148,24 +199,27 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
-    with ds (zero-initialised by the caller: skipped blocks are not written)."""
-    _no_local_features(window, alibi, softcap, count, dropout, varlen)
-    _check(q, k, v, bias, mask, kv_lens)
+    with ds (zero-initialised by the caller: skipped blocks are not written). Layouts and options as
+    :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask)."""
+    _no_local_features(window, alibi, softcap, count)
+    _check(q, k, v, bias, mask, kv_lens, varlen)
+    _check_varlen(q, k, varlen)
+    _check_dropout(dropout)
     dlse = dlse.float().contiguous() if dlse is not None else None
     for t, name in ((lse, "lse"), (dlse, "dlse")):
-        _check_f32(t, name, q.shape[:3])
-    _check_f32(dbias, "dbias", (*q.shape[:3], k.shape[2]))
+        _check_f32(t, name, _lse_shape(q, varlen))
+    _check_f32(dbias, "dbias", _shape(q, k, varlen))
     C = extension()
     D = padded_head_dim(q.shape[-1])
     qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
     bias, mask = _bias(bias, q), _mask(mask)
     dqp, dkp, dvp = _output(dq, D), _output(dk, D), _output(dv, D)
-    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right)
-    _set(p, "o", "o", op)
-    _set(p, "dout", "do", dop)
-    _set(p, "dq", "dq", dqp)
-    _set(p, "dk", "dk", dkp)
-    _set(p, "dv", "dv", dvp)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen)
+    _set(p, "o", "o", op, varlen)
+    _set(p, "dout", "do", dop, varlen)
+    _set(p, "dq", "dq", dqp, varlen)
+    _set(p, "dk", "dk", dkp, varlen)
+    _set(p, "dv", "dv", dvp, varlen)
     p.lse = lse.data_ptr()
     p.dlse = ptr(dlse)
     p.ds = ptr(dbias)
@@ -176,3 +230,11 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
         C.attention_bwd(p, stream(q))
         for t, written in ((dq, dqp), (dk, dkp), (dv, dvp)):
             _finish(t, written)
+
+
+def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
+    """The bool keep-mask [B, H, Lq, Lk] the CUDA kernels apply for (dropout_p, seed): the Triton kernels' mask,
+    which the CUDA kernels reproduce bit for bit (csrc/attention/philox.h, checked on the CPU by
+    tests/test_cuda_philox.py), so it is drawn by the Triton kernel; on a GPU the `gpu` tests of backend "cuda"
+    then check that both kernels agree (the reference replays this mask)."""
+    return _triton_dropout_mask(B, H, Lq, Lk, dropout_p, seed, device)
