@@ -26,8 +26,8 @@ LOG2E = 1.4426950408889634
 
 
 # --------------------------------------------------------------------------------------------- autotuning
-# The interpreter runs programs one by one in numpy: one fixed config. The delta kernel uses the same block,
-# so that numpy reduces its dots in the same order as the dq / dk-dv kernels (see _bwd_delta_kernel).
+# The interpreter runs programs one by one in numpy: one fixed config. The delta kernel uses the same block as
+# the dq / dk-dv kernels (their dots must round alike, see _bwd_delta_kernel and fastattn/triton/__init__.py).
 INTERPRET_BLOCK = 32
 DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
 
