@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
 DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools transformers==5.23.0
 
-.PHONY: venv build test check gpu-check bench gpu-bench clean
+.PHONY: venv build test check gpu-check gpu-build gpu-test gpu-sanitize bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -32,13 +32,30 @@ test: build
 check: build
 	$(PY) -W ignore -m fastattn check
 
-# On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv); then the benchmarks.
-gpu-check:
-	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
-	$(PYTHON) -m fastattn info
-	$(PYTHON) -m pytest tests -q -m gpu -p no:cacheprovider
+# On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv): build, `gpu` tests,
+# compute-sanitizer, check table, benchmarks. Its parts fit one 10-minute command each on an H200:
+#   make gpu-build gpu-test GPU_TESTS="-k cuda"    (the CUDA C++ backend's tests)
+#   make gpu-sanitize                               (memcheck + racecheck over every CUDA kernel)
+#   make gpu-test GPU_TESTS="-k 'not cuda'"         (the Triton backend's tests, every autotune config)
+#   make gpu-bench
+# pytest runs in parallel when pytest-xdist is there and reports every failure (-rf) even if cut short.
+GPU_TESTS ?=
+XDIST := $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n 4")
+
+gpu-check: gpu-build gpu-test gpu-sanitize
 	$(PYTHON) -W ignore -m fastattn check
 	$(MAKE) gpu-bench PYTHON="$(PYTHON)"
+
+gpu-build:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PYTHON) -m fastattn info
+
+gpu-test:
+	$(PYTHON) -m pytest tests -q -m gpu -p no:cacheprovider -rf --durations=15 $(XDIST) $(GPU_TESTS)
+
+gpu-sanitize:
+	for tool in memcheck racecheck; do \
+	  compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) tests/gpu_sanitize.py || exit 1; done
 
 # Every benchmark, then benchmarks/results/<gpu-name>/SUMMARY.md. BENCH_ARGS: --quick | --full, --autotune, --out DIR.
 # Default grids: about 6-8 minutes on an H200 (each script stops adding rows after its --budget of seconds).

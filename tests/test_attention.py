@@ -268,6 +268,41 @@ def test_gpu_autotuned(D, dtype, monkeypatch):
                               seed=D), device="cuda")
 
 
+def test_forced_configs():
+    """Kernels launched with forced tile configs (other than the interpreter's default) still meet the rule."""
+    import triton
+
+    from fastattn.triton import attention as kernels
+    cfg = dict(fwd=triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}), dkdv=triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}),
+               dq=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}))
+    with kernels.forced_configs(**cfg):
+        assert kernels._FORCED
+        assert_case(AttentionCase(B=1, H=2, Hkv=1, Lq=37, Lk=70, D=32, dtype=torch.float32, causal=True,
+                                  kv_lens=True, seed=3))
+    assert not kernels._FORCED
+
+
+def _every_config():
+    from fastattn.triton import attention as kernels
+    probe = torch.empty(0, dtype=torch.float16)
+    for name in ("fwd", "dkdv", "dq"):
+        for D in (64, 128):
+            for c in kernels.configs_for(name, probe, D):
+                cfg = f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+                yield pytest.param(name, D, c, id=f"{name}-d{D}-{cfg}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,D,config", list(_every_config()))
+def test_gpu_every_config(kernel, D, config):
+    """Each autotune config of each kernel, forced, meets the rule (autotuning may pick any of them)."""
+    from fastattn.triton import attention as kernels
+    with kernels.forced_configs(**{kernel: config}):
+        for causal in (False, True):
+            assert_case(AttentionCase(B=2, H=3, Hkv=1, Lq=113, Lk=300, D=D, dtype=torch.float16, causal=causal,
+                                      kv_lens=True, seed=D), device="cuda")
+
+
 @pytest.mark.gpu
 def test_gpu_new_lengths_do_not_recompile():
     """Lengths in one power-of-two bucket share the tuned config and the compiled kernels."""

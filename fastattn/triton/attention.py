@@ -13,6 +13,7 @@ and one program per query block for dq: reruns are bitwise identical.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -65,10 +66,32 @@ def autotune_enabled() -> bool:
     return not INTERPRET and os.environ.get("FASTATTN_AUTOTUNE", "1") != "0"
 
 
+_FORCED: dict = {}  # kernel -> triton.Config, while forced_configs() is active
+
+
+@contextlib.contextmanager
+def forced_configs(fwd=None, dkdv=None, dq=None):
+    """Launch the given kernels with one triton.Config each (no autotuning), e.g. to test every config."""
+    chosen = {_fwd_kernel: fwd, _bwd_dkdv_kernel: dkdv, _bwd_dq_kernel: dq}
+    _FORCED.update({kernel: c for kernel, c in chosen.items() if c is not None})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+
+
+def configs_for(kernel_name, q, head_dim):
+    """The configs of kernel "fwd" / "dkdv" / "dq" that survive pruning for q's dtype and head_dim."""
+    kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kernel_name]
+    return _prune(kernel.configs, {"Q": q}, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+
+
 def _launch(kernel, grid, *args, **kwargs):
-    if autotune_enabled():
-        return kernel[grid](*args, **kwargs)
-    config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+    config = _FORCED.get(kernel)
+    if config is None:
+        if autotune_enabled():
+            return kernel[grid](*args, **kwargs)
+        config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
     return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
