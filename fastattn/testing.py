@@ -132,7 +132,9 @@ class AttentionCase:
     kv_lens: bool = False
     key_padding: bool = False
     bool_mask: str | None = None  # None | "full" [B,H,Lq,Lk] | "2d" [Lq,Lk]
-    bias: str | None = None  # None | "full" [B,H,Lq,Lk] | "heads" [1,H,Lq,Lk] | "batch" [B,1,1,Lk] | "2d" [Lq,Lk]
+    # None | "full" [B,H,Lq,Lk] | "heads" [1,H,Lq,Lk] | "batch" [B,1,1,Lk] | "2d" [Lq,Lk] | "rows" [1,H,Lq,1]
+    # | "head" [H,1,1]
+    bias: str | None = None
     bias_grad: bool = False
     lse_grad: bool = False
     logit_scale: float = 1.0
@@ -217,7 +219,8 @@ def _case_inputs(case: AttentionCase, device):
         kw["attn_bias"] = m.to(device)
     if case.bias:
         shape = {"full": (case.B, case.H, case.Lq, case.Lk), "heads": (1, case.H, case.Lq, case.Lk),
-                 "batch": (case.B, 1, 1, case.Lk), "2d": (case.Lq, case.Lk)}[case.bias]
+                 "batch": (case.B, 1, 1, case.Lk), "2d": (case.Lq, case.Lk), "rows": (1, case.H, case.Lq, 1),
+                 "head": (case.H, 1, 1)}[case.bias]
         bias = (torch.randn(shape, generator=g) * 2).to(dtype=case.dtype, device=device)
         if case.bool_mask:
             raise ValueError("a case has either a bool mask or a float bias")

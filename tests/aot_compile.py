@@ -116,6 +116,20 @@ def main():
                 over = smem > SMEM_LIMIT[args.arch]
                 failures += over
                 print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+        dbias = A.dbias_config(dtype, D)
+        for bcast in ((True, False, False, False), (False, True, True, True)):
+            label = f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) {bcast}"
+            try:
+                smem, secs = compile_one(A._bwd_dbias_kernel, dtype,
+                                         dict(consts, **dict(zip(("ALL_B", "ALL_H", "ALL_M", "ALL_N"), bcast))),
+                                         dbias, args.arch)
+            except Exception as e:
+                failures += 1
+                print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
+                continue
+            over = smem > SMEM_LIMIT[args.arch]
+            failures += over
+            print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
     try:
         compile_one(A._dropout_mask_kernel, torch.float16, dict(BLOCK_M=32, BLOCK_N=32), None, args.arch)
         print(f"ok   sm_{args.arch} _dropout_mask_kernel", flush=True)

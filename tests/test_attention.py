@@ -64,10 +64,34 @@ def test_masks(mask, Lq, Lk, dtype):
     assert_case(AttentionCase(B=3, Lq=Lq, Lk=Lk, dtype=dtype, seed=hash(mask) % 1000 + Lq, **MASKS[mask]))
 
 
+def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch):
+    """The gradient of a bias broadcast over the batch is reduced in the kernel: the backward allocates nothing
+    of B·H·Lq·Lk elements (torch's factory functions are watched while it runs)."""
+    B, H, Lq, Lk = 4, 2, 40, 48
+    q, k, v = random_qkv(B, H, Lq, Lk, 16, dtype=torch.float32, device=DEVICE)
+    bias = torch.randn(1, H, Lq, Lk, device=DEVICE, requires_grad=True)
+    out = fastattn.attention(q, k, v, attn_bias=bias, backend="triton")
+    sizes = []
+    for name in ("zeros", "empty", "zeros_like", "empty_like", "full"):
+        make = getattr(torch, name)
+
+        def watched(*args, _make=make, **kwargs):
+            t = _make(*args, **kwargs)
+            sizes.append(t.numel())
+            return t
+        monkeypatch.setattr(torch, name, watched)
+    dbias, = torch.autograd.grad(out.square().sum(), bias)
+    monkeypatch.undo()
+    assert sizes and max(sizes) < B * H * Lq * Lk
+    ref, = torch.autograd.grad(fastattn.reference.attention(q, k, v, attn_bias=bias).square().sum(), bias)
+    torch.testing.assert_close(dbias, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("bias", ["full", "heads", "batch", "2d"])
+@pytest.mark.parametrize("bias", ["full", "heads", "batch", "2d", "rows", "head"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_bias(bias, grad, dtype):
+    """Every broadcast pattern; the gradient of a broadcast bias is reduced inside the kernels."""
     assert_case(AttentionCase(B=2, H=2, Lq=45, Lk=70, dtype=dtype, bias=bias, bias_grad=grad, causal=grad,
                               alignment="bottom_right", seed=len(bias) + grad))
 

@@ -24,7 +24,8 @@ def assert_case(case, device=DEVICE, backend="triton"):
     dict(causal=True, Lq=40, Lk=23, alignment="bottom_right", kv_lens=True),
     dict(Hkv=1, H=4, bias="full", bias_grad=True, lse_grad=True),
     dict(key_padding=True, window=(5, 2), softcap=3.0, D=40),
-], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap"])
+    dict(Hkv=1, H=4, bias="heads", bias_grad=True, causal=True),
+], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap", "gqa-broadcast-bias"])
 def test_dropout_matches_reference_with_same_mask(extra, dtype):
     kw = dict(B=2, H=2, Lq=33, Lk=47, D=16, dtype=dtype, dropout=0.25, seed=11)
     assert_case(AttentionCase(**{**kw, **extra}))

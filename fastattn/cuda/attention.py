@@ -198,9 +198,16 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
-    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
-    with ds (zero-initialised by the caller: skipped blocks are not written). Layouts and options as
-    :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask)."""
+    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
+    canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
+    options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask)."""
+    full = _shape(q, k, varlen)
+    if dbias is not None and tuple(dbias.shape) != tuple(full):  # the kernels write ds [B, H, Lq, Lk]
+        ds = torch.zeros(full, device=dbias.device, dtype=torch.float32)
+        backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, ds, scale, causal, bottom_right,
+                 window, alibi, softcap, count, dropout, varlen)
+        dbias.copy_(ds.sum(dim=[i for i in range(4) if dbias.shape[i] == 1], keepdim=True))
+        return
     _no_local_features(window, alibi, softcap, count)
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_varlen(q, k, varlen)

@@ -74,17 +74,15 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
                    seed: Optional[Tensor], bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
-    # ds for every (b, h, i, j); blocks the kernel skips hold no gradient, hence zeros.
-    ds = torch.zeros((*q.shape[:3], k.shape[2]), device=q.device, dtype=torch.float32) if bias_grad else None
+    # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0.
+    ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
     if ds is None:
         return dq, dk, dv, q.new_empty(0)
-    dims = [i for i in range(4) if bias.shape[i] == 1]
-    dbias = ds.sum(dim=dims, keepdim=True) if dims else ds
-    return dq, dk, dv, dbias.to(bias.dtype)
+    return dq, dk, dv, ds.to(bias.dtype)
 
 
 @_attention_bwd.register_fake

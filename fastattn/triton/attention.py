@@ -9,7 +9,9 @@ with no change of base, so a row with one visible key gets p = 1 exactly. The ba
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
-and one program per query block for dq: reruns are bitwise identical.
+and one program per query block for dq: reruns are bitwise identical. A full-size bias gets ds from the dk/dv
+kernel; a bias broadcast over some dims gets dbias = Σ ds over them from a kernel of its own (one program per
+dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
 """
 from __future__ import annotations
 
@@ -457,6 +459,105 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
 
 
+@triton.jit(do_not_specialize=_NOSPEC)
+def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBias,
+                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+                      s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
+                      s_gb, s_gh, s_gm, s_gn, n_batch,
+                      H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
+                      dropout_p, seed, Visits,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
+                      BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                      COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+                      ALL_B: tl.constexpr, ALL_H: tl.constexpr, ALL_M: tl.constexpr, ALL_N: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dbias of a bias broadcast over some of (batch, head, query, key): Σ ds_ij over the broadcast dims (ALL_*),
+    one program per tile of dbias looping over them in a fixed order, so no [B, H, Lq, Lk] buffer and no atomics.
+    Recomputes p and dp as the dK/dV kernel does; a tile's sum runs elementwise over the visited tiles and is
+    reduced over the broadcast axes at the end."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    slot = tl.program_id(2)  # (b, h) of this dbias tile: b·H + h, with a broadcast dim counted as size 1
+    if ALL_H:
+        b_slot = slot
+        h_slot = 0
+        h_lo = 0
+        h_hi = H
+    else:
+        b_slot = slot // H
+        h_slot = slot % H
+        h_lo = h_slot
+        h_hi = h_slot + 1
+    b_lo = b_slot
+    b_hi = b_slot + 1
+    if ALL_B:
+        b_lo = 0
+        b_hi = n_batch
+    m_lo = pid_m * BLOCK_M
+    m_hi = m_lo + 1
+    if ALL_M:
+        m_hi = Lq
+    n_lo = pid_n * BLOCK_N
+    n_hi = n_lo + 1
+    if ALL_N:
+        n_hi = Lk
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for b in range(b_lo, b_hi):
+        q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS,
+                                                      BOTTOM_RIGHT)
+        for h in range(h_lo, h_hi):
+            hk = h // GROUP
+            slope = 0.0
+            if HAS_ALIBI:
+                slope = tl.load(Alibi + b * s_ab + h)
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                row_ok = offs_m < q_len
+                q_ok = row_ok[:, None] & d_ok
+                q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
+                do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
+                             other=0.0)
+                rows = b * s_lb + h * s_lh + offs_m
+                lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+                delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+                for start_n in range(n_lo, n_hi, BLOCK_N):
+                    offs_n = start_n + tl.arange(0, BLOCK_N)
+                    vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+                                   win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+                    if tl.max(vis.to(tl.int32)) > 0:  # tiles outside the window / masked away add nothing
+                        kv_ok = (offs_n[:, None] < kv_len) & d_ok
+                        k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok,
+                                    other=0.0)
+                        v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok,
+                                    other=0.0)
+                        qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len,
+                                        sm_scale, shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+                        p = tl.math.exp2(qk - lse[:, None])
+                        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+                        if DROPOUT:
+                            keep = _keep(seed, dropout_p, b * H + h, offs_m, offs_n, Lq, Lk)
+                            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                        acc += p * (dp - delta[:, None])
+
+    out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = (out_m[:, None] < Lq) & (out_n[None, :] < Lk)
+    if ALL_M:
+        acc = tl.sum(acc, 0, keep_dims=True)
+        out_m = tl.arange(0, 1)
+        ok = out_n[None, :] < Lk
+    if ALL_N:
+        acc = tl.sum(acc, 1, keep_dims=True)
+        out_n = tl.arange(0, 1)
+        ok = out_m[:, None] < Lq
+        if ALL_M:
+            ok = out_m[:, None] < 1
+    tl.store(DBias + b_slot * s_gb + h_slot * s_gh + out_m[:, None] * s_gm + out_n[None, :] * s_gn, acc, mask=ok)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The keep-mask the attention kernels use, written out as uint8 [B, H, Lq, Lk] (debugging and tests)."""
@@ -543,12 +644,14 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
-    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias [B, H, Lq, Lk] fp32 contiguous
-    with ds (zero-initialised by the caller: skipped blocks are not written). Layouts and options as
-    :func:`forward`, with the same ``dropout`` seed. ``count`` receives "dkdv" (query blocks per key-block
-    program) and "dq" (key blocks per query-block program)."""
+    """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
+    canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
+    options as :func:`forward`, with the same ``dropout`` seed. ``count`` receives "dkdv" (query blocks per
+    key-block program) and "dq" (key blocks per query-block program)."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
+    # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
+    bcast = dbias is not None and tuple(dbias.shape) != (B, H, Lq, Lk)
     delta = torch.empty_like(lse)
     # The delta kernel sees a packed batch as one sequence of total_q rows: [H, total_q] is its [1, H, Lq].
     rows_total = q.shape[0] if varlen is not None else Lq
@@ -561,11 +664,33 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
                   *lse_strides)
         _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
                 q, k, v, *ptrs, do, lse, delta, dk, dv, dbias if dbias is not None else delta,
-                *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None,
+                *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None and not bcast,
                 Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
+        if bcast:
+            _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args)
         _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
                 q, k, v, *ptrs, do, lse, delta, dq, *common, *_rows(dq, varlen),
                 Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta), **args)
+
+
+def dbias_config(dtype, head_dim):
+    """Tiles of the broadcast-dbias kernel: q, do, k, v tiles (2 stages) within shared memory."""
+    if INTERPRET:
+        return triton.Config({"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}, num_warps=4, num_stages=1)
+    wide = torch.tensor([], dtype=dtype).element_size() * max(16, triton.next_power_of_2(head_dim)) > 512
+    block = 32 if wide else 64
+    return triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=8 if wide else 4, num_stages=2)
+
+
+def _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args):
+    """dbias of a broadcast bias: one program per dbias tile (a broadcast query / key dim is one tile)."""
+    all_b, all_h, all_m, all_n = (n == 1 and full > 1 for n, full in zip(dbias.shape, (B, H, Lq, Lk)))
+    config = dbias_config(q.dtype, q.shape[-1])
+    bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    grid = (1 if all_m else triton.cdiv(Lq, bm), 1 if all_n else triton.cdiv(Lk, bn),
+            (1 if all_b else B) * (1 if all_h else H))
+    _bwd_dbias_kernel[grid](q, k, v, *ptrs, do, lse, delta, dbias, *common, *dbias.stride(), B, Visits=delta,
+                            **args, ALL_B=all_b, ALL_H=all_h, ALL_M=all_m, ALL_N=all_n, **config.all_kwargs())
 
 
 def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
