@@ -9,6 +9,9 @@
 // ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
 // dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij·r before ds (D_i = do_i·o_i already holds the scale).
 // Packed batches: CTAs past their sequence's end return at once; D lives in the workspace as [B, H, max_seqlen_q].
+// Local attention: the dK/dV kernel visits the query tiles that meet the window of some key of its block
+// (Window::query_tiles), the dQ kernel the forward's key tiles; with the soft cap, ds (the bias gradient) is
+// multiplied by the cap's derivative 1 − tanh² before it reaches dK and dQ.
 // Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"

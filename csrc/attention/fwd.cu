@@ -3,8 +3,9 @@
 // softmax in fp32 and base 2 (exp2f, scale folded with log2 e). Output o_i = Σ_j p_ij v_j and lse2_i (+inf and
 // o_i = 0 for a row with no visible key). With dropout the normaliser l_i = Σ_j p_ij counts every weight, the
 // accumulator sums p_ij·keep_ij·v_j, and o_i = acc_i / (l_i (1 − p)). Packed batches: the grid covers
-// max_seqlen_q; a CTA past its sequence's end returns at once. Semantics: fastattn/triton/attention.py
-// (_fwd_kernel).
+// max_seqlen_q; a CTA past its sequence's end returns at once. Local attention: only the key tiles that meet the
+// window of some row of the block are visited (Window::key_tiles); scores with soft cap and ALiBi (Scores).
+// Semantics: fastattn/triton/attention.py (_fwd_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
 
@@ -22,9 +23,10 @@ constexpr size_t fwd_smem_bytes() {
   return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
 }
 
-// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0 (template flags: both cost registers even when
-// skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs share an SM (the
-// packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128 without spills).
+// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0; MODS: softcap or ALiBi is on (template flags: each
+// costs registers even when skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs
+// share an SM (the packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128
+// without spills).
 template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
 __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
