@@ -77,6 +77,7 @@ PYBIND11_MODULE(_C, m) {
 #define FA_FIELD(name) cls.def_readwrite(#name, &AttnParams::name)
   FA_FIELD(dtype); FA_FIELD(B); FA_FIELD(H); FA_FIELD(Hkv); FA_FIELD(Lq); FA_FIELD(Lk); FA_FIELD(D);
   FA_FIELD(scale); FA_FIELD(causal); FA_FIELD(bottom_right);
+  FA_FIELD(window_left); FA_FIELD(window_right); FA_FIELD(softcap); FA_FIELD(alibi_sb);
   FA_FIELD(q_sb); FA_FIELD(q_sh); FA_FIELD(q_sl);
   FA_FIELD(k_sb); FA_FIELD(k_sh); FA_FIELD(k_sl);
   FA_FIELD(v_sb); FA_FIELD(v_sh); FA_FIELD(v_sl);
@@ -98,6 +99,7 @@ PYBIND11_MODULE(_C, m) {
   pointer_field(cls, "bias", &AttnParams::bias);
   pointer_field(cls, "mask", &AttnParams::mask);
   pointer_field(cls, "kv_lens", &AttnParams::kv_lens);
+  pointer_field(cls, "alibi", &AttnParams::alibi);
   pointer_field(cls, "cu_seqlens_q", &AttnParams::cu_seqlens_q);
   pointer_field(cls, "cu_seqlens_k", &AttnParams::cu_seqlens_k);
   pointer_field(cls, "dout", &AttnParams::dout);

@@ -59,6 +59,8 @@ def attention_cases(gpu: bool):
         yield AttentionCase(Lq=17, Lk=113, D=256, dtype=dtype, H=4, Hkv=1, logit_scale=10.0)
         yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype, causal=True, dropout=0.1)
         yield AttentionCase(D=64, dtype=dtype, H=4, Hkv=2, causal=True, varlen=((L, L), (1, 1), (L // 3, L // 3)))
+        yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype, H=4, Hkv=2, causal=True, window=(L // 4, -1),
+                            alibi="heads", softcap=20.0, logit_scale=4.0)
 
 
 def softmax_cases(gpu: bool):

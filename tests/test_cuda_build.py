@@ -52,8 +52,8 @@ def test_attn_params_round_trip(C):
     p = C.AttnParams()
     assert p.q == 0 and p.lse == 0 and p.B == 0 and p.scale == 1.0 and p.causal is False  # params.h defaults
     fields = [n for n in dir(p) if not n.startswith("_")]
-    pointers = {"q", "k", "v", "o", "lse", "bias", "mask", "kv_lens", "cu_seqlens_q", "cu_seqlens_k", "dout", "dlse",
-                "dq", "dk", "dv", "ds", "workspace"}
+    pointers = {"q", "k", "v", "o", "lse", "bias", "mask", "kv_lens", "alibi", "cu_seqlens_q", "cu_seqlens_k", "dout",
+                "dlse", "dq", "dk", "dv", "ds", "workspace"}
     assert pointers <= set(fields)
     values = {}
     for i, name in enumerate(fields):
@@ -183,8 +183,7 @@ def test_attention_marshalling_varlen_dropout():
 
 
 def test_attention_varlen_dropout_checks():
-    """The CUDA module's own checks of packed-batch and dropout arguments (no extension or GPU needed); local
-    attention options keep their NotImplementedError."""
+    """The CUDA module's own checks of packed-batch and dropout arguments (no extension or GPU needed)."""
     from fastattn.cuda import attention as A
 
     q = torch.randn(10, 2, 64)
@@ -203,7 +202,50 @@ def test_attention_varlen_dropout_checks():
         A._check_varlen(q[None], q, (cu, cu, 6, 6))
     with pytest.raises(ValueError, match="dropout_p must lie in"):
         A._check_dropout((1.0, 0))
-    for window, alibi, softcap in (((4, 0), None, 0.0), ((-1, -1), torch.ones(2), 0.0), ((-1, -1), None, 5.0)):
-        with pytest.raises(NotImplementedError, match="window_size, alibi_slopes, softcap"):
-            A.forward(q, q, q, None, None, None, q, None, 1.0, False, False, window=window, alibi=alibi,
-                      softcap=softcap)
+
+
+def test_attention_local_checks():
+    """window_size, alibi_slopes and softcap are taken by backend "cuda" and checked by name (no extension or GPU
+    needed: the checks come before any tensor must be on a GPU); block counting stays the Triton kernels'."""
+    from fastattn.cuda import attention as A
+
+    B, H = 3, 2
+    q = torch.randn(B, H, 5, 64)
+    A._check_local(q, q, (4, 0), None, 5.0, None)
+    A._check_local(q, q, (-1, 7), None, 0.0, None)
+    with pytest.raises(NotImplementedError, match="count.*backend='triton'"):
+        A._check_local(q, q, (-1, -1), None, 0.0, {})
+    for window in ((3,), (-2, 1), (1.5, 2), 5, (True, 0)):
+        with pytest.raises(ValueError, match="window_size"):
+            A._check_local(q, q, window, None, 0.0, None)
+    for softcap in (-1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="softcap"):
+            A._check_local(q, q, (-1, -1), None, softcap, None)
+    with pytest.raises(TypeError, match="alibi_slopes must be a float32"):
+        A._check_local(q, q, (-1, -1), torch.ones(H, dtype=torch.float64), 0.0, None)
+    for bad in (torch.ones(H + 1), torch.ones(B + 1, H), torch.ones(H, B).t(), torch.ones(B, H, 1)):
+        with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+            A._check_local(q, q, (-1, -1), bad, 0.0, None)
+    # a packed batch: B from cu_seqlens
+    qp = torch.randn(10, H, 64)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        A._check_local(qp, qp, (-1, -1), torch.ones(B, H), 0.0, None, (cu, cu, 6, 6))
+    # the window sides the kernels get: −1 also for a side past every key (and so within int32)
+    assert [A._window_side(w, 5, 7) for w in (-1, 0, 11, 12, 10**12)] == [-1, 0, 11, -1, -1]
+
+
+@needs_build
+def test_attention_marshalling_local():
+    """window (causal folded in by the kernels, huge sides made unbounded), ALiBi slopes' pointer and batch
+    stride (0 for slopes shared by the batch), soft cap."""
+    from fastattn.cuda import attention as A
+
+    B, H, Lq, Lk, D = 2, 4, 5, 7, 64
+    q, k = torch.randn(B, H, Lq, D, dtype=torch.float16), torch.randn(B, H, Lk, D, dtype=torch.float16)
+    p = A._params(q, k, k, None, None, None, 0.125, True, False)
+    assert (p.window_left, p.window_right, p.alibi, p.alibi_sb, p.softcap) == (-1, -1, 0, 0, 0.0)
+    for alibi, sb in ((torch.ones(H), 0), (torch.ones(1, H), 0), (torch.ones(B, H), H)):
+        p = A._params(q, k, k, None, None, None, 0.125, True, False, window=(3, 10**9), alibi=alibi, softcap=30.0)
+        assert (p.window_left, p.window_right, p.softcap) == (3, -1, 30.0)
+        assert (p.alibi, p.alibi_sb) == (alibi.data_ptr(), sb)

@@ -193,6 +193,4 @@ def test_gpu_dropout_varlen(extra, dtype, gpu_backend):
     """Every case on both backends: for "cuda" the reference replays the mask of return_dropout_mask (drawn by
     the Triton kernel), so a pass also shows that the CUDA kernels drew the same Philox mask."""
     conftest.skip_cuda_fp32_attention(gpu_backend, dtype)
-    if gpu_backend == "cuda" and ("window" in extra or "alibi" in extra):
-        pytest.skip("window_size / alibi_slopes are not in the CUDA C++ kernels (backend 'triton' only)")
     assert_case(AttentionCase(dtype=dtype, seed=5, **extra), device="cuda", backend=gpu_backend)

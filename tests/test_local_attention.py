@@ -151,6 +151,25 @@ def test_bad_arguments_are_named(kw, match):
                                    dict(softcap=30.0, logit_scale=4.0, bias="heads", bias_grad=True),
                                    dict(window=(64, 0), alibi="batch", softcap=10.0, kv_lens=True)],
                          ids=["causal-local", "window-kv_lens", "alibi-br", "softcap-bias", "all"])
-def test_gpu_local(extra, dtype):
+def test_gpu_local(extra, dtype, gpu_backend):
     for D, (Lq, Lk) in ((64, (1000, 1000)), (128, (700, 1500))):
-        assert_case(AttentionCase(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype, seed=D, **extra), device="cuda")
+        conftest.assert_case(run_attention_case, AttentionCase(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype,
+                                                               seed=D, **extra), "cuda", gpu_backend)
+
+
+# Every head dim's kernel configuration (the CUDA kernels tile differently per head dim: D = 256 splits the dK/dV
+# pass in two, D = 40 runs padded to 64), with the features that change the kernels' code paths: window with
+# block skipping both ways (Lq ≠ Lk), ALiBi, the soft cap (its derivative through shared memory in the backward),
+# a float bias with gradient, dropout (the keep-mask drawn before the dP GEMM), GQA and the LSE gradient.
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [32, 40, 96, 256])
+@pytest.mark.parametrize("extra", [
+    dict(window=(48, 16), alibi="heads", softcap=8.0, logit_scale=3.0, Lq=300, Lk=520),
+    dict(window=(20, -1), causal=True, alignment="bottom_right", softcap=5.0, bias="full", bias_grad=True,
+         lse_grad=True, kv_lens=True, Lq=260, Lk=200),
+    dict(window=(-1, 30), alibi="batch", dropout=0.2, bool_mask="full", Lq=200, Lk=333),
+], ids=["window-alibi-softcap", "causal-br-softcap-bias-lse", "window-alibi-dropout-mask"])
+def test_gpu_local_head_dims(extra, D, dtype, gpu_backend):
+    conftest.assert_case(run_attention_case, AttentionCase(B=2, H=4, Hkv=2, D=D, dtype=dtype, seed=D, **extra),
+                         "cuda", gpu_backend)

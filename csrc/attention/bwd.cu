@@ -9,6 +9,9 @@
 // ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
 // dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij·r before ds (D_i = do_i·o_i already holds the scale).
 // Packed batches: CTAs past their sequence's end return at once; D lives in the workspace as [B, H, max_seqlen_q].
+// Local attention: the dK/dV kernel visits the query tiles that meet the window of some key of its block
+// (Window::query_tiles), the dQ kernel the forward's key tiles; with the soft cap, ds (the bias gradient) is
+// multiplied by the cap's derivative 1 − tanh² before it reaches dK and dQ.
 // Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
@@ -41,21 +44,30 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
   if (lane == 0) delta[row] = p.dlse != nullptr ? sum - kLog2e * p.dlse[seq.lse_row0(p, b, h) + i] : sum;
 }
 
+// With the soft cap on, each warp keeps the cap's derivative of its 16 x N score tile in shared memory between
+// the score (Scores::apply, before the dP GEMM) and ds (after it): N·16 floats per warp.
+template <int NW, int N>
+constexpr size_t dcap_smem_bytes(bool softcap) {
+  return softcap ? static_cast<size_t>(NW) * 16 * N * sizeof(float) : 0;
+}
+
 // ------------------------------------------------------------------------------------------- dK, dV
 // Per head dim: warps W (key block 16·W), query tile BM, and DSPLIT passes over the query tiles, each
 // accumulating D / DSPLIT columns of dK and dV (D = 256 would not fit both accumulators in registers; its
 // second pass recomputes Sᵀ and dPᵀ). Shared memory (2·16W + 4·BM)·(D + 8)·2 + 16·BM bytes:
-// D=32: 31 KB, 64: 55 KB, 96: 79 KB, 128: 69 KB, 256: 100 KB.
+// D=32: 31 KB, 64: 55 KB, 96: 79 KB, 128: 69 KB, 256: 100 KB; with the soft cap 64·W·BM more (dcap_smem_bytes):
+// 16 KB (8 KB for D = 128, 4 KB for D = 256).
 template <int D> struct DkdvCfg { static constexpr int kWarps = 4, kBlockM = 64, kSplit = 1; };
 template <> struct DkdvCfg<128> { static constexpr int kWarps = 4, kBlockM = 32, kSplit = 1; };
 template <> struct DkdvCfg<256> { static constexpr int kWarps = 4, kBlockM = 16, kSplit = 2; };
 
 template <typename T, int D, int NW, int BM>
-constexpr size_t dkdv_smem_bytes() {
-  return static_cast<size_t>(2 * 16 * NW + 4 * BM) * (D + 8) * sizeof(T) + 4 * BM * sizeof(float);
+constexpr size_t dkdv_smem_bytes(bool softcap) {
+  return static_cast<size_t>(2 * 16 * NW + 4 * BM) * (D + 8) * sizeof(T) + 4 * BM * sizeof(float) +
+         dcap_smem_bytes<NW, BM>(softcap);
 }
 
-template <typename T, int D, int NW, int BM, int DSPLIT, bool BIAS_MASK, bool DROPOUT>
+template <typename T, int D, int NW, int BM, int DSPLIT, bool BIAS_MASK, bool DROPOUT, bool MODS>
 __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   constexpr int BN = 16 * NW, NTH = NW * 32, P = D + 8, DC = D / DSPLIT;
   constexpr int NTS = BM / 8;  // n-tiles of a warp's 16 x BM tile of Sᵀ / dPᵀ
@@ -67,6 +79,7 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   T* sdO = sQ + 2 * BM * P;                               // [2][BM][P]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * P);  // [2][BM]
   float* sDelta = sLse + 2 * BM;                          // [2][BM]
+  float* sDcap = sDelta + 2 * BM;                         // [W][NTS·4][32] with the soft cap (see apply)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
@@ -78,9 +91,10 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   const float* delta = static_cast<const float*>(p.workspace);
   const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
-  // Query rows whose diagonal lies left of this key block see none of it; a block of padding keys sees nothing.
-  const int m_begin = p.causal ? max(n0 - shift, 0) / BM * BM : 0;
-  const int nm = (n0 < kv_len && m_begin < seq.q_len) ? (seq.q_len - m_begin + BM - 1) / BM : 0;
+  // Query rows whose window misses this key block are not visited (Window::query_tiles, as Triton's
+  // _query_range): query tiles m_begin + t·BM, t < nm; a block of padding keys sees nothing.
+  int m_begin, nm;
+  Window(p, seq.q_len, kv_len, shift).query_tiles(n0, BN, BM, m_begin, nm);
   const int total = group * nm;  // (query head, query tile) steps
 
   load_tile_async<T, BN, D, NTH>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + seq.k0 * p.k_sl, p.k_sl,
@@ -131,10 +145,26 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
       const float* lse_s = sLse + st * BM;
       const float* delta_s = sDelta + st * BM;
 
+      // Sᵀ to scores (and the soft cap's derivative to dcap), dPᵀ, then per element p, the weight for dV and
+      // ds·dcap for dK.
+      const bool capped = MODS && p.softcap > 0.f;
+      float* dcap = capped ? sDcap + warp * NTS * 4 * 32 : nullptr;
       float s[NTS][4], dp[NTS][4];
       zero(s);
       gemm_ss<T, NTS, D>(s, sK, P, warp * 16, sQs, P, 0, lane);
-      sc.template apply<BIAS_MASK, true>(s, n0 + warp * 16, mq0, lane);
+      sc.template apply<BIAS_MASK, MODS, true>(s, n0 + warp * 16, mq0, lane, dcap);
+      // The forward's dropout mask of query mq0 + col, key n0 + this thread's row, as bits (nt·4 + e), drawn
+      // before the dP GEMM (its registers still free) in a loop kept rolled (one Philox at a time, not 4·NTS
+      // interleaved by the scheduler).
+      uint32_t kept_bits = 0;
+      if constexpr (DROPOUT) {
+#pragma unroll 1
+        for (int k = 0; k < NTS * 4; ++k) {
+          const int nt = k >> 2, e = k & 3;
+          if (drop.keep(mq0 + nt * 8 + 2 * (lane & 3) + (e & 1), n0 + warp * 16 + (lane >> 2) + (e >> 1) * 8))
+            kept_bits |= 1u << k;
+        }
+      }
       zero(dp);
       gemm_ss<T, NTS, D>(dp, sV, P, warp * 16, sdOs, P, 0, lane);
 #pragma unroll
@@ -144,14 +174,16 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
           const int col = nt * 8 + 2 * (lane & 3) + (e & 1);  // query row within the tile
           const float pr = exp2f(s[nt][e] - lse_s[col]);
           float dpe = dp[nt][e], pv = pr;  // dp and the weight that reaches dV
-          if constexpr (DROPOUT) {  // the forward's mask: query mq0 + col, key n0 + this thread's row
-            const bool kept = drop.keep(mq0 + col, n0 + warp * 16 + (lane >> 2) + (e >> 1) * 8);
+          if constexpr (DROPOUT) {
+            const bool kept = (kept_bits >> (nt * 4 + e)) & 1u;
             pv = kept ? pr * keep_scale : 0.f;
             dpe = kept ? dpe * keep_scale : 0.f;
           }
           s[nt][e] = pv;
-          // ds, exactly 0 where p = 0 (even if dp is not finite)
-          dp[nt][e] = pr != 0.f ? pr * (dpe - delta_s[col]) : 0.f;
+          // ds (times the cap's derivative), exactly 0 where p = 0 (even if dp is not finite)
+          float ds = pr != 0.f ? pr * (dpe - delta_s[col]) : 0.f;
+          if (capped) ds *= dcap[(nt * 4 + e) * 32 + lane];
+          dp[nt][e] = ds;
         }
 
       uint32_t a[NTS / 2][4];
@@ -163,26 +195,28 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
     }
 
     // Keys in [kv_len, k_len) and keys no query sees get 0; none of the next packed sequence's rows is written.
-    store_c<T, NTD>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + seq.k0 * p.dk_sl, p.dk_sl, n0 + warp * 16,
-                    pass * DC, seq.k_len, dk, p.scale, p.scale, lane);
-    store_c<T, NTD>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + seq.k0 * p.dv_sl, p.dv_sl, n0 + warp * 16,
-                    pass * DC, seq.k_len, dv, 1.f, 1.f, lane);
+    const Seq::Rows rows = Seq::reread<true>(p, b);  // seq.k0, seq.k_len
+    store_c<T, NTD>(static_cast<T*>(p.dk) + b * p.dk_sb + hk * p.dk_sh + rows.start * p.dk_sl, p.dk_sl,
+                    n0 + warp * 16, pass * DC, rows.len, dk, p.scale, p.scale, lane);
+    store_c<T, NTD>(static_cast<T*>(p.dv) + b * p.dv_sb + hk * p.dv_sh + rows.start * p.dv_sl, p.dv_sl,
+                    n0 + warp * 16, pass * DC, rows.len, dv, 1.f, 1.f, lane);
   }
   cp_async_wait<0>();  // K / V when total == 0
 }
 
 // ------------------------------------------------------------------------------------------- dQ
 // Warps W (query block 16·W), key tile BN. Shared memory (2·16W + 4·BN)·(D + 8)·2 bytes:
-// D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 132 KB.
+// D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 132 KB; with the soft cap 64·W·BN more (dcap_smem_bytes):
+// 16 KB (8 KB for D = 256).
 template <int D> struct DqCfg { static constexpr int kWarps = 4, kBlockN = 64; };
 template <> struct DqCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
 
 template <typename T, int D, int NW, int BN>
-constexpr size_t dq_smem_bytes() {
-  return static_cast<size_t>(2 * 16 * NW + 4 * BN) * (D + 8) * sizeof(T);
+constexpr size_t dq_smem_bytes(bool softcap) {
+  return static_cast<size_t>(2 * 16 * NW + 4 * BN) * (D + 8) * sizeof(T) + dcap_smem_bytes<NW, BN>(softcap);
 }
 
-template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT>
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
 __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of S / dP
@@ -192,6 +226,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   T* sdO = sQ + BM * P;                // [BM][P]
   T* sK = sdO + BM * P;                // [2][BN][P]
   T* sV = sK + 2 * BN * P;             // [2][BN][P]
+  float* sDcap = reinterpret_cast<float*>(sV + 2 * BN * P);  // [W][NTS·4][32] with the soft cap (see apply)
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
@@ -200,7 +235,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
   const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);  // the forward's key range
-  const int nblocks = keys.count;
+  const int n_first = keys.first, nblocks = keys.count;
   const DropoutMask drop(p, b, h);
   const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
@@ -208,7 +243,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
                                  m0, seq.q_len, tid);
   load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl,
                                  p.do_sl, m0, seq.q_len, tid);
-  if (nblocks > 0) keys.load(sK, sV, 0, tid);
+  if (nblocks > 0) keys.load(p, sK, sV, n_first, tid);
   cp_async_commit();
 
   // lse2 and D of rows g and g + 8 of the warp's tile.
@@ -228,16 +263,30 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   zero(dq);
   for (int it = 0; it < nblocks; ++it) {
     const int st = it & 1;
-    if (it + 1 < nblocks) keys.load(sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, it + 1, tid);
+    const int n0 = (n_first + it) * BN;  // first key of this tile
+    if (it + 1 < nblocks) keys.load(p, sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, n_first + it + 1, tid);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
 
+    // S to scores (and the soft cap's derivative to dcap), dP, then per element p, ds (the bias gradient) and
+    // ds·dcap for dQ.
     const T* sKs = sK + st * BN * P;
+    const bool capped = MODS && p.softcap > 0.f;
+    float* dcap = capped ? sDcap + warp * NTS * 4 * 32 : nullptr;
     float s[NTS][4], dp[NTS][4];
     zero(s);
     gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sKs, P, 0, lane);
-    sc.template apply<BIAS_MASK, false>(s, m0 + warp * 16, it * BN, lane);
+    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, dcap);
+    uint32_t kept_bits = 0;  // the dropout mask as bits (nt·4 + e), drawn before the dP GEMM (see dkdv_kernel)
+    if constexpr (DROPOUT) {
+#pragma unroll 1
+      for (int k = 0; k < NTS * 4; ++k) {
+        const int nt = k >> 2, e = k & 3;
+        if (drop.keep(m0 + warp * 16 + (lane >> 2) + 8 * (e >> 1), n0 + nt * 8 + 2 * (lane & 3) + (e & 1)))
+          kept_bits |= 1u << k;
+      }
+    }
     zero(dp);
     gemm_ss<T, NTS, D>(dp, sdO, P, warp * 16, sV + st * BN * P, P, 0, lane);
 #pragma unroll
@@ -246,14 +295,14 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
         const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;  // query and key of this element
-        const int col = it * BN + nt * 8 + 2 * (lane & 3) + (e & 1);
+        const int col = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
         const float pr = exp2f(s[nt][e] - lse_r[r]);
         float dpe = dp[nt][e];
-        if constexpr (DROPOUT) dpe = drop.keep(row, col) ? dpe * keep_scale : 0.f;
+        if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe * keep_scale : 0.f;
         const float ds = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
-        dp[nt][e] = ds;
+        dp[nt][e] = capped ? ds * dcap[(nt * 4 + e) * 32 + lane] : ds;
         if (ds_out != nullptr && row < seq.q_len && col < seq.k_len)
-          ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;
+          ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;  // the bias gradient: ds before the cap
       }
 
     uint32_t a[NTS / 2][4];
@@ -263,8 +312,9 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   }
   cp_async_wait<0>();
 
-  store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + seq.q0 * p.dq_sl, p.dq_sl, m0 + warp * 16, 0,
-                  seq.q_len, dq, p.scale, p.scale, lane);
+  const Seq::Rows rows = Seq::reread<false>(p, b);  // seq.q0, seq.q_len
+  store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + rows.start * p.dq_sl, p.dq_sl, m0 + warp * 16,
+                  0, rows.len, dq, p.scale, p.scale, lane);
 }
 
 }  // namespace
@@ -275,10 +325,12 @@ std::size_t attention_bwd_workspace_bytes(const AttnParams& p) {
   return static_cast<std::size_t>(p.B) * p.H * p.Lq * sizeof(float);  // delta [B, H, Lq]
 }
 
-const char* attention_bwd(const AttnParams& p, void* stream) {
+const char* attention_bwd(const AttnParams& params, void* stream) {
   using namespace attn;
-  if (!attention_supports_head_dim(p.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
-  if (const char* err = check_common(p)) return err;
+  if (!attention_supports_head_dim(params.D))
+    return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
+  AttnParams p;  // causal folded into the window, windows normalised
+  if (const char* err = prepare(params, p)) return err;
   const int64_t nb = batches(p), nq = q_rows(p), nk = k_rows(p);
   if (!aligned_rows(p.dout, p.do_sb, p.do_sh, p.do_sl, nb, p.H, nq) ||
       !aligned_rows(p.dq, p.dq_sb, p.dq_sh, p.dq_sl, nb, p.H, nq) ||
@@ -291,7 +343,7 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
   const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
   if ((rows + kDeltaWarps - 1) / kDeltaWarps > 0x7fffffff) return "fastattn CUDA attention: too many query rows";
   const auto s = static_cast<cudaStream_t>(stream);
-  const bool bias_mask = p.bias != nullptr || p.mask != nullptr, dropout = p.dropout_p > 0.f;
+  const bool bias_mask = p.bias != nullptr || p.mask != nullptr, dropout = p.dropout_p > 0.f, mods = score_mods(p);
   return dispatch(p, [&](auto t, auto d) -> const char* {
     using T = decltype(t);
     constexpr int D = decltype(d)::value;
@@ -304,9 +356,10 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
       using C = DkdvCfg<D>;
       constexpr int BN = 16 * C::kWarps;
       const dim3 grid((p.Lk + BN - 1) / BN, p.Hkv, p.B);
-      const size_t smem = dkdv_smem_bytes<T, D, C::kWarps, C::kBlockM>();
-      const auto kernel = pick_kernel(bias_mask, dropout, [](auto bm, auto dr) {
-        return dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, decltype(bm)::value, decltype(dr)::value>;
+      const size_t smem = dkdv_smem_bytes<T, D, C::kWarps, C::kBlockM>(p.softcap > 0.f);
+      const auto kernel = pick_kernel(bias_mask, dropout, mods, [](auto bm, auto dr, auto mo) {
+        return dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, decltype(bm)::value, decltype(dr)::value,
+                           decltype(mo)::value>;
       });
       if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
     }
@@ -314,9 +367,9 @@ const char* attention_bwd(const AttnParams& p, void* stream) {
       using C = DqCfg<D>;
       constexpr int BM = 16 * C::kWarps;
       const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
-      const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>();
-      const auto kernel = pick_kernel(bias_mask, dropout, [](auto bm, auto dr) {
-        return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value>;
+      const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>(p.softcap > 0.f);
+      const auto kernel = pick_kernel(bias_mask, dropout, mods, [](auto bm, auto dr, auto mo) {
+        return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value, decltype(mo)::value>;
       });
       if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
     }

@@ -3,8 +3,9 @@
 // softmax in fp32 and base 2 (exp2f, scale folded with log2 e). Output o_i = Σ_j p_ij v_j and lse2_i (+inf and
 // o_i = 0 for a row with no visible key). With dropout the normaliser l_i = Σ_j p_ij counts every weight, the
 // accumulator sums p_ij·keep_ij·v_j, and o_i = acc_i / (l_i (1 − p)). Packed batches: the grid covers
-// max_seqlen_q; a CTA past its sequence's end returns at once. Semantics: fastattn/triton/attention.py
-// (_fwd_kernel).
+// max_seqlen_q; a CTA past its sequence's end returns at once. Local attention: only the key tiles that meet the
+// window of some row of the block are visited (Window::key_tiles); scores with soft cap and ALiBi (Scores).
+// Semantics: fastattn/triton/attention.py (_fwd_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
 
@@ -22,10 +23,11 @@ constexpr size_t fwd_smem_bytes() {
   return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
 }
 
-// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0 (template flags: both cost registers even when
-// skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs share an SM (the
-// packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128 without spills).
-template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT>
+// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0; MODS: softcap or ALiBi is on (template flags: each
+// costs registers even when skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs
+// share an SM (the packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128
+// without spills).
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
 __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's score tile (16 x BN)
@@ -40,14 +42,15 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   const Seq seq(p, b);
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
-  // Keys past kv_len, or past the diagonal of the block's last row, are never visible: not visited.
+  // Key tiles outside the window of every row of the block (past kv_len, right of the last row's diagonal +
+  // right, left of the first row's diagonal − left) are never visible: not visited.
   const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
-  const int nblocks = keys.count;
+  const int n_first = keys.first, nblocks = keys.count;
   const DropoutMask drop(p, b, h);
 
   load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
                                  m0, seq.q_len, tid);
-  if (nblocks > 0) keys.load(sK, sV, 0, tid);
+  if (nblocks > 0) keys.load(p, sK, sV, n_first, tid);
   cp_async_commit();
 
   float acc[NTO][4];
@@ -59,7 +62,8 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   for (int it = 0; it < nblocks; ++it) {
     const int st = it & 1;
     // Prefetch the next K/V tile into the other stage (freed by the barrier that ended the last iteration).
-    if (it + 1 < nblocks) keys.load(sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, it + 1, tid);
+    const int n0 = (n_first + it) * BN;  // first key of this tile
+    if (it + 1 < nblocks) keys.load(p, sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, n_first + it + 1, tid);
     cp_async_commit();  // possibly empty: keeps one group per iteration
     cp_async_wait<1>();  // all but the newest group: this stage (and Q) landed
     __syncthreads();
@@ -67,7 +71,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
     float s[NTS][4];
     zero(s);
     gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sK + st * BN * P, P, 0, lane);
-    sc.template apply<BIAS_MASK, false>(s, m0 + warp * 16, it * BN, lane);
+    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, nullptr);
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
       for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          if (!drop.keep(row + (e >> 1) * 8, it * BN + nt * 8 + 2 * (lane & 3) + (e & 1))) s[nt][e] = 0.f;
+          if (!drop.keep(row + (e >> 1) * 8, n0 + nt * 8 + 2 * (lane & 3) + (e & 1))) s[nt][e] = 0.f;
     }
 
     uint32_t pa[NTS / 2][4];
@@ -132,10 +136,11 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 
 bool attention_supports_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
 
-const char* attention_fwd(const AttnParams& p, void* stream) {
+const char* attention_fwd(const AttnParams& params, void* stream) {
   using namespace attn;
-  if (!attention_supports_head_dim(p.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
-  if (const char* err = check_common(p)) return err;
+  if (!attention_supports_head_dim(params.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
+  AttnParams p;  // causal folded into the window, windows normalised
+  if (const char* err = prepare(params, p)) return err;
   if (p.Lq == 0) return nullptr;  // nothing to write
   return dispatch(p, [&](auto t, auto d) -> const char* {
     using T = decltype(t);
@@ -143,9 +148,11 @@ const char* attention_fwd(const AttnParams& p, void* stream) {
     constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
     const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
     const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
-    const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, [](auto bm, auto dr) {
-      return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value>;
-    });
+    const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),
+                                    [](auto bm, auto dr, auto mo) {
+                                      return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value,
+                                                        decltype(mo)::value>;
+                                    });
     return launch(kernel, grid, NW * 32, smem, static_cast<cudaStream_t>(stream), p);
   });
 }

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "local.h"
 #include "params.h"
 #include "philox.h"
 
@@ -237,29 +238,57 @@ struct Seq {
     kv_len = p.kv_lens ? max(0, min(p.kv_lens[b], k_len)) : k_len;
   }
 
-  // Index in lse / dlse of query row 0 of head h: [B, H, Lq] dense, or [H, total_q] packed.
-  __device__ __forceinline__ int64_t lse_row0(const AttnParams& p, int b, int h) const {
+  // For a kernel's epilogue: the first row and number of rows of sequence b's queries (KEYS = false) or keys,
+  // read again through volatile loads of cu_seqlens (fresh values, not those of the Seq made at the start held in
+  // registers across the main loop, which ptxas spills in the largest instances).
+  struct Rows {
+    int start, len;
+  };
+  template <bool KEYS>
+  __device__ __forceinline__ static Rows reread(const AttnParams& p, int b) {
+    const int32_t* cu = KEYS ? p.cu_seqlens_k : p.cu_seqlens_q;
+    const int extent = KEYS ? p.Lk : p.Lq;
+    if (cu == nullptr) return {0, extent};
+    const volatile int32_t* vcu = cu;
+    const int start = vcu[b];
+    return {start, max(0, min(vcu[b + 1] - start, extent))};
+  }
+
+  // Index in lse / dlse of query row 0 of head h: [B, H, Lq] dense, or [H, total_q] packed (q0: the sequence's
+  // first query row).
+  __device__ __forceinline__ static int64_t lse_row0(const AttnParams& p, int b, int h, int q0) {
     return p.cu_seqlens_q != nullptr ? h * p.total_q + q0 : (static_cast<int64_t>(b) * p.H + h) * p.Lq;
+  }
+  __device__ __forceinline__ int64_t lse_row0(const AttnParams& p, int b, int h) const {
+    return lse_row0(p, b, h, q0);
   }
 };
 
-// Turns raw dot products q_i·k_j of one (batch, query head) into base-2 scores s_ij·log2(e), −inf where invisible.
+enum CapMode : int { kCapOff, kCapOn, kCapPerElement };  // see Scores::modded
+
+// Turns raw dot products q_i·k_j of one (batch, query head) into base-2 scores s_ij·log2(e), −inf where invisible:
+//   s_ij = cap(scale·q_i·k_j) − slope·|d(i) − j| + bias_ij,  cap(x) = c·tanh(x / c) (identity without softcap),
+// visible by position through the window (local.h: i < Lq, j < kv_len, d(i) − left <= j <= d(i) + right), then
+// through the bool mask. Semantics of fastattn/triton/attention.py (_visible, _scores).
 template <typename T>
 struct Scores {
-  int Lq, kv_len, shift;
-  bool causal;
-  float scale_log2;
+  int kv_len, shift;
+  Window win;
+  float scale, scale_log2, softcap, slope_log2;  // softcap 0 = off; slope_log2 = slope·log2(e), 0 without ALiBi
   const T* bias;  // already offset to (b, h); null when absent
   int64_t bias_sm, bias_sn;
   const uint8_t* mask;  // already offset to (b, h); null when absent
   int64_t mask_sm, mask_sn;
 
-  __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, const Seq& seq) {
-    Lq = seq.q_len;
-    kv_len = seq.kv_len;
-    shift = p.bottom_right ? kv_len - seq.q_len : 0;
-    causal = p.causal;
+  // p has been through prepare(): causal folded into window_right, windows normalised.
+  __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, const Seq& seq)
+      : kv_len(seq.kv_len),
+        shift(p.bottom_right ? seq.kv_len - seq.q_len : 0),
+        win(p, seq.q_len, seq.kv_len, p.bottom_right ? seq.kv_len - seq.q_len : 0) {
+    scale = p.scale;
     scale_log2 = p.scale * kLog2e;
+    softcap = p.softcap;
+    slope_log2 = p.alibi ? p.alibi[b * p.alibi_sb + h] * kLog2e : 0.f;
     bias = p.bias ? static_cast<const T*>(p.bias) + b * p.bias_sb + h * p.bias_sh : nullptr;
     bias_sm = p.bias_sm;
     bias_sn = p.bias_sn;
@@ -268,33 +297,63 @@ struct Scores {
     mask_sn = p.mask_sn;
   }
 
-  // One past the last key visible to query i through kv_len and causality (0 for rows past Lq).
-  __device__ __forceinline__ int key_limit(int i) const {
-    if (i >= Lq) return 0;
-    return causal ? max(0, min(kv_len, i + shift + 1)) : kv_len;
+  // The base-2 score of (query i, key j) before bias and masks, from its dot product q_i·k_j: with MODS (softcap or
+  // ALiBi on, a template flag) the soft cap (dcap = its derivative 1 − tanh²) as CAP says (kCapOff, kCapOn,
+  // kCapPerElement: when softcap > 0) and ALiBi (slope_log2 = 0 without it: −0·dist changes nothing).
+  template <bool MODS, int CAP>
+  __device__ __forceinline__ float modded(float dot, int i, int j, float& dcap) const {
+    float s;
+    dcap = 1.f;
+    if (MODS && (CAP == kCapOn || (CAP == kCapPerElement && softcap > 0.f))) {
+      // as Triton's _scores: x = scale·q·k, c·tanh(x / c), then the change of base
+      s = softcap * softcap_tanh(div_full(dot * scale, softcap), dcap) * kLog2e;
+    } else {
+      s = dot * scale_log2;
+    }
+    if constexpr (MODS) s -= slope_log2 * static_cast<float>(abs(i + shift - j));  // ALiBi: −slope·|d(i) − j|
+    return s;
   }
 
-  // A warp's 16 x 8NT tile of dot products, rows from row0 and columns from col0 (global indices), to scores.
-  // Rows are queries and columns keys, or the other way round when KEY_ROWS (the dK/dV kernel computes K·Qᵀ).
-  // BIAS_MASK (a template flag, as the bias / mask loads cost ~50 registers even when skipped at run time):
-  // p.bias or p.mask is set, each read where it is non-null.
-  template <bool BIAS_MASK, bool KEY_ROWS, int NT>
-  __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane) const {
+  // A warp's 16 x 8NT tile of dot products to scores in place. Rows are queries and columns keys, or the other
+  // way round when KEY_ROWS (the dK/dV kernel computes K·Qᵀ); rows from row0 and columns from col0 (global
+  // indices). Template flags (each costs registers even when skipped at run time): BIAS_MASK, p.bias or p.mask
+  // is set, each read where it is non-null; MODS, softcap or ALiBi is on (see modded()). With the soft cap on and
+  // dcap non-null (the backward), the derivative of element (nt, e) goes to dcap[(nt·4 + e)·32 + lane], a
+  // warp-private buffer in shared memory (not registers: the backward kernels have none to spare across the dP
+  // GEMM that separates this from its use).
+  template <bool BIAS_MASK, bool MODS, bool KEY_ROWS, int NT>
+  __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane, float* dcap) const {
     const int gr = lane >> 2, tq = lane & 3;
-    int row_limit[2];  // key limits of the two query rows of this thread (query rows only)
+    int lo[2], hi[2];  // keys visible by position to the two query rows of this thread (query rows only)
     if (!KEY_ROWS) {
-      row_limit[0] = key_limit(row0 + gr);
-      row_limit[1] = key_limit(row0 + gr + 8);
+      win.key_range(row0 + gr, lo[0], hi[0]);
+      win.key_range(row0 + gr + 8, lo[1], hi[1]);
     }
+    auto positional = [&](auto cap) {  // window, kv_len, Lq; soft cap, ALiBi
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+      for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int row = row0 + gr + (e >> 1) * 8;
-        const int col = col0 + nt * 8 + 2 * tq + (e & 1);
-        const bool vis = KEY_ROWS ? row < key_limit(col) : col < row_limit[e >> 1];
-        s[nt][e] = vis ? s[nt][e] * scale_log2 : -INFINITY;
-      }
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1;
+          const int row = row0 + gr + r * 8;
+          const int col = col0 + nt * 8 + 2 * tq + (e & 1);
+          const int i = KEY_ROWS ? col : row, j = KEY_ROWS ? row : col;
+          const bool vis = KEY_ROWS ? win.visible(i, j) : (col >= lo[r] && col < hi[r]);
+          float dc;
+          const float m = modded<MODS, decltype(cap)::value>(s[nt][e], i, j, dc);
+          if (decltype(cap)::value != kCapOff && dcap != nullptr) dcap[(nt * 4 + e) * 32 + lane] = dc;
+          s[nt][e] = vis ? m : -INFINITY;
+        }
+    };
+    // The soft cap: one branch per tile around two instances of the loop, or (dK/dV, whose registers are the
+    // tightest) one branch per element. Either way ptxas reports no spills, which other choices do not give.
+    if (KEY_ROWS && MODS) {
+      positional(std::integral_constant<int, kCapPerElement>());
+    } else if (MODS && softcap > 0.f) {
+      positional(std::integral_constant<int, kCapOn>());
+    } else {
+      positional(std::integral_constant<int, kCapOff>());
+    }
     if constexpr (BIAS_MASK) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
@@ -314,32 +373,25 @@ struct Scores {
   }
 };
 
-// The keys a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
-// h / (H / Hkv) of sequence b below kv_len and, when causal, left of the diagonal of the block's last row.
+// The key tiles a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
+// h / (H / Hkv) of sequence b that intersect the window of some row of the block, tiles first .. first + count − 1
+// (Window::key_tiles, as Triton's _key_range).
 template <typename T, int BM, int BN, int D, int NTHREADS>
 struct KeyTiles {
-  const T* k;
-  const T* v;
-  int64_t k_sl, v_sl;
-  int kv_len, count;
+  int b, hk, k0, kv_len, first, count;  // the tiles' addresses are formed from p at each load, not held
 
-  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b, int h, int m0, const Seq& seq,
-                                      const Scores<T>& sc) {
-    const int hk = h / (p.H / p.Hkv);
-    k = static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + seq.k0 * p.k_sl;
-    v = static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + seq.k0 * p.v_sl;
-    k_sl = p.k_sl;
-    v_sl = p.v_sl;
-    kv_len = sc.kv_len;
-    int n_end = kv_len;
-    if (sc.causal) n_end = max(0, min(n_end, m0 + BM + sc.shift));
-    count = (n_end + BN - 1) / BN;
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int h, int m0, const Seq& seq,
+                                      const Scores<T>& sc)
+      : b(b_), hk(h / (p.H / p.Hkv)), k0(seq.k0), kv_len(sc.kv_len) {
+    sc.win.key_tiles(m0, BM, BN, first, count);
   }
 
-  // cp.async of K and V tile n into sK, sV ([BN][D + 8] each); keys >= kv_len are zero-filled.
-  __device__ __forceinline__ void load(T* sK, T* sV, int n, int tid) const {
-    load_tile_async<T, BN, D, NTHREADS>(sK, k, k_sl, n * BN, kv_len, tid);
-    load_tile_async<T, BN, D, NTHREADS>(sV, v, v_sl, n * BN, kv_len, tid);
+  // cp.async of K and V tile n (keys n·BN ..) into sK, sV ([BN][D + 8] each); keys >= kv_len are zero-filled.
+  __device__ __forceinline__ void load(const AttnParams& p, T* sK, T* sV, int n, int tid) const {
+    load_tile_async<T, BN, D, NTHREADS>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + k0 * p.k_sl,
+                                        p.k_sl, n * BN, kv_len, tid);
+    load_tile_async<T, BN, D, NTHREADS>(sV, static_cast<const T*>(p.v) + b * p.v_sb + hk * p.v_sh + k0 * p.v_sl,
+                                        p.v_sl, n * BN, kv_len, tid);
   }
 };
 
@@ -391,6 +443,21 @@ inline const char* check_common(const AttnParams& p) {
     return "fastattn CUDA attention: q, k, v, o must be non-null, 16-byte aligned, with batch/head/row strides "
            "that are multiples of 8 elements";
   if (p.bias && reinterpret_cast<uintptr_t>(p.bias) % 2 != 0) return "fastattn CUDA attention: bias is misaligned";
+  if (p.Lq >= kMaxLen || p.Lk >= kMaxLen) return "fastattn CUDA attention: Lq and Lk must be below 2^28";
+  if (p.window_left < -1 || p.window_right < -1)
+    return "fastattn CUDA attention: window_left and window_right must be >= -1 (-1 = unbounded)";
+  if (!(p.softcap >= 0.f) || std::isinf(p.softcap))
+    return "fastattn CUDA attention: softcap must be finite and >= 0 (0 = off)";
+  if (p.alibi && reinterpret_cast<uintptr_t>(p.alibi) % 4 != 0) return "fastattn CUDA attention: alibi is misaligned";
+  return nullptr;
+}
+
+// Checks p (check_common) and returns, in `out`, the parameters the kernels read: causal folded into the window
+// and windows normalised (normalize_window, local.h), which keeps the kernels' index arithmetic within int.
+inline const char* prepare(const AttnParams& p, AttnParams& out) {
+  if (const char* err = check_common(p)) return err;
+  out = p;
+  normalize_window(out);
   return nullptr;
 }
 
@@ -412,14 +479,21 @@ inline const char* dispatch(const AttnParams& p, F&& f) {
   return p.dtype == kBFloat16 ? dispatch_head_dim<__nv_bfloat16>(p.D, f) : dispatch_head_dim<__half>(p.D, f);
 }
 
-// The kernel instance for the run-time flags (BIAS_MASK, DROPOUT): f(std::bool_constant<BIAS_MASK>(),
-// std::bool_constant<DROPOUT>()) returns a pointer to it.
+// The kernel instance for the run-time flags (BIAS_MASK, DROPOUT, MODS): f(std::bool_constant<BIAS_MASK>(),
+// std::bool_constant<DROPOUT>(), std::bool_constant<MODS>()) returns a pointer to it.
 template <typename F>
-inline auto pick_kernel(bool bias_mask, bool dropout, F&& f) {
+inline auto pick_kernel(bool bias_mask, bool dropout, bool mods, F&& f) {
   using Yes = std::true_type;
   using No = std::false_type;
-  return bias_mask ? (dropout ? f(Yes(), Yes()) : f(Yes(), No())) : (dropout ? f(No(), Yes()) : f(No(), No()));
+  if (mods)
+    return bias_mask ? (dropout ? f(Yes(), Yes(), Yes()) : f(Yes(), No(), Yes()))
+                     : (dropout ? f(No(), Yes(), Yes()) : f(No(), No(), Yes()));
+  return bias_mask ? (dropout ? f(Yes(), Yes(), No()) : f(Yes(), No(), No()))
+                   : (dropout ? f(No(), Yes(), No()) : f(No(), No(), No()));
 }
+
+// softcap or ALiBi on: the kernels' MODS flag.
+inline bool score_mods(const AttnParams& p) { return p.softcap > 0.f || p.alibi != nullptr; }
 
 // Raises the dynamic shared memory limit when needed, launches, and checks both.
 template <typename Kernel, typename... Args>

@@ -6,6 +6,13 @@
 // visible keys j of row i (causal, kv_lens, mask); lse is kept in base 2: lse2_i = log2 Σ_j exp2(s_ij·log2 e),
 // +inf for a row with no visible key, whose output is 0 (and whose gradients are 0).
 //
+// Local attention (semantics of fastattn/triton/attention.py: _key_range, _query_range, _visible, _scores): the
+// diagonal of query row i is d(i) = i + shift, shift = kv_len − q_len when bottom_right (per sequence), else 0.
+// Key j is visible iff d(i) − window_left <= j <= d(i) + window_right (−1 = unbounded on that side; causal sets
+// window_right = 0), besides kv_lens and the mask. With softcap c > 0 the scaled dot product x = scale·q_i·k_j
+// becomes c·tanh(x / c) before the bias; alibi adds −slope_{b,h}·|d(i) − j|. Key (query) blocks outside every
+// row's (key's) window are not visited.
+//
 // Packed variable-length batch (cu_seqlens_q set): q/o/dq/do are [total_q, H, D] and k/v/dk/dv [total_k, Hkv, D]
 // (batch strides 0, row strides the packed tensors' first stride); sequence b holds rows cu_seqlens_q[b] ..
 // cu_seqlens_q[b+1] of q and cu_seqlens_k[b] .. cu_seqlens_k[b+1] of k; Lq, Lk are max_seqlen_q/k (the grid)
@@ -23,8 +30,12 @@ struct AttnParams {
   int B = 0, H = 0, Hkv = 0, Lq = 0, Lk = 0;
   int D = 0;                            // head dim: 32, 64, 96, 128 or 256 (the Python side pads others)
   float scale = 1.f;
-  bool causal = false;
-  bool bottom_right = false;            // causal diagonal d(i) = i + kv_len − Lq instead of i (per sequence)
+  bool causal = false;                  // key j <= d(i): window_right = 0
+  bool bottom_right = false;            // diagonal d(i) = i + kv_len − Lq instead of i (per sequence)
+  int window_left = -1, window_right = -1;  // local attention (see above); −1 = unbounded
+  float softcap = 0.f;                  // c > 0: scores c·tanh(scale·q·k / c); 0 = off
+  const float* alibi = nullptr;         // fp32 slopes, slope of (b, h) at alibi[b·alibi_sb + h]; null = off
+  int64_t alibi_sb = 0;                 // 0 for slopes [H] shared by the batch
 
   // Forward inputs / outputs.
   const void* q = nullptr; int64_t q_sb = 0, q_sh = 0, q_sl = 0;

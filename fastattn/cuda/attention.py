@@ -1,7 +1,8 @@
 """CUDA C++ fused attention (csrc/attention/): the ``forward`` / ``backward`` / ``dropout_mask`` of
 fastattn.triton.attention, same arguments and semantics (preallocated out / lse (base 2) and dq / dk / dv / ds),
-including dropout (the same Philox keep-mask bit for bit, csrc/attention/philox.h) and packed variable-length
-batches; not window / ALiBi / softcap.
+including local attention (window_size), ALiBi and soft-capping (computed in the kernels from indices, key blocks
+outside the window skipped), dropout (the same Philox keep-mask bit for bit, csrc/attention/philox.h) and packed
+variable-length batches. Block counting (``count``, a test hook) is the Triton kernels' only.
 
 The kernels take fp16 / bf16 and head dims of ``HEAD_DIMS`` that ``_C.attention_supports_head_dim`` accepts;
 other head dims run zero-padded to the next supported one (padding changes no score, and the padded output
@@ -129,15 +130,28 @@ def _set(p, name: str, prefix: str, t: torch.Tensor, varlen=None) -> None:
         setattr(p, f"{prefix}_{suffix}", s)
 
 
-def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, dropout=(0.0, 0), varlen=None):
+def _window_side(w: int, Lq: int, Lk: int) -> int:
+    """One side of window_size for the kernels: −1 (unbounded) also for a side that reaches past every key
+    (w >= Lq + Lk: the diagonal d(i) lies in [−Lq, Lq + Lk)), which changes nothing and keeps it an int32."""
+    return -1 if w < 0 or w >= Lq + Lk else int(w)
+
+
+def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, dropout=(0.0, 0), varlen=None,
+            window=(-1, -1), alibi=None, softcap=0.0):
     """AttnParams for the (padded) q, k, v, the optional bias (in q's dtype) / bool mask / kv_lens, dropout
-    (p, seed) and packed batch (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)."""
+    (p, seed), packed batch (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), window (left, right),
+    ALiBi slopes (fp32 [H] or [1|B, H], checked by :func:`_check_local`) and soft cap."""
     C = extension()
     p = C.AttnParams()
     B, H, Lq, Lk = _shape(q, k, varlen)
     p.dtype = C.FLOAT16 if q.dtype == torch.float16 else C.BFLOAT16
     p.B, p.H, p.Hkv, p.Lq, p.Lk, p.D = B, H, k.shape[1], Lq, Lk, q.shape[-1]
     p.scale, p.causal, p.bottom_right = float(scale), bool(causal), bool(bottom_right)
+    p.window_left, p.window_right = (_window_side(w, Lq, Lk) for w in window)  # causal: the kernels set right = 0
+    p.softcap = float(softcap)
+    if alibi is not None:
+        p.alibi = alibi.data_ptr()
+        p.alibi_sb = alibi.stride(0) if alibi.dim() == 2 and alibi.shape[0] > 1 else 0
     _set(p, "q", "q", q, varlen)
     _set(p, "k", "k", k, varlen)
     _set(p, "v", "v", v, varlen)
@@ -166,10 +180,24 @@ def _mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if mask is None else mask.view(torch.uint8)
 
 
-def _no_local_features(window, alibi, softcap, count):
-    if tuple(window) != (-1, -1) or alibi is not None or softcap > 0.0 or count is not None:
-        raise NotImplementedError("window_size, alibi_slopes, softcap (and block counting) are not in the CUDA C++ "
-                                  "kernels yet: use backend='triton'")
+def _check_local(q, k, window, alibi, softcap, count, varlen=None):
+    """window_size (left, right) ints >= −1, alibi_slopes fp32 [H] or [1|B, H] (last dim contiguous) on q's
+    device, softcap a finite float >= 0; block counting (a test hook of the Triton kernels) is refused."""
+    if count is not None:
+        raise NotImplementedError("block counting (count) is in the Triton kernels only: use backend='triton'")
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window)):
+        raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), got {window!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0.0 <= softcap < float("inf"):
+        raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
+    if alibi is not None:
+        B, H = _shape(q, k, varlen)[:2]
+        if not isinstance(alibi, torch.Tensor) or alibi.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be a float32 tensor, got {getattr(alibi, 'dtype', type(alibi))}")
+        if tuple(alibi.shape) not in ((H,), (1, H), (B, H)) or alibi.stride(-1) != 1:
+            raise ValueError(f"alibi_slopes must have shape (H,)=({H},) or (1|B, H)=(1|{B}, {H}) with a contiguous "
+                             f"last dim, got {tuple(alibi.shape)} with strides {alibi.stride()}")
+        check_cuda(("q", q), ("alibi_slopes", alibi))
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
@@ -177,9 +205,10 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse
     [B, H, Lq], or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q
     [total_q, H, D], k/v [total_k, Hkv, D] and lse [H, total_q]. ``dropout`` = (p, Philox seed). Last dims must be
-    contiguous. The Triton module's signature; window/alibi/softcap are not supported yet."""
-    _no_local_features(window, alibi, softcap, count)
+    contiguous. ``window`` = (left, right), −1 unbounded; ``alibi``: fp32 [H] or [1|B, H]; ``softcap`` > 0 caps
+    scores. The Triton module's signature (``count`` is not supported)."""
     _check(q, k, v, bias, mask, kv_lens, varlen)
+    _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
     _check_dropout(dropout)
     _check_f32(lse, "lse", _lse_shape(q, varlen))
@@ -188,7 +217,7 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     qp, kp, vp = _input(q, D), _input(k, D), _input(v, D)
     bias, mask = _bias(bias, q), _mask(mask)
     o = _output(out, D)
-    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen, window, alibi, softcap)
     _set(p, "o", "o", o, varlen)
     p.lse = lse.data_ptr()
     with device_ctx(q):
@@ -208,8 +237,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
                  window, alibi, softcap, count, dropout, varlen)
         dbias.copy_(ds.sum(dim=[i for i in range(4) if dbias.shape[i] == 1], keepdim=True))
         return
-    _no_local_features(window, alibi, softcap, count)
     _check(q, k, v, bias, mask, kv_lens, varlen)
+    _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
     _check_dropout(dropout)
     dlse = dlse.float().contiguous() if dlse is not None else None
@@ -221,7 +250,7 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
     bias, mask = _bias(bias, q), _mask(mask)
     dqp, dkp, dvp = _output(dq, D), _output(dk, D), _output(dv, D)
-    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen)
+    p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen, window, alibi, softcap)
     _set(p, "o", "o", op, varlen)
     _set(p, "dout", "do", dop, varlen)
     _set(p, "dq", "dq", dqp, varlen)
