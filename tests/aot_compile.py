@@ -88,6 +88,18 @@ def row_kernels(arch):
     return failures
 
 
+def report(label, kernel, dtype, consts, config, arch):
+    """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit); -> 0 or 1."""
+    try:
+        smem, secs = compile_one(kernel, dtype, consts, config, arch)
+    except Exception as e:  # report every failure, then fail
+        print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
+        return 1
+    over = smem > SMEM_LIMIT[arch]
+    print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+    return int(over)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
@@ -106,30 +118,13 @@ def main():
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
             for c in configs:
                 name = getattr(kernel, "fn", kernel).__name__
-                label = f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}"
-                try:
-                    smem, secs = compile_one(kernel, dtype, consts, c, args.arch)
-                except Exception as e:  # report every failure, then fail
-                    failures += 1
-                    print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
-                    continue
-                over = smem > SMEM_LIMIT[args.arch]
-                failures += over
-                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
-        dbias = A.dbias_config(dtype, D)
+                failures += report(f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}", kernel, dtype,
+                                   consts, c, args.arch)
         for bcast in ((True, False, False, False), (False, True, True, True)):
-            label = f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) {bcast}"
-            try:
-                smem, secs = compile_one(A._bwd_dbias_kernel, dtype,
-                                         dict(consts, **dict(zip(("ALL_B", "ALL_H", "ALL_M", "ALL_N"), bcast))),
-                                         dbias, args.arch)
-            except Exception as e:
-                failures += 1
-                print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
-                continue
-            over = smem > SMEM_LIMIT[args.arch]
-            failures += over
-            print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+            failures += report(f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) "
+                               f"{bcast}", A._bwd_dbias_kernel, dtype,
+                               dict(consts, **dict(zip(("ALL_B", "ALL_H", "ALL_M", "ALL_N"), bcast))),
+                               A.dbias_config(dtype, D), args.arch)
     try:
         compile_one(A._dropout_mask_kernel, torch.float16, dict(BLOCK_M=32, BLOCK_N=32), None, args.arch)
         print(f"ok   sm_{args.arch} _dropout_mask_kernel", flush=True)

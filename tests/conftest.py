@@ -3,6 +3,8 @@
 The variables are read when fastattn's kernels are imported, so they are set here, before any test imports.
 """
 import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -60,3 +62,33 @@ def assert_case(run, case, device=DEVICE, backend="triton"):
     """Run a fastattn.testing case runner and fail with every comparison that broke the §5 rule."""
     failed = [str(r) for r in run(case, backend, device) if not r.ok]
     assert not failed, f"{case}:\n" + "\n".join(failed)
+
+
+def _host_compiler(kind):
+    """The host C++ compiler ("c++") or nvcc ("nvcc"), or None."""
+    if kind == "c++":
+        found = (shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
+        return next((c for c in found if c), None)
+    return os.environ.get("NVCC") or shutil.which("nvcc") or next(
+        (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),)
+         if os.path.exists(p)), None)
+
+
+def host_driver(kind, source, tmp_path_factory):
+    """Build tests/<source> (a driver of csrc headers: command lines in, output lines out) with the host C++
+    compiler or with nvcc as CUDA source (the __host__ __device__ build), and return a function that sends it
+    command lines and returns its output lines. Skips when that compiler is missing."""
+    cc = _host_compiler(kind)
+    if cc is None:
+        pytest.skip(f"no {kind} compiler on this machine to build tests/{source.name}")
+    exe = tmp_path_factory.mktemp(source.stem) / f"{source.stem}_{kind.replace('+', 'x')}"
+    lang = ["-x", "cu"] if kind == "nvcc" else []
+    cmd = [cc, *lang, "-O2", "-std=c++17", "-I", str(source.parents[1] / "csrc"), str(source), "-o", str(exe)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
+
+    def run(lines):
+        r = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
+        return r.stdout.splitlines()
+
+    return run

@@ -5,48 +5,24 @@ needed: tests/local_host.cpp runs the header's functions, built with the host C+
 source) where nvcc is found. (On a GPU the soft cap uses div.full / ex2.approx, Triton's own instructions: the
 `gpu` tests of backend "cuda" cover that path.)"""
 import math
-import os
 import random
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import conftest
 from fastattn import reference
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "local_host.cpp"
 
 
-def _compiler(kind):
-    if kind == "c++":
-        found = (shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
-        return next((c for c in found if c), None)
-    return os.environ.get("NVCC") or shutil.which("nvcc") or next(
-        (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),)
-         if os.path.exists(p)), None)
-
-
 @pytest.fixture(scope="module", params=["c++", "nvcc"])
 def driver(request, tmp_path_factory):
     """A function sending command lines to the compiled local_host and returning its output lines."""
-    cc = _compiler(request.param)
-    if cc is None:
-        pytest.skip(f"no {request.param} compiler on this machine to build tests/local_host.cpp")
-    exe = tmp_path_factory.mktemp("local") / f"local_{request.param.replace('+', 'x')}"
-    lang = ["-x", "cu"] if request.param == "nvcc" else []  # nvcc: the __host__ __device__ build of the kernels
-    cmd = [cc, *lang, "-O2", "-std=c++17", "-I", str(ROOT / "csrc"), str(DRIVER), "-o", str(exe)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-
-    def run(lines):
-        r = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
-        return r.stdout.splitlines()
-
-    return run
+    return conftest.host_driver(request.param, DRIVER, tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------- windows and tiles

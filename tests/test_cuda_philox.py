@@ -3,9 +3,6 @@ backends drop the same attention weights and the mask of ``return_dropout_mask``
 _dropout_mask_kernel) is the one the CUDA kernels applied. No GPU needed: tests/philox_host.cpp runs the header's
 functions on the CPU (built with the host C++ compiler, and with nvcc as CUDA source where nvcc is found) and is
 compared with the Triton kernels under the interpreter (compiled Triton on a GPU machine)."""
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+import conftest
 from conftest import DEVICE
 from fastattn.triton.attention import _keep, dropout_mask
 
@@ -24,32 +22,10 @@ DRIVER = ROOT / "tests" / "philox_host.cpp"
 SEEDS = [0, 12345, 2**31 - 1, 2**31, 2**32 + 5, 0x123456789ABCDEF, 2**62 - 1]
 
 
-def _compiler(kind):
-    if kind == "c++":
-        found = (shutil.which(c) for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c)
-        return next((c for c in found if c), None)
-    return os.environ.get("NVCC") or shutil.which("nvcc") or next(
-        (p for p in (os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"),)
-         if os.path.exists(p)), None)
-
-
 @pytest.fixture(scope="module", params=["c++", "nvcc"])
 def driver(request, tmp_path_factory):
     """A function sending command lines to the compiled philox_host and returning its output lines."""
-    cc = _compiler(request.param)
-    if cc is None:
-        pytest.skip(f"no {request.param} compiler on this machine to build tests/philox_host.cpp")
-    exe = tmp_path_factory.mktemp("philox") / f"philox_{request.param.replace('+', 'x')}"
-    lang = ["-x", "cu"] if request.param == "nvcc" else []  # nvcc: the __host__ __device__ build of the kernels
-    cmd = [cc, *lang, "-O2", "-std=c++17", "-I", str(ROOT / "csrc"), str(DRIVER), "-o", str(exe)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    assert r.returncode == 0, f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
-
-    def run(lines):
-        r = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
-        return r.stdout.splitlines()
-
-    return run
+    return conftest.host_driver(request.param, DRIVER, tmp_path_factory)
 
 
 @triton.jit
