@@ -1,10 +1,13 @@
 """Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune
-config that survives pruning, and report shared memory. Run by tests/test_kernels_compile.py in a process
+config that survives pruning, and report shared memory. A kernel whose TTGIR transposes a tensor in an MMA
+result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
+(triton-lang/triton#6124), and our dK/dV kernel written that way gave wrong dK on an H200. Run by tests/test_kernels_compile.py in a process
 without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 
     python tests/aot_compile.py --arch 90 [--first-only]    prints one line per compile, exits 1 on a failure
 """
 import argparse
+import re
 import sys
 import time
 
@@ -24,6 +27,8 @@ POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "D
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
 FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p"}
 INT64 = {"seed"}
+# tt.trans whose operand is in an MMA (dot result) layout: "tt.trans %x ... : tensor<32x128xf16, #mma> -> ..."
+MMA_TRANSPOSE = re.compile(r"tt\.trans .*: tensor<[^>]*#mma\d*> ->")
 
 
 def signature(fn, dtype, consts, pointers=POINTERS):
@@ -48,6 +53,9 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     t = time.time()
     compiled = triton.compile(ASTSource(fn, signature(fn, dtype, consts, pointers), consts),
                               target=GPUTarget("cuda", arch, 32), options=opts)
+    transposes = [line.strip() for line in compiled.asm["ttgir"].splitlines() if MMA_TRANSPOSE.search(line)]
+    if transposes:
+        raise RuntimeError("transpose of a dot result (miscompiled on Hopper): " + transposes[0][:300])
     return compiled.metadata.shared, time.time() - t
 
 

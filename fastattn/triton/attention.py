@@ -9,7 +9,9 @@ with no change of base, so a row with one visible key gets p = 1 exactly. The ba
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
-and one program per query block for dq: reruns are bitwise identical. A full-size bias gets ds from the dk/dv
+and one program per query block for dq: reruns are bitwise identical. The dk/dv program works on transposed
+tiles (sᵀ = k·qᵀ, dpᵀ = v·doᵀ, as Triton's fused-attention tutorial does), so that no dot result is transposed
+into another dot: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124). A full-size bias gets ds from the dk/dv
 kernel; a bias broadcast over some dims gets dbias = Σ ds over them from a kernel of its own (one program per
 dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
 """
@@ -130,10 +132,11 @@ def _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN: tl.constexpr, HAS_KVLENS: tl.co
 
 
 @triton.jit
-def _keep(seed, dropout_p, bh, offs_m, offs_n, Lq, Lk):
+def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
     """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
-    (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask."""
-    counter = (bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :]
+    (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask.
+    qi, kj: query and key indices as broadcastable 2-d tiles ([M, 1] and [1, N], or transposed)."""
+    counter = (bh.to(tl.int64) * Lq + qi) * Lk + kj
     return tl.rand(seed, counter) >= dropout_p
 
 
@@ -165,27 +168,28 @@ def _query_range(start_n, Lq, shift, win_left, win_right, WIN_LEFT: tl.constexpr
 
 
 @triton.jit
-def _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left, win_right,
+def _visible(qi, kj, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left, win_right,
              WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] bool tile: query offs_m may attend to key offs_n."""
-    vis = (offs_m[:, None] < Lq) & (offs_n[None, :] < kv_len)
+    """Bool tile: query qi may attend to key kj (broadcastable index tiles: [M, 1] and [1, N] give an [M, N]
+    tile, [1, M] and [N, 1] its transpose)."""
+    vis = (qi < Lq) & (kj < kv_len)
     if WIN_RIGHT:
-        vis = vis & (offs_n[None, :] <= offs_m[:, None] + shift + win_right)
+        vis = vis & (kj <= qi + shift + win_right)
     if WIN_LEFT:
-        vis = vis & (offs_n[None, :] >= offs_m[:, None] + shift - win_left)
+        vis = vis & (kj >= qi + shift - win_left)
     if HAS_MASK:
-        mk = tl.load(Mask + b * s_mb + h * s_mh + offs_m[:, None] * s_mm + offs_n[None, :] * s_mn,
-                     mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0)
+        mk = tl.load(Mask + b * s_mb + h * s_mh + qi * s_mm + kj * s_mn, mask=(qi < Lq) & (kj < Lk), other=0)
         vis = vis & (mk != 0)
     return vis
 
 
 @triton.jit
-def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
-            HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr):
+def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
+            HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """(s·log2(e) with invisible entries at −inf,  the soft cap's derivative 1 − tanh² (or 1)), where
-    s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). q: [M, D], k: [N, D]."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale
+    s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). qk: the tile of q_i·k_j, laid out as the
+    index tiles qi, kj are (see _visible)."""
+    qk = qk * sm_scale
     dcap = 1.0
     if HAS_SOFTCAP:
         # With a = |x|, u = 2 / (exp(2a) + 1): tanh(a) = 1 − u and 1 − tanh² = u (2 − u). Forming the derivative
@@ -202,11 +206,10 @@ def _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, L
         dcap = u * (2.0 - u)
     qk = qk * 1.4426950408889634
     if HAS_ALIBI:
-        dist = tl.abs(offs_m[:, None] + shift - offs_n[None, :]).to(tl.float32)
+        dist = tl.abs(qi + shift - kj).to(tl.float32)
         qk -= (slope * 1.4426950408889634) * dist
     if HAS_BIAS:
-        bias = tl.load(Bias + b * s_bb + h * s_bh + offs_m[:, None] * s_bm + offs_n[None, :] * s_bn,
-                       mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0)
+        bias = tl.load(Bias + b * s_bb + h * s_bh + qi * s_bm + kj * s_bn, mask=(qi < Lq) & (kj < Lk), other=0.0)
         qk += bias.to(tl.float32) * 1.4426950408889634
     return tl.where(vis, qk, float("-inf")), dcap
 
@@ -254,16 +257,17 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
-                       win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+        vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
+                       shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         # A bool mask can hide whole key blocks (padding): skip their loads and dots.
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
             visits += 1
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
-                            shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+            qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None], offs_n[None, :],
+                            b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
+                            HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -271,7 +275,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
             alpha = tl.math.exp2(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
             if DROPOUT:
-                p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), p, 0.0)
+                p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
             m_i = m_new
 
@@ -357,9 +361,13 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             slope = tl.load(Alibi + b * s_ab + h)
         for start_m in range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
-                           win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
-            if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
+            # Transposed tiles [BLOCK_N, BLOCK_M] (key j, query i): sᵀ = k·qᵀ and dpᵀ = v·doᵀ come out of the dots
+            # in the layout the dk/dv dots take, so no dot result is ever transposed.
+            qi = offs_m[None, :]
+            kj = offs_n[:, None]
+            visT = _visible(qi, kj, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
+                            win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+            if not HAS_MASK or tl.max(visT.to(tl.int32)) > 0:
                 visits += 1
                 row_ok = offs_m < q_len
                 q_ok = row_ok[:, None] & d_ok
@@ -368,21 +376,21 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
                 rows = b * s_lb + h * s_lh + q0 + offs_m
                 lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
                 delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-                qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len,
-                                   sm_scale, shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
-                p = tl.math.exp2(qk - lse[:, None])  # 0 where invisible or the row is empty (lse = +inf)
-                dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-                p_out = p
+                sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
+                                    s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
+                                    HAS_ALIBI, HAS_SOFTCAP)
+                pT = tl.math.exp2(sT - lse[None, :])  # 0 where invisible or the row is empty (lse = +inf)
+                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+                pT_out = pT
                 if DROPOUT:  # out used p·keep/(1 − p_drop): so do dv and the dp that reaches p
-                    keep = _keep(seed, dropout_p, bh, offs_m, offs_n, Lq, Lk)
-                    p_out = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-                    dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-                dv += tl.dot(tl.trans(p_out.to(do.dtype)), do, input_precision=DOT_PREC)
-                ds = p * (dp - delta[:, None])
+                    keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
+                    pT_out = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+                    dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+                dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
+                dsT = pT * (dpT - delta[None, :])
                 if BIAS_GRAD:
-                    tl.store(DBias + bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
-                             mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
-                dk += tl.dot(tl.trans((ds * dcap).to(q.dtype)), q, input_precision=DOT_PREC)
+                    tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
+                dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
 
     # Every key row of the sequence is written (0 for padding keys); in a packed batch, none of the next one's.
     st_ok = (offs_n[:, None] < k_len) & d_ok
@@ -437,19 +445,21 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
-                       win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+        vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
+                       shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
             visits += 1
             kv_ok = (offs_n[:, None] < kv_len) & d_ok
             k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
             v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-            qk, dcap = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
-                               shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+            qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
+                               offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
+                               slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
             p = tl.math.exp2(qk - lse[:, None])
             dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
             if DROPOUT:
-                dp = tl.where(_keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk), dp / (1.0 - dropout_p), 0.0)
+                keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
+                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
             ds = p * (dp - delta[:, None]) * dcap
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
@@ -525,20 +535,21 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                 delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
-                    vis = _visible(offs_m, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
-                                   win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
+                    vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len,
+                                   k_len, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
                     if tl.max(vis.to(tl.int32)) > 0:  # tiles outside the window / masked away add nothing
                         kv_ok = (offs_n[:, None] < kv_len) & d_ok
                         k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok,
                                     other=0.0)
                         v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok,
                                     other=0.0)
-                        qk, _ = _scores(q, k, vis, offs_m, offs_n, b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len,
-                                        sm_scale, shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC)
+                        qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
+                                        offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
+                                        shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
                         p = tl.math.exp2(qk - lse[:, None])
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
-                            keep = _keep(seed, dropout_p, b * H + h, offs_m, offs_n, Lq, Lk)
+                            keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
                             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
                         acc += p * (dp - delta[:, None])
 
@@ -564,7 +575,7 @@ def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, B
     pid_bh = tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, dropout_p, pid_bh, offs_m, offs_n, Lq, Lk)
+    keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
     tl.store(Keep + (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.uint8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
