@@ -292,17 +292,31 @@ def test_gpu_autotuned(D, dtype, monkeypatch):
                               seed=D), device="cuda")
 
 
-def test_forced_configs():
-    """Kernels launched with forced tile configs (other than the interpreter's default) still meet the rule."""
+FORCED = {  # (fwd, dkdv, dq) tiles (BLOCK_M, BLOCK_N): both orientations of non-square tiles
+    "tall-dkdv": ((16, 64), (64, 16), (16, 16)),
+    "wide-dkdv": ((32, 16), (16, 64), (64, 16)),  # the shape of the GPU's dK/dV tiles (keys > queries)
+}
+
+
+@pytest.mark.parametrize("tiles", list(FORCED))
+def test_forced_configs(tiles):
+    """Kernels launched with forced tile configs (other than the interpreter's default) still meet the rule, with
+    every per-element feature of the tiles on: masks, bias and its gradient, dropout, window, ALiBi, soft cap."""
     import triton
 
     from fastattn.triton import attention as kernels
-    cfg = dict(fwd=triton.Config({"BLOCK_M": 16, "BLOCK_N": 64}), dkdv=triton.Config({"BLOCK_M": 64, "BLOCK_N": 16}),
-               dq=triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}))
+    cfg = {name: triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for name, (m, n) in zip(("fwd", "dkdv", "dq"),
+                                                                                      FORCED[tiles])}
+    cases = [AttentionCase(B=1, H=2, Hkv=1, Lq=37, Lk=70, D=32, dtype=torch.float32, causal=True, kv_lens=True,
+                           seed=3),
+             AttentionCase(B=2, H=4, Hkv=2, Lq=45, Lk=70, D=24, dtype=torch.float32, bias="full", bias_grad=True,
+                           dropout=0.2, alibi="heads", softcap=4.0, seed=4),
+             AttentionCase(B=2, H=2, Lq=70, Lk=45, D=16, dtype=torch.float16, bool_mask="full", window=(9, 3),
+                           causal=True, alignment="bottom_right", seed=5)]
     with kernels.forced_configs(**cfg):
         assert kernels._FORCED
-        assert_case(AttentionCase(B=1, H=2, Hkv=1, Lq=37, Lk=70, D=32, dtype=torch.float32, causal=True,
-                                  kv_lens=True, seed=3))
+        for case in cases:
+            assert_case(case)
     assert not kernels._FORCED
 
 
