@@ -40,7 +40,7 @@ def _keep_window_kernel(Keep, seed, dropout_p, bh, Lq, Lk, i0, j0, BLOCK_M: tl.c
     """Rows i0.., columns j0.. of (b·H + h) = bh's keep-mask, through the attention kernels' own _keep."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
-    keep = _keep(seed, dropout_p, bh, i0 + rm, j0 + rn, Lq, Lk)
+    keep = _keep(seed, dropout_p, bh, (i0 + rm)[:, None], (j0 + rn)[None, :], Lq, Lk)
     tl.store(Keep + rm[:, None] * BLOCK_N + rn[None, :], keep.to(tl.uint8))
 
 
