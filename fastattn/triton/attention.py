@@ -132,6 +132,20 @@ def _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN: tl.constexpr, HAS_KVLENS: tl.co
 
 
 @triton.jit
+def _load_rows(ptr, rows, s_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
+    """[len(rows), BLOCK_D] tile of a matrix with row stride s_row and contiguous columns, from ptr (its row 0);
+    rows >= n_rows and columns >= HEAD_DIM read as 0."""
+    return tl.load(ptr + rows[:, None] * s_row + offs_d[None, :],
+                   mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _row_stats(Lse, Delta, rows, row_ok):
+    """lse2 (+inf past the rows: p = 0 there) and D of the given rows."""
+    return (tl.load(Lse + rows, mask=row_ok, other=float("inf")), tl.load(Delta + rows, mask=row_ok, other=0.0))
+
+
+@triton.jit
 def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
     """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
     (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask.
@@ -237,8 +251,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < q_len
-    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + offs_m[:, None]) * s_qm + offs_d[None, :],
-                mask=row_ok[:, None] & d_ok, other=0.0)
+    q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
@@ -262,9 +275,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         # A bool mask can hide whole key blocks (padding): skip their loads and dots.
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
             visits += 1
-            kv_ok = (offs_n[:, None] < kv_len) & d_ok
-            k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+            v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
             qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None], offs_n[None, :],
                             b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
                             HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
@@ -303,9 +315,8 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m[:, None] < Lq) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=ok, other=0.0)
+    o = _load_rows(Out + b * s_ob + h * s_oh, offs_m, s_om, offs_d, Lq, HEAD_DIM)
+    do = _load_rows(DO + b * s_db + h * s_dh, offs_m, s_dm, offs_d, Lq, HEAD_DIM)
     # D_i = do_i·o_i through the same tl.dot reduction that forms dp_ij = do_i·v_j in the other kernels: a row
     # with one visible key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0).
     dd = tl.dot(do, tl.trans(o.to(do.dtype)), input_precision=DOT_PREC)
@@ -339,9 +350,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    kv_ok = (offs_n[:, None] < kv_len) & d_ok
-    k = tl.load(K + b * s_kb + hk * s_kh + (k0 + offs_n[:, None]) * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * s_vb + hk * s_vh + (k0 + offs_n[:, None]) * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    k = _load_rows(K + b * s_kb + hk * s_kh + k0 * s_kn, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+    v = _load_rows(V + b * s_vb + hk * s_vh + k0 * s_vn, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
     Q += b * s_qb + q0 * s_qm
     DO += b * s_db + q0 * s_dm
 
@@ -369,13 +379,9 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
                             win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
             if not HAS_MASK or tl.max(visT.to(tl.int32)) > 0:
                 visits += 1
-                row_ok = offs_m < q_len
-                q_ok = row_ok[:, None] & d_ok
-                q = tl.load(Q + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-                do = tl.load(DO + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
-                rows = b * s_lb + h * s_lh + q0 + offs_m
-                lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+                q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
+                do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
+                lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
                 sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                     s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
                                     HAS_ALIBI, HAS_SOFTCAP)
@@ -426,11 +432,9 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = offs_m < q_len
     q_ok = row_ok[:, None] & d_ok
-    q = tl.load(Q + b * s_qb + h * s_qh + (q0 + offs_m[:, None]) * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-    do = tl.load(DO + b * s_db + h * s_dh + (q0 + offs_m[:, None]) * s_dm + offs_d[None, :], mask=q_ok, other=0.0)
-    rows = b * s_lb + h * s_lh + q0 + offs_m
-    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
+    do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
+    lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, row_ok)
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
@@ -449,9 +453,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
                        shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
             visits += 1
-            kv_ok = (offs_n[:, None] < kv_len) & d_ok
-            k = tl.load(K + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-            v = tl.load(V + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+            k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+            v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
             qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                                offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
                                slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
@@ -513,7 +516,6 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
     if ALL_N:
         n_hi = Lk
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(b_lo, b_hi):
         q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS,
@@ -525,24 +527,16 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                 slope = tl.load(Alibi + b * s_ab + h)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                row_ok = offs_m < q_len
-                q_ok = row_ok[:, None] & d_ok
-                q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :], mask=q_ok, other=0.0)
-                do = tl.load(DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :], mask=q_ok,
-                             other=0.0)
-                rows = b * s_lb + h * s_lh + offs_m
-                lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+                q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
+                do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
+                lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len,
                                    k_len, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
                     if tl.max(vis.to(tl.int32)) > 0:  # tiles outside the window / masked away add nothing
-                        kv_ok = (offs_n[:, None] < kv_len) & d_ok
-                        k = tl.load(K + b * s_kb + hk * s_kh + offs_n[:, None] * s_kn + offs_d[None, :], mask=kv_ok,
-                                    other=0.0)
-                        v = tl.load(V + b * s_vb + hk * s_vh + offs_n[:, None] * s_vn + offs_d[None, :], mask=kv_ok,
-                                    other=0.0)
+                        k = _load_rows(K + b * s_kb + hk * s_kh + k0 * s_kn, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+                        v = _load_rows(V + b * s_vb + hk * s_vh + k0 * s_vn, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
                         qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                                         offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
                                         shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
