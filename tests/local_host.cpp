@@ -14,28 +14,13 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <iostream>
-#include <sstream>
 #include <string>
 
 #include "attention/local.h"
-
-namespace {
-
-uint32_t bits(float x) {
-  uint32_t b;
-  std::memcpy(&b, &x, sizeof b);
-  return b;
-}
-
-}  // namespace
+#include "host_driver.h"
 
 int main() {
-  std::string line;
-  while (std::getline(std::cin, line)) {
-    std::istringstream in(line);
-    std::string cmd;
-    in >> cmd;
+  return serve_commands([](const std::string& cmd, std::istringstream& in) {
     if (cmd == "w") {
       fastattn::AttnParams p;
       int causal = 0, q_len = 0, kv_len = 0, shift = 0, BM = 0, BN = 0;
@@ -65,17 +50,20 @@ int main() {
         out += " " + std::to_string(m_begin) + "," + std::to_string(count);
       }
       std::printf("%s\n", out.c_str());
-    } else if (cmd == "c") {
+      return true;
+    }
+    if (cmd == "c") {
       unsigned long xb;
       while (in >> xb) {
         const uint32_t b32 = static_cast<uint32_t>(xb);
         float x, d;
         std::memcpy(&x, &b32, sizeof x);
         const float t = fastattn::softcap_tanh(x, d);
-        std::printf("%u,%u ", bits(t), bits(d));
+        std::printf("%u,%u ", float_bits(t), float_bits(d));
       }
       std::printf("\n");
+      return true;
     }
-  }
-  return 0;
+    return false;
+  });
 }

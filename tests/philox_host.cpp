@@ -11,30 +11,21 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <iostream>
-#include <sstream>
 #include <string>
 
 #include "attention/philox.h"
+#include "host_driver.h"
 
 int main() {
-  std::string line;
-  while (std::getline(std::cin, line)) {
-    std::istringstream in(line);
-    std::string cmd;
-    in >> cmd;
+  return serve_commands([](const std::string& cmd, std::istringstream& in) {
     if (cmd == "u") {
       unsigned long long seed = 0, counter = 0;
       in >> seed;
-      while (in >> counter) {
-        const float u = fastattn::philox_uniform(seed, counter);
-        uint32_t bits;
-        std::memcpy(&bits, &u, sizeof bits);
-        std::printf("%u ", bits);
-      }
+      while (in >> counter) std::printf("%u ", float_bits(fastattn::philox_uniform(seed, counter)));
       std::printf("\n");
-    } else if (cmd == "m") {
+      return true;
+    }
+    if (cmd == "m") {
       fastattn::AttnParams prm;
       unsigned long long seed = 0;
       std::string p_text;
@@ -49,10 +40,8 @@ int main() {
       for (int i = i0; i < i0 + ni; ++i)
         for (int j = j0; j < j0 + nj; ++j) out += mask.keep(i, j) ? '1' : '0';
       std::printf("%s\n", out.c_str());
-    } else if (!cmd.empty()) {
-      std::fprintf(stderr, "unknown command %s\n", cmd.c_str());
-      return 2;
+      return true;
     }
-  }
-  return 0;
+    return false;
+  });
 }
