@@ -11,9 +11,9 @@ with no change of base, so a row with one visible key gets p = 1 exactly. The ba
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
 and one program per query block for dq: reruns are bitwise identical. The dk/dv program works on transposed
 tiles (sᵀ = k·qᵀ, dpᵀ = v·doᵀ, as Triton's fused-attention tutorial does), so that no dot result is transposed
-into another dot: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124). A full-size bias gets ds from the dk/dv
-kernel; a bias broadcast over some dims gets dbias = Σ ds over them from a kernel of its own (one program per
-dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
+into another dot: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124).
+A full-size bias gets ds from the dk/dv kernel; a bias broadcast over some dims gets dbias = Σ ds over them from
+a kernel of its own (one program per dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
 """
 from __future__ import annotations
 
