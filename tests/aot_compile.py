@@ -1,8 +1,8 @@
 """Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune
 config that survives pruning, and report shared memory. A kernel whose TTGIR transposes a tensor in an MMA
 result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
-(triton-lang/triton#6124), and our dK/dV kernel written that way gave wrong dK on an H200. Run by tests/test_kernels_compile.py in a process
-without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+(triton-lang/triton#6124), and our dK/dV kernel, when written that way, failed dK on an H200. Run by
+tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 
     python tests/aot_compile.py --arch 90 [--first-only]    prints one line per compile, exits 1 on a failure
 """
