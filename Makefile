@@ -39,8 +39,11 @@ check: build
 #   make gpu-test GPU_TESTS="-k 'not cuda'"         (the Triton backend's tests, every autotune config)
 #   make gpu-bench
 # pytest runs in parallel when pytest-xdist is there and reports every failure (-rf) even if cut short.
+# Most of a gpu test's time is Triton compiling kernel variants on the CPU: one worker per core, at most 12
+# (GPU_WORKERS); the GPU has room for all their contexts.
 GPU_TESTS ?=
-XDIST := $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n 4")
+GPU_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 4); echo $$(( n > 12 ? 12 : n )))
+XDIST := $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)")
 
 gpu-check: gpu-build gpu-test gpu-sanitize
 	$(PYTHON) -W ignore -m fastattn check
