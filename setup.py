@@ -9,6 +9,9 @@ Environment:
     FASTATTN_CUDA_ARCHS   ";"-separated compute capabilities, default "80;90" (e.g. "80;86;90a"): one
                           -gencode arch=compute_XX,code=sm_XX each.
     CUDA_HOME, NVCC, CXX  where the toolkit, nvcc and the host compiler are (defaults: found on PATH).
+    FASTATTN_BUILD_EMULATOR  0: skip fastattn._C_emu, the same kernels compiled by the host compiler for the
+                          CPU emulator (csrc/emulate/; built with fastattn._C by default, it needs the CUDA
+                          toolkit's headers, not a GPU).
     MAX_JOBS              parallel compile jobs (default: the number of CPUs).
 """
 import concurrent.futures
@@ -95,48 +98,33 @@ def cuda_archs() -> list[str]:
 
 class CudaExtension(Extension):
     """fastattn._C: .cu files compiled by nvcc and bindings.cpp by the host compiler, in parallel, linked
-    against the static CUDA runtime (the .so needs no libcudart on the loader path)."""
+    against the static CUDA runtime (the .so needs no libcudart on the loader path). With emulate=True,
+    fastattn._C_emu: the same sources compiled by the host compiler for the CPU emulator (csrc/emulate/)."""
+
+    def __init__(self, name, sources, emulate=False):
+        super().__init__(name, sources=sources)
+        self.emulate = emulate
 
 
 class BuildExt(build_ext):
-    def build_extension(self, ext):
-        if not isinstance(ext, CudaExtension):
-            return super().build_extension(ext)
+    """Compiles the sources of every CudaExtension in one pool of MAX_JOBS jobs (longest first), then links each."""
+
+    def build_extensions(self):
+        ours = [e for e in self.extensions if isinstance(e, CudaExtension)]
+        for ext in self.extensions:
+            if ext not in ours:
+                self.build_extension(ext)
+        if not ours:
+            return
         t0 = time.time()
         nvcc = _find_nvcc()
         home = _cuda_home(nvcc)
-        cxx = shutil.which(os.environ.get("CXX", "c++")) or "g++"
         archs = cuda_archs()
-        import pybind11
-
-        out = Path(self.get_ext_fullpath(ext.name))
-        objdir = Path(self.build_temp) / "fastattn_C"
-        objdir.mkdir(parents=True, exist_ok=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        includes = ["-I", str(CSRC)]
-        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
-        defines = [f'-DFASTATTN_CUDA_ARCHS="{";".join(archs)}"', f'-DFASTATTN_VERSION="{VERSION}"']
-
-        # Sources, longest first so the slow attention kernels start at once.
-        sources = sorted((ROOT / s for s in ext.sources), key=lambda p: -p.stat().st_size)
-        headers_mtime = max((h.stat().st_mtime for h in CSRC.rglob("*") if h.suffix in (".h", ".cuh")), default=0)
-        commands = []
-        for src in sources:
-            obj = objdir / (str(src.relative_to(CSRC)).replace(os.sep, "_") + ".o")
-            if src.suffix == ".cu":
-                cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-lineinfo",
-                       "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC,-fvisibility=hidden",
-                       "--threads", str(min(len(archs), jobs)), *includes, *gencode]
-            else:
-                cmd = [cxx, "-c", str(src), "-o", str(obj), "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden",
-                       *includes, "-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"],
-                       "-I", str(home / "include"), *defines]
-            fresh = obj.exists() and obj.stat().st_mtime > max(src.stat().st_mtime, headers_mtime,
-                                                                Path(__file__).stat().st_mtime)
-            commands.append((src, obj, cmd, fresh))
-
-        _log(f"building fastattn._C for sm_{', sm_'.join(archs)} with {nvcc} ({len(sources)} files, {jobs} jobs)")
+        plans = [(ext, self._commands(ext, nvcc, home, archs, jobs)) for ext in ours]
+        for ext, _ in plans:
+            what = "the CPU emulator (host compiler)" if ext.emulate else f"sm_{', sm_'.join(archs)} with {nvcc}"
+            _log(f"building {ext.name} for {what} ({len(ext.sources)} files)")
 
         def compile_one(item):
             src, obj, cmd, fresh = item
@@ -150,33 +138,73 @@ class BuildExt(build_ext):
                 print(r.stderr, file=sys.stderr, end="")
             return src, None, time.time() - t
 
-        failures, compiled = [], 0
+        items = sorted((c for _, cmds in plans for c in cmds), key=lambda c: -c[0].stat().st_size)
+        failures, compiled = [], set()
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-            for src, err, secs in pool.map(compile_one, commands):
+            for item, (src, err, secs) in zip(items, pool.map(compile_one, items)):
                 rel = src.relative_to(ROOT)
                 if err:
                     failures.append(err)
-                    _log(f"FAILED {rel}")
+                    _log(f"FAILED {rel} ({item[1].parent.name})")
                 elif secs:
-                    compiled += 1
-                    _log(f"compiled {rel} ({secs:.0f}s)")
+                    compiled.add(item[1])
+                    _log(f"compiled {rel} for {item[1].parent.name} ({secs:.0f}s)")
         if failures:
             raise RuntimeError("fastattn: building the CUDA extension failed (set FASTATTN_BUILD_CUDA=0 to build "
                                "without it):\n" + "\n".join(failures))
-        if not compiled and out.exists() and out.stat().st_mtime > max(c[1].stat().st_mtime for c in commands):
+        for ext, cmds in plans:
+            self._link(ext, cmds, home, fresh=not any(c[1] in compiled for c in cmds), t0=t0)
+
+    def _commands(self, ext, nvcc, home, archs, jobs):
+        """(source, object, command, up to date) for each source of ext."""
+        import pybind11
+
+        objdir = Path(self.build_temp) / ext.name.split(".")[-1]
+        objdir.mkdir(parents=True, exist_ok=True)
+        includes = ["-I", str(CSRC), "-I", str(home / "include")]
+        python = ["-I", pybind11.get_include(), "-I", sysconfig.get_paths()["include"]]
+        cxx = shutil.which(os.environ.get("CXX", "c++")) or "g++"
+        headers_mtime = max((h.stat().st_mtime for h in CSRC.rglob("*") if h.suffix in (".h", ".cuh")), default=0)
+        commands = []
+        for src in (ROOT / s for s in ext.sources):
+            obj = objdir / (str(src.relative_to(CSRC)).replace(os.sep, "_") + ".o")
+            if ext.emulate:  # every source as C++; kernels compiled at -O2, strict aliasing on (it finds UB)
+                cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), "-O2", "-std=c++20", "-fPIC",
+                       "-fvisibility=hidden", "-DFASTATTN_EMULATE", "-DFASTATTN_MODULE=_C_emu",
+                       f'-DFASTATTN_VERSION="{VERSION}"', *includes, *python]
+            elif src.suffix == ".cu":
+                cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-lineinfo",
+                       "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+                       "--threads", str(min(len(archs), jobs)), *includes,
+                       *(f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs)]
+            else:
+                cmd = [cxx, "-c", str(src), "-o", str(obj), "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden",
+                       *includes, *python, f'-DFASTATTN_CUDA_ARCHS="{";".join(archs)}"',
+                       f'-DFASTATTN_VERSION="{VERSION}"']
+            fresh = obj.exists() and obj.stat().st_mtime > max(src.stat().st_mtime, headers_mtime,
+                                                                Path(__file__).stat().st_mtime)
+            commands.append((src, obj, cmd, fresh))
+        return commands
+
+    def _link(self, ext, commands, home, fresh, t0):
+        out = Path(self.get_ext_fullpath(ext.name))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and out.exists() and out.stat().st_mtime > max(c[1].stat().st_mtime for c in commands):
             _log(f"{out.name} is up to date")
             return
-
+        cxx = shutil.which(os.environ.get("CXX", "c++")) or "g++"
         libdir = next((d for d in (home / "lib64", home / "lib", home / "targets" / "x86_64-linux" / "lib")
                        if (d / "libcudart_static.a").exists() or (d / "libcudart.so").exists()), home / "lib64")
-        if (libdir / "libcudart_static.a").exists():
-            cudart = ["-lcudart_static", "-ldl", "-lrt", "-lpthread", "-Wl,--exclude-libs,ALL"]
+        if ext.emulate:  # no CUDA runtime: csrc/emulate/runtime.cpp stands in for the calls the host code makes
+            cudart = []
+        elif (libdir / "libcudart_static.a").exists():
+            cudart = ["-L", str(libdir), "-lcudart_static", "-ldl", "-lrt", "-lpthread", "-Wl,--exclude-libs,ALL"]
         else:  # no static runtime: the .so then needs a libcudart on the loader path at import
-            cudart = ["-lcudart", f"-Wl,-rpath,{libdir}"]
-        cmd = [cxx, "-shared", "-o", str(out), *(str(c[1]) for c in commands), "-L", str(libdir), *cudart]
+            cudart = ["-L", str(libdir), "-lcudart", f"-Wl,-rpath,{libdir}"]
+        cmd = [cxx, "-shared", "-o", str(out), *(str(c[1]) for c in commands), *cudart]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"fastattn: linking the CUDA extension failed:\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+            raise RuntimeError(f"fastattn: linking {ext.name} failed:\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
         _log(f"built {out.name} in {time.time() - t0:.0f}s")
 
 
@@ -192,7 +220,10 @@ def extensions() -> list:
         return []
     cuda_archs()  # reject a bad FASTATTN_CUDA_ARCHS before anything is built
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) + ["csrc/bindings.cpp"]
-    return [CudaExtension("fastattn._C", sources=sources)]
+    exts = [CudaExtension("fastattn._C", sources=sources)]
+    if os.environ.get("FASTATTN_BUILD_EMULATOR", "").strip() != "0":
+        exts.append(CudaExtension("fastattn._C_emu", sources=sources + ["csrc/emulate/runtime.cpp"], emulate=True))
+    return exts
 
 
 setup(

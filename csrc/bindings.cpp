@@ -18,6 +18,9 @@
 #ifndef FASTATTN_CUDA_ARCHS
 #define FASTATTN_CUDA_ARCHS ""
 #endif
+#ifndef FASTATTN_MODULE  // _C_emu for the CPU emulator build (csrc/emulate/)
+#define FASTATTN_MODULE _C
+#endif
 #ifndef FASTATTN_VERSION
 #define FASTATTN_VERSION "0+unknown"
 #endif
@@ -61,7 +64,7 @@ void pointer_field(py::class_<AttnParams>& cls, const char* name, T* AttnParams:
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(FASTATTN_MODULE, m) {
   m.doc() = "fastattn CUDA C++ kernels (attention, softmax, LayerNorm) taking data pointers, sizes, strides "
             "and a stream as integers";
   m.attr("version") = FASTATTN_VERSION;
@@ -69,10 +72,17 @@ PYBIND11_MODULE(_C, m) {
   m.attr("FLOAT16") = int(fastattn::kRowFloat16);
   m.attr("BFLOAT16") = int(fastattn::kRowBFloat16);
   m.attr("FLOAT32") = int(fastattn::kRowFloat32);
+#if defined(FASTATTN_EMULATE)
+  m.attr("emulated") = true;
+#else
+  m.attr("emulated") = false;
+#endif
   m.def("compiled_archs", &compiled_archs, "The CUDA architectures (FASTATTN_CUDA_ARCHS) this build holds code for");
 
   // ---------------------------------------------------------------------------------------------- attention
-  py::class_<AttnParams> cls(m, "AttnParams", "fastattn::AttnParams (csrc/attention/params.h); pointers as ints");
+  // module_local: fastattn._C and the emulator build fastattn._C_emu both bind it, in one process.
+  py::class_<AttnParams> cls(m, "AttnParams", py::module_local(),
+                             "fastattn::AttnParams (csrc/attention/params.h); pointers as ints");
   cls.def(py::init<>());
 #define FA_FIELD(name) cls.def_readwrite(#name, &AttnParams::name)
   FA_FIELD(dtype); FA_FIELD(B); FA_FIELD(H); FA_FIELD(Hkv); FA_FIELD(Lq); FA_FIELD(Lk); FA_FIELD(D);

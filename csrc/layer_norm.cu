@@ -240,7 +240,7 @@ const char* layer_norm_bwd(const LayerNormBwdParams& p, void* stream) {
   return with_dtype(p.dtype, "layer_norm_bwd s", [&](auto tag) {
     using T = typename decltype(tag)::type;
     const unsigned threads = layer_norm_bwd_threads(p.dtype, p.cols);
-    layer_norm_bwd_kernel<T><<<p.partials, threads, 0, static_cast<cudaStream_t>(stream)>>>(p);
+    FASTATTN_LAUNCH(layer_norm_bwd_kernel<T>, p.partials, threads, 0, static_cast<cudaStream_t>(stream), p);
     return launch_error("layer_norm_bwd launch");
   });
 }

@@ -12,10 +12,12 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
 #include "dtype.h"
+#include "launch.h"
 
 namespace fastattn {
 namespace rows {
@@ -81,7 +83,9 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 // ------------------------------------------------------------------------------------------------ packs
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// The raw chunks of a whole pack of V elements of T (8, 16 or 32 bytes).
+// The raw chunks of a whole pack of V elements of T (8, 16 or 32 bytes). Elements and chunks trade bytes
+// through memcpy (registers only after optimisation): reading one type through a pointer to another is
+// undefined behaviour that a host compiler does miscompile (the CPU emulator's build showed it).
 template <typename T, int V>
 struct Raw {
   static constexpr int kBytes = V * int(sizeof(T));
@@ -100,7 +104,8 @@ __device__ __forceinline__ void load(const T* row, int64_t c, int64_t n, bool ve
     const auto* src = reinterpret_cast<const typename Raw<T, V>::Chunk*>(row + c);
 #pragma unroll
     for (int i = 0; i < Raw<T, V>::kChunks; ++i) raw.c[i] = src[i];
-    const T* v = reinterpret_cast<const T*>(raw.c);
+    T v[V];
+    memcpy(v, raw.c, sizeof(v));
 #pragma unroll
     for (int i = 0; i < V; ++i) out[i] = to_float(v[i]);
   } else {
@@ -123,10 +128,11 @@ __device__ __forceinline__ void load_dyn(const void* row, int dtype, int64_t c, 
 template <typename T, int V>
 __device__ __forceinline__ void store(T* row, int64_t c, int64_t n, bool vec, const float (&in)[V]) {
   if (vec && c + V <= n) {
-    Raw<T, V> raw;
-    T* v = reinterpret_cast<T*>(raw.c);
+    T v[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) v[i] = from_float<T>(in[i]);
+    Raw<T, V> raw;
+    memcpy(raw.c, v, sizeof(v));
     auto* dst = reinterpret_cast<typename Raw<T, V>::Chunk*>(row + c);
 #pragma unroll
     for (int i = 0; i < Raw<T, V>::kChunks; ++i) dst[i] = raw.c[i];
@@ -236,7 +242,7 @@ struct RowTeam {
 template <int V, typename P>
 const char* launch_rows(void (*kernel)(P), const P& p, void* stream, const char* what) {
   const Shape sh = row_shape(p.rows, cdiv(p.cols, V));
-  kernel<<<sh.grid, sh.block, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  FASTATTN_LAUNCH(kernel, sh.grid, sh.block, 0, static_cast<cudaStream_t>(stream), p);
   return launch_error(what);
 }
 

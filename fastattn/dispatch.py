@@ -5,7 +5,8 @@ automatic choice over the CUDA C++ backend until benchmarks show which is faster
 variable ``FASTATTN_BACKEND`` replaces that automatic choice (an explicit ``backend=`` argument wins).
 Triton on CPU tensors runs the real kernels under the interpreter, only when asked for and only with
 ``TRITON_INTERPRET=1`` set before fastattn is imported. ``backend="cuda"`` needs the extension fastattn._C
-(built by setup.py when nvcc is found) and CUDA tensors.
+(built by setup.py when nvcc is found) and CUDA tensors, or CPU tensors with ``FASTATTN_CUDA_EMULATE=1`` (the
+same kernels under a CPU emulator, fastattn._C_emu).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def available_backends(device: torch.device | str) -> list[str]:
     out = []
     if triton_available() and (device.type == "cuda" or interpreter_enabled()):
         out.append("triton")
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):
         from . import cuda
         if cuda.available(device):
             out.append("cuda")
@@ -58,7 +59,8 @@ def select(backend: str, x: torch.Tensor) -> str:
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing fastattn")
     if backend == "cuda":
         from . import cuda
-        why = cuda.why_unavailable(x.device) if x.is_cuda else f"the inputs are on {x.device}, not a CUDA device"
+        why = cuda.why_unavailable(x.device) if x.device.type in ("cuda", "cpu") else \
+            f"the inputs are on {x.device}, not a CUDA device"
         if why:
             raise RuntimeError(f"backend='cuda' (the CUDA C++ extension fastattn._C) cannot run here: {why}")
     return backend

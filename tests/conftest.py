@@ -1,4 +1,5 @@
-"""Test set-up: Triton runs under the interpreter on CPU-only machines; outputs are poisoned with NaN.
+"""Test set-up: Triton runs under the interpreter on CPU-only machines, the CUDA C++ kernels run on CPU tensors
+under the CPU emulator (fastattn._C_emu, tests/test_cuda_emulated.py); outputs are poisoned with NaN.
 
 The variables are read when fastattn's kernels are imported, so they are set here, before any test imports.
 """
@@ -13,6 +14,7 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("FASTATTN_POISON", "1")
+os.environ.setdefault("FASTATTN_CUDA_EMULATE", "1")  # CPU tensors only: CUDA tensors always run fastattn._C
 # One config per kernel instead of benchmarking every config for every new shape bucket (tests would spend
 # their time autotuning); test_gpu_autotuned runs the tuned path.
 os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
@@ -20,14 +22,16 @@ os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-def _cuda_backend_skip():
+def _cuda_backend_skip(device):
     from fastattn import cuda  # after the variables above: fastattn reads them at import
-    why = cuda.why_unavailable() if HAS_CUDA else "no CUDA GPU on this machine"
+    why = cuda.why_unavailable(device) if device == "cpu" or HAS_CUDA else "no CUDA GPU on this machine"
     return pytest.mark.skipif(why is not None, reason=f"backend 'cuda': {why}")
 
 
 # The kernel backends every `gpu` test of an op runs for; "cuda" is skipped, with the reason, where it cannot run.
-GPU_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip())]
+GPU_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip("cuda"))]
+# The same for tests on DEVICE (on the CPU: Triton's interpreter, the CUDA kernels under the CPU emulator).
+KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip(DEVICE))]
 
 
 def pytest_configure(config):
@@ -50,6 +54,11 @@ def device():
 
 @pytest.fixture(params=GPU_BACKENDS)
 def gpu_backend(request):
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request):
     return request.param
 
 

@@ -34,6 +34,15 @@ def test_extension_imports(C):
 
 
 @needs_build
+@pytest.mark.skipif(os.environ.get("FASTATTN_BUILD_EMULATOR") == "0", reason="FASTATTN_BUILD_EMULATOR=0")
+def test_emulator_build_imports(C):
+    """fastattn._C_emu, the same kernels for the CPU emulator, is built with fastattn._C."""
+    emu, why = cuda._load("_C_emu")
+    assert emu is not None, why
+    assert emu.emulated and not C.emulated and emu.version == C.version and emu.compiled_archs() == []
+
+
+@needs_build
 def test_compiled_archs_are_the_requested_ones(C):
     raw = os.environ.get("FASTATTN_CUDA_ARCHS", "").strip() or "80;90"  # setup.py's default
     requested = [a.lower().removeprefix("sm_").replace(".", "") for a in re.split(r"[;,\s]+", raw) if a]
@@ -87,18 +96,20 @@ def test_row_entry_points_report_bad_arguments(C):
                          rows=2, cols=8, dtype=0, w_dtype=0, partials=1, stream=0)
 
 
-def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("FASTATTN_CUDA_EMULATE")
     x = torch.randn(2, 3, 8, 16)
     calls = [lambda: fastattn.attention(x, x, x, backend="cuda"),
              lambda: fastattn.softmax(x, backend="cuda"),
              lambda: fastattn.layer_norm(x, 16, backend="cuda")]
     for call in calls:
-        with pytest.raises(RuntimeError, match=r"backend='cuda'.*cannot run here: .*(cpu|not built|import)"):
+        with pytest.raises(RuntimeError, match=r"backend='cuda'.*cannot run here: .*(cpu|CPU|not built|import)"):
             call()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_unavailable_without_gpu():
+def test_unavailable_without_gpu(monkeypatch):
+    monkeypatch.delenv("FASTATTN_CUDA_EMULATE")
     assert not cuda.available()
     why = cuda.why_unavailable()
     assert "not built" in why or "failed to import" in why or "no CUDA device" in why

@@ -1,5 +1,6 @@
 // FlashAttention-2 backward with tensor cores (sm80+), in three deterministic kernels and no atomics:
-//   1. delta_kernel: D_i = Σ_d do_id·o_id − log2(e)·dlse2_i into the workspace ([B, H, Lq] fp32);
+//   1. delta_kernel: D_i = Σ_d do_id·o_id − log2(e)·dlse2_i into the workspace ([B, H, Lq] fp32), by the MMAs
+//      that form dP (see there);
 //   2. dkdv_kernel: one CTA per (key block of 16·W keys, kv head, batch), W warps each owning 16 keys; it loops
 //      over the query heads of the GQA group and over the query tiles, recomputing Sᵀ = K·Qᵀ and
 //      dPᵀ = V·dOᵀ, and accumulates dV = Pᵀ·dO and dK = scale·dSᵀ·Q in registers (fixed order);
@@ -21,27 +22,50 @@ namespace attn {
 namespace {
 
 // ------------------------------------------------------------------------------------------- delta
-constexpr int kDeltaWarps = 4;  // one warp per query row
+constexpr int kDeltaWarps = 4;  // 16 query rows each
 
-// delta[(b·H + h)·Lq + i] for i < the sequence's query rows (the rest is never read).
-template <typename T>
+template <typename T, int D>
+constexpr size_t delta_smem_bytes() {
+  return static_cast<size_t>(2 * 16 * kDeltaWarps) * (D + 8) * sizeof(T);
+}
+
+// delta[(b·H + h)·Lq + i] for the sequence's query rows i (the rest is never read). D_i = do_i·o_i is the
+// diagonal of the warp's 16 x 16 tile dO·Oᵀ, formed by gemm_ss as dp_ij = do_i·v_j is in the dQ and dK/dV
+// kernels (the same products summed by the same MMAs in the same k order): a row with one visible key has
+// o_i = v_j bitwise, so dp_ij − D_i is exactly 0, and so are its gradients. (A warp-shuffle dot product here
+// left ~1e-6 in dq and dk of such rows; the CPU emulator showed it.)
+template <typename T, int D>
 __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParams p, float* delta) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kDeltaWarps + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= static_cast<int64_t>(p.B) * p.H * p.Lq) return;
-  const int i = static_cast<int>(row % p.Lq);
-  const int64_t bh = row / p.Lq;
-  const int h = static_cast<int>(bh % p.H), b = static_cast<int>(bh / p.H);
+  constexpr int BM = 16 * kDeltaWarps, NTH = kDeltaWarps * 32, P = D + 8;
+  FASTATTN_DYNAMIC_SMEM(smem);
+  T* sdO = reinterpret_cast<T*>(smem);  // [BM][P]
+  T* sO = sdO + BM * P;                 // [BM][P]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const Seq seq(p, b);
-  if (i >= seq.q_len) return;  // a whole warp: past the end of a packed sequence
-  const int64_t r = seq.q0 + i;  // row in the (packed) tensors
-  const T* o = static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + r * p.o_sl;
-  const T* d = static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + r * p.do_sl;
-  float sum = 0.f;
-  for (int c = lane; c < p.D; c += 32) sum += Elem<T>::to_float(o[c]) * Elem<T>::to_float(d[c]);
+  if (m0 >= seq.q_len) return;  // past the end of a packed sequence
+  load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl,
+                                 p.do_sl, m0, seq.q_len, tid);
+  load_tile_async<T, BM, D, NTH>(sO, static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl, p.o_sl,
+                                 m0, seq.q_len, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+  float dd[2][4];
+  zero(dd);
+  gemm_ss<T, 2, D>(dd, sdO, P, warp * 16, sO, P, warp * 16, lane);
+  // The diagonal: (g, g) in n-tile 0 and (g + 8, g + 8) in n-tile 1, each at column 2t + (g & 1) of the thread
+  // whose t = g / 2 (g = lane / 4, t = lane % 4).
+  const int g = lane >> 2;
+  if ((lane & 3) != (g >> 1)) return;
+  const int64_t bh = static_cast<int64_t>(b) * p.H + h, lse0 = seq.lse_row0(p, b, h);
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) delta[row] = p.dlse != nullptr ? sum - kLog2e * p.dlse[seq.lse_row0(p, b, h) + i] : sum;
+  for (int r = 0; r < 2; ++r) {
+    const int row = m0 + warp * 16 + g + 8 * r;
+    if (row >= seq.q_len) continue;
+    const float dot = dd[r][2 * r + (g & 1)];
+    delta[bh * p.Lq + row] = p.dlse != nullptr ? dot - kLog2e * p.dlse[lse0 + row] : dot;
+  }
 }
 
 // With the soft cap on, each warp keeps the cap's derivative of its 16 x N score tile in shared memory between
@@ -72,7 +96,7 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   constexpr int BN = 16 * NW, NTH = NW * 32, P = D + 8, DC = D / DSPLIT;
   constexpr int NTS = BM / 8;  // n-tiles of a warp's 16 x BM tile of Sᵀ / dPᵀ
   constexpr int NTD = DC / 8;  // n-tiles of a warp's 16 x DC tile of dK / dV
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTATTN_DYNAMIC_SMEM(smem);
   T* sK = reinterpret_cast<T*>(smem);                     // [BN][P]
   T* sV = sK + BN * P;                                    // [BN][P]
   T* sQ = sV + BN * P;                                    // [2][BM][P]
@@ -221,7 +245,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of S / dP
   constexpr int NTD = D / 8;   // n-tiles of a warp's 16 x D tile of dQ
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTATTN_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][P]
   T* sdO = sQ + BM * P;                // [BM][P]
   T* sK = sdO + BM * P;                // [2][BN][P]
@@ -340,16 +364,15 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
            "strides that are multiples of 8 elements";
   if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
     return "fastattn CUDA attention: the backward needs lse and a workspace of attention_bwd_workspace_bytes()";
-  const int64_t rows = static_cast<int64_t>(p.B) * p.H * p.Lq;
-  if ((rows + kDeltaWarps - 1) / kDeltaWarps > 0x7fffffff) return "fastattn CUDA attention: too many query rows";
   const auto s = static_cast<cudaStream_t>(stream);
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr, dropout = p.dropout_p > 0.f, mods = score_mods(p);
   return dispatch(p, [&](auto t, auto d) -> const char* {
     using T = decltype(t);
     constexpr int D = decltype(d)::value;
     if (p.Lq > 0) {
-      const dim3 grid(static_cast<unsigned>((rows + kDeltaWarps - 1) / kDeltaWarps));
-      if (const char* err = launch(delta_kernel<T>, grid, kDeltaWarps * 32, 0, s, p, static_cast<float*>(p.workspace)))
+      const dim3 grid((p.Lq + 16 * kDeltaWarps - 1) / (16 * kDeltaWarps), p.H, p.B);
+      if (const char* err = launch(delta_kernel<T, D>, grid, kDeltaWarps * 32, delta_smem_bytes<T, D>(), s, p,
+                                   static_cast<float*>(p.workspace)))
         return err;
     }
     if (p.Lk > 0) {  // dK, dV (zeros when Lq == 0)

@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's score tile (16 x BN)
   constexpr int NTO = D / 8;   // n-tiles of a warp's output tile (16 x D)
-  extern __shared__ __align__(128) unsigned char smem[];
+  FASTATTN_DYNAMIC_SMEM(smem);
   T* sQ = reinterpret_cast<T*>(smem);  // [BM][P]
   T* sK = sQ + BM * P;                 // [2][BN][P]
   T* sV = sK + 2 * BN * P;             // [2][BN][P]

@@ -18,8 +18,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
+#include "../launch.h"
 #include "local.h"
 #include "params.h"
 #include "philox.h"
@@ -36,7 +38,9 @@ template <> struct Elem<__half> {
   static __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    uint32_t r;
+    memcpy(&r, &h, 4);  // not through a uint32_t pointer: that is undefined behaviour (see rows.cuh)
+    return r;
   }
 };
 
@@ -44,14 +48,18 @@ template <> struct Elem<__nv_bfloat16> {
   static __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&h);
+    uint32_t r;
+    memcpy(&r, &h, 4);  // not through a uint32_t pointer: that is undefined behaviour (see rows.cuh)
+    return r;
   }
 };
 
 // ------------------------------------------------------------------------------------------- inline PTX
+#if !defined(FASTATTN_EMULATE)
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+#endif
 
 // d += a · b (16x8x16), fp32 accumulators.
 template <typename T>
@@ -59,46 +67,73 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 
 template <>
 __device__ __forceinline__ void mma16816<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::mma_m16n8k16<__half>(d, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 template <>
 __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                         uint32_t b1) {
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::mma_m16n8k16<__nv_bfloat16>(d, a, b0, b1);
+#else
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
 }
 
 // Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives matrix i.
 __device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::ldmatrix_x4(r, p, false);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p))
                : "memory");
+#endif
 }
 
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::ldmatrix_x4(r, p, true);
+#else
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(p))
                : "memory");
+#endif
 }
 
 // 16-byte global -> shared copy; when !valid nothing is read and the 16 bytes are zero-filled.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
   const uint32_t n = valid ? 16u : 0u;
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::cp_async_16(dst, src, n);
+#else
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(n)
                : "memory");
+#endif
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// (The emulator's copies are complete when issued: nothing to commit or wait for.)
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(FASTATTN_EMULATE)
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
+#if !defined(FASTATTN_EMULATE)
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // ------------------------------------------------------------------------------------------- tiles
@@ -514,7 +549,7 @@ inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cu
       return cudaGetErrorString(e);
     }
   }
-  kernel<<<grid, threads, smem, stream>>>(args...);
+  FASTATTN_LAUNCH(kernel, grid, threads, smem, stream, args...);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }

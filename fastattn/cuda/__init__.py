@@ -2,11 +2,16 @@
 (:func:`available`, :func:`why_unavailable`), and the tensor → integer marshalling the op modules share
 (data pointers, dtype codes, the current stream). One module per op: attention.py, softmax.py, layer_norm.py,
 each with the ``forward`` / ``backward`` functions of the Triton module of the same name.
+
+``FASTATTN_CUDA_EMULATE=1`` runs the same kernels on CPU tensors, compiled by the host compiler against a CPU
+emulator of the CUDA features they use (``fastattn._C_emu``, csrc/emulate/): slow, for tests on machines without
+a GPU, as ``TRITON_INTERPRET=1`` is for the Triton kernels. CUDA tensors always go to ``fastattn._C``.
 """
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 from typing import Optional
 
 import torch
@@ -16,23 +21,30 @@ from ..triton import device_ctx  # noqa: F401  (launch on the tensors' GPU; shar
 REBUILD = "pip install --no-deps --no-build-isolation -e ."
 
 
+def emulation_enabled() -> bool:
+    """FASTATTN_CUDA_EMULATE=1: CPU tensors run the CUDA kernels under the CPU emulator (fastattn._C_emu)."""
+    return os.environ.get("FASTATTN_CUDA_EMULATE", "0") == "1"
+
+
 @functools.lru_cache(maxsize=None)
-def _load():
-    """-> (module, None) or (None, why it cannot be imported)."""
+def _load(name: str = "_C"):
+    """-> (module fastattn.<name>, None) or (None, why it cannot be imported)."""
+    full = f"fastattn.{name}"
     try:
-        return importlib.import_module("fastattn._C"), None
+        return importlib.import_module(full), None
     except ModuleNotFoundError as e:
-        if e.name != "fastattn._C":
-            return None, f"the CUDA extension fastattn._C failed to import: {e}"
-        return None, ("the CUDA extension fastattn._C is not built (nvcc was not found when fastattn was installed, "
+        if e.name != full:
+            return None, f"the CUDA extension {full} failed to import: {e}"
+        return None, (f"the CUDA extension {full} is not built (nvcc was not found when fastattn was installed, "
                       f"or FASTATTN_BUILD_CUDA=0); rebuild with nvcc on PATH: `{REBUILD}`")
     except ImportError as e:  # built, but does not load (missing symbol, wrong Python, ...)
-        return None, f"the CUDA extension fastattn._C failed to import: {e}; rebuild it: `{REBUILD}`"
+        return None, f"the CUDA extension {full} failed to import: {e}; rebuild it: `{REBUILD}`"
 
 
-def extension():
-    """The ``fastattn._C`` module; RuntimeError saying why when it cannot be imported."""
-    mod, why = _load()
+def extension(t: Optional[torch.Tensor] = None):
+    """The ``fastattn._C`` module, or for a CPU tensor ``t`` (FASTATTN_CUDA_EMULATE=1) the emulator build
+    ``fastattn._C_emu``; RuntimeError saying why when it cannot be imported."""
+    mod, why = _load("_C_emu" if t is not None and not t.is_cuda and emulation_enabled() else "_C")
     if mod is None:
         raise RuntimeError(why)
     return mod
@@ -61,6 +73,11 @@ def _why_device(index: int) -> Optional[str]:
 
 def why_unavailable(device: torch.device | str | int | None = None) -> Optional[str]:
     """Why ``backend="cuda"`` cannot run on ``device`` (default: the current CUDA device); None when it can."""
+    if device is not None and not isinstance(device, int) and torch.device(device).type == "cpu":
+        if not emulation_enabled():
+            return ("the inputs are on the CPU: the CUDA kernels run on CUDA tensors, or on CPU tensors under the CPU "
+                    "emulator with FASTATTN_CUDA_EMULATE=1")
+        return _load("_C_emu")[1]
     _, why = _load()
     if why:
         return why
@@ -94,12 +111,12 @@ def dtype_code(t: torch.Tensor, name: str, dtypes=tuple(_CODES)) -> int:
 
 
 def check_cuda(*named: tuple[str, Optional[torch.Tensor]]) -> None:
-    """Every given tensor is on the same CUDA device."""
+    """Every given tensor is on the same CUDA device (or all on the CPU, under the emulator)."""
     first = None
     for name, t in named:
         if t is None:
             continue
-        if not t.is_cuda:
+        if not t.is_cuda and not (t.device.type == "cpu" and emulation_enabled()):
             raise ValueError(f"{name}: backend 'cuda' needs CUDA tensors, got a tensor on {t.device}")
         if first is None:
             first = (name, t.device)
@@ -113,5 +130,5 @@ def ptr(t: Optional[torch.Tensor]) -> int:
 
 
 def stream(t: torch.Tensor) -> int:
-    """The current stream of t's device, as the integer value of its cudaStream_t."""
-    return torch.cuda.current_stream(t.device).cuda_stream
+    """The current stream of t's device, as the integer value of its cudaStream_t (0 under the emulator)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0

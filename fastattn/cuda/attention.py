@@ -24,9 +24,9 @@ HEAD_DIMS = (32, 64, 96, 128, 256)
 _DTYPES = (torch.float16, torch.bfloat16)
 
 
-def padded_head_dim(D: int) -> int:
-    """The smallest head dim >= D the kernels support."""
-    C = extension()
+def padded_head_dim(D: int, like: Optional[torch.Tensor] = None) -> int:
+    """The smallest head dim >= D the kernels (those that run ``like``'s device) support."""
+    C = extension(like)
     for d in HEAD_DIMS:
         if d >= D and C.attention_supports_head_dim(d):
             return d
@@ -141,7 +141,7 @@ def _params(q, k, v, bias, mask, kv_lens, scale, causal, bottom_right, dropout=(
     """AttnParams for the (padded) q, k, v, the optional bias (in q's dtype) / bool mask / kv_lens, dropout
     (p, seed), packed batch (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k), window (left, right),
     ALiBi slopes (fp32 [H] or [1|B, H], checked by :func:`_check_local`) and soft cap."""
-    C = extension()
+    C = extension(q)
     p = C.AttnParams()
     B, H, Lq, Lk = _shape(q, k, varlen)
     p.dtype = C.FLOAT16 if q.dtype == torch.float16 else C.BFLOAT16
@@ -212,8 +212,8 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     _check_varlen(q, k, varlen)
     _check_dropout(dropout)
     _check_f32(lse, "lse", _lse_shape(q, varlen))
-    C = extension()
-    D = padded_head_dim(q.shape[-1])
+    C = extension(q)
+    D = padded_head_dim(q.shape[-1], q)
     qp, kp, vp = _input(q, D), _input(k, D), _input(v, D)
     bias, mask = _bias(bias, q), _mask(mask)
     o = _output(out, D)
@@ -245,8 +245,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     for t, name in ((lse, "lse"), (dlse, "dlse")):
         _check_f32(t, name, _lse_shape(q, varlen))
     _check_f32(dbias, "dbias", _shape(q, k, varlen))
-    C = extension()
-    D = padded_head_dim(q.shape[-1])
+    C = extension(q)
+    D = padded_head_dim(q.shape[-1], q)
     qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
     bias, mask = _bias(bias, q), _mask(mask)
     dqp, dkp, dvp = _output(dq, D), _output(dk, D), _output(dv, D)

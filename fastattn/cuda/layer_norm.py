@@ -22,7 +22,7 @@ def num_partials(x: torch.Tensor, rows: int) -> int:
 
 def forward(x2d, res2d, w, b, y2d, s2d, mean, rstd, eps: float):
     """Rows of x2d (+ res2d, stored to s2d) normalised into y2d; saves mean and rstd (fp32 [R])."""
-    C = extension()
+    C = extension(x2d)
     check_cuda(("x", x2d), ("residual", res2d), ("weight", w), ("bias", b), ("y", y2d), ("s", s2d),
                ("mean", mean), ("rstd", rstd))
     R, N = x2d.shape
@@ -37,7 +37,7 @@ def forward(x2d, res2d, w, b, y2d, s2d, mean, rstd, eps: float):
 
 def backward(s2d, w, dy2d, dsum2d, dx2d, mean, rstd, dw_partial, db_partial):
     """dx2d from the normalised rows s2d; dw/db partial sums ([G, N] fp32, zeroed, or None) per block."""
-    C = extension()
+    C = extension(s2d)
     check_cuda(("s", s2d), ("weight", w), ("dy", dy2d), ("dsum", dsum2d), ("dx", dx2d), ("mean", mean),
                ("rstd", rstd), ("dw_partial", dw_partial), ("db_partial", db_partial))
     R, N = s2d.shape

@@ -10,7 +10,7 @@ from . import check_cuda, device_ctx, dtype_code, extension, ptr, stream
 def forward(x2d: torch.Tensor, y2d: torch.Tensor, mask4d, scale: float, lead: tuple[int, int, int]):
     """x2d, y2d: contiguous [R, N]. mask4d: None or a [D0|1, D1|1, D2|1, N] float view (stride-1 last dim)
     broadcast over the leading dims ``lead`` = (D0, D1, D2) with D0·D1·D2 = R."""
-    C = extension()
+    C = extension(x2d)
     check_cuda(("x", x2d), ("y", y2d), ("mask", mask4d))
     R, N = x2d.shape
     if mask4d is not None and mask4d.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -26,7 +26,7 @@ def forward(x2d: torch.Tensor, y2d: torch.Tensor, mask4d, scale: float, lead: tu
 
 def backward(y2d, dy2d, dx2d, dz2d, scale: float):
     """dx2d = scale·dz; dz2d (fp32 [R, N] or None) receives dz for a mask gradient."""
-    C = extension()
+    C = extension(y2d)
     check_cuda(("y", y2d), ("dy", dy2d), ("dx", dx2d), ("dz", dz2d))
     R, N = y2d.shape
     dy2d = dy2d.to(y2d.dtype).contiguous()  # the kernel reads dy in y's dtype

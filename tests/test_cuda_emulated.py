@@ -1,0 +1,196 @@
+"""The CUDA C++ kernels (backend="cuda") on the CPU: csrc/ compiled by the host compiler against the CPU emulator
+of csrc/emulate/ (fastattn._C_emu, FASTATTN_CUDA_EMULATE=1 set by conftest), checked against the float64
+reference under DESIGN.md §5 like the Triton kernels. The emulator executes the kernels' own code (tiling, masks,
+online softmax, the mma / ldmatrix fragment arithmetic, barriers) one block at a time; timing, races and
+out-of-bounds accesses are left to the GPU tests and compute-sanitizer. fp16 and bf16 (fp32 also for the row
+kernels): the emulator, unlike Triton's interpreter, runs bf16."""
+import pytest
+import torch
+
+import fastattn
+from fastattn import cuda
+from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, run_attention_case, run_layer_norm_case,
+                              run_softmax_case)
+
+import conftest
+from test_attention import MASKS, SHAPES
+from test_dropout_varlen import CROSS, LENS
+from test_local_attention import WINDOWS
+
+pytestmark = pytest.mark.skipif(cuda.why_unavailable("cpu") is not None,
+                                reason=f"CUDA emulator: {cuda.why_unavailable('cpu')}")
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+def assert_case(case, run=run_attention_case):
+    conftest.assert_case(run, case, "cpu", "cuda")
+
+
+# ------------------------------------------------------------------------------------------- attention
+@pytest.mark.parametrize("Lq,Lk", SHAPES)
+@pytest.mark.parametrize("causal", [False, "top_left", "bottom_right"])
+def test_lengths(Lq, Lk, causal):
+    assert_case(AttentionCase(Lq=Lq, Lk=Lk, D=32, dtype=torch.float16, causal=bool(causal),
+                              alignment=causal or "top_left", seed=Lq * 1000 + Lk))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("D", [16, 32, 40, 64, 96, 111, 128, 256])
+def test_head_dims(D, dtype):
+    """Every kernel configuration (head dims 32 … 256; others zero-padded to the next one)."""
+    assert_case(AttentionCase(B=1, H=2, Lq=40, Lk=150, D=D, dtype=dtype, causal=True, kv_lens=True, seed=D))
+
+
+def test_several_blocks_each_way():
+    """More query and key blocks than one CTA tile (the K/V double buffer and causal block skipping)."""
+    assert_case(AttentionCase(B=1, H=2, Lq=300, Lk=333, D=64, dtype=torch.bfloat16, causal=True,
+                              alignment="bottom_right", seed=3))
+
+
+@pytest.mark.parametrize("Lq,Lk", [(70, 70), (40, 100), (100, 40)])
+@pytest.mark.parametrize("mask", list(MASKS))
+def test_masks(mask, Lq, Lk):
+    assert_case(AttentionCase(B=3, Lq=Lq, Lk=Lk, D=32, dtype=torch.float16, seed=hash(mask) % 1000 + Lq,
+                              **MASKS[mask]))
+
+
+@pytest.mark.parametrize("bias", ["full", "heads", "batch", "2d", "rows", "head"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_bias(bias, grad):
+    assert_case(AttentionCase(B=2, H=2, Lq=45, Lk=70, D=32, dtype=torch.float16, bias=bias, bias_grad=grad,
+                              causal=grad, alignment="bottom_right", seed=len(bias) + grad))
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (4, 1), (6, 3)])
+def test_gqa(H, Hkv):
+    assert_case(AttentionCase(B=2, H=H, Hkv=Hkv, Lq=50, Lk=70, D=64, dtype=torch.bfloat16, kv_lens=True,
+                              causal=True, seed=H * Hkv))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_lse_gradient(dtype):
+    assert_case(AttentionCase(Lq=50, Lk=40, D=32, dtype=dtype, lse_grad=True, kv_lens=True, bias="heads",
+                              bias_grad=True))
+
+
+@pytest.mark.parametrize("scale", [10.0, 30.0])
+def test_large_logits(scale):
+    assert_case(AttentionCase(Lq=50, Lk=60, D=32, dtype=torch.float16, logit_scale=scale, causal=True,
+                              seed=int(scale)))
+
+
+# ------------------------------------------------------------------------------------------- dropout, varlen
+@pytest.mark.parametrize("extra", [
+    dict(),
+    dict(causal=True, Lq=40, Lk=23, alignment="bottom_right", kv_lens=True),
+    dict(Hkv=1, H=4, bias="full", bias_grad=True, lse_grad=True),
+    dict(key_padding=True, window=(5, 2), softcap=3.0, D=40),
+], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap"])
+def test_dropout(extra):
+    """The reference replays the keep-mask of return_dropout_mask (drawn by the Triton kernel's rule): a pass
+    shows that the CUDA kernels drew the same Philox mask."""
+    kw = dict(B=2, H=2, Lq=33, Lk=47, D=32, dtype=torch.float16, dropout=0.25, seed=11)
+    assert_case(AttentionCase(**{**kw, **extra}))
+
+
+@pytest.mark.parametrize("extra", [
+    dict(varlen=LENS),
+    dict(varlen=LENS, causal=True),
+    dict(varlen=CROSS, causal=True, alignment="bottom_right", lse_grad=True),
+    dict(varlen=CROSS, H=4, Hkv=2, window=(4, 1), alibi="batch"),
+    dict(varlen=LENS, softcap=2.0, logit_scale=2.0, causal=True, window=(3, -1)),
+    dict(varlen=CROSS, dropout=0.2, causal=True),
+    dict(varlen=((129, 300), (70, 70), (5, 0)), H=4, Hkv=1, D=256, causal=True, alignment="bottom_right"),
+], ids=["self", "causal", "cross-causal-br-lse", "gqa-window-alibi", "softcap-local", "dropout", "mqa-d256"])
+def test_varlen(extra):
+    assert_case(AttentionCase(**{**dict(D=32, dtype=torch.bfloat16, seed=7), **extra}))
+
+
+# ------------------------------------------------------------------------------------------- local, ALiBi, softcap
+@pytest.mark.parametrize("Lq,Lk", [(70, 70), (40, 100), (100, 40)])
+@pytest.mark.parametrize("name", list(WINDOWS))
+def test_window(name, Lq, Lk):
+    assert_case(AttentionCase(Lq=Lq, Lk=Lk, D=32, dtype=torch.float16, seed=Lq + Lk, **WINDOWS[name]))
+
+
+@pytest.mark.parametrize("extra", [dict(causal=True), dict(causal=True, alignment="bottom_right", Lq=40),
+                                   dict(window=(8, 8), Lq=100, Lk=40, alignment="bottom_right")],
+                         ids=["causal", "causal-br", "window-br"])
+@pytest.mark.parametrize("alibi", ["heads", "batch"])
+def test_alibi(alibi, extra):
+    assert_case(AttentionCase(**{**dict(Lq=70, Lk=70, H=4, Hkv=2, D=32, dtype=torch.float16, alibi=alibi, seed=3),
+                                 **extra}))
+
+
+@pytest.mark.parametrize("cap,logit_scale", [(0.5, 1.0), (5.0, 6.0), (30.0, 1.0)])
+def test_softcap(cap, logit_scale):
+    assert_case(AttentionCase(Lq=50, Lk=80, D=32, dtype=torch.float16, softcap=cap, logit_scale=logit_scale,
+                              causal=True, bias="heads", bias_grad=True, seed=1))
+
+
+# The features that change the kernels' code paths, per head-dim configuration (as test_gpu_local_head_dims).
+@pytest.mark.parametrize("D", [32, 96, 256])
+@pytest.mark.parametrize("extra", [
+    dict(window=(48, 16), alibi="heads", softcap=8.0, logit_scale=3.0, Lq=150, Lk=260),
+    dict(window=(20, -1), causal=True, alignment="bottom_right", softcap=5.0, bias="full", bias_grad=True,
+         lse_grad=True, kv_lens=True, Lq=130, Lk=100),
+    dict(window=(-1, 30), alibi="batch", dropout=0.2, bool_mask="full", Lq=100, Lk=166),
+], ids=["window-alibi-softcap", "causal-br-softcap-bias-lse", "window-alibi-dropout-mask"])
+def test_local_head_dims(extra, D):
+    assert_case(AttentionCase(B=2, H=4, Hkv=2, D=D, dtype=torch.bfloat16, seed=D, **extra))
+
+
+# ------------------------------------------------------------------------------------------- softmax, LayerNorm
+ROW_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 40000])
+def test_softmax_widths(N, dtype):
+    """A warp per row, a block per row, and (40000) rows wider than the team's registers."""
+    assert_case(SoftmaxCase(shape=(3, N), dtype=dtype, scale=0.3, mask="row", mask_grad=True, seed=N),
+                run_softmax_case)
+
+
+@pytest.mark.parametrize("mask", ["full", "lead"])
+def test_softmax_mask_broadcast(mask):
+    assert_case(SoftmaxCase(shape=(2, 3, 5, 70), dtype=torch.float16, scale=0.125, mask=mask, mask_grad=True),
+                run_softmax_case)
+
+
+def test_softmax_unaligned_rows():
+    """Rows and a mask off a 16-byte boundary: element loads instead of vector loads."""
+    N = 1001
+    x = torch.randn(4 * N + 1, dtype=torch.float16)[1:].view(4, N)
+    mask = torch.randn(N + 3)[3:]
+    y = fastattn.softmax(x, mask=mask, backend="cuda")
+    torch.testing.assert_close(y.double(), fastattn.reference.softmax(x.double(), mask=mask.double()),
+                               atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES, ids=str)
+@pytest.mark.parametrize("N", [1, 3, 127, 768, 1000, 4096, 40000])
+def test_layer_norm_widths(N, dtype):
+    assert_case(LayerNormCase(shape=(5, N), dtype=dtype, residual=True, prenorm=True, seed=N), run_layer_norm_case)
+
+
+@pytest.mark.parametrize("kw", [dict(weight=False, bias=False), dict(bias=False), dict(weight=False)])
+def test_layer_norm_variants(kw):
+    assert_case(LayerNormCase(shape=(6, 300), dtype=torch.bfloat16, **kw), run_layer_norm_case)
+
+
+def test_layer_norm_unaligned_rows_mixed_dtypes_and_many_rows():
+    """fp16 rows off a 16-byte boundary with fp32 weight and bias, more rows than backward blocks."""
+    R, N = 40, 1000
+    x = torch.randn(R * N + 1, dtype=torch.float16)[1:].view(R, N).requires_grad_()
+    w, b = torch.randn(N, requires_grad=True), torch.randn(N, requires_grad=True)
+    y = fastattn.layer_norm(x, N, w, b, backend="cuda")
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, w, b), dy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    ref = torch.nn.functional.layer_norm(xd, (N,), wd, bd)
+    want = torch.autograd.grad(ref, (xd, wd, bd), dy.double())
+    torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=1e-2)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, atol=5e-2, rtol=2e-2)
