@@ -14,8 +14,8 @@ from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, run_att
 
 import conftest
 from test_attention import MASKS, SHAPES
-from test_dropout_varlen import CROSS, LENS
-from test_local_attention import WINDOWS
+from test_dropout_varlen import VARLEN_CASES
+from test_local_attention import LOCAL_HEAD_DIM_CASES, WINDOWS
 
 pytestmark = pytest.mark.skipif(cuda.why_unavailable("cpu") is not None,
                                 reason=f"CUDA emulator: {cuda.why_unavailable('cpu')}")
@@ -94,15 +94,11 @@ def test_dropout(extra):
     assert_case(AttentionCase(**{**kw, **extra}))
 
 
-@pytest.mark.parametrize("extra", [
-    dict(varlen=LENS),
-    dict(varlen=LENS, causal=True),
-    dict(varlen=CROSS, causal=True, alignment="bottom_right", lse_grad=True),
-    dict(varlen=CROSS, H=4, Hkv=2, window=(4, 1), alibi="batch"),
-    dict(varlen=LENS, softcap=2.0, logit_scale=2.0, causal=True, window=(3, -1)),
-    dict(varlen=CROSS, dropout=0.2, causal=True),
-    dict(varlen=((129, 300), (70, 70), (5, 0)), H=4, Hkv=1, D=256, causal=True, alignment="bottom_right"),
-], ids=["self", "causal", "cross-causal-br-lse", "gqa-window-alibi", "softcap-local", "dropout", "mqa-d256"])
+VARLEN = {**VARLEN_CASES, "mqa-d256": dict(varlen=((65, 150), (30, 30), (5, 0)), H=4, Hkv=1, D=256, causal=True,
+                                           alignment="bottom_right")}
+
+
+@pytest.mark.parametrize("extra", list(VARLEN.values()), ids=list(VARLEN))
 def test_varlen(extra):
     assert_case(AttentionCase(**{**dict(D=32, dtype=torch.bfloat16, seed=7), **extra}))
 
@@ -129,15 +125,11 @@ def test_softcap(cap, logit_scale):
                               causal=True, bias="heads", bias_grad=True, seed=1))
 
 
-# The features that change the kernels' code paths, per head-dim configuration (as test_gpu_local_head_dims).
+# The features that change the kernels' code paths, per head-dim configuration (test_gpu_local_head_dims, shorter).
 @pytest.mark.parametrize("D", [32, 96, 256])
-@pytest.mark.parametrize("extra", [
-    dict(window=(48, 16), alibi="heads", softcap=8.0, logit_scale=3.0, Lq=150, Lk=260),
-    dict(window=(20, -1), causal=True, alignment="bottom_right", softcap=5.0, bias="full", bias_grad=True,
-         lse_grad=True, kv_lens=True, Lq=130, Lk=100),
-    dict(window=(-1, 30), alibi="batch", dropout=0.2, bool_mask="full", Lq=100, Lk=166),
-], ids=["window-alibi-softcap", "causal-br-softcap-bias-lse", "window-alibi-dropout-mask"])
+@pytest.mark.parametrize("extra", list(LOCAL_HEAD_DIM_CASES.values()), ids=list(LOCAL_HEAD_DIM_CASES))
 def test_local_head_dims(extra, D):
+    extra = {**extra, "Lq": extra["Lq"] // 3, "Lk": extra["Lk"] // 3}
     assert_case(AttentionCase(B=2, H=4, Hkv=2, D=D, dtype=torch.bfloat16, seed=D, **extra))
 
 

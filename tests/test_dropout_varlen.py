@@ -85,15 +85,18 @@ LENS = ((17, 17), (1, 1), (0, 0), (40, 40), (5, 5))
 CROSS = ((17, 30), (9, 0), (33, 3), (1, 12))
 
 
+VARLEN_CASES = {  # also run by tests/test_cuda_emulated.py
+    "self": dict(varlen=LENS),
+    "causal": dict(varlen=LENS, causal=True),
+    "cross-causal-br-lse": dict(varlen=CROSS, causal=True, alignment="bottom_right", lse_grad=True),
+    "gqa-window-alibi": dict(varlen=CROSS, H=4, Hkv=2, window=(4, 1), alibi="batch"),
+    "softcap-local": dict(varlen=LENS, softcap=2.0, logit_scale=2.0, causal=True, window=(3, -1)),
+    "dropout": dict(varlen=CROSS, dropout=0.2, causal=True),
+}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("extra", [
-    dict(varlen=LENS),
-    dict(varlen=LENS, causal=True),
-    dict(varlen=CROSS, causal=True, alignment="bottom_right", lse_grad=True),
-    dict(varlen=CROSS, H=4, Hkv=2, window=(4, 1), alibi="batch"),
-    dict(varlen=LENS, softcap=2.0, logit_scale=2.0, causal=True, window=(3, -1)),
-    dict(varlen=CROSS, dropout=0.2, causal=True),
-], ids=["self", "causal", "cross-causal-br-lse", "gqa-window-alibi", "softcap-local", "dropout"])
+@pytest.mark.parametrize("extra", list(VARLEN_CASES.values()), ids=list(VARLEN_CASES))
 def test_varlen_matches_reference(extra, dtype):
     assert_case(AttentionCase(D=16, dtype=dtype, seed=7, **extra))
 

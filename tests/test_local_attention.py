@@ -161,15 +161,20 @@ def test_gpu_local(extra, dtype, gpu_backend):
 # pass in two, D = 40 runs padded to 64), with the features that change the kernels' code paths: window with
 # block skipping both ways (Lq ≠ Lk), ALiBi, the soft cap (its derivative through shared memory in the backward),
 # a float bias with gradient, dropout (the keep-mask drawn before the dP GEMM), GQA and the LSE gradient.
+# (Also run, with lengths / 3, on the CUDA emulator: tests/test_cuda_emulated.py.)
+LOCAL_HEAD_DIM_CASES = {
+    "window-alibi-softcap": dict(window=(48, 16), alibi="heads", softcap=8.0, logit_scale=3.0, Lq=300, Lk=520),
+    "causal-br-softcap-bias-lse": dict(window=(20, -1), causal=True, alignment="bottom_right", softcap=5.0,
+                                       bias="full", bias_grad=True, lse_grad=True, kv_lens=True, Lq=260, Lk=200),
+    "window-alibi-dropout-mask": dict(window=(-1, 30), alibi="batch", dropout=0.2, bool_mask="full", Lq=200,
+                                      Lk=333),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [32, 40, 96, 256])
-@pytest.mark.parametrize("extra", [
-    dict(window=(48, 16), alibi="heads", softcap=8.0, logit_scale=3.0, Lq=300, Lk=520),
-    dict(window=(20, -1), causal=True, alignment="bottom_right", softcap=5.0, bias="full", bias_grad=True,
-         lse_grad=True, kv_lens=True, Lq=260, Lk=200),
-    dict(window=(-1, 30), alibi="batch", dropout=0.2, bool_mask="full", Lq=200, Lk=333),
-], ids=["window-alibi-softcap", "causal-br-softcap-bias-lse", "window-alibi-dropout-mask"])
+@pytest.mark.parametrize("extra", list(LOCAL_HEAD_DIM_CASES.values()), ids=list(LOCAL_HEAD_DIM_CASES))
 def test_gpu_local_head_dims(extra, D, dtype, gpu_backend):
     conftest.assert_case(run_attention_case, AttentionCase(B=2, H=4, Hkv=2, D=D, dtype=dtype, seed=D, **extra),
                          "cuda", gpu_backend)

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
   for (int r = 0; r < 2; ++r) {
     const int row = m0 + warp * 16 + g + 8 * r;
     if (row >= seq.q_len) continue;
-    const float dot = dd[r][2 * r + (g & 1)];
+    const float dot = (g & 1) ? dd[r][2 * r + 1] : dd[r][2 * r];  // constant indices: dd stays in registers
     delta[bh * p.Lq + row] = p.dlse != nullptr ? dot - kLog2e * p.dlse[lse0 + row] : dot;
   }
 }
