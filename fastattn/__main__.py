@@ -33,6 +33,9 @@ def _info() -> int:
     from fastattn import cuda
     ext, why = cuda._load()
     rows.append(("fastattn._C", f"{ext.version}, built for sm_{', sm_'.join(ext.compiled_archs())}" if ext else why))
+    emu, why_emu = cuda._load("_C_emu")
+    rows.append(("fastattn._C_emu", f"{emu.version}, the CUDA kernels on CPU tensors with FASTATTN_CUDA_EMULATE=1 "
+                 f"(now {os.environ.get('FASTATTN_CUDA_EMULATE', '0')})" if emu else why_emu))
     rows.append(("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0")))
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]
     for d in devices:
@@ -87,15 +90,16 @@ def layer_norm_cases(gpu: bool):
 
 def _check() -> int:
     gpu = torch.cuda.is_available()
-    if not gpu:
+    if not gpu:  # the kernels on the CPU: Triton's interpreter, the CUDA kernels under the emulator (if built)
         os.environ["TRITON_INTERPRET"] = "1"
+        os.environ.setdefault("FASTATTN_CUDA_EMULATE", "1")
     # A numerics check, not a benchmark: the default config of each kernel, no autotuning per case.
     os.environ.setdefault("FASTATTN_AUTOTUNE", "0")
     from fastattn import dispatch
     from fastattn import testing
     device = "cuda" if gpu else "cpu"
     backends = [b for b in dispatch.available_backends(device) if b != "torch"]
-    print(f"fastattn check on {torch.cuda.get_device_name() if gpu else 'cpu (Triton interpreter)'}: "
+    print(f"fastattn check on {torch.cuda.get_device_name() if gpu else 'cpu (Triton interpreter, CUDA emulator)'}: "
           f"backends {backends}; rule max|out − ref64| <= F·max|ref_same_dtype − ref64| + floor (F=2 fwd, 3 bwd)")
     header = f"{'op':<10} {'case':<66} {'backend':<7} {'worst':<6} {'max err':>9} {'baseline':>9} {'ratio':>6}  result"
     print(header)

@@ -204,7 +204,7 @@ inline void fiber_main() {
   swapcontext(&f.ctx, &blk.sched);
 }
 
-class Stacks {  // fiber stacks, reserved once (pages are committed only when touched)
+class Stacks {  // fiber stacks, reserved once per OS thread (pages are committed only when touched)
  public:
   unsigned char* get(size_t n) {
     if (n > count_) {
@@ -223,13 +223,17 @@ class Stacks {  // fiber stacks, reserved once (pages are committed only when to
   size_t count_ = 0;
 };
 
+inline Stacks& stacks() {  // one for every kernel (not one per launch() instance)
+  static thread_local Stacks s;
+  return s;
+}
+
 // kernel<<<grid, dim, smem>>>(args...), every block to completion before the next.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, Args... args) {
   const int nthreads = static_cast<int>(dim.x * dim.y * dim.z);
   if (nthreads <= 0 || nthreads > 1024) throw std::runtime_error("fastattn emulator: bad block size");
-  static thread_local Stacks stacks;
-  unsigned char* stack = stacks.get(nthreads);
+  unsigned char* stack = stacks().get(nthreads);
   const int warps = (nthreads + 31) / 32;
   std::vector<unsigned char> smem(smem_bytes + 128);
   Block blk;
