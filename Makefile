@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
 DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools transformers==5.23.0
 
-.PHONY: venv build test check gpu-check gpu-build gpu-test gpu-sanitize bench gpu-bench clean
+.PHONY: venv build test emu-memcheck check gpu-check gpu-build gpu-test gpu-sanitize bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,15 @@ build: $(STAMP)
 # CPU suite: Triton kernels under the interpreter; `gpu` tests are skipped with a reason.
 test: build
 	$(PY) -m pytest tests -q -p no:cacheprovider -W ignore::DeprecationWarning
+
+# The CUDA kernels' emulated tests (tests/test_cuda_emulated.py) under AddressSanitizer and UBSan: every load and
+# store of the kernels bounds-checked (fastattn._C_emu_asan, csrc/emulate/). The first report stops the run.
+CXX ?= c++
+emu-memcheck: build
+	FASTATTN_BUILD_EMULATOR=asan $(PY) setup.py -q build_ext --inplace
+	LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+	  UBSAN_OPTIONS=print_stacktrace=1 FASTATTN_CUDA_EMULATE=asan \
+	  $(PY) -m pytest tests/test_cuda_emulated.py -q -p no:cacheprovider -W ignore::DeprecationWarning $(MEMCHECK_TESTS)
 
 # Every backend x op against the float64 reference; prints a table, fails on any row.
 check: build

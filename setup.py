@@ -11,7 +11,8 @@ Environment:
     CUDA_HOME, NVCC, CXX  where the toolkit, nvcc and the host compiler are (defaults: found on PATH).
     FASTATTN_BUILD_EMULATOR  0: skip fastattn._C_emu, the same kernels compiled by the host compiler for the
                           CPU emulator (csrc/emulate/; built with fastattn._C by default, it needs the CUDA
-                          toolkit's headers, not a GPU).
+                          toolkit's headers, not a GPU). asan: also fastattn._C_emu_asan, the emulator under
+                          AddressSanitizer and UBSan (`make emu-memcheck`).
     MAX_JOBS              parallel compile jobs (default: the number of CPUs).
 """
 import concurrent.futures
@@ -99,11 +100,13 @@ def cuda_archs() -> list[str]:
 class CudaExtension(Extension):
     """fastattn._C: .cu files compiled by nvcc and bindings.cpp by the host compiler, in parallel, linked
     against the static CUDA runtime (the .so needs no libcudart on the loader path). With emulate=True,
-    fastattn._C_emu: the same sources compiled by the host compiler for the CPU emulator (csrc/emulate/)."""
+    fastattn._C_emu: the same sources compiled by the host compiler for the CPU emulator (csrc/emulate/); with
+    sanitize=True too, fastattn._C_emu_asan: that under AddressSanitizer and UBSan."""
 
-    def __init__(self, name, sources, emulate=False):
+    def __init__(self, name, sources, emulate=False, sanitize=False):
         super().__init__(name, sources=sources)
         self.emulate = emulate
+        self.sanitize = sanitize
 
 
 class BuildExt(build_ext):
@@ -123,7 +126,7 @@ class BuildExt(build_ext):
         jobs = max(1, int(os.environ.get("MAX_JOBS", os.cpu_count() or 1)))
         plans = [(ext, self._commands(ext, nvcc, home, archs, jobs)) for ext in ours]
         for ext, _ in plans:
-            what = "the CPU emulator (host compiler)" if ext.emulate else f"sm_{', sm_'.join(archs)} with {nvcc}"
+            what = ("the CPU emulator (host compiler" + (", ASan + UBSan)" if ext.sanitize else ")")) if ext.emulate else f"sm_{', sm_'.join(archs)} with {nvcc}"
             _log(f"building {ext.name} for {what} ({len(ext.sources)} files)")
 
         def compile_one(item):
@@ -170,8 +173,8 @@ class BuildExt(build_ext):
             obj = objdir / (str(src.relative_to(CSRC)).replace(os.sep, "_") + ".o")
             if ext.emulate:  # every source as C++; kernels compiled at -O2, strict aliasing on (it finds UB)
                 cmd = [cxx, "-x", "c++", "-c", str(src), "-o", str(obj), "-O2", "-std=c++20", "-fPIC",
-                       "-fvisibility=hidden", "-DFASTATTN_EMULATE", "-DFASTATTN_MODULE=_C_emu",
-                       f'-DFASTATTN_VERSION="{VERSION}"', *includes, *python]
+                       "-fvisibility=hidden", "-DFASTATTN_EMULATE", f"-DFASTATTN_MODULE={ext.name.split('.')[-1]}",
+                       f'-DFASTATTN_VERSION="{VERSION}"', *includes, *python, *_sanitize_flags(ext)]
             elif src.suffix == ".cu":
                 cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "-lineinfo",
                        "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC,-fvisibility=hidden",
@@ -201,11 +204,17 @@ class BuildExt(build_ext):
             cudart = ["-L", str(libdir), "-lcudart_static", "-ldl", "-lrt", "-lpthread", "-Wl,--exclude-libs,ALL"]
         else:  # no static runtime: the .so then needs a libcudart on the loader path at import
             cudart = ["-L", str(libdir), "-lcudart", f"-Wl,-rpath,{libdir}"]
-        cmd = [cxx, "-shared", "-o", str(out), *(str(c[1]) for c in commands), *cudart]
+        cmd = [cxx, "-shared", "-o", str(out), *(str(c[1]) for c in commands), *cudart, *_sanitize_flags(ext)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"fastattn: linking {ext.name} failed:\n$ {' '.join(cmd)}\n{r.stdout}{r.stderr}")
         _log(f"built {out.name} in {time.time() - t0:.0f}s")
+
+
+def _sanitize_flags(ext) -> list:
+    # UBSan stops at the first report, like ASan: a test run under them fails instead of printing and passing.
+    return (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+            if ext.sanitize else [])
 
 
 def extensions() -> list:
@@ -221,8 +230,12 @@ def extensions() -> list:
     cuda_archs()  # reject a bad FASTATTN_CUDA_ARCHS before anything is built
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.rglob("*.cu")) + ["csrc/bindings.cpp"]
     exts = [CudaExtension("fastattn._C", sources=sources)]
-    if os.environ.get("FASTATTN_BUILD_EMULATOR", "").strip() != "0":
+    emulator = os.environ.get("FASTATTN_BUILD_EMULATOR", "").strip()
+    if emulator != "0":
         exts.append(CudaExtension("fastattn._C_emu", sources=sources + ["csrc/emulate/runtime.cpp"], emulate=True))
+    if emulator == "asan":
+        exts.append(CudaExtension("fastattn._C_emu_asan", sources=sources + ["csrc/emulate/runtime.cpp"],
+                                  emulate=True, sanitize=True))
     return exts
 
 

@@ -257,8 +257,8 @@ def compare_all(fn, inputs: dict, grad_outputs: dict, dtype: torch.dtype, backen
                     factor=BACKWARD_FACTOR if n.startswith("d") else FORWARD_FACTOR) for n in got]
 
 
-def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[Comparison]:
-    """Run ``case`` on ``backend`` and compare every output and gradient to the float64 reference under the rule."""
+def attention_problem(case: AttentionCase, device="cpu"):
+    """-> (fn, inputs, grad_outputs) of ``case`` for :func:`compare_all` and :func:`forward_backward`."""
     import fastattn  # late: fastattn imports this module's users
 
     (q, k, v), kw, do, dlse = _case_inputs(case, device)
@@ -277,7 +277,12 @@ def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[
             keep["mask"] = res[2]
         return {"out": res[0], "lse": res[1]}
 
-    return compare_all(fn, dict(q=q, k=k, v=v, attn_bias=bias), {"out": do, "lse": dlse}, case.dtype, backend)
+    return fn, dict(q=q, k=k, v=v, attn_bias=bias), {"out": do, "lse": dlse}
+
+
+def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[Comparison]:
+    """Run ``case`` on ``backend`` and compare every output and gradient to the float64 reference under the rule."""
+    return compare_all(*attention_problem(case, device), case.dtype, backend)
 
 
 # --------------------------------------------------------------------------------------------- softmax cases
@@ -304,7 +309,8 @@ class SoftmaxCase:
         return " ".join(parts)
 
 
-def run_softmax_case(case: SoftmaxCase, backend: str, device="cpu") -> list[Comparison]:
+def softmax_problem(case: SoftmaxCase, device="cpu"):
+    """-> (fn, inputs, grad_outputs) of ``case``."""
     import fastattn
 
     g = torch.Generator().manual_seed(case.seed)
@@ -325,7 +331,11 @@ def run_softmax_case(case: SoftmaxCase, backend: str, device="cpu") -> list[Comp
         out_dtype = case.out_dtype if x.dtype != torch.float64 else None  # ref64 stays float64 throughout
         return {"y": fastattn.softmax(x, case.dim, out_dtype, scale=case.scale, mask=mask, backend=backend)}
 
-    return compare_all(fn, dict(x=x, mask=mask), {"y": dy}, case.dtype, backend)
+    return fn, dict(x=x, mask=mask), {"y": dy}
+
+
+def run_softmax_case(case: SoftmaxCase, backend: str, device="cpu") -> list[Comparison]:
+    return compare_all(*softmax_problem(case, device), case.dtype, backend)
 
 
 # --------------------------------------------------------------------------------------------- layer norm cases
@@ -352,7 +362,8 @@ class LayerNormCase:
         return " ".join(parts)
 
 
-def run_layer_norm_case(case: LayerNormCase, backend: str, device="cpu") -> list[Comparison]:
+def layer_norm_problem(case: LayerNormCase, device="cpu"):
+    """-> (fn, inputs, grad_outputs) of ``case``."""
     import fastattn
 
     g = torch.Generator().manual_seed(case.seed)
@@ -374,7 +385,11 @@ def run_layer_norm_case(case: LayerNormCase, backend: str, device="cpu") -> list
         y, s = fastattn.add_layer_norm(x, residual, norm, weight, bias, case.eps, prenorm=True, backend=backend)
         return {"y": y, "sum": s}
 
-    return compare_all(fn, inputs, grads, case.dtype, backend)
+    return fn, inputs, grads
+
+
+def run_layer_norm_case(case: LayerNormCase, backend: str, device="cpu") -> list[Comparison]:
+    return compare_all(*layer_norm_problem(case, device), case.dtype, backend)
 
 
 # --------------------------------------------------------------------------------------------- processes

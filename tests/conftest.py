@@ -83,21 +83,32 @@ def _host_compiler(kind):
          if os.path.exists(p)), None)
 
 
-def host_driver(kind, source, tmp_path_factory):
+def cuda_include():
+    """The CUDA toolkit's include directory (cuda_runtime.h), or None."""
+    nvcc = _host_compiler("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", nvcc and os.path.dirname(os.path.dirname(
+        os.path.realpath(nvcc)))]
+    return next((os.path.join(h, "include") for h in homes
+                 if h and os.path.exists(os.path.join(h, "include", "cuda_runtime.h"))), None)
+
+
+def host_driver(kind, source, tmp_path_factory, flags=(), tag=""):
     """Build tests/<source> (a driver of csrc headers: command lines in, output lines out) with the host C++
-    compiler or with nvcc as CUDA source (the __host__ __device__ build), and return a function that sends it
-    command lines and returns its output lines. Skips when that compiler is missing."""
+    compiler (and extra ``flags``) or with nvcc as CUDA source (the __host__ __device__ build), and return a
+    function that sends it command lines and returns its output lines (``check=False``: the CompletedProcess).
+    Skips when that compiler is missing."""
     cc = _host_compiler(kind)
     if cc is None:
         pytest.skip(f"no {kind} compiler on this machine to build tests/{source.name}")
-    exe = tmp_path_factory.mktemp(source.stem) / f"{source.stem}_{kind.replace('+', 'x')}"
+    exe = tmp_path_factory.mktemp(source.stem) / f"{source.stem}_{kind.replace('+', 'x')}{tag}"
     lang = ["-x", "cu"] if kind == "nvcc" else []
-    cmd = [cc, *lang, "-O2", "-std=c++17", "-I", str(source.parents[1] / "csrc"), str(source), "-o", str(exe)]
+    cmd = [cc, *lang, "-O2", "-std=c++17", "-I", str(source.parents[1] / "csrc"), str(source), "-o", str(exe),
+           *flags]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
 
-    def run(lines):
-        r = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=True)
-        return r.stdout.splitlines()
+    def run(lines, check=True):
+        r = subprocess.run([str(exe)], input="\n".join(lines) + "\n", capture_output=True, text=True, check=check)
+        return r.stdout.splitlines() if check else r
 
     return run

@@ -1,23 +1,26 @@
 """The CUDA C++ kernels (backend="cuda") on the CPU: csrc/ compiled by the host compiler against the CPU emulator
 of csrc/emulate/ (fastattn._C_emu, FASTATTN_CUDA_EMULATE=1 set by conftest), checked against the float64
 reference under DESIGN.md §5 like the Triton kernels. The emulator executes the kernels' own code (tiling, masks,
-online softmax, the mma / ldmatrix fragment arithmetic, barriers) one block at a time; timing, races and
-out-of-bounds accesses are left to the GPU tests and compute-sanitizer. fp16 and bf16 (fp32 also for the row
-kernels): the emulator, unlike Triton's interpreter, runs bf16."""
+online softmax, the mma / ldmatrix fragment arithmetic, barriers, cp.async groups) one block at a time; at the end,
+the same kernels under other thread orders and cp.async landing times must give the same bits (a race shows as a
+difference). Timing and out-of-bounds accesses are left to the GPU tests and compute-sanitizer. fp16 and bf16
+(fp32 also for the row kernels): the emulator, unlike Triton's interpreter, runs bf16."""
 import pytest
 import torch
 
 import fastattn
 from fastattn import cuda
-from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, run_attention_case, run_layer_norm_case,
-                              run_softmax_case)
+from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, attention_problem, forward_backward,
+                              layer_norm_problem, run_attention_case, run_layer_norm_case, run_softmax_case,
+                              softmax_problem)
 
 import conftest
 from test_attention import MASKS, SHAPES
 from test_dropout_varlen import VARLEN_CASES
 from test_local_attention import LOCAL_HEAD_DIM_CASES, WINDOWS
 
-pytestmark = pytest.mark.skipif(cuda.why_unavailable("cpu") is not None,
+# Skipped where the emulator is not built; never under `make emu-memcheck`, which must run them.
+pytestmark = pytest.mark.skipif(cuda.why_unavailable("cpu") is not None and cuda.emulator_name() == "_C_emu",
                                 reason=f"CUDA emulator: {cuda.why_unavailable('cpu')}")
 
 HALF = [torch.float16, torch.bfloat16]
@@ -186,3 +189,56 @@ def test_layer_norm_unaligned_rows_mixed_dtypes_and_many_rows():
     torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=1e-2)
     for g, r in zip(got, want):
         torch.testing.assert_close(g.double(), r, atol=5e-2, rtol=2e-2)
+
+
+# ------------------------------------------------------------------------------------------- races
+# Every schedule the hardware may pick must give the same bits (the kernels are deterministic): a kernel that reads
+# shared memory another thread writes without a barrier between, or a cp.async stage before its wait_group, or
+# that refills a stage other warps still read, gives different results under another thread order or landing time.
+SCHEDULES = [("forward", "lazy", 0), ("reverse", "lazy", 0), ("shuffle", "eager", 1), ("first-ahead", "eager", 0),
+             ("first-ahead", "lazy", 0), ("last-ahead", "eager", 0), ("last-ahead", "lazy", 0)]
+RACE_CASES = {
+    "attn-d64-causal-kvlens-bias": (attention_problem, AttentionCase(
+        B=2, H=2, Lq=150, Lk=333, D=64, dtype=torch.float16, causal=True, alignment="bottom_right", kv_lens=True,
+        bias="heads", bias_grad=True, lse_grad=True, seed=5)),
+    "attn-d128-gqa-dropout": (attention_problem, AttentionCase(
+        B=1, H=4, Hkv=2, Lq=70, Lk=200, D=128, dtype=torch.bfloat16, dropout=0.2, seed=6)),
+    "attn-d256-window-alibi": (attention_problem, AttentionCase(
+        B=1, H=2, Lq=90, Lk=130, D=256, dtype=torch.bfloat16, window=(40, 10), alibi="heads", softcap=20.0,
+        seed=7)),
+    "attn-d32-varlen": (attention_problem, AttentionCase(
+        H=4, Hkv=1, D=32, dtype=torch.float16, varlen=((65, 150), (30, 30), (5, 0)), causal=True, seed=8)),
+    **{f"softmax-{n}": (softmax_problem, SoftmaxCase(shape=(3, n), dtype=torch.float16, mask="row", mask_grad=True,
+                                                     seed=n)) for n in (768, 4096, 40000)},
+    **{f"layer-norm-{n}": (layer_norm_problem, LayerNormCase(shape=(5, n), dtype=torch.bfloat16, residual=True,
+                                                             prenorm=True, seed=n)) for n in (768, 4096, 40000)},
+}
+
+
+def outputs_under(schedule, problem, case):
+    emu = cuda.extension(torch.empty(0))
+    emu.set_schedule(*schedule)
+    try:
+        fn, inputs, grad_outputs = problem(case)
+        res = forward_backward(lambda **kw: fn(backend="cuda", **kw), inputs, grad_outputs, case.dtype)
+    finally:
+        emu.set_schedule()
+    return res
+
+
+@pytest.mark.parametrize("name", list(RACE_CASES))
+def test_same_bits_under_every_schedule(name):
+    problem, case = RACE_CASES[name]
+    want = outputs_under(("forward", "eager", 0), problem, case)
+    for schedule in SCHEDULES:
+        got = outputs_under(schedule, problem, case)
+        for key, w in want.items():
+            assert torch.equal(got[key], w), f"{key} differs under schedule {schedule}: a race (csrc/emulate/)"
+
+
+def test_set_schedule_names_the_bad_argument():
+    emu = cuda.extension(torch.empty(0))
+    with pytest.raises(ValueError, match="order"):
+        emu.set_schedule("backward")
+    with pytest.raises(ValueError, match="cp_async"):
+        emu.set_schedule("forward", "soon")

@@ -122,16 +122,19 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 #endif
 }
 
-// (The emulator's copies are complete when issued: nothing to commit or wait for.)
 __device__ __forceinline__ void cp_async_commit() {
-#if !defined(FASTATTN_EMULATE)
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::cp_async_commit();
+#else
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-#if !defined(FASTATTN_EMULATE)
+#if defined(FASTATTN_EMULATE)
+  fastattn_emu::cp_async_wait(N);
+#else
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

@@ -4,13 +4,30 @@
 // CUDA backend's CPU tensors there (fastattn/cuda/__init__.py).
 //
 // Blocks run one after another. The threads of a block are fibers (ucontext) on one OS thread, switched only at
-// barriers, in a fixed order: runs are deterministic. __syncthreads waits for the block's live threads (an exited
-// thread no longer counts, as on the hardware); the warp-collective instructions (shfl, ldmatrix, mma) trade
-// their operands through a per-warp scratch between two barriers of the warp's live threads. A block whose
-// threads all wait at barriers that can never complete raises "deadlock". cp.async copies at once (groups are
-// complete when issued): the emulator checks what the kernels compute, not their timing; races between threads
-// and out-of-bounds accesses are compute-sanitizer's job on a GPU. Dynamic shared memory starts as NaN bytes, so
-// a read before a write shows.
+// barriers. __syncthreads waits for the block's live threads (an exited thread no longer counts, as on the
+// hardware); the warp-collective instructions (shfl, ldmatrix, mma) trade their operands through a per-warp
+// scratch between two barriers of the warp's live threads. A block whose threads all wait at barriers that can
+// never complete raises "deadlock". Dynamic shared memory starts as NaN bytes, so a read before a write shows.
+//
+// Races. A schedule (set_schedule) fixes two freedoms the hardware has, so that a kernel that depends on either
+// gives different results under different schedules (tests/test_cuda_emulated.py compares them bit for bit):
+// - order: which runnable thread runs (to its next barrier) next. Round-robin: "forward" (every runnable thread
+//   once per round, thread 0 first), "reverse", "shuffle" (a new seeded permutation every round): the warps move
+//   in near lockstep. Greedy: "first-ahead" (always the lowest-numbered runnable thread, so warp 0 runs as far as
+//   it can, to a block barrier, before warp 1 moves) and "last-ahead" (the highest). Two threads that touch the
+//   same shared memory with no block barrier between, one of them writing, see each other's accesses in another
+//   order under another schedule.
+// - cp.async: when an asynchronous copy lands: "eager" (when issued, the earliest it may) or "lazy" (at the
+//   cp.async.wait_group that retires its group, the latest). A read of a stage before its wait sees stale data
+//   when lazy; a refill of a stage that other threads still read is seen by them when eager. A thread that exits
+//   with copies in flight is an error.
+// Runs under one schedule are deterministic. What stays unseen: races between accesses within one interval of
+// one thread's run (threads never interleave between barriers).
+//
+// Out-of-bounds accesses: built with -fsanitize=address (fastattn._C_emu_asan, `make emu-memcheck`), every load
+// and store of the kernels is checked by AddressSanitizer: global memory against torch's CPU allocations,
+// __shared__ arrays (statics here) against their bounds, dynamic shared memory against the size the launch asked
+// for (the bytes around it are poisoned).
 //
 // Instruction semantics follow the PTX ISA (mma.m16n8k16 .row.col with fp32 accumulators; ldmatrix .m8n8.x4 and
 // .trans, b16): see the fragment layouts at the top of csrc/attention/kernel_common.cuh. The products of an MMA
@@ -27,11 +44,22 @@
 #include <sys/mman.h>
 #include <ucontext.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define FASTATTN_POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define FASTATTN_UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define FASTATTN_POISON(p, n) ((void)(p), (void)(n))
+#define FASTATTN_UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <deque>
 #include <functional>
+#include <random>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -44,8 +72,34 @@ struct Barrier {
   uint64_t gen = 0;
 };
 
+struct Copy {  // a cp.async in flight
+  void* dst;
+  const void* src;
+  uint32_t n;
+};
+
+inline void land(const Copy& c) {  // cp.async.cg ... 16, n: n bytes copied, the rest of the 16 zero-filled
+  std::memset(c.dst, 0, 16);
+  if (c.n) std::memcpy(c.dst, c.src, c.n);
+}
+
+enum class Order { kForward, kReverse, kShuffle, kFirstAhead, kLastAhead };
+
+struct Schedule {
+  Order order = Order::kForward;
+  bool lazy_copies = false;  // cp.async lands at its wait_group, not when issued
+  uint64_t seed = 0;
+};
+
+inline Schedule& schedule() {
+  static Schedule s;
+  return s;
+}
+
 struct Fiber {
   ucontext_t ctx;
+  std::vector<Copy> open;                // cp.async issued since the last commit_group
+  std::deque<std::vector<Copy>> groups;  // committed groups in flight, oldest first
   uint3 tid;
   int warp = 0, lane = 0;
   bool done = false;
@@ -65,6 +119,7 @@ struct Block {
   std::vector<uint64_t> scratch;  // [warps][32][kSlots]
   unsigned char* smem = nullptr;  // dynamic shared memory, 128-byte aligned
   int live = 0, cur = 0;
+  std::string error;  // raised by launch() once the fibers are back (an exception cannot cross swapcontext)
   ucontext_t sched;
   std::function<void()> body;
 };
@@ -184,16 +239,34 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   for (int e = 0; e < 4; ++e) d[e] = out[e];
 }
 
-// cp.async.cg.shared.global [dst], [src], 16, n: n bytes copied, the rest of the 16 zero-filled.
+// cp.async.cg.shared.global [dst], [src], 16, n; cp.async.commit_group; cp.async.wait_group n.
 inline void cp_async_16(void* dst, const void* src, uint32_t n) {
-  std::memset(dst, 0, 16);
-  if (n) std::memcpy(dst, src, n);
+  if (!schedule().lazy_copies) return land(Copy{dst, src, n});
+  me().open.push_back(Copy{dst, src, n});
+}
+
+inline void cp_async_commit() {
+  Fiber& f = me();
+  f.groups.push_back(std::move(f.open));
+  f.open.clear();
+}
+
+inline void cp_async_wait(size_t pending) {  // every committed group but the newest `pending` has landed
+  Fiber& f = me();
+  for (; f.groups.size() > pending; f.groups.pop_front())
+    for (const Copy& c : f.groups.front()) land(c);
 }
 
 inline void fiber_main() {
   Block& blk = *current();
   blk.body();
   Fiber& f = me();
+  bool in_flight = !f.open.empty();
+  for (const auto& g : f.groups) in_flight = in_flight || !g.empty();
+  if (in_flight && blk.error.empty())
+    blk.error = "fastattn emulator: thread " + std::to_string(blk.cur) + " of block (" + std::to_string(blk.idx.x) +
+                ", " + std::to_string(blk.idx.y) + ", " + std::to_string(blk.idx.z) +
+                ") exited with cp.async copies in flight (no cp.async.wait_group 0 before the end)";
   f.done = true;
   --blk.live;
   // The exited thread no longer counts at the block's and its warp's barriers: complete those it was holding up.
@@ -235,15 +308,27 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, A
   if (nthreads <= 0 || nthreads > 1024) throw std::runtime_error("fastattn emulator: bad block size");
   unsigned char* stack = stacks().get(nthreads);
   const int warps = (nthreads + 31) / 32;
-  std::vector<unsigned char> smem(smem_bytes + 128);
+  std::vector<unsigned char> smem(smem_bytes + 256);
   Block blk;
   blk.grid = grid;
   blk.dim = dim;
   blk.fibers.resize(nthreads);
   blk.warp_bar.resize(warps);
   blk.scratch.assign(static_cast<size_t>(warps) * 32 * kSlots, 0);
-  blk.smem = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
+  blk.smem = smem.data() + 128 - reinterpret_cast<uintptr_t>(smem.data()) % 128;
+  // Outside [smem, smem + smem_bytes) is out of bounds (at least 1 byte before, 128 after).
+  FASTATTN_POISON(smem.data(), blk.smem - smem.data());
+  FASTATTN_POISON(blk.smem + smem_bytes, smem.data() + smem.size() - (blk.smem + smem_bytes));
+  struct Unpoison {
+    std::vector<unsigned char>& v;
+    ~Unpoison() { FASTATTN_UNPOISON(v.data(), v.size()); }
+  } unpoison{smem};
   blk.body = [&] { kernel(args...); };
+  const Schedule sched = schedule();
+  std::mt19937_64 rng(sched.seed);
+  std::vector<int> order(nthreads);
+  const bool greedy = sched.order == Order::kFirstAhead || sched.order == Order::kLastAhead;
+  const bool backwards = sched.order == Order::kReverse || sched.order == Order::kLastAhead;
   Block* saved = current();
   current() = &blk;
   struct Restore {
@@ -271,20 +356,24 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, A
           makecontext(&f.ctx, fiber_main, 0);
         }
         while (blk.live > 0) {
+          for (int i = 0; i < nthreads; ++i) order[i] = backwards ? nthreads - 1 - i : i;
+          if (sched.order == Order::kShuffle) std::shuffle(order.begin(), order.end(), rng);
           bool ran = false;
-          for (int t = 0; t < nthreads; ++t) {
+          for (int t : order) {
             Fiber& f = blk.fibers[t];
             if (f.done || (f.wait_on && *f.wait_on == f.wait_gen)) continue;
             f.wait_on = nullptr;
             blk.cur = t;
             swapcontext(&blk.sched, &f.ctx);
             ran = true;
+            if (greedy) break;  // start again from the first thread of the order
           }
           if (!ran)
             throw std::runtime_error("fastattn emulator: deadlock in block (" + std::to_string(bx) + ", " +
                                      std::to_string(by) + ", " + std::to_string(bz) +
                                      "): every live thread waits at a barrier the others never reach");
         }
+        if (!blk.error.empty()) throw std::runtime_error(blk.error);
       }
 }
 

@@ -1,7 +1,13 @@
 // The CUDA runtime calls of the kernels' host code, for the CPU emulator (cuda_emulate.h): launches run at once
 // and raise on failure, so there is never a pending error; the device is an sm_90-like one with 227 KB of
-// opt-in shared memory per block.
+// opt-in shared memory per block. And the emulator's schedule, for bindings.cpp (which includes no CUDA header).
 #include <cuda_runtime.h>
+
+#include "cuda_emulate.h"
+
+void fastattn_emu_set_schedule(int order, bool lazy_copies, uint64_t seed) {
+  fastattn_emu::schedule() = {static_cast<fastattn_emu::Order>(order), lazy_copies, seed};
+}
 
 extern "C" {
 

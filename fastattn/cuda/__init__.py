@@ -5,7 +5,9 @@ each with the ``forward`` / ``backward`` functions of the Triton module of the s
 
 ``FASTATTN_CUDA_EMULATE=1`` runs the same kernels on CPU tensors, compiled by the host compiler against a CPU
 emulator of the CUDA features they use (``fastattn._C_emu``, csrc/emulate/): slow, for tests on machines without
-a GPU, as ``TRITON_INTERPRET=1`` is for the Triton kernels. CUDA tensors always go to ``fastattn._C``.
+a GPU, as ``TRITON_INTERPRET=1`` is for the Triton kernels. ``FASTATTN_CUDA_EMULATE=asan`` runs them in
+``fastattn._C_emu_asan`` instead, the emulator under AddressSanitizer and UBSan (`make emu-memcheck`; Python
+must start with libasan preloaded). CUDA tensors always go to ``fastattn._C``.
 """
 from __future__ import annotations
 
@@ -21,15 +23,34 @@ from ..triton import device_ctx  # noqa: F401  (launch on the tensors' GPU; shar
 REBUILD = "pip install --no-deps --no-build-isolation -e ."
 
 
+_EMULATORS = {"1": "_C_emu", "asan": "_C_emu_asan"}  # FASTATTN_CUDA_EMULATE -> module
+
+
 def emulation_enabled() -> bool:
-    """FASTATTN_CUDA_EMULATE=1: CPU tensors run the CUDA kernels under the CPU emulator (fastattn._C_emu)."""
-    return os.environ.get("FASTATTN_CUDA_EMULATE", "0") == "1"
+    """FASTATTN_CUDA_EMULATE=1 (or asan): CPU tensors run the CUDA kernels under the CPU emulator."""
+    return os.environ.get("FASTATTN_CUDA_EMULATE", "0") in _EMULATORS
+
+
+def emulator_name() -> str:
+    """The emulator module FASTATTN_CUDA_EMULATE selects: _C_emu, or _C_emu_asan (sanitized)."""
+    return _EMULATORS.get(os.environ.get("FASTATTN_CUDA_EMULATE", "1"), "_C_emu")
+
+
+def _asan_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
 
 
 @functools.lru_cache(maxsize=None)
 def _load(name: str = "_C"):
     """-> (module fastattn.<name>, None) or (None, why it cannot be imported)."""
     full = f"fastattn.{name}"
+    if name.endswith("_asan") and not _asan_loaded():  # importing it would abort the process
+        return None, (f"{full} is built with AddressSanitizer: start Python with "
+                      f"LD_PRELOAD=$(c++ -print-file-name=libasan.so) (make emu-memcheck does)")
     try:
         return importlib.import_module(full), None
     except ModuleNotFoundError as e:
@@ -44,7 +65,7 @@ def _load(name: str = "_C"):
 def extension(t: Optional[torch.Tensor] = None):
     """The ``fastattn._C`` module, or for a CPU tensor ``t`` (FASTATTN_CUDA_EMULATE=1) the emulator build
     ``fastattn._C_emu``; RuntimeError saying why when it cannot be imported."""
-    mod, why = _load("_C_emu" if t is not None and not t.is_cuda and emulation_enabled() else "_C")
+    mod, why = _load(emulator_name() if t is not None and not t.is_cuda and emulation_enabled() else "_C")
     if mod is None:
         raise RuntimeError(why)
     return mod
@@ -77,7 +98,7 @@ def why_unavailable(device: torch.device | str | int | None = None) -> Optional[
         if not emulation_enabled():
             return ("the inputs are on the CPU: the CUDA kernels run on CUDA tensors, or on CPU tensors under the CPU "
                     "emulator with FASTATTN_CUDA_EMULATE=1")
-        return _load("_C_emu")[1]
+        return _load(emulator_name())[1]
     _, why = _load()
     if why:
         return why
