@@ -5,7 +5,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <sstream>
 #include <stdexcept>
@@ -30,7 +29,8 @@ namespace py = pybind11;
 using fastattn::AttnParams;
 
 #if defined(FASTATTN_EMULATE)
-void fastattn_emu_set_schedule(int order, bool lazy_copies, uint64_t seed);  // csrc/emulate/runtime.cpp
+bool fastattn_emu_set_schedule(const std::string& order, const std::string& copies,
+                               uint64_t seed);  // csrc/emulate/runtime.cpp
 #endif
 
 static_assert(int(fastattn::kFloat16) == int(fastattn::kRowFloat16) &&
@@ -82,14 +82,11 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   m.def(
       "set_schedule",
       [](const std::string& order, const std::string& cp_async, uint64_t seed) {
-        const std::vector<std::string> orders = {"forward", "reverse", "shuffle", "first-ahead", "last-ahead"};
-        const auto it = std::find(orders.begin(), orders.end(), order);
-        if (it == orders.end())
-          throw py::value_error("order: 'forward', 'reverse', 'shuffle', 'first-ahead' or 'last-ahead', got '" +
-                                order + "'");
         if (cp_async != "eager" && cp_async != "lazy")
           throw py::value_error("cp_async: 'eager' or 'lazy', got '" + cp_async + "'");
-        fastattn_emu_set_schedule(static_cast<int>(it - orders.begin()), cp_async == "lazy", seed);
+        if (!fastattn_emu_set_schedule(order, cp_async, seed))
+          throw py::value_error("order: 'forward', 'reverse', 'shuffle', 'first-ahead' or 'last-ahead', got '" +
+                                order + "'");
       },
       "How the emulator orders a block's threads between barriers and when cp.async lands (csrc/emulate/)",
       py::arg("order") = "forward", py::arg("cp_async") = "eager", py::arg("seed") = 0);

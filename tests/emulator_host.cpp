@@ -89,13 +89,7 @@ static bool set_schedule(std::istringstream& in) {
   std::string order, copies;
   uint64_t seed = 0;
   in >> order >> copies >> seed;
-  const std::vector<std::string> orders = {"forward", "reverse", "shuffle", "first-ahead", "last-ahead"};
-  for (size_t i = 0; i < orders.size(); ++i)
-    if (orders[i] == order) {
-      emu::schedule() = {static_cast<emu::Order>(i), copies == "lazy", seed};
-      return true;
-    }
-  return false;
+  return emu::set_schedule(order, copies, seed);
 }
 
 static void print_bits(const std::vector<float>& v) {
@@ -133,13 +127,11 @@ int main() {
       uint64_t seed = 0;
       int first_sync = 1;
       line >> order >> seed >> first_sync;
-      std::istringstream sched(order + " eager " + std::to_string(seed));
-      if (!set_schedule(sched)) return false;
+      if (!emu::set_schedule(order, "eager", seed)) return false;
       FASTATTN_LAUNCH(reduce, 1, kThreads, 0, 0, out.data(), first_sync != 0);
       print_bits(out);
     } else if (cmd == "in_flight") {
-      std::istringstream sched("forward lazy 0");
-      set_schedule(sched);
+      emu::set_schedule("forward", "lazy", 0);
       print_error([&] { FASTATTN_LAUNCH(in_flight, 2, 32, 512, 0, in.data()); });
     } else if (cmd == "deadlock") {
       print_error([] { emu::launch(deadlock, dim3(1), dim3(32), 0); });

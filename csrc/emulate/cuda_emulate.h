@@ -96,6 +96,18 @@ inline Schedule& schedule() {
   return s;
 }
 
+// set_schedule("first-ahead", "lazy", 0); false (and no change) for an unknown order or landing.
+inline bool set_schedule(const std::string& order, const std::string& copies, uint64_t seed) {
+  static const char* const orders[] = {"forward", "reverse", "shuffle", "first-ahead", "last-ahead"};
+  if (copies != "eager" && copies != "lazy") return false;
+  for (int i = 0; i < 5; ++i)
+    if (order == orders[i]) {
+      schedule() = {static_cast<Order>(i), copies == "lazy", seed};
+      return true;
+    }
+  return false;
+}
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<Copy> open;                // cp.async issued since the last commit_group

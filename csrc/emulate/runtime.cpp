@@ -5,8 +5,8 @@
 
 #include "cuda_emulate.h"
 
-void fastattn_emu_set_schedule(int order, bool lazy_copies, uint64_t seed) {
-  fastattn_emu::schedule() = {static_cast<fastattn_emu::Order>(order), lazy_copies, seed};
+bool fastattn_emu_set_schedule(const std::string& order, const std::string& copies, uint64_t seed) {
+  return fastattn_emu::set_schedule(order, copies, seed);
 }
 
 extern "C" {
