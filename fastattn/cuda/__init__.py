@@ -49,8 +49,8 @@ def _load(name: str = "_C"):
     """-> (module fastattn.<name>, None) or (None, why it cannot be imported)."""
     full = f"fastattn.{name}"
     if name.endswith("_asan") and not _asan_loaded():  # importing it would abort the process
-        return None, (f"{full} is built with AddressSanitizer: start Python with "
-                      f"LD_PRELOAD=$(c++ -print-file-name=libasan.so) (make emu-memcheck does)")
+        return None, (f"{full} is built with AddressSanitizer: start Python with LD_PRELOAD=\"$(c++ "
+                      f"-print-file-name=libasan.so) $(c++ -print-file-name=libstdc++.so)\" (make emu-memcheck does)")
     try:
         return importlib.import_module(full), None
     except ModuleNotFoundError as e:
