@@ -3,7 +3,8 @@ of csrc/emulate/ (fastattn._C_emu, FASTATTN_CUDA_EMULATE=1 set by conftest), che
 reference under DESIGN.md §5 like the Triton kernels. The emulator executes the kernels' own code (tiling, masks,
 online softmax, the mma / ldmatrix fragment arithmetic, barriers, cp.async groups) one block at a time; at the end,
 the same kernels under other thread orders and cp.async landing times must give the same bits (a race shows as a
-difference). Timing and out-of-bounds accesses are left to the GPU tests and compute-sanitizer. fp16 and bf16
+difference). Out-of-bounds accesses: the same tests under `make emu-memcheck` (AddressSanitizer); timing: the GPU
+tests. fp16 and bf16
 (fp32 also for the row kernels): the emulator, unlike Triton's interpreter, runs bf16."""
 import pytest
 import torch
