@@ -77,6 +77,9 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   m.attr("FLOAT16") = int(fastattn::kRowFloat16);
   m.attr("BFLOAT16") = int(fastattn::kRowBFloat16);
   m.attr("FLOAT32") = int(fastattn::kRowFloat32);
+  // AttnParams::ds_reduce bits, in the order of the dims (batch, head, query, key)
+  m.attr("DS_REDUCE") = py::make_tuple(int(fastattn::kReduceBatch), int(fastattn::kReduceHead),
+                                       int(fastattn::kReduceQuery), int(fastattn::kReduceKey));
 #if defined(FASTATTN_EMULATE)
   m.attr("emulated") = true;
   m.def(
@@ -116,6 +119,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   FA_FIELD(dq_sb); FA_FIELD(dq_sh); FA_FIELD(dq_sl);
   FA_FIELD(dk_sb); FA_FIELD(dk_sh); FA_FIELD(dk_sl);
   FA_FIELD(dv_sb); FA_FIELD(dv_sh); FA_FIELD(dv_sl);
+  FA_FIELD(ds_sb); FA_FIELD(ds_sh); FA_FIELD(ds_sm); FA_FIELD(ds_reduce);
 #undef FA_FIELD
   pointer_field(cls, "q", &AttnParams::q);
   pointer_field(cls, "k", &AttnParams::k);

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastattn
-from fastattn.testing import AttentionCase, check_close, random_qkv, run_attention_case
+from fastattn.testing import BACKWARD_FACTOR, AttentionCase, check_close, random_qkv, run_attention_case
 
 import conftest
 from conftest import DEVICE, HAS_CUDA
@@ -64,27 +64,38 @@ def test_masks(mask, Lq, Lk, dtype):
     assert_case(AttentionCase(B=3, Lq=Lq, Lk=Lk, dtype=dtype, seed=hash(mask) % 1000 + Lq, **MASKS[mask]))
 
 
-def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch):
-    """The gradient of a bias broadcast over the batch is reduced in the kernel: the backward allocates nothing
-    of B·H·Lq·Lk elements (torch's factory functions are watched while it runs)."""
-    B, H, Lq, Lk = 4, 2, 40, 48
-    q, k, v = random_qkv(B, H, Lq, Lk, 16, dtype=torch.float32, device=DEVICE)
-    bias = torch.randn(1, H, Lq, Lk, device=DEVICE, requires_grad=True)
-    out = fastattn.attention(q, k, v, attn_bias=bias, backend="triton")
-    sizes = []
-    for name in ("zeros", "empty", "zeros_like", "empty_like", "full"):
-        make = getattr(torch, name)
+def assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, device, backend, dtype):
+    """The gradient of a bias broadcast over the batch (and of one broadcast over the batch and the queries) is
+    reduced in the kernels: the backward allocates nothing of B·H·Lq·Lk elements (torch's factory functions are
+    watched while it runs), and the gradient meets the §5 rule."""
+    B, H, Lq, Lk = 3, 2, 70, 48
+    q, k, v = random_qkv(B, H, Lq, Lk, 32, dtype=dtype, device=device)
+    for shape in ((1, H, Lq, Lk), (B, 1, 1, Lk)):
+        bias = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        out = fastattn.attention(q, k, v, attn_bias=bias, backend=backend)
+        sizes = []
+        with monkeypatch.context() as m:
+            for name in ("zeros", "empty", "zeros_like", "empty_like", "full"):
+                make = getattr(torch, name)
 
-        def watched(*args, _make=make, **kwargs):
-            t = _make(*args, **kwargs)
-            sizes.append(t.numel())
-            return t
-        monkeypatch.setattr(torch, name, watched)
-    dbias, = torch.autograd.grad(out.square().sum(), bias)
-    monkeypatch.undo()
-    assert sizes and max(sizes) < B * H * Lq * Lk
-    ref, = torch.autograd.grad(fastattn.reference.attention(q, k, v, attn_bias=bias).square().sum(), bias)
-    torch.testing.assert_close(dbias, ref, atol=1e-4, rtol=1e-4)
+                def watched(*args, _make=make, **kwargs):
+                    t = _make(*args, **kwargs)
+                    sizes.append(t.numel())
+                    return t
+                m.setattr(torch, name, watched)
+            dbias, = torch.autograd.grad(out.square().sum(), bias)
+        assert sizes and max(sizes) < B * H * Lq * Lk, shape
+        refs = []
+        for t in (torch.float64, dtype):
+            leaf = bias.detach().to(t).requires_grad_()
+            ref_out = fastattn.reference.attention(q.detach().to(t), k.detach().to(t), v.detach().to(t),
+                                                   attn_bias=leaf)
+            refs.append(torch.autograd.grad(ref_out.square().sum(), leaf)[0])
+        check_close(dbias, *refs, factor=BACKWARD_FACTOR, name=f"dbias {shape}")
+
+
+def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch):
+    assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, DEVICE, "triton", torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

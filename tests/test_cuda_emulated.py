@@ -16,7 +16,7 @@ from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, attenti
                               softmax_problem)
 
 import conftest
-from test_attention import MASKS, SHAPES
+from test_attention import MASKS, SHAPES, assert_bias_grad_allocates_no_score_sized_buffer
 from test_dropout_varlen import VARLEN_CASES
 from test_local_attention import LOCAL_HEAD_DIM_CASES, WINDOWS
 
@@ -62,7 +62,9 @@ def test_masks(mask, Lq, Lk):
 @pytest.mark.parametrize("bias", ["full", "heads", "batch", "2d", "rows", "head"])
 @pytest.mark.parametrize("grad", [False, True])
 def test_bias(bias, grad):
-    assert_case(AttentionCase(B=2, H=2, Lq=45, Lk=70, D=32, dtype=torch.float16, bias=bias, bias_grad=grad,
+    """Lq = 77: rows for every warp of a query tile (the dbias kernel sums over them) and a partial tile;
+    bottom-right causal with Lq > Lk: some rows see no key."""
+    assert_case(AttentionCase(B=2, H=2, Lq=77, Lk=70, D=32, dtype=torch.float16, bias=bias, bias_grad=grad,
                               causal=grad, alignment="bottom_right", seed=len(bias) + grad))
 
 
@@ -70,6 +72,10 @@ def test_bias(bias, grad):
 def test_gqa(H, Hkv):
     assert_case(AttentionCase(B=2, H=H, Hkv=Hkv, Lq=50, Lk=70, D=64, dtype=torch.bfloat16, kv_lens=True,
                               causal=True, seed=H * Hkv))
+
+
+def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch):
+    assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, "cpu", "cuda", torch.float16)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -89,8 +95,9 @@ def test_large_logits(scale):
     dict(),
     dict(causal=True, Lq=40, Lk=23, alignment="bottom_right", kv_lens=True),
     dict(Hkv=1, H=4, bias="full", bias_grad=True, lse_grad=True),
+    dict(Hkv=1, H=4, bias="batch", bias_grad=True, causal=True),
     dict(key_padding=True, window=(5, 2), softcap=3.0, D=40),
-], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap"])
+], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "gqa-broadcast-bias", "padding-window-softcap"])
 def test_dropout(extra):
     """The reference replays the keep-mask of return_dropout_mask (drawn by the Triton kernel's rule): a pass
     shows that the CUDA kernels drew the same Philox mask."""
@@ -202,11 +209,12 @@ RACE_CASES = {
     "attn-d64-causal-kvlens-bias": (attention_problem, AttentionCase(
         B=2, H=2, Lq=150, Lk=333, D=64, dtype=torch.float16, causal=True, alignment="bottom_right", kv_lens=True,
         bias="heads", bias_grad=True, lse_grad=True, seed=5)),
-    "attn-d128-gqa-dropout": (attention_problem, AttentionCase(
-        B=1, H=4, Hkv=2, Lq=70, Lk=200, D=128, dtype=torch.bfloat16, dropout=0.2, seed=6)),
-    "attn-d256-window-alibi": (attention_problem, AttentionCase(
+    "attn-d128-gqa-dropout-bias": (attention_problem, AttentionCase(
+        B=1, H=4, Hkv=2, Lq=70, Lk=200, D=128, dtype=torch.bfloat16, dropout=0.2, bias="batch", bias_grad=True,
+        seed=6)),
+    "attn-d256-window-alibi-bias": (attention_problem, AttentionCase(
         B=1, H=2, Lq=90, Lk=130, D=256, dtype=torch.bfloat16, window=(40, 10), alibi="heads", softcap=20.0,
-        seed=7)),
+        bias="head", bias_grad=True, seed=7)),
     "attn-d32-varlen": (attention_problem, AttentionCase(
         H=4, Hkv=1, D=32, dtype=torch.float16, varlen=((65, 150), (30, 30), (5, 0)), causal=True, seed=8)),
     **{f"softmax-{n}": (softmax_problem, SoftmaxCase(shape=(3, n), dtype=torch.float16, mask="row", mask_grad=True,

@@ -1,11 +1,13 @@
-// FlashAttention-2 backward with tensor cores (sm80+), in three deterministic kernels and no atomics:
+// FlashAttention-2 backward with tensor cores (sm80+), in deterministic kernels and no atomics:
 //   1. delta_kernel: D_i = Σ_d do_id·o_id − log2(e)·dlse2_i into the workspace ([B, H, Lq] fp32), by the MMAs
 //      that form dP (see there);
 //   2. dkdv_kernel: one CTA per (key block of 16·W keys, kv head, batch), W warps each owning 16 keys; it loops
 //      over the query heads of the GQA group and over the query tiles, recomputing Sᵀ = K·Qᵀ and
 //      dPᵀ = V·dOᵀ, and accumulates dV = Pᵀ·dO and dK = scale·dSᵀ·Q in registers (fixed order);
 //   3. dq_kernel: one CTA per (query block of 16·W rows, head, batch), looping over the visible key tiles,
-//      recomputing S and dP and accumulating dQ = scale·dS·K in registers; it also writes dS when p.ds is set.
+//      recomputing S and dP and accumulating dQ = scale·dS·K in registers; it also writes dS, the gradient of a
+//      full-size bias, when p.ds is set;
+//   4. dbias_kernel, for a bias broadcast over some dims: one CTA per tile of dbias summing dS over them.
 // p_ij = exp2(s_ij·log2 e − lse2_i) (0 where invisible or for an empty row, whose lse2 is +inf),
 // ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
 // dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij·r before ds (D_i = do_i·o_i already holds the scale).
@@ -13,7 +15,7 @@
 // Local attention: the dK/dV kernel visits the query tiles that meet the window of some key of its block
 // (Window::query_tiles), the dQ kernel the forward's key tiles; with the soft cap, ds (the bias gradient) is
 // multiplied by the cap's derivative 1 − tanh² before it reaches dK and dQ.
-// Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel).
+// Semantics: fastattn/triton/attention.py (_bwd_delta_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_dbias_kernel).
 #include "attention.h"
 #include "kernel_common.cuh"
 
@@ -228,6 +230,59 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
   cp_async_wait<0>();  // K / V when total == 0
 }
 
+// ------------------------------------------------------------------------------------------- dS
+// ds_ij = p_ij (dp_ij − D_i) of a warp's 16 x 8·NTS tile (dQ and dbias kernels): query rows m0 + 16·warp ..,
+// keys n0 .., from the CTA's Q, dO tiles ([16·W][D + 8], rows from m0) and the key tile's K, V ([8·NTS][D + 8]) in
+// shared memory, recomputing S (its soft cap's derivative to dcap when non-null, see Scores::apply) and dP.
+// lse_r, delta_r: lse2 and D of the thread's rows g and g + 8. Exactly 0 where p = 0 (even if dp is not finite).
+template <typename T, int NTS, int D, bool BIAS_MASK, bool DROPOUT, bool MODS>
+__device__ __forceinline__ void score_grad(float (&ds)[NTS][4], const Scores<T>& sc, const DropoutMask& drop,
+                                           float keep_scale, const T* sQ, const T* sdO, const T* sK, const T* sV,
+                                           int warp, int m0, int n0, const float (&lse_r)[2],
+                                           const float (&delta_r)[2], float* dcap, int lane) {
+  constexpr int P = D + 8;
+  float s[NTS][4];
+  zero(s);
+  gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sK, P, 0, lane);
+  sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, dcap);
+  uint32_t kept_bits = 0;  // the dropout mask as bits (nt·4 + e), drawn before the dP GEMM (see dkdv_kernel)
+  if constexpr (DROPOUT) {
+#pragma unroll 1
+    for (int k = 0; k < NTS * 4; ++k) {
+      const int nt = k >> 2, e = k & 3;
+      if (drop.keep(m0 + warp * 16 + (lane >> 2) + 8 * (e >> 1), n0 + nt * 8 + 2 * (lane & 3) + (e & 1)))
+        kept_bits |= 1u << k;
+    }
+  }
+  zero(ds);
+  gemm_ss<T, NTS, D>(ds, sdO, P, warp * 16, sV, P, 0, lane);  // dP
+#pragma unroll
+  for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int r = e >> 1;
+      const float pr = exp2f(s[nt][e] - lse_r[r]);
+      float dpe = ds[nt][e];
+      if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe * keep_scale : 0.f;
+      ds[nt][e] = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
+    }
+}
+
+// lse2 and D of the thread's query rows g and g + 8 of a warp's 16 rows from row0 (g = lane / 4); rows past the
+// sequence get lse2 = +inf (p = 0) and D = 0.
+__device__ __forceinline__ void row_stats(const AttnParams& p, const Seq& seq, int b, int h, int row0, int lane,
+                                          float (&lse_r)[2], float (&delta_r)[2]) {
+  const float* delta = static_cast<const float*>(p.workspace);
+  const int64_t lse0 = seq.lse_row0(p, b, h), delta0 = (static_cast<int64_t>(b) * p.H + h) * p.Lq;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + (lane >> 2) + 8 * r;
+    const bool ok = row < seq.q_len;
+    lse_r[r] = ok ? p.lse[lse0 + row] : INFINITY;
+    delta_r[r] = ok ? delta[delta0 + row] : 0.f;
+  }
+}
+
 // ------------------------------------------------------------------------------------------- dQ
 // Warps W (query block 16·W), key tile BN. Shared memory (2·16W + 4·BN)·(D + 8)·2 bytes:
 // D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 132 KB; with the soft cap 64·W·BN more (dcap_smem_bytes):
@@ -254,7 +309,6 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
-  const int64_t bh = static_cast<int64_t>(b) * p.H + h;
   const Seq seq(p, b);
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
@@ -270,18 +324,10 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   if (nblocks > 0) keys.load(p, sK, sV, n_first, tid);
   cp_async_commit();
 
-  // lse2 and D of rows g and g + 8 of the warp's tile.
-  const float* delta = static_cast<const float*>(p.workspace);
   float lse_r[2], delta_r[2];
-  const int64_t lse0 = seq.lse_row0(p, b, h);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-    const bool ok = row < seq.q_len;
-    lse_r[r] = ok ? p.lse[lse0 + row] : INFINITY;
-    delta_r[r] = ok ? delta[bh * p.Lq + row] : 0.f;
-  }
-  float* ds_out = p.ds != nullptr ? p.ds + bh * p.Lq * p.Lk : nullptr;
+  row_stats(p, seq, b, h, m0 + warp * 16, lane, lse_r, delta_r);
+  // A full-size bias gradient is written here; a broadcast one by dbias_kernel.
+  float* ds_out = p.ds != nullptr && p.ds_reduce == 0 ? p.ds + b * p.ds_sb + h * p.ds_sh : nullptr;
 
   float dq[NTD][4];
   zero(dq);
@@ -293,41 +339,29 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
     cp_async_wait<1>();
     __syncthreads();
 
-    // S to scores (and the soft cap's derivative to dcap), dP, then per element p, ds (the bias gradient) and
-    // ds·dcap for dQ.
-    const T* sKs = sK + st * BN * P;
+    // ds (the bias gradient), then ds·dcap for dQ.
     const bool capped = MODS && p.softcap > 0.f;
     float* dcap = capped ? sDcap + warp * NTS * 4 * 32 : nullptr;
-    float s[NTS][4], dp[NTS][4];
-    zero(s);
-    gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sKs, P, 0, lane);
-    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, dcap);
-    uint32_t kept_bits = 0;  // the dropout mask as bits (nt·4 + e), drawn before the dP GEMM (see dkdv_kernel)
-    if constexpr (DROPOUT) {
-#pragma unroll 1
-      for (int k = 0; k < NTS * 4; ++k) {
-        const int nt = k >> 2, e = k & 3;
-        if (drop.keep(m0 + warp * 16 + (lane >> 2) + 8 * (e >> 1), n0 + nt * 8 + 2 * (lane & 3) + (e & 1)))
-          kept_bits |= 1u << k;
-      }
+    float dp[NTS][4];
+    const T* sKs = sK + st * BN * P;
+    score_grad<T, NTS, D, BIAS_MASK, DROPOUT, MODS>(dp, sc, drop, keep_scale, sQ, sdO, sKs, sV + st * BN * P,
+                                                     warp, m0, n0, lse_r, delta_r, dcap, lane);
+    if (ds_out != nullptr) {
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = m0 + warp * 16 + (lane >> 2) + 8 * (e >> 1);
+          const int col = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
+          if (row < seq.q_len && col < seq.k_len) ds_out[row * p.ds_sm + col] = dp[nt][e];
+        }
     }
-    zero(dp);
-    gemm_ss<T, NTS, D>(dp, sdO, P, warp * 16, sV + st * BN * P, P, 0, lane);
+    if (capped) {
 #pragma unroll
-    for (int nt = 0; nt < NTS; ++nt)
+      for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;  // query and key of this element
-        const int col = n0 + nt * 8 + 2 * (lane & 3) + (e & 1);
-        const float pr = exp2f(s[nt][e] - lse_r[r]);
-        float dpe = dp[nt][e];
-        if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe * keep_scale : 0.f;
-        const float ds = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
-        dp[nt][e] = capped ? ds * dcap[(nt * 4 + e) * 32 + lane] : ds;
-        if (ds_out != nullptr && row < seq.q_len && col < seq.k_len)
-          ds_out[static_cast<int64_t>(row) * p.Lk + col] = ds;  // the bias gradient: ds before the cap
-      }
+        for (int e = 0; e < 4; ++e) dp[nt][e] *= dcap[(nt * 4 + e) * 32 + lane];
+    }
 
     uint32_t a[NTS / 2][4];
     c_to_a<T, NTS>(a, dp);
@@ -339,6 +373,136 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   const Seq::Rows rows = Seq::reread<false>(p, b);  // seq.q0, seq.q_len
   store_c<T, NTD>(static_cast<T*>(p.dq) + b * p.dq_sb + h * p.dq_sh + rows.start * p.dq_sl, p.dq_sl, m0 + warp * 16,
                   0, rows.len, dq, p.scale, p.scale, lane);
+}
+
+
+// ------------------------------------------------------------------------------------------- dbias
+// The gradient of a bias broadcast over some of (batch, head, query, key) (p.ds_reduce, as Triton's
+// _bwd_dbias_kernel): one CTA per tile of dbias, 16·W query rows x BN keys (a summed query / key dim is one
+// tile), visiting in a fixed order the (batch, head, query tile, key tile) steps it sums, among those the dQ
+// kernel visits, and forming ds as that kernel does. The sum runs elementwise in registers and is reduced over
+// the tile's summed rows / columns at the end (shuffles, then across warps through shared memory, in a fixed
+// order): no [B, H, Lq, Lk] buffer, no atomics, the same bits on every run. One pipeline stage (a step's loads
+// are waited for before its GEMMs): this kernel runs only for the gradient of a broadcast bias.
+template <typename T, int D, int NW, int BN>
+constexpr size_t dbias_smem_bytes() {
+  return static_cast<size_t>(2 * 16 * NW + 2 * BN) * (D + 8) * sizeof(T);
+}
+
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
+__global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
+  constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
+  constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of ds
+  FASTATTN_DYNAMIC_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][P]
+  T* sdO = sQ + BM * P;                // [BM][P]
+  T* sK = sdO + BM * P;                // [BN][P]
+  T* sV = sK + BN * P;                 // [BN][P]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const bool all_b = p.ds_reduce & kReduceBatch, all_h = p.ds_reduce & kReduceHead;
+  const bool all_m = p.ds_reduce & kReduceQuery, all_n = p.ds_reduce & kReduceKey;
+  const int m_tiles = all_m ? 1 : (p.Lq + BM - 1) / BM, heads = all_h ? 1 : p.H;
+  const int slot = blockIdx.x / m_tiles;  // this tile's (batch, head) in dbias: b·heads + h
+  const int b_out = slot / heads, h_out = slot % heads;
+  const int m_out = (blockIdx.x % m_tiles) * BM, n_tile = blockIdx.y;  // its first query row, its key tile
+  const int b_end = all_b ? p.B : b_out + 1, h_end = all_h ? p.H : h_out + 1;
+  const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
+
+  float acc[NTS][4];
+  zero(acc);
+  for (int b = all_b ? 0 : b_out; b < b_end; ++b) {
+    const Seq seq(p, b);
+    const int m_end = all_m ? seq.q_len : min(m_out + 1, seq.q_len);
+    for (int h = all_h ? 0 : h_out; h < h_end; ++h) {
+      const Scores<T> sc(p, b, h, seq);
+      const DropoutMask drop(p, b, h);
+      for (int m0 = m_out; m0 < m_end; m0 += BM) {
+        // The forward's key tiles of these rows; of them, this tile's key tile only unless keys are summed.
+        const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
+        int n_first = keys.first, n_count = keys.count;
+        if (!all_n) {
+          n_count = n_tile >= keys.first && n_tile < keys.first + keys.count ? 1 : 0;
+          n_first = n_tile;
+        }
+        if (n_count == 0) continue;
+        load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl,
+                                       p.q_sl, m0, seq.q_len, tid);
+        load_tile_async<T, BM, D, NTH>(
+            sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl, p.do_sl, m0,
+            seq.q_len, tid);
+        float lse_r[2], delta_r[2];
+        row_stats(p, seq, b, h, m0 + warp * 16, lane, lse_r, delta_r);
+        for (int it = 0; it < n_count; ++it) {
+          keys.load(p, sK, sV, n_first + it, tid);
+          cp_async_commit();
+          cp_async_wait<0>();
+          __syncthreads();  // Q, dO, K, V of this step are visible
+          float ds[NTS][4];
+          score_grad<T, NTS, D, BIAS_MASK, DROPOUT, MODS>(ds, sc, drop, keep_scale, sQ, sdO, sK, sV, warp, m0,
+                                                           (n_first + it) * BN, lse_r, delta_r, nullptr, lane);
+#pragma unroll
+          for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[nt][e] += ds[nt][e];
+          __syncthreads();  // every warp is done with the tiles before they are refilled
+        }
+      }
+    }
+  }
+
+  // Element (nt, e) of acc is query row m_out + 16·warp + g + 8·(e / 2), key n_tile·BN + 8·nt + 2t + e % 2.
+  float* out = p.ds + b_out * p.ds_sb + h_out * p.ds_sh;
+  const int g = lane >> 2, t = lane & 3, n_out = n_tile * BN;
+  if (!all_m) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = m_out + warp * 16 + g + 8 * r;
+      if (all_n) {  // summed over keys: the row's sum over the thread's columns, then over its quad
+        float v = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < NTS; ++nt) v += acc[nt][2 * r] + acc[nt][2 * r + 1];
+        v = quad_sum(v);
+        if (t == 0 && row < p.Lq) out[row * p.ds_sm] = v;
+        continue;
+      }
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          const int col = n_out + nt * 8 + 2 * t + j;
+          if (row < p.Lq && col < p.Lk) out[row * p.ds_sm + col] = acc[nt][2 * r + j];
+        }
+    }
+    return;
+  }
+  // Summed over queries: each column over the thread's two rows, the warp's 8 row groups (lanes of one t), then
+  // the warps in order; summed over keys too, then the columns in order.
+  float* sCol = reinterpret_cast<float*>(smem);  // [W][BN], over Q (no longer read after the last barrier)
+#pragma unroll
+  for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      float v = acc[nt][j] + acc[nt][j + 2];
+      v += __shfl_xor_sync(0xffffffffu, v, 4);
+      v += __shfl_xor_sync(0xffffffffu, v, 8);
+      v += __shfl_xor_sync(0xffffffffu, v, 16);
+      if (g == 0) sCol[warp * BN + nt * 8 + 2 * t + j] = v;
+    }
+  __syncthreads();
+  if (all_n) {
+    if (tid != 0) return;
+    float v = 0.f;
+    for (int col = 0; col < BN; ++col)
+      for (int w = 0; w < NW; ++w) v += sCol[w * BN + col];
+    out[0] = v;
+    return;
+  }
+  for (int col = tid; col < BN; col += NTH) {
+    float v = 0.f;
+    for (int w = 0; w < NW; ++w) v += sCol[w * BN + col];
+    if (n_out + col < p.Lk) out[n_out + col] = v;
+  }
 }
 
 }  // namespace
@@ -362,6 +526,8 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
       !aligned_rows(p.dv, p.dv_sb, p.dv_sh, p.dv_sl, nb, p.Hkv, nk))
     return "fastattn CUDA attention: dout, dq, dk, dv must be non-null, 16-byte aligned, with batch/head/row "
            "strides that are multiples of 8 elements";
+  if (p.ds_reduce < 0 || p.ds_reduce > 15)
+    return "fastattn CUDA attention: ds_reduce must combine kReduceBatch, kReduceHead, kReduceQuery, kReduceKey";
   if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
     return "fastattn CUDA attention: the backward needs lse and a workspace of attention_bwd_workspace_bytes()";
   const auto s = static_cast<cudaStream_t>(stream);
@@ -395,6 +561,22 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
         return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value, decltype(mo)::value>;
       });
       if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
+    }
+    if (p.ds != nullptr && p.ds_reduce != 0 && p.Lq > 0 && p.Lk > 0) {  // dbias of a broadcast bias
+      using C = DqCfg<D>;
+      constexpr int BM = 16 * C::kWarps, BN = C::kBlockN;
+      const int64_t m_tiles = p.ds_reduce & kReduceQuery ? 1 : (p.Lq + BM - 1) / BM;
+      const int64_t slots = (p.ds_reduce & kReduceBatch ? 1 : p.B) * (p.ds_reduce & kReduceHead ? 1 : p.H);
+      const int64_t n_tiles = p.ds_reduce & kReduceKey ? 1 : (p.Lk + BN - 1) / BN;
+      if (m_tiles * slots > 0x7fffffff || n_tiles > 65535)
+        return "fastattn CUDA attention: the broadcast bias gradient has too many tiles for one launch";
+      const dim3 grid(static_cast<unsigned>(m_tiles * slots), static_cast<unsigned>(n_tiles));
+      // BIAS_MASK always on (a bias is there; either pointer is tested before use): half the instances to compile
+      const auto kernel = pick_kernel(true, dropout, mods, [](auto, auto dr, auto mo) {
+        return dbias_kernel<T, D, C::kWarps, C::kBlockN, true, decltype(dr)::value, decltype(mo)::value>;
+      });
+      if (const char* err = launch(kernel, grid, C::kWarps * 32, dbias_smem_bytes<T, D, C::kWarps, BN>(), s, p))
+        return err;
     }
     return nullptr;
   });

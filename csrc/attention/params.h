@@ -24,6 +24,7 @@
 namespace fastattn {
 
 enum DType : int { kFloat16 = 0, kBFloat16 = 1 };
+enum DsReduce : int { kReduceBatch = 1, kReduceHead = 2, kReduceQuery = 4, kReduceKey = 8 };
 
 struct AttnParams {
   int dtype = kFloat16;                 // element type of q, k, v, o, bias, do, dq, dk, dv
@@ -66,8 +67,11 @@ struct AttnParams {
   void* dq = nullptr; int64_t dq_sb = 0, dq_sh = 0, dq_sl = 0;
   void* dk = nullptr; int64_t dk_sb = 0, dk_sh = 0, dk_sl = 0;
   void* dv = nullptr; int64_t dv_sb = 0, dv_sh = 0, dv_sl = 0;
-  float* ds = nullptr;                  // optional [B, H, Lq, Lk] contiguous fp32, zero-filled by the caller:
-                                        // ds_ij = p_ij (dp_ij − D_i) where visible (the bias gradient)
+  // Optional bias gradient, fp32, zero-filled by the caller: ds_ij = p_ij (dp_ij − D_i) where visible, summed
+  // over the dims named by ds_reduce (those a bias is broadcast over); element (b, h, i, j) at
+  // b·ds_sb + h·ds_sh + i·ds_sm + j, with the index of a summed dim 0 ([B|1, H|1, Lq|1, Lk|1], last dim dense).
+  float* ds = nullptr; int64_t ds_sb = 0, ds_sh = 0, ds_sm = 0;
+  int ds_reduce = 0;                    // bits of kReduceBatch, kReduceHead, kReduceQuery, kReduceKey
   void* workspace = nullptr;            // attention_bwd_workspace_bytes(p) bytes, allocated by the caller
                                         // (D_i of every (b, h, i < Lq), dense [B, H, Lq] fp32)
 };

@@ -116,10 +116,21 @@ def _lse_shape(q, varlen):
 
 
 def _check_f32(t: Optional[torch.Tensor], name: str, shape) -> None:
-    """lse / dlse / ds: fp32, contiguous, of the given shape (the kernels index them densely)."""
+    """lse / dlse: fp32, contiguous, of the given shape (the kernels index them densely)."""
     if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or tuple(t.shape) != tuple(shape)):
         raise ValueError(f"{name} must be a contiguous float32 tensor of shape {tuple(shape)}, got {t.dtype} "
                          f"{tuple(t.shape)} with strides {t.stride()}")
+
+
+def _check_dbias(dbias: Optional[torch.Tensor], full) -> None:
+    """dbias: fp32, contiguous, shaped [B|1, H|1, Lq|1, Lk|1] for the grid's (B, H, Lq, Lk) = full."""
+    if dbias is None:
+        return
+    if (dbias.dtype != torch.float32 or not dbias.is_contiguous() or dbias.dim() != 4
+            or any(n not in (1, m) for n, m in zip(dbias.shape, full))):
+        raise ValueError(f"dbias must be a contiguous float32 tensor of shape {tuple(full)} or with some of those "
+                         f"dims 1 (a broadcast bias), got {dbias.dtype} {tuple(dbias.shape)} with strides "
+                         f"{dbias.stride()}")
 
 
 def _set(p, name: str, prefix: str, t: torch.Tensor, varlen=None) -> None:
@@ -230,13 +241,6 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask)."""
-    full = _shape(q, k, varlen)
-    if dbias is not None and tuple(dbias.shape) != tuple(full):  # the kernels write ds [B, H, Lq, Lk]
-        ds = torch.zeros(full, device=dbias.device, dtype=torch.float32)
-        backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, ds, scale, causal, bottom_right,
-                 window, alibi, softcap, count, dropout, varlen)
-        dbias.copy_(ds.sum(dim=[i for i in range(4) if dbias.shape[i] == 1], keepdim=True))
-        return
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
@@ -244,7 +248,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     dlse = dlse.float().contiguous() if dlse is not None else None
     for t, name in ((lse, "lse"), (dlse, "dlse")):
         _check_f32(t, name, _lse_shape(q, varlen))
-    _check_f32(dbias, "dbias", _shape(q, k, varlen))
+    full = _shape(q, k, varlen)
+    _check_dbias(dbias, full)
     C = extension(q)
     D = padded_head_dim(q.shape[-1], q)
     qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
@@ -258,7 +263,10 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     _set(p, "dv", "dv", dvp, varlen)
     p.lse = lse.data_ptr()
     p.dlse = ptr(dlse)
-    p.ds = ptr(dbias)
+    if dbias is not None:  # summed over its size-1 dims by the kernels (a broadcast bias's gradient)
+        p.ds = dbias.data_ptr()
+        p.ds_sb, p.ds_sh, p.ds_sm = dbias.stride()[:3]
+        p.ds_reduce = sum(bit for bit, n, m in zip(C.DS_REDUCE, dbias.shape, full) if n == 1 < m)
     with device_ctx(q):
         nbytes = C.attention_bwd_workspace_bytes(p)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
