@@ -1,7 +1,7 @@
 """Every CUDA C++ kernel once, on small shapes, for ``compute-sanitizer`` (``make gpu-sanitize``).
 
 Not a pytest module: the sanitizer wraps this process, and each tool reports on every kernel it launched.
-Covers attention forward + backward (causal, kv_lens, bool mask, bias with gradient, GQA, dropout, packed
+Covers attention forward + backward (causal, kv_lens, bool mask, bias with gradient (full and broadcast), GQA, dropout, packed
 varlen, head dims 64 and 256), softmax and LayerNorm / add + LayerNorm forward + backward.
 """
 import torch
@@ -26,8 +26,11 @@ def attention():
                                  backend="cuda"), q, k, v)
         mask = torch.rand(2, 1, 77, 130, device=dev) > 0.3
         grads(fastattn.attention(q, k, v, attn_bias=mask, dropout_p=0.2, backend="cuda"), q, k, v)
-        bias = torch.randn(1, 4, 77, 130, device=dev, dtype=dt, requires_grad=True)
-        grads(fastattn.attention(q, k, v, attn_bias=bias, backend="cuda"), q, k, v, bias)
+        # dbias: full size (written by the dQ kernel), broadcast over the batch, over heads and queries (summed
+        # across warps through shared memory), over everything but the heads (row and column sums)
+        for shape in ((2, 4, 77, 130), (1, 4, 77, 130), (2, 1, 1, 130), (1, 4, 1, 1)):
+            bias = torch.randn(shape, device=dev, dtype=dt, requires_grad=True)
+            grads(fastattn.attention(q, k, v, attn_bias=bias, backend="cuda"), q, k, v, bias)
     lens = torch.tensor([0, 5, 70, 133], device=dev, dtype=torch.int32)
     q, k, v = (torch.randn(133, 4, 64, device=dev, dtype=dt, requires_grad=True) for _ in range(3))
     grads(fastattn.attention(q, k, v, cu_seqlens_q=lens, cu_seqlens_k=lens, max_seqlen_q=65, max_seqlen_k=65,
