@@ -389,7 +389,9 @@ constexpr size_t dbias_smem_bytes() {
   return static_cast<size_t>(2 * 16 * NW + 2 * BN) * (D + 8) * sizeof(T);
 }
 
-template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
+// Bias/mask and score mods are always compiled in (each tested at run time: a null pointer, softcap 0 and slope 0
+// change nothing): a quarter of the instances, for a kernel that runs only for this gradient.
+template <typename T, int D, int NW, int BN, bool DROPOUT>
 __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
   constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
   constexpr int NTS = BN / 8;  // n-tiles of a warp's 16 x BN tile of ds
@@ -439,7 +441,7 @@ __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
           cp_async_wait<0>();
           __syncthreads();  // Q, dO, K, V of this step are visible
           float ds[NTS][4];
-          score_grad<T, NTS, D, BIAS_MASK, DROPOUT, MODS>(ds, sc, drop, keep_scale, sQ, sdO, sK, sV, warp, m0,
+          score_grad<T, NTS, D, true, DROPOUT, true>(ds, sc, drop, keep_scale, sQ, sdO, sK, sV, warp, m0,
                                                            (n_first + it) * BN, lse_r, delta_r, nullptr, lane);
 #pragma unroll
           for (int nt = 0; nt < NTS; ++nt)
@@ -571,11 +573,7 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
       if (m_tiles * slots > 0x7fffffff || n_tiles > 65535)
         return "fastattn CUDA attention: the broadcast bias gradient has too many tiles for one launch";
       const dim3 grid(static_cast<unsigned>(m_tiles * slots), static_cast<unsigned>(n_tiles));
-      // BIAS_MASK and MODS always on (both are tested at run time: a null pointer, softcap 0 and slope 0 change
-      // nothing): a quarter of the instances to compile, for a kernel that only runs for this gradient.
-      const auto kernel = pick_kernel(true, dropout, true, [](auto, auto dr, auto) {
-        return dbias_kernel<T, D, C::kWarps, C::kBlockN, true, decltype(dr)::value, true>;
-      });
+      const auto kernel = dropout ? dbias_kernel<T, D, C::kWarps, BN, true> : dbias_kernel<T, D, C::kWarps, BN, false>;
       if (const char* err = launch(kernel, grid, C::kWarps * 32, dbias_smem_bytes<T, D, C::kWarps, BN>(), s, p))
         return err;
     }
