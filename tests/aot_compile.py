@@ -1,14 +1,18 @@
 """Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune
-config that survives pruning, and report shared memory. A kernel whose TTGIR transposes a tensor in an MMA
+config that survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). The
+attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
+fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens). A kernel whose TTGIR transposes a tensor in an MMA
 result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
 (triton-lang/triton#6124), and our dK/dV kernel, when written that way, failed dK on an H200. Run by
 tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 
-    python tests/aot_compile.py --arch 90 [--first-only]    prints one line per compile, exits 1 on a failure
+    python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   one line per compile; exit 1 on a failure
 """
 import argparse
 import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -56,7 +60,20 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     transposes = [line.strip() for line in compiled.asm["ttgir"].splitlines() if MMA_TRANSPOSE.search(line)]
     if transposes:
         raise RuntimeError("transpose of a dot result (miscompiled on Hopper): " + transposes[0][:300])
-    return compiled.metadata.shared, time.time() - t
+    return compiled.metadata.shared, time.time() - t, resources(compiled.asm["cubin"])
+
+
+def resources(cubin: bytes):
+    """(registers, stack bytes) per thread of the cubin's kernel, from triton's bundled cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    if not found:
+        raise RuntimeError("cuobjdump printed no resource usage:\n" + out[-500:])
+    return int(found.group(1)), int(found.group(2))
 
 
 def cases():
@@ -84,8 +101,8 @@ def row_kernels(arch):
                 config = triton.Config({}, num_warps=SM.warps_for(block), num_stages=1)
                 label = f"sm_{arch} {kernel.__name__:<20} {str(dtype)[6:]:<8} BLOCK {block} single={single}"
                 try:
-                    smem, secs = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
-                                             dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
+                    smem, secs, _ = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
+                                                dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
                 except Exception as e:
                     failures += 1
                     print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
@@ -96,31 +113,54 @@ def row_kernels(arch):
     return failures
 
 
-def report(label, kernel, dtype, consts, config, arch):
-    """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit); -> 0 or 1."""
+def report(label, kernel, dtype, consts, config, arch, no_spill=False):
+    """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
+    where no_spill); -> 0 or 1."""
     try:
-        smem, secs = compile_one(kernel, dtype, consts, config, arch)
+        smem, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch)
     except Exception as e:  # report every failure, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
         return 1
-    over = smem > SMEM_LIMIT[arch]
-    print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
-    return int(over)
+    bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0)
+    print(f"{'FAIL' if bad else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, {stack} B stack"
+          f"{' (spills)' if no_spill and stack else ''} ({secs:.1f}s)", flush=True)
+    return int(bad)
+
+
+def tiles(arch, every):
+    """The tile tables' entries (or their first, the untuned default) compile without spilling registers for
+    causal attention with kv_lens, each element size and head-dim block."""
+    flags = dict(WIN_LEFT=False, WIN_RIGHT=True, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=True,
+                 BIAS_GRAD=False, HAS_DLSE=False, HAS_ALIBI=False, HAS_SOFTCAP=False, COUNT_VISITS=False,
+                 VARLEN=False, DROPOUT=False)
+    kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
+    failures = 0
+    for dtype in (torch.float16, torch.float32):
+        for bd in (32, 64, 128, 256):
+            consts = dict(flags, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+            for name, kernel in kernels.items():
+                chosen = A.tiles_for(name, dtype.itemsize, bd)
+                for m, n, w, s in chosen if every else chosen[:1]:
+                    config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                    failures += report(f"sm_{arch} tiles {name:<4} {str(dtype)[6:]:<8} d{bd:<4} {config}", kernel,
+                                       dtype, consts, config, arch, no_spill=True)
+    return failures
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--first-only", action="store_true", help="only the first surviving config per kernel")
+    ap.add_argument("--all-tiles", action="store_true", help="every tile of the tables must not spill (sm_90)")
     args = ap.parse_args()
-    failures = 0
+    failures = tiles(args.arch, args.all_tiles) if args.arch == 90 else 0
     for dtype, D, flags, every in cases():
         every = every and not args.first_only
         bd = max(16, triton.next_power_of_2(D))
         consts = dict(flags, HEAD_DIM=D, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
         for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel):
             if hasattr(kernel, "configs"):
-                configs = A._prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=bd)
+                configs = kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=bd)
                 configs = configs if every else configs[:1]
             else:
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]

@@ -18,6 +18,7 @@ a kernel of its own (one program per dbias tile), so no [B, H, Lq, Lk] buffer is
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -37,32 +38,79 @@ INTERPRET_BLOCK = 32
 DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
 
 
-def _configs(pairs):
+# Tiles (BLOCK_M, BLOCK_N, warps, stages) per kernel, input element size (2: fp16/bf16; 4: fp32, whose "ieee" dots
+# run on the FMA units with both operand tiles in registers) and head-dim block (16 uses 32's). In the dK/dV kernel
+# BLOCK_N is the program's key block and BLOCK_M the query step; in the others BLOCK_M is the program's query block.
+# Autotuning tries the list; the first entry is the untuned default (FASTATTN_AUTOTUNE=0, the benchmarks' default).
+# Each entry compiles for sm_90 without spilling registers (causal attention with kv_lens; measured by
+# tests/aot_compile.py with cuobjdump, which fails on a spill). Larger tiles spill: e.g. fp16 d128 dK/dV at 32x128
+# (208 B of stack), fp16 d256 at 64x64, fp32 anything above 32x32 at d >= 64 (kilobytes).
+_TILES = {
+    "fwd": {
+        2: {32: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2)],
+            64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+            128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
+            256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
+        4: {32: [(32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+            64: [(64, 32, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
+            128: [(32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
+            256: [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)]},
+    },
+    "dkdv": {
+        2: {32: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
+            64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+            128: [(64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+            256: [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
+        4: {32: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+            64: [(32, 16, 4, 2), (16, 16, 4, 2)],
+            128: [(32, 32, 8, 2), (16, 16, 4, 2)],
+            256: [(16, 16, 8, 2)]},
+    },
+    "dq": {
+        2: {32: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+            64: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
+            128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+            256: [(32, 64, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
+        4: {32: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+            64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+            128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+            256: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
+    },
+}
+
+
+def _tile(c):
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def _configs(kernel):
+    """Every tile of the kernel's table, once (the autotuner's list, which _prune narrows per call)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
+    tiles = dict.fromkeys(t for by_size in _TILES[kernel].values() for tiles in by_size.values() for t in tiles)
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
 
 
-# (BLOCK_M, BLOCK_N, warps, stages); pruned per head dim / dtype below.
-# The first config that survives pruning is the untuned default (FASTATTN_AUTOTUNE=0).
-_FWD = _configs([(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 2), (32, 32, 4, 2)])
-_BWD_KV = _configs([(32, 128, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)])
-_BWD_Q = _configs([(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 8, 2), (32, 32, 4, 2), (32, 16, 4, 2)])
+def tiles_for(kernel, element_size, block_d):
+    """The table's tiles for kernel "fwd" / "dkdv" / "dq", in order (the first is the untuned default)."""
+    return _TILES[kernel][4 if element_size >= 4 else 2][max(32, block_d)]
+
 
 _SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the compiler's scratch
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose tiles cannot fit: shared memory estimate and register pressure of the accumulators."""
+def _prune(kernel, configs, named_args, **kwargs):
+    """The configs of the table for this dtype and head-dim block, in its order, that fit the shared-memory
+    budget (estimate; the smallest tile if none does)."""
+    if INTERPRET:
+        return configs
     bd = kwargs["BLOCK_D"] if "BLOCK_D" in kwargs else named_args["BLOCK_D"]
     esize = named_args["Q"].element_size()
-    keep = []
-    for c in configs:
-        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        smem = esize * bd * (m + 2 * n * max(c.num_stages, 1)) + 4 * m * n
-        if smem <= _SMEM_BUDGET and (bd <= 128 or max(m, n) <= 64):
-            keep.append(c)
-    return keep or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+    by_tile = {_tile(c): c for c in configs}
+    chosen = [by_tile[t] for t in tiles_for(kernel, esize, bd)]
+    keep = [c for c in chosen if esize * bd * (c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"] * c.num_stages)
+            + 4 * c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= _SMEM_BUDGET]
+    return keep or [min(chosen, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
 
 
 def autotune_enabled() -> bool:
@@ -87,7 +135,7 @@ def forced_configs(fwd=None, dkdv=None, dq=None):
 def configs_for(kernel_name, q, head_dim):
     """The configs of kernel "fwd" / "dkdv" / "dq" that survive pruning for q's dtype and head_dim."""
     kernel = {"fwd": _fwd_kernel, "dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel}[kernel_name]
-    return _prune(kernel.configs, {"Q": q}, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
+    return _prune(kernel_name, kernel.configs, {"Q": q}, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
 
 
 def _launch(kernel, grid, *args, **kwargs):
@@ -95,7 +143,7 @@ def _launch(kernel, grid, *args, **kwargs):
     if config is None:
         if autotune_enabled():
             return kernel[grid](*args, **kwargs)
-        config = _prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
+        config = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
     return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
 
 
@@ -229,7 +277,8 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
 
 
 # --------------------------------------------------------------------------------------------- forward
-@triton.autotune(configs=_FWD, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("fwd"), key=_KEY,
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, "fwd")})
 @triton.jit(do_not_specialize=_NOSPEC)
 def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -327,7 +376,8 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
     tl.store(Delta + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_BWD_KV, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dkdv"), key=_KEY,
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, "dkdv")})
 @triton.jit(do_not_specialize=_NOSPEC)
 def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, DV, DBias,
                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -408,7 +458,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
         tl.store(Visits + pid_bhk * tl.num_programs(0) + pid_n, visits)
 
 
-@triton.autotune(configs=_BWD_Q, key=_KEY, prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs("dq"), key=_KEY,
+                 prune_configs_by={"early_config_prune": functools.partial(_prune, "dq")})
 @triton.jit(do_not_specialize=_NOSPEC)
 def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
@@ -678,13 +729,20 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
                 Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta), **args)
 
 
+# The broadcast-dbias kernel holds q, do, k, v and two score tiles: small tiles, the least spilling measured on
+# sm_90 per (element size, head-dim block) (none up to d 128 with fp16/bf16 and d 64 with fp32; 32x32 at d 128,
+# the old tile, spilled 1.4 KB).
+_DBIAS_TILES = {2: {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 2)},
+                4: {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 16, 4, 2), 256: (32, 16, 4, 2)}}
+
+
 def dbias_config(dtype, head_dim):
-    """Tiles of the broadcast-dbias kernel: q, do, k, v tiles (2 stages) within shared memory."""
+    """The tile of the broadcast-dbias kernel for dtype and head_dim."""
     if INTERPRET:
         return triton.Config({"BLOCK_M": INTERPRET_BLOCK, "BLOCK_N": INTERPRET_BLOCK}, num_warps=4, num_stages=1)
-    wide = torch.tensor([], dtype=dtype).element_size() * max(16, triton.next_power_of_2(head_dim)) > 512
-    block = 32 if wide else 64
-    return triton.Config({"BLOCK_M": block, "BLOCK_N": block}, num_warps=8 if wide else 4, num_stages=2)
+    size = 4 if torch.tensor([], dtype=dtype).element_size() >= 4 else 2
+    m, n, w, s = _DBIAS_TILES[size][max(32, triton.next_power_of_2(head_dim))]
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 
 def _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args):
