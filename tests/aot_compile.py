@@ -101,15 +101,17 @@ def row_kernels(arch):
                 config = triton.Config({}, num_warps=SM.warps_for(block), num_stages=1)
                 label = f"sm_{arch} {kernel.__name__:<20} {str(dtype)[6:]:<8} BLOCK {block} single={single}"
                 try:
-                    smem, secs, _ = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
-                                                dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
+                    smem, secs, (regs, stack) = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single),
+                                                            config, arch,
+                                                            dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
                 except Exception as e:
                     failures += 1
                     print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
                     continue
                 over = smem > SMEM_LIMIT[arch]
                 failures += over
-                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB ({secs:.1f}s)", flush=True)
+                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, "
+                      f"{stack} B stack ({secs:.1f}s)", flush=True)
     return failures
 
 
