@@ -49,6 +49,32 @@ def test_compiled_archs_are_the_requested_ones(C):
     assert set(requested) <= set(C.compiled_archs()), (requested, C.compiled_archs())
 
 
+def _cuobjdump():
+    try:
+        import triton
+        return triton.knobs.nvidia.cuobjdump.path
+    except Exception:  # no triton / no bundled tool: the toolkit's, if any
+        return shutil.which("cuobjdump")
+
+
+@needs_build
+def test_attention_kernels_do_not_spill(C):
+    """Every attention / softmax kernel of fastattn._C keeps its state in registers on every compiled arch (no
+    stack: a spill in the inner loop costs local-memory traffic per tile). The broadcast-dbias kernel at head dim
+    256 and the LayerNorm backward may use a few bytes of stack (at most 64)."""
+    import subprocess
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (triton's bundled one or the CUDA toolkit's)")
+    out = subprocess.run([tool, "--dump-resource-usage", C.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    found = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", out)
+    assert len(found) >= 250 * len(C.compiled_archs()), f"cuobjdump listed {len(found)} kernels:\n{out[-2000:]}"
+    stacked = {name: int(stack) for name, _, stack in found if int(stack) > 0}
+    allowed = ("dbias_kernel", "layer_norm_bwd_kernel")
+    assert all(any(a in name for a in allowed) and s <= 64 for name, s in stacked.items()), stacked
+
+
 @needs_build
 def test_attention_head_dims(C):
     from fastattn.cuda.attention import HEAD_DIMS
