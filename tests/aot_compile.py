@@ -1,12 +1,12 @@
-"""Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune
-config that survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). The
-attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
-fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens). A kernel whose TTGIR transposes a tensor in an MMA
-result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
-(triton-lang/triton#6124), and our dK/dV kernel, when written that way, failed dK on an H200. Run by
-tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+"""Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune config that
+survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). The attention tiles'
+default (first) entries, or with --all-tiles every entry of the tables in fastattn/triton/attention.py, must compile
+for sm_90 without spilling (causal attention with kv_lens). A kernel whose TTGIR transposes a tensor in an MMA result
+layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and
+our dK/dV kernel, when written that way, failed dK on an H200. Run by tests/test_kernels_compile.py in a process
+without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 
-    python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   one line per compile; exit 1 on a failure
+    python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   (a line per compile; exit 1 on a failure)
 """
 import argparse
 import re

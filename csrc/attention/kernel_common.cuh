@@ -1,5 +1,6 @@
-// Private helpers of the attention kernels (fwd.cu, bwd.cu): inline PTX for tensor-core MMA (m16n8k16, fp32
-// accumulation), ldmatrix and cp.async, warp-level GEMMs on 16-row tiles, score masking, and host launch checks.
+// Private helpers of the attention kernels (fwd_kernels.cuh, bwd_kernels.cuh): inline PTX for tensor-core MMA
+// (m16n8k16, fp32 accumulation), ldmatrix and cp.async, warp-level GEMMs on 16-row tiles, score masking, and host
+// launch checks.
 //
 // Fragment layouts of mma.m16n8k16 (g = lane / 4, t = lane % 4), two 16-bit values per 32-bit register, the lower
 // column (A, C) or lower k (B) in the low half:
@@ -516,6 +517,14 @@ template <typename F>
 inline const char* dispatch(const AttnParams& p, F&& f) {
   return p.dtype == kBFloat16 ? dispatch_head_dim<__nv_bfloat16>(p.D, f) : dispatch_head_dim<__half>(p.D, f);
 }
+
+// The launches of the forward / backward kernels for one element type and head dim, on p checked and prepared by
+// attention_fwd / attention_bwd. Defined in fwd_kernels.cuh / bwd_kernels.cuh and instantiated one head dim per
+// file in instances/, so that nvcc compiles the head dims in parallel.
+template <typename T, int D>
+const char* run_fwd(const AttnParams& p, cudaStream_t stream);
+template <typename T, int D>
+const char* run_bwd(const AttnParams& p, cudaStream_t stream);
 
 // The kernel instance for the run-time flags (BIAS_MASK, DROPOUT, MODS): f(std::bool_constant<BIAS_MASK>(),
 // std::bool_constant<DROPOUT>(), std::bool_constant<MODS>()) returns a pointer to it.

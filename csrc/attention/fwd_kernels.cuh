@@ -1,0 +1,151 @@
+// FlashAttention-2 forward with tensor cores (sm80+): one CTA per (query block of 16·W rows, head, batch), W warps
+// each owning 16 query rows; K/V tiles of BN keys double-buffered in shared memory through cp.async; online
+// softmax in fp32 and base 2 (exp2f, scale folded with log2 e). Output o_i = Σ_j p_ij v_j and lse2_i (+inf and
+// o_i = 0 for a row with no visible key). With dropout the normaliser l_i = Σ_j p_ij counts every weight, the
+// accumulator sums p_ij·keep_ij·v_j, and o_i = acc_i / (l_i (1 − p)). Packed batches: the grid covers
+// max_seqlen_q; a CTA past its sequence's end returns at once. Local attention: only the key tiles that meet the
+// window of some row of the block are visited (Window::key_tiles); scores with soft cap and ALiBi (Scores).
+// Semantics: fastattn/triton/attention.py (_fwd_kernel).
+// Included by instances/fwd_d<D>.cu, one head dim per file.
+#pragma once
+#include "kernel_common.cuh"
+
+namespace fastattn {
+namespace attn {
+namespace {
+
+// Warps (query block = 16·warps rows) and key block per head dim; shared memory (16·W + 4·BN)·(D + 8)·2 bytes:
+// D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 99 KB (all within sm80's 163 KB).
+template <int D> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
+template <> struct FwdCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+
+template <typename T, int D, int NW, int BN>
+constexpr size_t fwd_smem_bytes() {
+  return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
+}
+
+// BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0; MODS: softcap or ALiBi is on (template flags: each
+// costs registers even when skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs
+// share an SM (the packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128
+// without spills).
+template <typename T, int D, int NW, int BN, bool BIAS_MASK, bool DROPOUT, bool MODS>
+__global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_kernel(const AttnParams p) {
+  constexpr int BM = 16 * NW, NTH = NW * 32, P = D + 8;
+  constexpr int NTS = BN / 8;  // n-tiles of a warp's score tile (16 x BN)
+  constexpr int NTO = D / 8;   // n-tiles of a warp's output tile (16 x D)
+  FASTATTN_DYNAMIC_SMEM(smem);
+  T* sQ = reinterpret_cast<T*>(smem);  // [BM][P]
+  T* sK = sQ + BM * P;                 // [2][BN][P]
+  T* sV = sK + 2 * BN * P;             // [2][BN][P]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const Seq seq(p, b);
+  if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
+  const Scores<T> sc(p, b, h, seq);
+  // Key tiles outside the window of every row of the block (past kv_len, right of the last row's diagonal +
+  // right, left of the first row's diagonal − left) are never visible: not visited.
+  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
+  const int n_first = keys.first, nblocks = keys.count;
+  const DropoutMask drop(p, b, h);
+
+  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
+                                 m0, seq.q_len, tid);
+  if (nblocks > 0) keys.load(p, sK, sV, n_first, tid);
+  cp_async_commit();
+
+  float acc[NTO][4];
+  zero(acc);
+  // Running max (base-2 units, identical in the 4 threads of a quad) and per-thread partial sums of rows
+  // g and g + 8 of the warp's tile.
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+  for (int it = 0; it < nblocks; ++it) {
+    const int st = it & 1;
+    // Prefetch the next K/V tile into the other stage (freed by the barrier that ended the last iteration).
+    const int n0 = (n_first + it) * BN;  // first key of this tile
+    if (it + 1 < nblocks) keys.load(p, sK + (st ^ 1) * BN * P, sV + (st ^ 1) * BN * P, n_first + it + 1, tid);
+    cp_async_commit();  // possibly empty: keeps one group per iteration
+    cp_async_wait<1>();  // all but the newest group: this stage (and Q) landed
+    __syncthreads();
+
+    float s[NTS][4];
+    zero(s);
+    gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sK + st * BN * P, P, 0, lane);
+    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, nullptr);
+
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      mx = quad_max(mx);
+      const float m_new = fmaxf(row_max[r], mx);
+      // While a row has seen no visible key its max is −inf: subtract 0 so that exp2(−inf) = 0, never NaN.
+      const float m_safe = m_new == -INFINITY ? 0.f : m_new;
+      const float alpha = exp2f(row_max[r] - m_safe);
+      row_max[r] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt) {
+        s[nt][2 * r] = exp2f(s[nt][2 * r] - m_safe);
+        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - m_safe);
+        sum += s[nt][2 * r] + s[nt][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;  // the normaliser counts dropped weights too
+#pragma unroll
+      for (int dt = 0; dt < NTO; ++dt) {
+        acc[dt][2 * r] *= alpha;
+        acc[dt][2 * r + 1] *= alpha;
+      }
+    }
+
+    if constexpr (DROPOUT) {  // only the weights that reach V are dropped
+      const int row = m0 + warp * 16 + (lane >> 2);
+#pragma unroll
+      for (int nt = 0; nt < NTS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (!drop.keep(row + (e >> 1) * 8, n0 + nt * 8 + 2 * (lane & 3) + (e & 1))) s[nt][e] = 0.f;
+    }
+
+    uint32_t pa[NTS / 2][4];
+    c_to_a<T, NTS>(pa, s);
+    gemm_rs<T, NTO, BN>(acc, pa, sV + st * BN * P, P, 0, lane);
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+  cp_async_wait<0>();  // nothing may land in shared memory after the CTA exits (Q when nblocks == 0)
+
+  float inv[2];
+  const float keep_scale = DROPOUT ? 1.f - p.dropout_p : 1.f;  // kept weights count 1 / (1 − p)
+  const int64_t lse0 = seq.lse_row0(p, b, h);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(row_sum[r]);
+    const bool empty = total == 0.f;
+    inv[r] = empty ? 0.f : 1.f / (total * keep_scale);
+    const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
+    if (p.lse != nullptr && (lane & 3) == 0 && row < seq.q_len)
+      p.lse[lse0 + row] = empty ? INFINITY : row_max[r] + log2f(total);
+  }
+  T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl;
+  store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+}
+
+}  // namespace
+
+template <typename T, int D>
+const char* run_fwd(const AttnParams& p, cudaStream_t s) {
+  constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
+  const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
+  const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
+  const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),
+                                  [](auto bm, auto dr, auto mo) {
+                                    return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value,
+                                                      decltype(mo)::value>;
+                                  });
+  return launch(kernel, grid, NW * 32, smem, s, p);
+}
+
+}  // namespace attn
+}  // namespace fastattn

@@ -1,0 +1,9 @@
+// The attention backward kernels for head dim 32, fp16 and bf16.
+#include "attention/bwd_kernels.cuh"
+
+namespace fastattn {
+namespace attn {
+template const char* run_bwd<__half, 32>(const AttnParams&, cudaStream_t);
+template const char* run_bwd<__nv_bfloat16, 32>(const AttnParams&, cudaStream_t);
+}  // namespace attn
+}  // namespace fastattn
