@@ -100,26 +100,16 @@ def row_kernels(arch):
             for kernel in (SM._softmax_fwd_kernel, SM._softmax_bwd_kernel, LN._ln_fwd_kernel, LN._ln_bwd_kernel):
                 config = triton.Config({}, num_warps=SM.warps_for(block), num_stages=1)
                 label = f"sm_{arch} {kernel.__name__:<20} {str(dtype)[6:]:<8} BLOCK {block} single={single}"
-                try:
-                    smem, secs, (regs, stack) = compile_one(kernel, dtype, dict(flags, BLOCK=block, SINGLE=single),
-                                                            config, arch,
-                                                            dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
-                except Exception as e:
-                    failures += 1
-                    print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
-                    continue
-                over = smem > SMEM_LIMIT[arch]
-                failures += over
-                print(f"{'FAIL' if over else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, "
-                      f"{stack} B stack ({secs:.1f}s)", flush=True)
+                failures += report(label, kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
+                                   pointers=dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
     return failures
 
 
-def report(label, kernel, dtype, consts, config, arch, no_spill=False):
+def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
     where no_spill); -> 0 or 1."""
     try:
-        smem, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch)
+        smem, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
     except Exception as e:  # report every failure, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
         return 1
