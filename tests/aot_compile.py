@@ -1,7 +1,9 @@
 """Compile every Triton kernel for a CUDA target without a GPU (Triton -> PTX -> ptxas cubin), per autotune config that
-survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). The attention tiles'
-default (first) entries, or with --all-tiles every entry of the tables in fastattn/triton/attention.py, must compile
-for sm_90 without spilling (causal attention with kv_lens). A kernel whose TTGIR transposes a tensor in an MMA result
+survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). Kernels are specialised as
+the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16 (pointers and strides divisible
+by 16). The attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
+fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens), with their main
+loops' loads pipelined (cp.async) and, for the fp16 defaults, their dots on wgmma. A kernel whose TTGIR transposes a tensor in an MMA result
 layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and
 our dK/dV kernel, when written that way, failed dK on an H200. Run by tests/test_kernels_compile.py in a process
 without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -54,13 +56,18 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     consts = dict(consts, **(config.kwargs if config else {}))
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     opts = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 2)
+    sig = signature(fn, dtype, consts, pointers)
+    # As the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16: every pointer
+    # and stride divisible by 16, which is what lets loads vectorise and the loops pipeline (cp.async).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or name.startswith("s_")}
     t = time.time()
-    compiled = triton.compile(ASTSource(fn, signature(fn, dtype, consts, pointers), consts),
+    compiled = triton.compile(ASTSource(fn, sig, consts, attrs),
                               target=GPUTarget("cuda", arch, 32), options=opts)
     transposes = [line.strip() for line in compiled.asm["ttgir"].splitlines() if MMA_TRANSPOSE.search(line)]
     if transposes:
         raise RuntimeError("transpose of a dot result (miscompiled on Hopper): " + transposes[0][:300])
-    return compiled.metadata.shared, time.time() - t, resources(compiled.asm["cubin"])
+    return compiled, time.time() - t, resources(compiled.asm["cubin"])
 
 
 def resources(cubin: bytes):
@@ -105,18 +112,21 @@ def row_kernels(arch):
     return failures
 
 
-def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False):
+def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=()):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
-    where no_spill); -> 0 or 1."""
+    where no_spill / a PTX instruction of ``require`` missing); -> 0 or 1."""
     try:
-        smem, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
+        compiled, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
     except Exception as e:  # report every failure, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
         return 1
-    bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0)
+    smem = compiled.metadata.shared
+    missing = [r for r in require if r not in compiled.asm["ptx"]]
+    bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0) or missing
     print(f"{'FAIL' if bad else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, {stack} B stack"
-          f"{' (spills)' if no_spill and stack else ''} ({secs:.1f}s)", flush=True)
-    return int(bad)
+          f"{' (spills)' if no_spill and stack else ''}{''.join(f' (no {r})' for r in missing)} ({secs:.1f}s)",
+          flush=True)
+    return int(bool(bad))
 
 
 def tiles(arch, every):
@@ -132,10 +142,13 @@ def tiles(arch, every):
             consts = dict(flags, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
             for name, kernel in kernels.items():
                 chosen = A.tiles_for(name, dtype.itemsize, bd)
-                for m, n, w, s in chosen if every else chosen[:1]:
+                for i, (m, n, w, s) in enumerate(chosen if every else chosen[:1]):
+                    # The loops prefetch their tiles with cp.async; the fp16 defaults run their dots on wgmma
+                    # (smaller alternatives, whose dots have fewer than 64 rows, fall back to mma.sync).
+                    require = ("cp.async", "wgmma.mma_async") if dtype == torch.float16 and i == 0 else ("cp.async",)
                     config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                     failures += report(f"sm_{arch} tiles {name:<4} {str(dtype)[6:]:<8} d{bd:<4} {config}", kernel,
-                                       dtype, consts, config, arch, no_spill=True)
+                                       dtype, consts, config, arch, no_spill=True, require=require)
     return failures
 
 

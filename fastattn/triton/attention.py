@@ -42,9 +42,11 @@ DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
 # run on the FMA units with both operand tiles in registers) and head-dim block (16 uses 32's). In the dK/dV kernel
 # BLOCK_N is the program's key block and BLOCK_M the query step; in the others BLOCK_M is the program's query block.
 # Autotuning tries the list; the first entry is the untuned default (FASTATTN_AUTOTUNE=0, the benchmarks' default).
-# Each entry compiles for sm_90 without spilling registers (causal attention with kv_lens; measured by
-# tests/aot_compile.py with cuobjdump, which fails on a spill). Larger tiles spill: e.g. fp16 d128 dK/dV at 32x128
-# (208 B of stack), fp16 d256 at 64x64, fp32 anything above 32x32 at d >= 64 (kilobytes).
+# Each entry compiles for sm_90 without spilling registers (causal attention with kv_lens, specialised as for
+# contiguous inputs: 16-divisible pointers and strides; measured by tests/aot_compile.py with cuobjdump, which fails
+# on a spill). Larger tiles spill: e.g. fp16 d256 dK/dV at 64x64 (208 B of stack), fp32 d64 dK/dV at 64x64 (1.1 KB).
+# The fp16 defaults run their dots on Hopper's wgmma, which needs 64 rows per warpgroup (the dK/dV kernel's dots have
+# BLOCK_N rows, the others' BLOCK_M); smaller tiles, kept for small problems, use mma.sync.
 _TILES = {
     "fwd": {
         2: {32: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (32, 32, 4, 2)],
@@ -59,8 +61,8 @@ _TILES = {
     "dkdv": {
         2: {32: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
             64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
-            128: [(64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
-            256: [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
+            128: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+            256: [(16, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
         4: {32: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
             64: [(32, 16, 4, 2), (16, 16, 4, 2)],
             128: [(32, 32, 8, 2), (16, 16, 4, 2)],
@@ -69,8 +71,8 @@ _TILES = {
     "dq": {
         2: {32: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
             64: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
-            128: [(128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
-            256: [(32, 64, 8, 2), (32, 32, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
+            128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+            256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
         4: {32: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
             64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
             128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
