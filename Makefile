@@ -51,6 +51,8 @@ check: build
 #   make gpu-test GPU_TESTS="-k 'not cuda'"         (the Triton backend's tests, every autotune config)
 #   make gpu-bench
 # pytest runs in parallel when pytest-xdist is there and reports every failure (-rf) even if cut short.
+# FASTATTN_TEST_LOG=<file> writes a line per finished test as it finishes (failures with their message), so a run
+# killed by a time limit still says what passed; FASTATTN_TEST_RESUME=<that file> runs only what it does not record.
 # Most of a gpu test's time is Triton compiling kernel variants on the CPU: one worker per core, at most 12
 # (GPU_WORKERS); the GPU has room for all their contexts.
 GPU_TESTS ?=

@@ -34,11 +34,47 @@ GPU_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip("cuda"))
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip(DEVICE))]
 
 
+# GPU sessions are short and may be cut off: FASTATTN_TEST_LOG=<file> appends a line per finished test as it finishes
+# ("passed|failed|skipped <node id> <seconds>s", a failure followed by its message, indented), so a run killed
+# by a time limit still says what passed and what failed; FASTATTN_TEST_RESUME=<such a file> deselects the tests
+# it records, so the next run carries on with the rest. With pytest-xdist only the controller writes.
+TEST_LOG = os.environ.get("FASTATTN_TEST_LOG")
+TEST_RESUME = os.environ.get("FASTATTN_TEST_RESUME")
+_LOG_WRITER = []
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (larger shapes, bf16, autotuning)")
+    if TEST_LOG and not hasattr(config, "workerinput"):
+        _LOG_WRITER.append(open(TEST_LOG, "a", buffering=1))
+
+
+def pytest_runtest_logreport(report):
+    if not _LOG_WRITER or (report.when != "call" and not report.failed and not report.skipped):
+        return
+    if report.when == "teardown" and report.skipped:
+        return
+    line = f"{report.outcome} {report.nodeid} {report.duration:.1f}s"
+    if report.when != "call":
+        line += f" (in {report.when})"
+    if report.failed:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = crash.message if crash is not None else str(report.longrepr)
+        line += "\n" + "\n".join("    " + m for m in message.splitlines()[:40])
+    _LOG_WRITER[0].write(line + "\n")
+
+
+def logged_tests(path):
+    """Node ids that a FASTATTN_TEST_LOG file records as finished."""
+    with open(path) as f:
+        return {line.split()[1] for line in f if line.split(maxsplit=1)[0] in ("passed", "failed", "skipped")}
 
 
 def pytest_collection_modifyitems(config, items):
+    if TEST_RESUME and os.path.exists(TEST_RESUME):
+        done = logged_tests(TEST_RESUME)
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = [item for item in items if item.nodeid not in done]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
