@@ -18,6 +18,19 @@ from . import device_ctx
 from .softmax import block_for, warps_for
 
 
+# Correctly rounded divisions and square root: on a GPU "/" and tl.sqrt compile to div.full.f32 / sqrt.approx.f32
+# (up to 2 ulp each; the interpreter's numpy rounds exactly), visible in fp32 outputs. Once per row, they cost nothing.
+@triton.jit
+def _mean(total, N):
+    return tl.math.div_rn(total, N * 1.0)  # N * 1.0: also when the JIT makes N == 1 a constant
+
+
+@triton.jit
+def _rstd(sum_sq, N, eps):
+    """1 / sqrt(sum_sq / N + eps)."""
+    return tl.math.div_rn(1.0, tl.math.sqrt_rn(_mean(sum_sq, N) + eps))
+
+
 @triton.jit
 def _ln_fwd_kernel(X, Res, W, B, Y, S, Mean, Rstd, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
                    HAS_B: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
@@ -35,9 +48,9 @@ def _ln_fwd_kernel(X, Res, W, B, Y, S, Mean, Rstd, N, eps, HAS_RES: tl.constexpr
             x = (x.to(tl.float32) + tl.load(Res + cols, mask=ok, other=0.0).to(tl.float32)).to(S.dtype.element_ty)
             tl.store(S + cols, x, mask=ok)
         x = x.to(tl.float32)
-        mean = tl.sum(x, 0) / N
+        mean = _mean(tl.sum(x, 0), N)
         xc = tl.where(ok, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, 0) / N + eps)
+        rstd = _rstd(tl.sum(xc * xc, 0), N, eps)
         y = xc * rstd
         if HAS_W:
             y = y * tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
@@ -57,13 +70,13 @@ def _ln_fwd_kernel(X, Res, W, B, Y, S, Mean, Rstd, N, eps, HAS_RES: tl.constexpr
                      ).to(S.dtype.element_ty)
                 tl.store(S + start + cols, x, mask=ok)
             acc += x.to(tl.float32)
-        mean = tl.sum(acc, 0) / N
+        mean = _mean(tl.sum(acc, 0), N)
         acc = tl.zeros([BLOCK], tl.float32)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
             xc = tl.where(ok, tl.load(src + start + cols, mask=ok, other=0.0).to(tl.float32) - mean, 0.0)
             acc += xc * xc
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, 0) / N + eps)
+        rstd = _rstd(tl.sum(acc, 0), N, eps)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
             y = (tl.load(src + start + cols, mask=ok, other=0.0).to(tl.float32) - mean) * rstd
@@ -98,7 +111,7 @@ def _ln_bwd_kernel(S, W, DY, DSum, DX, Mean, Rstd, DWp, DBp, R, N, HAS_W: tl.con
             xhat = tl.where(ok, (tl.load(S + row * N + cols, mask=ok, other=0.0).to(tl.float32) - mean) * rstd, 0.0)
             dy = tl.load(DY + row * N + cols, mask=ok, other=0.0).to(tl.float32)
             g = dy * w
-            dx = (g - tl.sum(g, 0) / N - xhat * (tl.sum(g * xhat, 0) / N)) * rstd
+            dx = (g - _mean(tl.sum(g, 0), N) - xhat * _mean(tl.sum(g * xhat, 0), N)) * rstd
             if HAS_DSUM:
                 dx += tl.load(DSum + row * N + cols, mask=ok, other=0.0).to(tl.float32)
             tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=ok)
@@ -122,8 +135,8 @@ def _ln_bwd_kernel(S, W, DY, DSum, DX, Mean, Rstd, DWp, DBp, R, N, HAS_W: tl.con
                     g = g * tl.load(W + start + cols, mask=ok, other=0.0).to(tl.float32)
                 acc_g += g
                 acc_gx += tl.where(ok, g * xhat, 0.0)
-            c_g = tl.sum(acc_g, 0) / N
-            c_gx = tl.sum(acc_gx, 0) / N
+            c_g = _mean(tl.sum(acc_g, 0), N)
+            c_gx = _mean(tl.sum(acc_gx, 0), N)
             for start in range(0, N, BLOCK):
                 ok = start + cols < N
                 xhat = (tl.load(S + row * N + start + cols, mask=ok, other=0.0).to(tl.float32) - mean) * rstd

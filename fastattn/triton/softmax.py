@@ -53,12 +53,13 @@ def _softmax_fwd_kernel(X, Y, Mask, N, D1, D2, s_m0, s_m1, s_m2, scale,
     if HAS_MASK:
         Mask += _row_mask_offset(row, D1, D2, s_m0, s_m1, s_m2)
     cols = tl.arange(0, BLOCK)
+    # IEEE divisions (div_rn): on a GPU "/" compiles to div.full.f32, up to 2 ulp, visible in fp32 outputs
     if SINGLE:
         z = _load_z(X, Mask, cols, cols < N, scale, HAS_MASK)
         m = tl.max(z, 0)
         e = tl.exp(z - tl.where(m == float("-inf"), 0.0, m))  # a −inf row: e = 0, l = 0, y = 0
         l = tl.sum(e, 0)
-        tl.store(Y + cols, (e / tl.where(l == 0.0, 1.0, l)).to(Y.dtype.element_ty), mask=cols < N)
+        tl.store(Y + cols, tl.math.div_rn(e, tl.where(l == 0.0, 1.0, l)).to(Y.dtype.element_ty), mask=cols < N)
     else:
         # per-lane running max and sum, merged at the end: no scalar loop-carried state
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -72,11 +73,11 @@ def _softmax_fwd_kernel(X, Y, Mask, N, D1, D2, s_m0, s_m1, s_m2, scale,
         m = tl.max(m_vec, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         l = tl.sum(l_vec * tl.exp(m_vec - m_safe), 0)
-        inv = 1.0 / tl.where(l == 0.0, 1.0, l)
+        l = tl.where(l == 0.0, 1.0, l)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
             z = _load_z(X + start, Mask + start, cols, ok, scale, HAS_MASK)
-            tl.store(Y + start + cols, (tl.exp(z - m_safe) * inv).to(Y.dtype.element_ty), mask=ok)
+            tl.store(Y + start + cols, tl.math.div_rn(tl.exp(z - m_safe), l).to(Y.dtype.element_ty), mask=ok)
 
 
 @triton.jit
