@@ -33,6 +33,8 @@ POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "D
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
 FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p"}
 INT64 = {"seed"}
+# Approximate divisions and square roots (up to 2 ulp), which fp32 outputs would show: fp32 kernels use div_rn / sqrt_rn
+APPROX = ("div.full.f32", "sqrt.approx")
 # tt.trans whose operand is in an MMA (dot result) layout: "tt.trans %x ... : tensor<32x128xf16, #mma> -> ..."
 MMA_TRANSPOSE = re.compile(r"tt\.trans .*: tensor<[^>]*#mma\d*> ->")
 
@@ -108,23 +110,25 @@ def row_kernels(arch):
                 config = triton.Config({}, num_warps=SM.warps_for(block), num_stages=1)
                 label = f"sm_{arch} {kernel.__name__:<20} {str(dtype)[6:]:<8} BLOCK {block} single={single}"
                 failures += report(label, kernel, dtype, dict(flags, BLOCK=block, SINGLE=single), config, arch,
-                                   pointers=dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]))
+                                   pointers=dict(POINTERS, Mask="*" + TORCH_TO_TRITON[dtype]),
+                                   forbid=APPROX if dtype == torch.float32 else ())
     return failures
 
 
-def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=()):
+def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=(), forbid=()):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
-    where no_spill / a PTX instruction of ``require`` missing); -> 0 or 1."""
+    where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present); -> 0 or 1."""
     try:
         compiled, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
     except Exception as e:  # report every failure, then fail
         print(f"FAIL {label}: {type(e).__name__}: {str(e)[-700:]}", flush=True)
         return 1
     smem = compiled.metadata.shared
-    missing = [r for r in require if r not in compiled.asm["ptx"]]
-    bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0) or missing
+    wrong = [f"no {r}" for r in require if r not in compiled.asm["ptx"]] + [
+        f"{f} expected none" for f in forbid if f in compiled.asm["ptx"]]
+    bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0) or wrong
     print(f"{'FAIL' if bad else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, {stack} B stack"
-          f"{' (spills)' if no_spill and stack else ''}{''.join(f' (no {r})' for r in missing)} ({secs:.1f}s)",
+          f"{' (spills)' if no_spill and stack else ''}{''.join(f' ({r})' for r in wrong)} ({secs:.1f}s)",
           flush=True)
     return int(bool(bad))
 
@@ -148,7 +152,8 @@ def tiles(arch, every):
                     require = ("cp.async", "wgmma.mma_async") if dtype == torch.float16 and i == 0 else ("cp.async",)
                     config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                     failures += report(f"sm_{arch} tiles {name:<4} {str(dtype)[6:]:<8} d{bd:<4} {config}", kernel,
-                                       dtype, consts, config, arch, no_spill=True, require=require)
+                                       dtype, consts, config, arch, no_spill=True, require=require,
+                                       forbid=APPROX if dtype == torch.float32 else ())
     return failures
 
 
