@@ -154,6 +154,17 @@ def tiles(arch, every):
                     failures += report(f"sm_{arch} tiles {name:<4} {str(dtype)[6:]:<8} d{bd:<4} {config}", kernel,
                                        dtype, consts, config, arch, no_spill=True, require=require,
                                        forbid=APPROX if dtype == torch.float32 else ())
+    # The fp16 defaults of the common head dims, with each feature that adds registers to the loops, spill-free too
+    features = {"bias+grad": dict(HAS_BIAS=True, BIAS_GRAD=True), "mask": dict(HAS_MASK=True),
+                "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True)}
+    for bd in (64, 128):
+        for feature, extra in features.items():
+            consts = dict(flags, **extra, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="tf32")
+            for name, kernel in kernels.items():
+                m, n, w, s = A.tiles_for(name, 2, bd)[0]
+                config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                failures += report(f"sm_{arch} tiles {name:<4} float16  d{bd:<4} +{feature} {config}", kernel,
+                                   torch.float16, consts, config, arch, no_spill=True)
     return failures
 
 

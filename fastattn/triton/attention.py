@@ -44,7 +44,9 @@ DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
 # Autotuning tries the list; the first entry is the untuned default (FASTATTN_AUTOTUNE=0, the benchmarks' default).
 # Each entry compiles for sm_90 without spilling registers (causal attention with kv_lens, specialised as for
 # contiguous inputs: 16-divisible pointers and strides; measured by tests/aot_compile.py with cuobjdump, which fails
-# on a spill). Larger tiles spill: e.g. fp16 d256 dK/dV at 64x64 (208 B of stack), fp32 d64 dK/dV at 64x64 (1.1 KB).
+# on a spill; at d64 and d128 the fp16 defaults also with a bias and its gradient, a bool mask, dropout or a soft
+# cap). Larger tiles spill: e.g. fp16 d256 dK/dV at 64x64 (208 B of stack), fp32 d64 dK/dV at 64x64 (1.1 KB); fp16
+# d128 dK/dV at 64x64 spills 24-144 B with any of those features. At d256 a bool mask spills in every wgmma tile.
 # The fp16 defaults run their dots on Hopper's wgmma, which needs 64 rows per warpgroup (the dK/dV kernel's dots have
 # BLOCK_N rows, the others' BLOCK_M); smaller tiles, kept for small problems, use mma.sync.
 _TILES = {
@@ -61,7 +63,7 @@ _TILES = {
     "dkdv": {
         2: {32: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
             64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
-            128: [(64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
+            128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
             256: [(16, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
         4: {32: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
             64: [(32, 16, 4, 2), (16, 16, 4, 2)],
