@@ -2,11 +2,13 @@
 survives pruning, and report shared memory, registers and spills (cuobjdump's stack bytes). Kernels are specialised as
 the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16 (pointers and strides divisible
 by 16). The attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
-fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens), with their main
-loops' loads pipelined (cp.async) and, for the fp16 defaults, their dots on wgmma. A kernel whose TTGIR transposes a tensor in an MMA result
-layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and
-our dK/dV kernel, when written that way, failed dK on an H200. Run by tests/test_kernels_compile.py in a process
-without TRITON_INTERPRET (interpreted kernels cannot be compiled).
+fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens; the fp16
+defaults at d64/d128 also with a bias gradient, a mask, dropout or a soft cap), with their main loops' loads
+pipelined (cp.async) and, for the fp16 defaults, their dots on wgmma; fp32 kernels must not use approximate divisions
+or square roots. A kernel whose TTGIR transposes a tensor in an MMA result layout fails too: tl.dot(tl.trans(<dot
+result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and our dK/dV kernel, when written that way,
+failed dK on an H200. Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels
+cannot be compiled).
 
     python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   (a line per compile; exit 1 on a failure)
 """

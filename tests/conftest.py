@@ -67,7 +67,8 @@ def pytest_runtest_logreport(report):
 def logged_tests(path):
     """Node ids that a FASTATTN_TEST_LOG file records as finished."""
     with open(path) as f:
-        return {line.split()[1] for line in f if line.split(maxsplit=1)[0] in ("passed", "failed", "skipped")}
+        rows = [line.split() for line in f if not line.startswith(" ")]  # indented: a failure's message
+    return {row[1] for row in rows if len(row) > 1 and row[0] in ("passed", "failed", "skipped")}
 
 
 def pytest_collection_modifyitems(config, items):
