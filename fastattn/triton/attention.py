@@ -46,7 +46,7 @@ DELTA_BLOCK = INTERPRET_BLOCK if INTERPRET else 64
 # contiguous inputs: 16-divisible pointers and strides; measured by tests/aot_compile.py with cuobjdump, which fails
 # on a spill; at d64 and d128 the fp16 defaults also with a bias and its gradient, a bool mask, dropout or a soft
 # cap). Larger tiles spill: e.g. fp16 d256 dK/dV at 64x64 (208 B of stack), fp32 d64 dK/dV at 64x64 (1.1 KB); fp16
-# d128 dK/dV at 64x64 spills 24-144 B with any of those features. At d256 a bool mask spills in every wgmma tile.
+# d128 dK/dV at 64x64 spills 24-168 B with any of those features. At d256 a bool mask spills in every wgmma tile.
 # The fp16 defaults run their dots on Hopper's wgmma, which needs 64 rows per warpgroup (the dK/dV kernel's dots have
 # BLOCK_N rows, the others' BLOCK_M); smaller tiles, kept for small problems, use mma.sync.
 _TILES = {
