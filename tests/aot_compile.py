@@ -31,7 +31,9 @@ from fastattn.triton import softmax as SM
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
-            "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "CuQ": "*i32", "CuK": "*i32", "Keep": "*u8", "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32"}
+            "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "CuQ": "*i32", "CuK": "*i32", "Keep": "*u8",
+            "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32", "OutPart": "*fp32",
+            "LsePart": "*fp32"}
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
 FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p"}
 INT64 = {"seed"}
@@ -90,10 +92,10 @@ def resources(cubin: bytes):
 def cases():
     full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
                 BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False, VARLEN=False,
-                DROPOUT=True)
+                DROPOUT=True, SPLIT=True)
     plain = dict(WIN_LEFT=False, WIN_RIGHT=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False,
                  HAS_KVLENS=False, BIAS_GRAD=False, HAS_DLSE=True, HAS_ALIBI=False, HAS_SOFTCAP=False,
-                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False)
+                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False, SPLIT=False)
     yield torch.float16, 128, full, True
     yield torch.float32, 256, full, True
     yield torch.bfloat16, 64, plain, False
@@ -140,7 +142,7 @@ def tiles(arch, every):
     causal attention with kv_lens, each element size and head-dim block."""
     flags = dict(WIN_LEFT=False, WIN_RIGHT=True, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=True,
                  BIAS_GRAD=False, HAS_DLSE=False, HAS_ALIBI=False, HAS_SOFTCAP=False, COUNT_VISITS=False,
-                 VARLEN=False, DROPOUT=False)
+                 VARLEN=False, DROPOUT=False, SPLIT=False)
     kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
     failures = 0
     for dtype in (torch.float16, torch.float32):
@@ -158,15 +160,18 @@ def tiles(arch, every):
                                        forbid=APPROX if dtype == torch.float32 else ())
     # The fp16 defaults of the common head dims, with each feature that adds registers to the loops, spill-free too
     features = {"bias+grad": dict(HAS_BIAS=True, BIAS_GRAD=True), "mask": dict(HAS_MASK=True),
-                "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True)}
+                "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True), "split-KV": dict(SPLIT=True)}
     for bd in (64, 128):
         for feature, extra in features.items():
             consts = dict(flags, **extra, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="tf32")
             for name, kernel in kernels.items():
+                if feature == "split-KV" and name != "fwd":  # the backward does not split
+                    continue
                 m, n, w, s = A.tiles_for(name, 2, bd)[0]
                 config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                 failures += report(f"sm_{arch} tiles {name:<4} float16  d{bd:<4} +{feature} {config}", kernel,
-                                   torch.float16, consts, config, arch, no_spill=True)
+                                   torch.float16, consts, config, arch, no_spill=True,
+                                   require=("cp.async", "wgmma.mma_async"))
     return failures
 
 
@@ -202,6 +207,11 @@ def main():
     except Exception as e:
         failures += 1
         print(f"FAIL sm_{args.arch} _dropout_mask_kernel: {type(e).__name__}: {str(e)[-700:]}", flush=True)
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):  # the split-KV merge
+        for bd in (32, 128, 256):
+            failures += report(f"sm_{args.arch} _fwd_combine_kernel {str(dtype)[6:]:<8} d{bd:<4}", A._fwd_combine_kernel,
+                               dtype, dict(HEAD_DIM=bd, BLOCK_D=bd, BLOCK_M=A.COMBINE_BLOCK), None, args.arch,
+                               no_spill=True, forbid=APPROX if dtype == torch.float32 else ())
     failures += row_kernels(args.arch)
     print(f"{failures} failures")
     return 1 if failures else 0

@@ -5,6 +5,7 @@ On a CPU-only machine the kernels run under TRITON_INTERPRET=1 (tiny shapes, fp1
 the same checks larger and in bf16 on CUDA.
 """
 import itertools
+import math
 
 import pytest
 import torch
@@ -187,6 +188,83 @@ def test_backward_is_deterministic(device):
         runs.append((out,) + torch.autograd.grad(out, (q, k, v, bias), do))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------- split-KV
+# The heuristic splits only on GPUs (programs too few to fill them); here the splits are forced.
+SPLIT_CASES = {
+    "decode-gqa-kv_lens-br": dict(B=3, H=4, Hkv=2, Lq=1, Lk=300, D=64, causal=True, alignment="bottom_right",
+                                  kv_lens=True, lse_grad=True),
+    "chunk-mask": dict(B=2, Lq=17, Lk=150, D=40, bool_mask="full", causal=True),
+    "features": dict(B=2, Lq=33, Lk=100, D=16, dtype=torch.float32, key_padding=True, bias="full",
+                     bias_grad=True, alibi="heads", softcap=3.0, dropout=0.2),
+    "window": dict(B=1, Lq=70, Lk=90, D=16, causal=True, alignment="bottom_right", window=(20, -1)),
+    "varlen": dict(varlen=((1, 130), (5, 7), (0, 40), (3, 96)), H=4, Hkv=1, causal=True, alignment="bottom_right"),
+}
+
+
+@pytest.mark.parametrize("splits", [3, 16])
+@pytest.mark.parametrize("name", list(SPLIT_CASES))
+def test_split_kv(name, splits):
+    """The forward split into runs of key blocks (16: more splits than blocks, most empty) and merged by LSE."""
+    from fastattn.triton import attention as kernels
+    with kernels.forced_splits(splits):
+        assert_case(AttentionCase(**{"seed": splits, **SPLIT_CASES[name]}))
+
+
+def test_split_kv_covers_every_key_block_once():
+    """The splits of a query block visit its key blocks exactly once between them: per (head, query block), their
+    visit counts add up to the unsplit forward's; empty rows stay 0 with LSE +inf."""
+    from fastattn.ops.common import empty_like
+    from fastattn.triton import attention as kernels
+
+    B, H, Lq, Lk, D, n = 2, 2, 40, 230, 16, 3
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE) for L in (Lq, Lk, Lk))
+    kv_lens = torch.tensor([0, 200], dtype=torch.int32, device=DEVICE)
+    runs = {}
+    for splits in (1, n):
+        out, lse, count = empty_like(q), torch.empty(B, H, Lq, device=DEVICE), {}
+        with kernels.forced_splits(splits):
+            kernels.forward(q, k, v, None, None, kv_lens, out, lse, D ** -0.5, True, True, window=(60, -1),
+                            count=count)
+        m_blocks = -(-Lq // kernels.INTERPRET_BLOCK)
+        runs[splits] = out, lse, count["fwd"][:splits * B * H * m_blocks].view(splits, B * H, m_blocks)
+    (out1, lse1, visits1), (out_n, lse_n, visits_n) = runs[1], runs[n]
+    assert torch.equal(visits_n.sum(0), visits1[0]) and visits1.sum() > 0
+    assert (visits_n > 0).sum(0).max() > 1  # some query block was really split
+    assert (out_n[0] == 0).all() and torch.isinf(lse_n[0]).all() and (lse_n[0] > 0).all()
+    torch.testing.assert_close(out_n, out1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse_n, lse1, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("programs,key_blocks,sms", [(32, 128, 132), (1, 1000, 132), (8, 4, 132), (64, 64, 132),
+                                                     (105, 500, 132), (200, 500, 132), (3, 3, 132)])
+def test_num_splits(programs, key_blocks, sms):
+    """Split only while the programs leave a fifth of the multiprocessors idle, never below two key blocks per
+    split, and to waves at least 85% as full as the best split count's."""
+    from fastattn.triton.attention import num_splits
+
+    def fill(n):
+        waves = programs * n / sms
+        return waves / math.ceil(waves)
+    n = num_splits(programs, key_blocks, sms)
+    if programs >= 0.8 * sms or key_blocks < 4:
+        assert n == 1
+    else:
+        assert 1 < n <= key_blocks // 2
+        assert fill(n) >= 0.85 * max(fill(m) for m in range(1, key_blocks // 2 + 1) if m <= 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_decode_splits(D, dtype):
+    """Decoding shapes (one query against a long cache), where the heuristic splits the keys: the rule holds."""
+    from fastattn.triton import attention as kernels
+    q = torch.empty(1, 8, 1, D, dtype=dtype, device="cuda")
+    assert kernels._splits_for(q, 1, 8, 1, 5000, D) > 1
+    assert_case(AttentionCase(B=1, H=8, Hkv=2, Lq=1, Lk=5000, D=D, dtype=dtype, causal=True,
+                              alignment="bottom_right", kv_lens=True, seed=D), device="cuda")
 
 
 # ------------------------------------------------------------------------------------------- SDPA drop-in

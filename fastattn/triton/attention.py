@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.common import empty
 from . import device_ctx
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -281,21 +282,22 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
 
 
 # --------------------------------------------------------------------------------------------- forward
-@triton.autotune(configs=_configs("fwd"), key=_KEY,
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SPLIT"],
                  prune_configs_by={"early_config_prune": functools.partial(_prune, "fwd")})
-@triton.jit(do_not_specialize=_NOSPEC)
+@triton.jit(do_not_specialize=_NOSPEC + ["n_split"])
 def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_lb, s_lh,
                 H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                dropout_p, seed, Visits,
+                dropout_p, seed, Visits, n_split, s_os, s_ls,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
-                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr,
+                HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr, SPLIT: tl.constexpr,
                 DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     b = pid_bh // H
     h = pid_bh % H
     hk = h // GROUP
@@ -313,6 +315,12 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if VARLEN:
         hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
+    if SPLIT:  # split-KV: this program takes the pid_s-th of n_split runs of whole key blocks of [lo, hi)
+        per = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N * n_split) * BLOCK_N
+        lo = lo + pid_s * per
+        hi = tl.minimum(hi, lo + per)
+        Out += pid_s * s_os
+        Lse += pid_s * s_ls
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * s_ab + h)
@@ -350,12 +358,45 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         norm = norm * (1.0 - dropout_p)
     # "/" compiles to div.full.f32 (up to 2 ulp); a correctly rounded reciprocal per row and a product err by <= 1
     out = acc * tl.math.div_rn(1.0, norm)[:, None]
-    lse2 = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    # A split's empty row gets lse −inf (weight 0 in the combine); a whole row with no visible key, +inf.
+    lse2 = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
     tl.store(Lse + b * s_lb + h * s_lh + q0 + offs_m, lse2, mask=row_ok)
     tl.store(Out + b * s_ob + h * s_oh + (q0 + offs_m[:, None]) * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
-        tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+        tl.store(Visits + (pid_s * tl.num_programs(1) + pid_bh) * tl.num_programs(0) + pid_m, visits)
+
+
+@triton.jit
+def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s_ph, s_pm, s_ob, s_oh, s_om, H, Lq,
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merges the n_split partial results (o_s normalised, lse2_s; −inf where a split saw no key) of a row:
+    lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < Lq
+    lse_rows = LsePart + pid_bh * Lq + offs_m
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(n_split):
+        m = tl.maximum(m, tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(n_split):
+        w = tl.math.exp2(tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")) - m_safe)
+        o = _load_rows(OutPart + s * s_ps + b * s_pb + h * s_ph, offs_m, s_pm, offs_d, Lq, HEAD_DIM)
+        l_sum += w
+        acc += w[:, None] * o
+    empty = l_sum == 0.0
+    out = acc * tl.math.div_rn(1.0, tl.where(empty, 1.0, l_sum))[:, None]
+    lse2 = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, l_sum)))
+    tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
+    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # --------------------------------------------------------------------------------------------- backward
@@ -695,12 +736,75 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     ``count``: a dict that receives the key blocks each program computed ("fwd")."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
-    visits = _visits(count, "fwd", B * H * triton.cdiv(Lq, MIN_BLOCK), lse)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    n_split = _splits_for(q, B, H, Lq, Lk, args["BLOCK_D"])
+    visits = _visits(count, "fwd", n_split * B * H * triton.cdiv(Lq, MIN_BLOCK), lse)
+    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_split)  # noqa: E731
+    # Split-KV: each split writes its normalised fp32 partial output and lse2 to a workspace; a second kernel merges.
+    o_dst, lse_dst = out, lse
+    if n_split > 1:
+        o_dst = empty((n_split, *out.shape), like=out, dtype=torch.float32)
+        lse_dst = empty((n_split, *lse.shape), like=lse, dtype=torch.float32)
+    o_rows = _rows(o_dst[0] if n_split > 1 else out, varlen)
     with device_ctx(q):
-        _launch(_fwd_kernel, grid, q, k, v, *ptrs, out, lse,
-                *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(out, varlen),
-                *lse_strides, Visits=visits, **args)
+        _launch(_fwd_kernel, grid, q, k, v, *ptrs, o_dst, lse_dst,
+                *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *o_rows, *lse_strides,
+                Visits=visits, n_split=n_split, s_os=o_dst.stride(0), s_ls=lse_dst.stride(0), SPLIT=n_split > 1,
+                **args)
+        if n_split > 1:
+            # Like the delta kernel, the merge sees a packed batch as one sequence of total_q rows.
+            rows_total = q.shape[0] if varlen is not None else Lq
+            _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), (1 if varlen is not None else B) * H)](
+                o_dst, lse_dst, out, lse, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows, *_rows(out, varlen),
+                H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
+
+
+# ------------------------------------------------------------------------------------------- split-KV
+# When the (batch · head · query-block) programs cannot fill the GPU (decoding: Lq = 1; short queries against a
+# long cache), the forward also splits each program's keys into runs of whole key blocks, one program each, and
+# merges their partial results by their log-sum-exps (FlashDecoding). The backward is unchanged.
+COMBINE_BLOCK = 16
+_FORCED_SPLITS: list = []  # [n] while forced_splits(n) is active
+
+
+@contextlib.contextmanager
+def forced_splits(n: int):
+    """Run the forward with ``n`` key splits (1: never split) instead of the heuristic, e.g. to test splitting on
+    the CPU, where the heuristic never splits."""
+    _FORCED_SPLITS.append(int(n))
+    try:
+        yield
+    finally:
+        _FORCED_SPLITS.pop()
+
+
+def num_splits(programs: int, key_blocks: int, sms: int, max_splits: int = 64) -> int:
+    """Key splits for a forward of ``programs`` (query block, batch · head) programs of ``key_blocks`` key blocks
+    each on ``sms`` multiprocessors: 1 while the programs fill 80% of the GPU; else the fewest splits whose waves of
+    programs · splits are at least 85% as full as the best choice, with at least two key blocks per split."""
+    limit = min(max_splits, key_blocks // 2)
+    if programs >= 0.8 * sms or limit < 2:
+        return 1
+
+    def fill(n):  # average occupancy of the waves of programs · n blocks
+        waves = programs * n / sms
+        return waves / -(-waves // 1)
+    best = max(fill(n) for n in range(1, limit + 1))
+    return next(n for n in range(1, limit + 1) if fill(n) >= 0.85 * best)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits_for(q, B, H, Lq, Lk, block_d):
+    """Forced splits, else the heuristic on GPUs (with the default tile's blocks), else 1."""
+    if _FORCED_SPLITS:
+        return _FORCED_SPLITS[-1]
+    if not q.is_cuda:
+        return 1
+    block_m, block_n = tiles_for("fwd", q.element_size(), block_d)[0][:2]
+    return num_splits(B * H * triton.cdiv(Lq, block_m), triton.cdiv(Lk, block_n), _multiprocessors(q.device.index))
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
