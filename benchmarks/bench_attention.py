@@ -10,6 +10,10 @@ Sliding-window rows (causal local attention, window (w, 0): query i sees keys i 
 per token (ns per query token, ms ÷ (B·L)), which is flat in L when the kernel skips the key blocks outside the
 window (O(L·w) work), and the speed-up over SDPA given the equivalent dense L×L bool mask.
 
+Decoding rows (one query per sequence against a KV cache of Lk keys, GQA 32/8, d128, forward only) get a third
+table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gain of the Triton forward's
+split-KV (same kernel with splits forced off ÷ with the heuristic's splits).
+
     python benchmarks/bench_attention.py [--quick | --full] [--autotune] [--out DIR] [--budget S]
 """
 from __future__ import annotations
@@ -65,7 +69,7 @@ NOTES = [
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # sweep | padding | bias | cross | gqa | window | varlen
+    kind: str  # sweep | padding | bias | cross | gqa | window | varlen | decode
     dtype: torch.dtype
     B: int
     H: int
@@ -102,6 +106,15 @@ class Case:
         return L + ((L - 1) * L // 2 if L - 1 <= w else w * (w + 1) // 2 + (L - 1 - w) * w)
 
     @property
+    def passes(self) -> tuple:
+        return ("fwd",) if self.kind == "decode" else PASSES
+
+    @property
+    def kv_bytes(self) -> int:
+        """K and V of the cache, read once."""
+        return 2 * self.B * self.Hkv * self.Lk * self.D * torch.tensor([], dtype=self.dtype).element_size()
+
+    @property
     def lengths(self) -> list[int]:
         """varlen rows: the B sequence lengths, evenly spread over [L(1 − 2·pad), L] (mean L(1 − pad))."""
         lo = self.Lq * (1.0 - 2.0 * self.pad)
@@ -123,7 +136,8 @@ class Case:
     def to_json(self) -> dict:
         return {"case": self.name, "kind": self.kind, "dtype": common.dtype_name(self.dtype), "B": self.B,
                 "H": self.H, "Hkv": self.Hkv, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "causal": self.causal,
-                "pad": self.pad, "bias": self.bias, "window": self.window, "flops_fwd": self.flops("fwd")}
+                "pad": self.pad, "bias": self.bias, "window": self.window, "flops_fwd": self.flops("fwd"),
+                "kv_bytes": self.kv_bytes}
 
 
 def square(dtype, L, D, causal, **kw) -> Case:
@@ -141,6 +155,14 @@ def window_rows(dtype, windows, lengths) -> list[Case]:
             for w in windows for L in lengths]
 
 
+DECODE_LENGTHS = (4096, 16384, 65536)
+
+
+def decode_rows(dtype, batches, lengths) -> list[Case]:
+    """One query per sequence against a cache of Lk keys: H 32 / Hkv 8 (GQA), d128, no mask (the query is last)."""
+    return [Case("decode", dtype, B, 32, 8, 1, L, 128, gpu_only=True) for B in batches for L in lengths]
+
+
 def grid(mode: str, gpu: bool) -> list[Case]:
     """Rows in priority order (a spent --budget drops the last ones)."""
     bf16, fp16 = torch.bfloat16, torch.float16
@@ -151,12 +173,13 @@ def grid(mode: str, gpu: bool) -> list[Case]:
         return cases + [Case("padding", f32, 1, 2, 2, L, L, 32, pad=0.5), Case("gqa", f32, 1, 4, 2, L, L, 32, True),
                         Case("bias", f32, 1, 2, 2, L, L, 32, bias=True),
                         Case("window", f32, 1, 2, 2, 2 * L, 2 * L, 32, True, window=32),
-                        Case("varlen", f32, 4, 2, 2, L, L, 32, True, pad=0.5)]
+                        Case("varlen", f32, 4, 2, 2, L, L, 32, True, pad=0.5),
+                        Case("decode", f32, 2, 4, 2, 1, 4 * L, 32)]
     if mode == "quick":
         return [square(bf16, L, 128, c) for c in (False, True) for L in (1024, 4096)] + [
             square(bf16, 4096, 128, False, kind="padding", pad=0.5),
             square(bf16, 4096, 128, True, kind="gqa", Hkv=2), *window_rows(bf16, (256,), (4096,)),
-            square(bf16, 4096, 128, True, kind="varlen", pad=0.5)]
+            square(bf16, 4096, 128, True, kind="varlen", pad=0.5), *decode_rows(bf16, (1,), (16384,))]
     Ls = (512, 1024, 2048, 4096, 8192, 16384)
     full = mode == "full"
     cases = []
@@ -175,7 +198,8 @@ def grid(mode: str, gpu: bool) -> list[Case]:
     cross = [Case("cross", bf16, TOKENS // max(lq, lk), 16, 16, lq, lk, 128)
              for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
     # Sliding window after the main sweep: ahead of the rarer kinds when --budget runs out.
-    cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + gqa + pads + varlen + bias + cross
+    cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + decode_rows(bf16, (1, 8), DECODE_LENGTHS)
+    cases += gqa + pads + varlen + bias + cross
     if not full:  # a few fp16 rows and the fastattn-only head dim 256
         cases += [square(fp16, 8192, 128, c) for c in (False, True)]
         cases += [square(bf16, 4096, 256, c) for c in (False, True)]
@@ -326,8 +350,22 @@ def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]
     return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
 
 
+def make_triton_nosplit(case: Case, x: dict, device: str):
+    """fastattn-triton with the forward's split-KV forced off (decoding rows: what the splits gain)."""
+    common.require_cuda(device, "fastattn-triton-nosplit")
+    from fastattn.triton import attention as kernels
+    fwd, dout, grads = make_fastattn(case, x, device, "fastattn-triton")
+
+    def fwd_nosplit():
+        with kernels.forced_splits(1):
+            return fwd()
+    return fwd_nosplit, dout, grads
+
+
 def makers(case: Case, x: dict, device: str, mode: str) -> dict:
     out = {b: (lambda b=b: make_fastattn(case, x, device, b)) for b in FASTATTN}
+    if case.kind == "decode":
+        out["fastattn-triton-nosplit"] = lambda: make_triton_nosplit(case, x, device)
     out.update({b: (lambda b=b: make_sdpa(case, x, device, b)) for b in SDPA})
     out["flex-compiled"] = lambda: make_flex(case, x, device, mode)
     out["ref-compiled"] = lambda: make_reference(case, x, device, mode)
@@ -345,14 +383,14 @@ def run_case(case: Case, device: str, mode: str, timer: common.Timer) -> dict:
     except Exception as e:  # noqa: BLE001 - e.g. out of memory: the row is recorded, the run goes on
         row["results"] = common.skipped_row(common.reason_of(e), PROVIDERS, PASSES)
         return row
-    results = {name: common.time_passes(make, PASSES, timer).to_json()
+    results = {name: common.time_passes(make, case.passes, timer).to_json()
                for name, make in makers(case, x, device, mode).items()}
     del x
     common.free_memory(device)
     for res in results.values():
         res["tflops"] = {p: (case.flops(p) / (ms * 1e-3) / 1e12 if ms else None) for p, ms in res["ms"].items()}
     row["results"] = results
-    row["best_other"], row["ratio"] = common.best_and_ratios(results, FASTATTN, OTHERS, PASSES)
+    row["best_other"], row["ratio"] = common.best_and_ratios(results, FASTATTN, OTHERS, case.passes)
     if case.window:
         tokens = case.B * case.Lq
         for res in results.values():
@@ -365,7 +403,7 @@ def tables(rows: list) -> list:
     t = common.Table("attention TFLOPS (ratio = fastattn ÷ best other)",
                      ["case", "pass", *(SHORT[p] for p in PROVIDERS), "best other", "triton÷best", "cuda÷best"])
     for r in rows:
-        for p in PASSES:
+        for p in (("fwd",) if r["kind"] == "decode" else PASSES):  # decoding rows time the forward only
             res = r["results"]
             best = (r.get("best_other") or {}).get(p)
             ratio = (r.get("ratio") or {}).get(p, {})
@@ -373,7 +411,31 @@ def tables(rows: list) -> list:
                   *(common.fmt(res[prov].get("tflops", {}).get(p)) for prov in PROVIDERS),
                   SHORT.get(best, "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),
                   common.fmt(ratio.get("fastattn-cuda"), ".2f"))
-    return [t] + ([window_table(rows)] if any(r.get("window") for r in rows) else [])
+    return [t] + ([window_table(rows)] if any(r.get("window") for r in rows) else []) + (
+        [decode_table(rows)] if any(r["kind"] == "decode" for r in rows) else [])
+
+
+def decode_table(rows: list) -> "common.Table":
+    """Decoding rows: µs per call, K/V read GB/s, and what the forward's split-KV gains."""
+    cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-cuda", "sdpa-flash", "sdpa-efficient",
+            "sdpa-cudnn", "flex-compiled")
+    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split gain = triton without "
+                     "split-KV ÷ triton; ratio = best other ÷ fastattn",
+                     ["case", *(SHORT.get(c, "no-split") for c in cols), "triton GB/s", "split gain", "best other",
+                      "triton÷best", "cuda÷best"])
+    for r in rows:
+        if r["kind"] != "decode":
+            continue
+        res = r["results"]
+        us = {c: (res.get(c, {}).get("ms", {}).get("fwd") or 0) * 1e3 or None for c in cols}
+        tri, nosplit = us["fastattn-triton"], us["fastattn-triton-nosplit"]
+        gbps = r["kv_bytes"] / (tri * 1e-6) / 1e9 if tri else None
+        ratio = (r.get("ratio") or {}).get("fwd", {})
+        t.add(r["case"], *(common.fmt(us[c]) for c in cols), common.fmt(gbps),
+              common.fmt(nosplit / tri if tri and nosplit else None, ".2f"),
+              SHORT.get((r.get("best_other") or {}).get("fwd"), "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),
+              common.fmt(ratio.get("fastattn-cuda"), ".2f"))
+    return t
 
 
 def window_table(rows: list) -> "common.Table":

@@ -3,11 +3,13 @@ survives pruning, and report shared memory, registers and spills (cuobjdump's st
 the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16 (pointers and strides divisible
 by 16). The attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
 fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens; the fp16
-defaults at d64/d128 also with a bias gradient, a mask, dropout or a soft cap), with their main loops' loads
-pipelined (cp.async) and, for the fp16 defaults, their dots on wgmma; fp32 kernels must not use approximate divisions
+defaults at d64/d128 also with a bias gradient, a bool mask, dropout, a soft cap or split-KV), with their main loops'
+loads pipelined (cp.async) and, for the fp16 defaults (with each of those features too), their dots on wgmma; fp32 kernels must not use approximate divisions
 or square roots. A kernel whose TTGIR transposes a tensor in an MMA result layout fails too: tl.dot(tl.trans(<dot
 result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and our dK/dV kernel, when written that way,
-failed dK on an H200. Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels
+failed dK on an H200. Without --all-tiles / every config, each kernel is checked with the config an untuned launch
+runs: the first that fits the target's shared memory (the full-feature d128 forward's first tile does not fit an
+A100's). Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels
 cannot be compiled).
 
     python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   (a line per compile; exit 1 on a failure)
@@ -119,6 +121,18 @@ def row_kernels(arch):
     return failures
 
 
+def first_fitting(kernel, dtype, consts, configs, arch):
+    """The config that an untuned launch runs (fastattn.triton.attention._launch): the first whose shared memory
+    fits the device (the last if none does)."""
+    for config in configs[:-1]:
+        try:
+            if compile_one(kernel, dtype, consts, config, arch)[0].metadata.shared <= SMEM_LIMIT[arch]:
+                return config
+        except Exception:  # noqa: BLE001 - report() compiles it again and says what failed
+            return config
+    return configs[-1]
+
+
 def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=(), forbid=()):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
     where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present); -> 0 or 1."""
@@ -189,7 +203,7 @@ def main():
         for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel):
             if hasattr(kernel, "configs"):
                 configs = kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=bd)
-                configs = configs if every else configs[:1]
+                configs = configs if every else [first_fitting(kernel, dtype, consts, configs, args.arch)]
             else:
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
             for c in configs:

@@ -176,6 +176,45 @@ def test_padding_keys_are_never_read(device):
         assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
 
 
+def _visits(q, k, v, **kw):
+    """Key blocks computed per program of the forward, dK/dV and dQ kernels (dict of int32 tensors), and out."""
+    from fastattn.ops.common import empty_like
+    from fastattn.triton import attention as kernels
+
+    B, H, Lq, D = q.shape
+    args = dict(bias=None, mask=None, kv_lens=None, scale=D ** -0.5, causal=False, bottom_right=False)
+    args.update(kw)
+    out, lse, count = empty_like(q), torch.empty(B, H, Lq, device=q.device), {}
+    kernels.forward(q, k, v, args["bias"], args["mask"], args["kv_lens"], out, lse, args["scale"], args["causal"],
+                    args["bottom_right"], count=count)
+    dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
+    kernels.backward(torch.randn_like(q), q, k, v, out, lse, None, args["bias"], args["mask"], args["kv_lens"], dq,
+                     dk, dv, None, args["scale"], args["causal"], args["bottom_right"], count=count)
+    return count, out
+
+
+def test_bool_mask_skips_hidden_blocks_at_either_end(device):
+    """A bool mask that hides whole key blocks at the ends of a block's range (padding, a causal mask given as a
+    tensor) costs what the equivalent kv_lens / causal=True costs: the kernels skip the same blocks."""
+    B, H, L, D = 2, 1, 150, 16
+    q, k, v = (torch.randn(B, H, L, D, device=device) for _ in range(3))
+    kv_lens = torch.tensor([70, 150], dtype=torch.int32, device=device)
+    padding = torch.arange(L, device=device)[None, :] < kv_lens[:, None]  # True = attend
+    causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    for mask, fast in ((padding.view(B, 1, 1, L), dict(kv_lens=kv_lens)), (causal.expand(B, H, L, L),
+                                                                         dict(causal=True))):
+        want, want_out = _visits(q, k, v, **fast)
+        got, got_out = _visits(q, k, v, mask=mask)
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+        torch.testing.assert_close(got_out, want_out)
+    # Left padding: the leading hidden blocks are skipped too.
+    left = (torch.arange(L, device=device) >= 100).expand(B, H, L, L)
+    got, _ = _visits(q, k, v, mask=left)
+    full, _ = _visits(q, k, v)
+    assert got["fwd"].sum() < full["fwd"].sum() and got["dkdv"].sum() < full["dkdv"].sum()
+
+
 # ------------------------------------------------------------------------------------------- determinism
 def test_backward_is_deterministic(device):
     case = dict(causal=True, backend="triton")
@@ -407,6 +446,45 @@ def test_forced_configs(tiles):
         for case in cases:
             assert_case(case)
     assert not kernels._FORCED
+
+
+def test_untuned_launch_falls_back_when_a_tile_does_not_fit(monkeypatch):
+    """Without autotuning, a config whose shared memory the GPU lacks (OutOfResources at launch, e.g. a bool mask
+    and a bias at d128 on an A100) falls back to the next pruned config, and is not tried again for that kernel
+    variant; the last config's error propagates."""
+    import triton
+
+    from fastattn.triton import attention as kernels
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 64}, num_warps=8, num_stages=2) for m in (128, 64, 32)]
+    launched = []
+
+    class Fake:
+        arg_names = ["Q"]
+
+        def __init__(self, too_big):
+            self.configs, self.too_big = configs, too_big
+            self.fn = self
+
+        def early_config_prune(self, configs, named_args, **kwargs):
+            return configs
+
+        def __getitem__(self, grid):
+            def run(*args, BLOCK_M, **kwargs):
+                launched.append(BLOCK_M)
+                if BLOCK_M in self.too_big:
+                    raise triton.runtime.errors.OutOfResources(BLOCK_M * 1024, 163 * 1024, "shared memory")
+                return BLOCK_M
+            return run
+
+    monkeypatch.setattr(kernels, "autotune_enabled", lambda: False)
+    q = torch.empty(1)
+    fake = Fake({128})
+    assert kernels._launch(fake, (1,), q, HAS_MASK=True) == 64 and launched == [128, 64]
+    assert kernels._launch(fake, (1,), q, HAS_MASK=True) == 64 and launched == [128, 64, 64]
+    assert kernels._launch(fake, (1,), q, HAS_MASK=False) == 64 and launched[3:] == [128, 64]  # another variant
+    with pytest.raises(triton.runtime.errors.OutOfResources):
+        kernels._launch(Fake({128, 64, 32}), (1,), q, HAS_BIAS=True)
 
 
 def _every_config():

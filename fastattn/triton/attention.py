@@ -14,6 +14,8 @@ tiles (sᵀ = k·qᵀ, dpᵀ = v·doᵀ, as Triton's fused-attention tutorial do
 into another dot: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124).
 A full-size bias gets ds from the dk/dv kernel; a bias broadcast over some dims gets dbias = Σ ds over them from
 a kernel of its own (one program per dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
+When its programs are too few to fill the GPU (decoding), the forward splits each one's keys over several programs
+and merges their results by their log-sum-exps (split-KV, see num_splits).
 """
 from __future__ import annotations
 
@@ -143,13 +145,31 @@ def configs_for(kernel_name, q, head_dim):
     return _prune(kernel_name, kernel.configs, {"Q": q}, BLOCK_D=max(16, triton.next_power_of_2(head_dim)))
 
 
+_TOO_BIG: set = set()  # (kernel, device, constexprs, tile) that raised OutOfResources: not tried again
+
+
 def _launch(kernel, grid, *args, **kwargs):
-    config = _FORCED.get(kernel)
-    if config is None:
-        if autotune_enabled():
-            return kernel[grid](*args, **kwargs)
-        config = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)[0]
-    return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+    """Launch with the forced config, or autotuned, or (FASTATTN_AUTOTUNE=0) with the first pruned config that the
+    GPU can run: a tile whose features (a bool mask, a bias) take more shared memory than the device has (A100:
+    163 KB) falls back to the next, as the autotuner skips it."""
+    forced = _FORCED.get(kernel)
+    if forced is not None:
+        return kernel.fn[grid](*args, **kwargs, **forced.all_kwargs())
+    if autotune_enabled():
+        return kernel[grid](*args, **kwargs)
+    configs = kernel.early_config_prune(kernel.configs, dict(zip(kernel.arg_names, args)), **kwargs)
+    device = args[0].device
+    flags = tuple(sorted((k, v) for k, v in kwargs.items() if k.isupper()))
+    for i, config in enumerate(configs):
+        key = (kernel, device, flags, _tile(config))
+        if key in _TOO_BIG and i < len(configs) - 1:
+            continue
+        try:
+            return kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        except triton.runtime.errors.OutOfResources:
+            if i == len(configs) - 1:
+                raise
+            _TOO_BIG.add(key)
 
 
 # Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
@@ -251,6 +271,38 @@ def _visible(qi, kj, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, 
 
 
 @triton.jit
+def _block_seen(start, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left, win_right,
+                WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, KEYS: tl.constexpr, STEP: tl.constexpr):
+    """Whether some pair of the tile (fixed rows × the STEP keys from start, or with KEYS false, fixed keys × the
+    STEP queries from start) is visible."""
+    offs = start + tl.arange(0, STEP)
+    if KEYS:
+        vis = _visible(fixed[:, None], offs[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
+                       win_left, win_right, WIN_LEFT, WIN_RIGHT, True)
+    else:
+        vis = _visible(offs[None, :], fixed[:, None], b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
+                       win_left, win_right, WIN_LEFT, WIN_RIGHT, True)
+    return tl.max(vis.to(tl.int32)) > 0
+
+
+@triton.jit
+def _mask_trim(lo, hi, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left, win_right,
+               WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr, KEYS: tl.constexpr, STEP: tl.constexpr):
+    """[lo, hi) (lo STEP-aligned) narrowed to the blocks from the first to the last one that a bool mask leaves
+    some pair of visible. The blocks a mask hides at either end (padding, the far side of a causal or banded mask)
+    are never loaded, and the loop over the rest needs no branch to skip blocks: a branch around the loads keeps
+    Triton from pipelining them (no cp.async, measured with tests/aot_compile.py)."""
+    while (lo < hi) & ~_block_seen(lo, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift, win_left,
+                                   win_right, WIN_LEFT, WIN_RIGHT, KEYS, STEP):
+        lo += STEP
+    last = lo + tl.maximum(hi - lo - 1, 0) // STEP * STEP
+    while (last > lo) & ~_block_seen(last, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len, shift,
+                                     win_left, win_right, WIN_LEFT, WIN_RIGHT, KEYS, STEP):
+        last -= STEP
+    return lo, tl.minimum(hi, last + STEP)
+
+
+@triton.jit
 def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
             HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """(s·log2(e) with invisible entries at −inf,  the soft cap's derivative 1 − tanh² (or 1)), where
@@ -315,6 +367,9 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if VARLEN:
         hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
+    if HAS_MASK:
+        lo, hi = _mask_trim(lo, hi, offs_m, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+                            win_left, win_right, WIN_LEFT, WIN_RIGHT, True, BLOCK_N)
     if SPLIT:  # split-KV: this program takes the pid_s-th of n_split runs of whole key blocks of [lo, hi)
         per = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N * n_split) * BLOCK_N
         lo = lo + pid_s * per
@@ -333,24 +388,22 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
                        shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
-        # A bool mask can hide whole key blocks (padding): skip their loads and dots.
-        if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
-            visits += 1
-            k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
-            v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
-            qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None], offs_n[None, :],
-                            b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
-                            HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
-            if DROPOUT:
-                p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-            m_i = m_new
+        visits += 1
+        k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+        v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
+        qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None], offs_n[None, :],
+                        b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
+                        HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
+        if DROPOUT:
+            p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
 
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)
@@ -465,7 +518,12 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
         slope = 0.0
         if HAS_ALIBI:
             slope = tl.load(Alibi + b * s_ab + h)
-        for start_m in range(lo, hi, BLOCK_M):
+        q_lo = lo
+        q_hi = hi
+        if HAS_MASK:
+            q_lo, q_hi = _mask_trim(lo, hi, offs_n, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+                                    win_left, win_right, WIN_LEFT, WIN_RIGHT, False, BLOCK_M)
+        for start_m in range(q_lo, q_hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             # Transposed tiles [BLOCK_N, BLOCK_M] (key j, query i): sᵀ = k·qᵀ and dpᵀ = v·doᵀ come out of the dots
             # in the layout the dk/dv dots take, so no dot result is ever transposed.
@@ -473,26 +531,25 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             kj = offs_n[:, None]
             visT = _visible(qi, kj, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift, win_left,
                             win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
-            if not HAS_MASK or tl.max(visT.to(tl.int32)) > 0:
-                visits += 1
-                q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
-                do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-                lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
-                sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
-                                    s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
-                                    HAS_ALIBI, HAS_SOFTCAP)
-                pT = tl.math.exp2(sT - lse[None, :])  # 0 where invisible or the row is empty (lse = +inf)
-                dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-                pT_out = pT
-                if DROPOUT:  # out used p·keep/(1 − p_drop): so do dv and the dp that reaches p
-                    keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
-                    pT_out = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
-                    dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
-                dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
-                dsT = pT * (dpT - delta[None, :])
-                if BIAS_GRAD:
-                    tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
-                dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
+            visits += 1
+            q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
+            do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
+            lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
+            sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
+                                s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
+                                HAS_ALIBI, HAS_SOFTCAP)
+            pT = tl.math.exp2(sT - lse[None, :])  # 0 where invisible or the row is empty (lse = +inf)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            pT_out = pT
+            if DROPOUT:  # out used p·keep/(1 − p_drop): so do dv and the dp that reaches p
+                keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
+                pT_out = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+                dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+            dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if BIAS_GRAD:
+                tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
+            dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
 
     # Every key row of the sequence is written (0 for padding keys); in a packed batch, none of the next one's.
     st_ok = (offs_n[:, None] < k_len) & d_ok
@@ -538,6 +595,9 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
     lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
     if VARLEN:
         hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
+    if HAS_MASK:
+        lo, hi = _mask_trim(lo, hi, offs_m, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+                            win_left, win_right, WIN_LEFT, WIN_RIGHT, True, BLOCK_N)
     slope = 0.0
     if HAS_ALIBI:
         slope = tl.load(Alibi + b * s_ab + h)
@@ -548,20 +608,19 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
                        shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
-        if not HAS_MASK or tl.max(vis.to(tl.int32)) > 0:
-            visits += 1
-            k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
-            v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
-            qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
-                               offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
-                               slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
-            p = tl.math.exp2(qk - lse[:, None])
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            if DROPOUT:
-                keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
-                dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-            ds = p * (dp - delta[:, None]) * dcap
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        visits += 1
+        k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
+        v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
+        qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
+                           offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
+                           slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
+        p = tl.math.exp2(qk - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if DROPOUT:
+            keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+        ds = p * (dp - delta[:, None]) * dcap
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
              (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
