@@ -242,8 +242,8 @@ SPLIT_CASES = {
 }
 
 
-@pytest.mark.parametrize("splits", [3, 16])
-@pytest.mark.parametrize("name", list(SPLIT_CASES))
+@pytest.mark.parametrize("name,splits", [(name, 3) for name in SPLIT_CASES] + [("decode-gqa-kv_lens-br", 16),
+                                                                                ("varlen", 16)])
 def test_split_kv(name, splits):
     """The forward split into runs of key blocks (16: more splits than blocks, most empty) and merged by LSE."""
     from fastattn.triton import attention as kernels
