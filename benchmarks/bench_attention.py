@@ -11,8 +11,8 @@ per token (ns per query token, ms ÷ (B·L)), which is flat in L when the kernel
 window (O(L·w) work), and the speed-up over SDPA given the equivalent dense L×L bool mask.
 
 Decoding rows (one query per sequence against a KV cache of Lk keys, GQA 32/8, d128, forward only) get a third
-table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gain of the Triton forward's
-split-KV (same kernel with splits forced off ÷ with the heuristic's splits).
+table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gains of the Triton forward's
+split-KV and packed GQA (same kernel with one forced off ÷ with the heuristics' choice).
 
     python benchmarks/bench_attention.py [--quick | --full] [--autotune] [--out DIR] [--budget S]
 """
@@ -350,22 +350,28 @@ def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]
     return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
 
 
-def make_triton_nosplit(case: Case, x: dict, device: str):
-    """fastattn-triton with the forward's split-KV forced off (decoding rows: what the splits gain)."""
-    common.require_cuda(device, "fastattn-triton-nosplit")
+# Decoding rows also time the Triton forward with one of its decoding heuristics forced off: what each gains.
+TRITON_ABLATIONS = {"fastattn-triton-nosplit": ("forced_splits", 1),
+                    "fastattn-triton-nopack": ("forced_pack_gqa", False)}
+
+
+def make_triton_ablation(case: Case, x: dict, device: str, name: str):
+    """fastattn-triton with split-KV ("-nosplit") or packed GQA ("-nopack") forced off."""
+    common.require_cuda(device, name)
     from fastattn.triton import attention as kernels
     fwd, dout, grads = make_fastattn(case, x, device, "fastattn-triton")
+    force, value = TRITON_ABLATIONS[name]
 
-    def fwd_nosplit():
-        with kernels.forced_splits(1):
+    def fwd_forced():
+        with getattr(kernels, force)(value):
             return fwd()
-    return fwd_nosplit, dout, grads
+    return fwd_forced, dout, grads
 
 
 def makers(case: Case, x: dict, device: str, mode: str) -> dict:
     out = {b: (lambda b=b: make_fastattn(case, x, device, b)) for b in FASTATTN}
     if case.kind == "decode":
-        out["fastattn-triton-nosplit"] = lambda: make_triton_nosplit(case, x, device)
+        out.update({n: (lambda n=n: make_triton_ablation(case, x, device, n)) for n in TRITON_ABLATIONS})
     out.update({b: (lambda b=b: make_sdpa(case, x, device, b)) for b in SDPA})
     out["flex-compiled"] = lambda: make_flex(case, x, device, mode)
     out["ref-compiled"] = lambda: make_reference(case, x, device, mode)
@@ -416,23 +422,23 @@ def tables(rows: list) -> list:
 
 
 def decode_table(rows: list) -> "common.Table":
-    """Decoding rows: µs per call, K/V read GB/s, and what the forward's split-KV gains."""
-    cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-cuda", "sdpa-flash", "sdpa-efficient",
-            "sdpa-cudnn", "flex-compiled")
-    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split gain = triton without "
-                     "split-KV ÷ triton; ratio = best other ÷ fastattn",
-                     ["case", *(SHORT.get(c, "no-split") for c in cols), "triton GB/s", "split gain", "best other",
-                      "triton÷best", "cuda÷best"])
+    """Decoding rows: µs per call, K/V read GB/s, and what the forward's split-KV and packed GQA gain."""
+    cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-triton-nopack", "fastattn-cuda", "sdpa-flash",
+            "sdpa-efficient", "sdpa-cudnn", "flex-compiled")
+    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split / pack gain = triton "
+                     "without split-KV / packed GQA ÷ triton; ratio = best other ÷ fastattn",
+                     ["case", *(SHORT.get(c, c.replace("fastattn-triton-no", "no-")) for c in cols), "triton GB/s",
+                      "split gain", "pack gain", "best other", "triton÷best", "cuda÷best"])
     for r in rows:
         if r["kind"] != "decode":
             continue
         res = r["results"]
         us = {c: (res.get(c, {}).get("ms", {}).get("fwd") or 0) * 1e3 or None for c in cols}
-        tri, nosplit = us["fastattn-triton"], us["fastattn-triton-nosplit"]
+        tri = us["fastattn-triton"]
         gbps = r["kv_bytes"] / (tri * 1e-6) / 1e9 if tri else None
+        gains = (us[c] / tri if tri and us[c] else None for c in TRITON_ABLATIONS)
         ratio = (r.get("ratio") or {}).get("fwd", {})
-        t.add(r["case"], *(common.fmt(us[c]) for c in cols), common.fmt(gbps),
-              common.fmt(nosplit / tri if tri and nosplit else None, ".2f"),
+        t.add(r["case"], *(common.fmt(us[c]) for c in cols), common.fmt(gbps), *(common.fmt(g, ".2f") for g in gains),
               SHORT.get((r.get("best_other") or {}).get("fwd"), "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),
               common.fmt(ratio.get("fastattn-cuda"), ".2f"))
     return t

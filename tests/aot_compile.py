@@ -3,14 +3,14 @@ survives pruning, and report shared memory, registers and spills (cuobjdump's st
 the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16 (pointers and strides divisible
 by 16). The attention tiles' default (first) entries, or with --all-tiles every entry of the tables in
 fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens; the fp16
-defaults at d64/d128 also with a bias gradient, a bool mask, dropout, a soft cap or split-KV), with their main loops'
-loads pipelined (cp.async) and, for the fp16 defaults (with each of those features too), their dots on wgmma; fp32 kernels must not use approximate divisions
-or square roots. A kernel whose TTGIR transposes a tensor in an MMA result layout fails too: tl.dot(tl.trans(<dot
-result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and our dK/dV kernel, when written that way,
-failed dK on an H200. Without --all-tiles / every config, each kernel is checked with the config an untuned launch
-runs: the first that fits the target's shared memory (the full-feature d128 forward's first tile does not fit an
-A100's). Run by tests/test_kernels_compile.py in a process without TRITON_INTERPRET (interpreted kernels
-cannot be compiled).
+defaults at d64/d128 also with a bias gradient, a bool mask, dropout, a soft cap, split-KV or packed GQA), with
+their main loops' loads pipelined (cp.async) and, for the fp16 defaults (with each of those features too), their
+dots on wgmma; fp32 kernels must not use approximate divisions or square roots. A kernel whose TTGIR transposes a
+tensor in an MMA result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
+(triton-lang/triton#6124), and our dK/dV kernel, when written that way, failed dK on an H200. Without --all-tiles /
+every config, each kernel is checked with the config an untuned launch runs: the first that fits the target's shared
+memory (the full-feature d128 forward's first tile does not fit an A100's). Run by tests/test_kernels_compile.py in a
+process without TRITON_INTERPRET (interpreted kernels cannot be compiled).
 
     python tests/aot_compile.py --arch 90 [--first-only] [--all-tiles]   (a line per compile; exit 1 on a failure)
 """
@@ -94,10 +94,10 @@ def resources(cubin: bytes):
 def cases():
     full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
                 BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False, VARLEN=False,
-                DROPOUT=True, SPLIT=True)
+                DROPOUT=True, SPLIT=True, PACK_GQA=True)
     plain = dict(WIN_LEFT=False, WIN_RIGHT=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False,
                  HAS_KVLENS=False, BIAS_GRAD=False, HAS_DLSE=True, HAS_ALIBI=False, HAS_SOFTCAP=False,
-                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False, SPLIT=False)
+                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False)
     yield torch.float16, 128, full, True
     yield torch.float32, 256, full, True
     yield torch.bfloat16, 64, plain, False
@@ -156,7 +156,7 @@ def tiles(arch, every):
     causal attention with kv_lens, each element size and head-dim block."""
     flags = dict(WIN_LEFT=False, WIN_RIGHT=True, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=True,
                  BIAS_GRAD=False, HAS_DLSE=False, HAS_ALIBI=False, HAS_SOFTCAP=False, COUNT_VISITS=False,
-                 VARLEN=False, DROPOUT=False, SPLIT=False)
+                 VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False)
     kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
     failures = 0
     for dtype in (torch.float16, torch.float32):
@@ -174,12 +174,13 @@ def tiles(arch, every):
                                        forbid=APPROX if dtype == torch.float32 else ())
     # The fp16 defaults of the common head dims, with each feature that adds registers to the loops, spill-free too
     features = {"bias+grad": dict(HAS_BIAS=True, BIAS_GRAD=True), "mask": dict(HAS_MASK=True),
-                "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True), "split-KV": dict(SPLIT=True)}
+                "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True), "split-KV": dict(SPLIT=True),
+                "packed GQA": dict(PACK_GQA=True, SPLIT=True)}
     for bd in (64, 128):
         for feature, extra in features.items():
             consts = dict(flags, **extra, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="tf32")
             for name, kernel in kernels.items():
-                if feature == "split-KV" and name != "fwd":  # the backward does not split
+                if feature in ("split-KV", "packed GQA") and name != "fwd":  # the backward does neither
                     continue
                 m, n, w, s = A.tiles_for(name, 2, bd)[0]
                 config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)

@@ -298,12 +298,72 @@ def test_num_splits(programs, key_blocks, sms):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
 def test_gpu_decode_splits(D, dtype):
-    """Decoding shapes (one query against a long cache), where the heuristic splits the keys: the rule holds."""
+    """Decoding shapes (one query against a long cache), where the heuristics pack the GQA group and split the
+    keys: the rule holds."""
     from fastattn.triton import attention as kernels
     q = torch.empty(1, 8, 1, D, dtype=dtype, device="cuda")
-    assert kernels._splits_for(q, 1, 8, 1, 5000, D) > 1
+    assert kernels._pack_for(q, 4, 1, D) and kernels._splits_for(q, 2, 4, 5000, D) > 1  # packed GQA: 2 kv heads
     assert_case(AttentionCase(B=1, H=8, Hkv=2, Lq=1, Lk=5000, D=D, dtype=dtype, causal=True,
                               alignment="bottom_right", kv_lens=True, seed=D), device="cuda")
+
+
+# ------------------------------------------------------------------------------------------- packed GQA
+# A group's query heads packed into one program's rows (forced here, with and without split-KV); odd groups and
+# lengths make rows of one query block straddle heads and query positions.
+PACK_CASES = {
+    "decode-kv_lens-br": dict(B=3, H=4, Hkv=2, Lq=1, Lk=300, D=64, causal=True, alignment="bottom_right",
+                              kv_lens=True, lse_grad=True),
+    "mask-per-head": dict(B=2, H=6, Hkv=2, Lq=7, Lk=150, D=40, bool_mask="full", causal=True),
+    "features": dict(B=2, H=4, Hkv=1, Lq=9, Lk=100, D=16, dtype=torch.float32, key_padding=True, bias="full",
+                     bias_grad=True, alibi="heads", softcap=3.0, dropout=0.2),
+    "window-group3": dict(B=1, H=3, Hkv=1, Lq=20, Lk=90, D=16, causal=True, alignment="bottom_right",
+                          window=(20, -1)),
+    "varlen": dict(varlen=((1, 130), (5, 7), (0, 40), (3, 96)), H=4, Hkv=1, causal=True, alignment="bottom_right"),
+}
+
+
+@pytest.mark.parametrize("name,splits", [(name, 1) for name in PACK_CASES] + [("decode-kv_lens-br", 3),
+                                                                               ("varlen", 3)])
+def test_pack_gqa(name, splits):
+    from fastattn.triton import attention as kernels
+    # Seeds 3 and 5: seed 1 of "features" is one of the fp32 dbias misses README's Numerics names (packed or not).
+    with kernels.forced_pack_gqa(True), kernels.forced_splits(splits):
+        assert_case(AttentionCase(**{"seed": 2 + splits, **PACK_CASES[name]}))
+
+
+def test_pack_gqa_reads_each_kv_block_once_per_group():
+    """Decoding with packed GQA: one program per kv head reads each of its key blocks once for the whole group
+    (a group of 4: a quarter of the unpacked forward's key-block loads), with the same output."""
+    from fastattn.ops.common import empty_like
+    from fastattn.triton import attention as kernels
+
+    B, H, Hkv, Lk, D = 2, 8, 2, 200, 16
+    q = torch.randn(B, H, 1, D, device=DEVICE)
+    k, v = (torch.randn(B, Hkv, Lk, D, device=DEVICE) for _ in range(2))
+    kv_lens = torch.tensor([37, 200], dtype=torch.int32, device=DEVICE)
+    runs = {}
+    for pack in (False, True):
+        out, lse, count = empty_like(q), torch.empty(B, H, 1, device=DEVICE), {}
+        with kernels.forced_pack_gqa(pack):
+            kernels.forward(q, k, v, None, None, kv_lens, out, lse, D ** -0.5, True, True, count=count)
+        runs[pack] = out, lse, count["fwd"].sum().item()
+    blocks = [-(-n // kernels.INTERPRET_BLOCK) for n in kv_lens.tolist()]
+    assert runs[False][2] == H * sum(blocks) and runs[True][2] == Hkv * sum(blocks)
+    for a, b in zip(runs[False][:2], runs[True][:2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("group,Lq,block_m", [(4, 1, 128), (8, 4, 128), (2, 1000, 128), (4, 100, 128),
+                                              (1, 1, 128), (6, 17, 32), (2, 17, 32), (3, 1, 16)])
+def test_pack_gqa_rule(group, Lq, block_m):
+    """Pack when Lq rows per head fill under 90% of the fraction of their tiles that Lq · group rows fill."""
+    from fastattn.triton.attention import pack_gqa
+
+    def used(rows):
+        return rows / (math.ceil(rows / block_m) * block_m)
+    assert pack_gqa(group, Lq, block_m) == (group > 1 and used(Lq) < 0.9 * used(Lq * group))
+    if Lq == 1 and group > 1:
+        assert pack_gqa(group, Lq, block_m)  # decoding always packs
 
 
 # ------------------------------------------------------------------------------------------- SDPA drop-in

@@ -137,7 +137,8 @@ def test_attention_window_rows(tmp_path, capsys):
 
 def test_attention_decode_rows(tmp_path, capsys):
     """Decoding rows (Lq = 1, GQA 32/8, d128; forward only) in the GPU grids, with the Triton forward also timed
-    with split-KV off; the toy CPU row runs SDPA / the reference, and the decoding table is printed."""
+    with split-KV and with packed GQA off; the toy CPU row runs SDPA / the reference, and the decoding table is
+    printed."""
     bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
     rows = [c for c in bench.grid("default", gpu=True) if c.kind == "decode"]
     assert sorted((c.B, c.Lk) for c in rows) == [(b, L) for b in (1, 8) for L in (4096, 16384, 65536)]
@@ -145,12 +146,15 @@ def test_attention_decode_rows(tmp_path, capsys):
     assert rows[0].kv_bytes == 2 * 1 * 8 * 4096 * 128 * 2
     assert any(c.kind == "decode" for c in bench.grid("quick", gpu=True))
     toy = next(c for c in bench.grid("quick", gpu=False) if c.kind == "decode")
-    assert "fastattn-triton-nosplit" in bench.makers(toy, bench.inputs(toy, "cpu"), "cpu", "quick")
+    assert {"fastattn-triton-nosplit", "fastattn-triton-nopack"} <= set(bench.makers(toy, bench.inputs(toy, "cpu"),
+                                                                                     "cpu", "quick"))
 
     assert bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--no-plots"]) == 0
     data = json.loads((tmp_path / "attention.json").read_text())
     row = next(r for r in data["rows"] if r["kind"] == "decode")
     assert set(row["results"]["sdpa-math"]["ms"]) == {"fwd"} and row["results"]["sdpa-math"]["ms"]["fwd"] > 0
-    assert "needs a CUDA GPU" in row["results"]["fastattn-triton-nosplit"]["reason"]
+    for name in ("fastattn-triton-nosplit", "fastattn-triton-nopack"):
+        assert "needs a CUDA GPU" in row["results"][name]["reason"]
     assert any(t["title"].startswith("decoding") for t in data["tables"])
-    assert "split gain" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "split gain" in printed and "pack gain" in printed

@@ -15,7 +15,8 @@ into another dot: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on 
 A full-size bias gets ds from the dk/dv kernel; a bias broadcast over some dims gets dbias = Σ ds over them from
 a kernel of its own (one program per dbias tile), so no [B, H, Lq, Lk] buffer is ever allocated.
 When its programs are too few to fill the GPU (decoding), the forward splits each one's keys over several programs
-and merges their results by their log-sum-exps (split-KV, see num_splits).
+and merges their results by their log-sum-exps (split-KV, see num_splits); when a query block would hold few
+rows, it packs the query heads of a GQA group into one program's rows (see pack_gqa).
 """
 from __future__ import annotations
 
@@ -228,16 +229,16 @@ def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
 
 
 @triton.jit
-def _key_range(start_m, kv_len, shift, win_left, win_right, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """[lo, hi): the keys some row of the query block starting at start_m can see; lo is block-aligned.
+def _key_range(q_first, q_last, kv_len, shift, win_left, win_right, WIN_LEFT: tl.constexpr,
+               WIN_RIGHT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[lo, hi): the keys some query q_first <= i <= q_last can see; lo is block-aligned.
     Row i sees d(i) − left <= j <= d(i) + right, d(i) = i + shift."""
     lo = 0
     hi = kv_len
     if WIN_RIGHT:
-        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + shift + win_right), 0)
+        hi = tl.maximum(tl.minimum(hi, q_last + 1 + shift + win_right), 0)
     if WIN_LEFT:
-        lo = tl.maximum(start_m + shift - win_left, 0) // BLOCK_N * BLOCK_N
+        lo = tl.maximum(q_first + shift - win_left, 0) // BLOCK_N * BLOCK_N
     return lo, hi
 
 
@@ -334,7 +335,7 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
 
 
 # --------------------------------------------------------------------------------------------- forward
-@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SPLIT"],
+@triton.autotune(configs=_configs("fwd"), key=_KEY + ["SPLIT", "PACK_GQA"],
                  prune_configs_by={"early_config_prune": functools.partial(_prune, "fwd")})
 @triton.jit(do_not_specialize=_NOSPEC + ["n_split"])
 def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
@@ -346,29 +347,45 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr, SPLIT: tl.constexpr,
-                DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PACK_GQA: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // GROUP
-    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        # One program per kv head: its rows r = i·GROUP + g are query i of head hk·GROUP + g, so the GROUP query
+        # heads sharing this K/V read it once (decoding: GROUP times less K/V traffic, GROUP times fuller tiles).
+        # h_row / h_col: each row's head as an [M] / [M, 1] tile.
+        b = pid_bh // (H // GROUP)
+        hk = pid_bh % (H // GROUP)
+        qi = offs_m // GROUP
+        h_row = hk * GROUP + offs_m % GROUP
+        h_col = h_row[:, None]
+        q_first = pid_m * BLOCK_M // GROUP
+        q_last = (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP
+    else:
+        b = pid_bh // H
+        h_row = pid_bh % H
+        h_col = h_row
+        hk = h_row // GROUP
+        qi = offs_m
+        q_first = pid_m * BLOCK_M
+        q_last = q_first + BLOCK_M - 1
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    row_ok = offs_m < q_len
-    q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
+    row_ok = qi < q_len
+    q = _load_rows(Q + b * s_qb + h_col * s_qh + q0 * s_qm, qi, s_qm, offs_d, q_len, HEAD_DIM)
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
     # Key blocks outside the window (or past the causal diagonal) of every row of this block are never visited,
     # nor any key block of a query block past the end of its (packed) sequence.
-    lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    lo, hi = _key_range(q_first, q_last, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_N)
     if VARLEN:
-        hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
+        hi = tl.where(q_first < q_len, hi, 0)
     if HAS_MASK:
-        lo, hi = _mask_trim(lo, hi, offs_m, b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
+        lo, hi = _mask_trim(lo, hi, qi, b, h_col, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len, shift,
                             win_left, win_right, WIN_LEFT, WIN_RIGHT, True, BLOCK_N)
     if SPLIT:  # split-KV: this program takes the pid_s-th of n_split runs of whole key blocks of [lo, hi)
         per = tl.cdiv(tl.maximum(hi - lo, 0), BLOCK_N * n_split) * BLOCK_N
@@ -378,7 +395,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         Lse += pid_s * s_ls
     slope = 0.0
     if HAS_ALIBI:
-        slope = tl.load(Alibi + b * s_ab + h)
+        slope = tl.load(Alibi + b * s_ab + h_col)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -386,13 +403,13 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
+        vis = _visible(qi[:, None], offs_n[None, :], b, h_col, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
                        shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
         visits += 1
         k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
         v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
-        qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None], offs_n[None, :],
-                        b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
+        qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, qi[:, None], offs_n[None, :],
+                        b, h_col, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
                         HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
@@ -401,7 +418,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
         if DROPOUT:
-            p = tl.where(_keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
+            p = tl.where(_keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -413,8 +430,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     out = acc * tl.math.div_rn(1.0, norm)[:, None]
     # A split's empty row gets lse −inf (weight 0 in the combine); a whole row with no visible key, +inf.
     lse2 = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(Lse + b * s_lb + h * s_lh + q0 + offs_m, lse2, mask=row_ok)
-    tl.store(Out + b * s_ob + h * s_oh + (q0 + offs_m[:, None]) * s_om + offs_d[None, :],
+    tl.store(Lse + b * s_lb + h_row * s_lh + q0 + qi, lse2, mask=row_ok)
+    tl.store(Out + b * s_ob + h_col * s_oh + (q0 + qi[:, None]) * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
         tl.store(Visits + (pid_s * tl.num_programs(1) + pid_bh) * tl.num_programs(0) + pid_m, visits)
@@ -592,7 +609,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
-    lo, hi = _key_range(pid_m * BLOCK_M, kv_len, shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, BLOCK_M, BLOCK_N)
+    lo, hi = _key_range(pid_m * BLOCK_M, pid_m * BLOCK_M + BLOCK_M - 1, kv_len, shift, win_left, win_right,
+                        WIN_LEFT, WIN_RIGHT, BLOCK_N)
     if VARLEN:
         hi = tl.where(pid_m * BLOCK_M < q_len, hi, 0)
     if HAS_MASK:
@@ -795,9 +813,12 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     ``count``: a dict that receives the key blocks each program computed ("fwd")."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
-    n_split = _splits_for(q, B, H, Lq, Lk, args["BLOCK_D"])
-    visits = _visits(count, "fwd", n_split * B * H * triton.cdiv(Lq, MIN_BLOCK), lse)
-    grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H, n_split)  # noqa: E731
+    group = H // Hkv
+    pack = _pack_for(q, group, Lq, args["BLOCK_D"])
+    heads, rows = (Hkv, Lq * group) if pack else (H, Lq)  # a packed program's rows: its kv head's query heads
+    n_split = _splits_for(q, B * heads, rows, Lk, args["BLOCK_D"])
+    visits = _visits(count, "fwd", n_split * B * heads * triton.cdiv(rows, MIN_BLOCK), lse)
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * heads, n_split)  # noqa: E731
     # Split-KV: each split writes its normalised fp32 partial output and lse2 to a workspace; a second kernel merges.
     o_dst, lse_dst = out, lse
     if n_split > 1:
@@ -808,7 +829,7 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
         _launch(_fwd_kernel, grid, q, k, v, *ptrs, o_dst, lse_dst,
                 *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *o_rows, *lse_strides,
                 Visits=visits, n_split=n_split, s_os=o_dst.stride(0), s_ls=lse_dst.stride(0), SPLIT=n_split > 1,
-                **args)
+                PACK_GQA=pack, **args)
         if n_split > 1:
             # Like the delta kernel, the merge sees a packed batch as one sequence of total_q rows.
             rows_total = q.shape[0] if varlen is not None else Lq
@@ -817,23 +838,54 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
                 H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
 
 
-# ------------------------------------------------------------------------------------------- split-KV
+# ------------------------------------------------------------------------------- split-KV and packed GQA
 # When the (batch · head · query-block) programs cannot fill the GPU (decoding: Lq = 1; short queries against a
 # long cache), the forward also splits each program's keys into runs of whole key blocks, one program each, and
-# merges their partial results by their log-sum-exps (FlashDecoding). The backward is unchanged.
+# merges their partial results by their log-sum-exps (FlashDecoding). When a query block would be mostly empty
+# rows (few queries per head: decoding), one program takes the queries of all the query heads that share a kv
+# head (packed GQA, as FlashAttention-3 does). The backward is unchanged by either.
 COMBINE_BLOCK = 16
-_FORCED_SPLITS: list = []  # [n] while forced_splits(n) is active
+_FORCED_LAYOUT = {"splits": [], "pack_gqa": []}  # values of the active forced_splits / forced_pack_gqa
 
 
 @contextlib.contextmanager
-def forced_splits(n: int):
-    """Run the forward with ``n`` key splits (1: never split) instead of the heuristic, e.g. to test splitting on
-    the CPU, where the heuristic never splits."""
-    _FORCED_SPLITS.append(int(n))
+def _forcing(name, value):
+    _FORCED_LAYOUT[name].append(value)
     try:
         yield
     finally:
-        _FORCED_SPLITS.pop()
+        _FORCED_LAYOUT[name].pop()
+
+
+def forced_splits(n: int):
+    """Run the forward with ``n`` key splits (1: never split) instead of the heuristic, e.g. to test splitting on
+    the CPU, where the heuristic never splits."""
+    return _forcing("splits", int(n))
+
+
+def forced_pack_gqa(pack: bool):
+    """Run the forward with (True) or without (False) packed GQA instead of the heuristic (a group of 1 never
+    packs)."""
+    return _forcing("pack_gqa", bool(pack))
+
+
+def pack_gqa(group: int, Lq: int, block_m: int) -> bool:
+    """Pack the ``group`` query heads of a kv head into one program's rows when that fills query blocks of
+    ``block_m`` rows better: when Lq rows per head use under 90% of the fraction of their tiles that Lq · group
+    rows would (FlashAttention-3's rule). Decoding (Lq = 1) packs; long queries don't."""
+    def used(rows):
+        return rows / (-(-rows // block_m) * block_m)
+    return group > 1 and used(Lq) < 0.9 * used(Lq * group)
+
+
+def _pack_for(q, group, Lq, block_d):
+    """Forced packing (for a group > 1), else the rule for the default tile's query block."""
+    if group == 1:
+        return False
+    if _FORCED_LAYOUT["pack_gqa"]:
+        return _FORCED_LAYOUT["pack_gqa"][-1]
+    block_m = INTERPRET_BLOCK if INTERPRET else tiles_for("fwd", q.element_size(), block_d)[0][0]
+    return pack_gqa(group, Lq, block_m)
 
 
 def num_splits(programs: int, key_blocks: int, sms: int, max_splits: int = 64) -> int:
@@ -856,14 +908,15 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _splits_for(q, B, H, Lq, Lk, block_d):
-    """Forced splits, else the heuristic on GPUs (with the default tile's blocks), else 1."""
-    if _FORCED_SPLITS:
-        return _FORCED_SPLITS[-1]
+def _splits_for(q, heads, rows, Lk, block_d):
+    """Forced splits, else the heuristic on GPUs (with the default tile's blocks), else 1, for a forward of
+    ``heads`` (batch · head) slices of ``rows`` query rows each."""
+    if _FORCED_LAYOUT["splits"]:
+        return _FORCED_LAYOUT["splits"][-1]
     if not q.is_cuda:
         return 1
     block_m, block_n = tiles_for("fwd", q.element_size(), block_d)[0][:2]
-    return num_splits(B * H * triton.cdiv(Lq, block_m), triton.cdiv(Lk, block_n), _multiprocessors(q.device.index))
+    return num_splits(heads * triton.cdiv(rows, block_m), triton.cdiv(Lk, block_n), _multiprocessors(q.device.index))
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
