@@ -325,6 +325,8 @@ PACK_CASES = {
 @pytest.mark.parametrize("name,splits", [(name, 1) for name in PACK_CASES] + [("decode-kv_lens-br", 3),
                                                                                ("varlen", 3)])
 def test_pack_gqa(name, splits):
+    """The forward with a GQA group's query heads packed into one program's rows (and split 3 ways): the rule holds
+    for every output and gradient."""
     from fastattn.triton import attention as kernels
     # Seeds 3 and 5: seed 1 of "features" is one of the fp32 dbias misses README's Numerics names (packed or not).
     with kernels.forced_pack_gqa(True), kernels.forced_splits(splits):
