@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
 DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools transformers==5.23.0
 
-.PHONY: venv build test emu-memcheck check gpu-check gpu-build gpu-test gpu-sanitize bench gpu-bench clean
+.PHONY: venv build test emu-memcheck check gpu-check gpu-session gpu-build gpu-test gpu-sanitize bench gpu-bench clean
 
 venv: $(STAMP)
 
@@ -58,6 +58,16 @@ check: build
 GPU_TESTS ?=
 GPU_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 4); echo $$(( n > 12 ? 12 : n )))
 XDIST := $(shell $(PYTHON) -c "import xdist" 2>/dev/null && echo "-n $(GPU_WORKERS)")
+
+# A lent GPU comes with 15 minutes of device time in all, so `make gpu-session` runs the parts above as stages in one
+# command that keeps to GPU_DEADLINE seconds (default 540), what only a GPU can show first: build, the CUDA backend's
+# tests, memcheck, racecheck, the Triton tests, benchmarks, every autotune config, check. It writes summary.md,
+# state.json and session.tar.gz (every log) to $(OUT) (the device machine's $OUT); RESUME=<an earlier call's OUT>
+# carries on with what that call did not finish (tests/gpu_session.py; --dry-run lists the commands).
+GPU_DEADLINE ?= 540
+OUT ?= gpu-session
+gpu-session:
+	$(PYTHON) tests/gpu_session.py --out "$(OUT)" --deadline $(GPU_DEADLINE) $(if $(RESUME),--resume "$(RESUME)")
 
 gpu-check: gpu-build gpu-test gpu-sanitize
 	$(PYTHON) -W ignore -m fastattn check
