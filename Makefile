@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Pinned: torch 2.13.0 (the CPU wheel on this machine), triton 3.6.0 (as on the GPU machine),
 # numpy < 2.4 (triton 3.6.0's interpreter breaks on numpy 2.4's scalar conversion).
-DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm setuptools transformers==5.23.0
+DEPS   := torch==2.13.0 triton==3.6.0 "numpy<2.4" pybind11 pytest pytest-benchmark tqdm matplotlib setuptools transformers==5.23.0
 
 .PHONY: venv build test emu-memcheck check gpu-check gpu-session gpu-build gpu-test gpu-sanitize bench gpu-bench clean
 

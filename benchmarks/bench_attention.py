@@ -14,7 +14,7 @@ Decoding rows (one query per sequence against a KV cache of Lk keys, GQA 32/8, d
 table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gains of the Triton forward's
 split-KV and packed GQA (same kernel with one forced off ÷ with the heuristics' choice).
 
-    python benchmarks/bench_attention.py [--quick | --full] [--autotune] [--out DIR] [--budget S]
+    python benchmarks/bench_attention.py [--quick | --full | --rehearse] [--autotune] [--out DIR] [--budget S]
 """
 from __future__ import annotations
 
@@ -166,6 +166,12 @@ def decode_rows(dtype, batches, lengths) -> list[Case]:
 def grid(mode: str, gpu: bool) -> list[Case]:
     """Rows in priority order (a spent --budget drops the last ones)."""
     bf16, fp16 = torch.bfloat16, torch.float16
+    if mode == "rehearse":  # every kind of row at tiny sizes, fp16 (the interpreter cannot run bf16)
+        return [*(Case("sweep", fp16, 1, 2, 2, n, n, 32, c) for c in (False, True) for n in (32, 64)),
+                Case("padding", fp16, 2, 2, 2, 64, 64, 32, pad=0.25), Case("gqa", fp16, 1, 4, 2, 64, 64, 32, True),
+                Case("bias", fp16, 1, 2, 2, 48, 48, 32, bias=True), Case("cross", fp16, 1, 2, 2, 40, 96, 32),
+                *(Case("window", fp16, 1, 2, 2, n, n, 32, True, window=16) for n in (64, 128)),
+                Case("varlen", fp16, 3, 2, 2, 48, 48, 32, True, pad=0.5), Case("decode", fp16, 2, 4, 2, 1, 160, 32)]
     if not gpu:  # CPU: the reference / SDPA rows at toy sizes, fp32 (CPU half matmuls are slow)
         f32, L = torch.float32, 128
         Ls = (64, 128) if mode == "quick" else (128, 256, 512, 1024)
@@ -357,7 +363,6 @@ TRITON_ABLATIONS = {"fastattn-triton-nosplit": ("forced_splits", 1),
 
 def make_triton_ablation(case: Case, x: dict, device: str, name: str):
     """fastattn-triton with split-KV ("-nosplit") or packed GQA ("-nopack") forced off."""
-    common.require_cuda(device, name)
     from fastattn.triton import attention as kernels
     fwd, dout, grads = make_fastattn(case, x, device, "fastattn-triton")
     force, value = TRITON_ABLATIONS[name]
@@ -513,7 +518,7 @@ def plots(rows: list, out_dir, env: dict) -> list:
 def main(argv=None) -> int:
     with common.session(__doc__.splitlines()[0], argv, 240, "fastattn, FlexAttention and torch.compile rows are "
                         "skipped (reason in each row); the CPU grid runs the reference and SDPA at toy sizes in "
-                        "fp32") as s:
+                        "fp32", rehearse=True) as s:
         args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         rows = []
         for case in common.progress(grid(args.mode, gpu), NAME):

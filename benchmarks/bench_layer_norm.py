@@ -6,7 +6,7 @@ statistics are O(N + rows) and not counted). layer_norm: fwd reads x, writes y (
 dx (3). add_ln = LayerNorm(x + residual): fwd reads x, residual, writes y and the sum kept for backward (4);
 bwd reads the sum and dy, writes dx (= dresidual, the same tensor) (3). weight and bias require grad.
 
-    python benchmarks/bench_layer_norm.py [--quick | --full] [--out DIR] [--budget S]
+    python benchmarks/bench_layer_norm.py [--quick | --full | --rehearse] [--out DIR] [--budget S]
 """
 from __future__ import annotations
 

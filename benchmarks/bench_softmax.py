@@ -4,7 +4,7 @@ device-to-device copy measured in the same run.
 Bytes = tensors that must be read or written once: forward reads x and writes y (2 tensors); backward reads
 y and dy and writes dx (3 tensors). Rows × N ≈ 2^28 elements (0.5 GB in bf16) on the GPU.
 
-    python benchmarks/bench_softmax.py [--quick | --full] [--out DIR] [--budget S]
+    python benchmarks/bench_softmax.py [--quick | --full | --rehearse] [--out DIR] [--budget S]
 """
 from __future__ import annotations
 

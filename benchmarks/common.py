@@ -6,6 +6,11 @@ Timing: on CUDA ``triton.testing.do_bench(fn, warmup, rep, return_mode="median")
 ``time.perf_counter``: warm-up calls, then the median of the timed calls.
 
 The scripts import fastattn only inside ``main`` after :func:`bench_env` has set ``FASTATTN_AUTOTUNE``.
+
+``--rehearse`` (attention, softmax, LayerNorm): on a CPU, the fastattn rows run too, at tiny sizes in fp16, the
+Triton kernels under their interpreter and the CUDA kernels under the CPU emulator: a dress rehearsal of the code
+that only GPU runs reach (fastattn's providers, ratios, tables, plots with fastattn's series) so that a GPU lease
+is not spent finding its bugs. Its times mean nothing.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ TIMING_NOTE = ("median time; CUDA: triton.testing.do_bench with CUDA events, war
 
 
 SCORES_CAP = 4e9  # bytes of one B·H·Lq·Lk score tensor above which the unfused (L×L) baselines are skipped
+_REHEARSAL = [False]  # set by session() for --rehearse: fastattn's providers run on the CPU
 
 
 class Skip(Exception):
@@ -44,8 +50,12 @@ class Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ options
-def parser(description: str, budget_s: float) -> argparse.ArgumentParser:
+def parser(description: str, budget_s: float, rehearse: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
+    if rehearse:
+        p.add_argument("--rehearse", action="store_true",
+                       help="CPU only: also run fastattn's kernels (Triton interpreter, CUDA emulator) at tiny fp16 "
+                            "sizes, to exercise the GPU rows' code; the times mean nothing")
     p.add_argument("--quick", action="store_true", help="a small subset (smoke test, python -m fastattn bench)")
     p.add_argument("--full", action="store_true", help="every shape, dtype and baseline (long)")
     p.add_argument("--out", type=Path, default=None,
@@ -64,17 +74,23 @@ def parse(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
     args = p.parse_args(list(argv) if argv is not None else None)
     if args.quick and args.full:
         p.error("--quick and --full exclude each other")
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rehearse = getattr(args, "rehearse", False)
+    if rehearse and (args.quick or args.full or (args.device or "cpu") != "cpu"):
+        p.error("--rehearse runs its own tiny grid on the CPU: no --quick, --full or --device cuda")
+    args.device = args.device or ("cpu" if rehearse else "cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU on this machine")
-    args.mode = "quick" if args.quick else ("full" if args.full else "default")
+    args.mode = "rehearse" if rehearse else "quick" if args.quick else ("full" if args.full else "default")
     return args
 
 
 @contextlib.contextmanager
 def bench_env(args):
-    """FASTATTN_AUTOTUNE from --autotune, no NaN poisoning of outputs (a test-only cost); restored afterwards."""
+    """FASTATTN_AUTOTUNE from --autotune, no NaN poisoning of outputs (a test-only cost); for --rehearse the
+    Triton interpreter and the CUDA emulator (read when fastattn is imported); restored afterwards."""
     new = {"FASTATTN_AUTOTUNE": "1" if args.autotune else "0", "FASTATTN_POISON": "0"}
+    if args.mode == "rehearse":
+        new.update(TRITON_INTERPRET="1", FASTATTN_CUDA_EMULATE="1")
     old = {k: os.environ.get(k) for k in new}
     os.environ.update(new)
     try:
@@ -99,15 +115,23 @@ class Session:
 
 
 @contextlib.contextmanager
-def session(description: str, argv, budget_s: float, cpu_note: str):
-    """Parse the options, set the environment (:func:`bench_env`) and say what a CPU run skips."""
-    args = parse(parser(description, budget_s), argv)
+def session(description: str, argv, budget_s: float, cpu_note: str, rehearse: bool = False):
+    """Parse the options, set the environment (:func:`bench_env`) and say what a CPU run skips. ``rehearse``: the
+    script offers --rehearse (its grid then has a "rehearse" mode)."""
+    args = parse(parser(description, budget_s, rehearse), argv)
     with bench_env(args):
         s = Session(args, env_info(args), results_dir(args), Timer.for_args(args), Budget(args.budget),
                     is_cuda(args.device))
-        if not s.gpu:
+        if args.mode == "rehearse":
+            log("rehearsal: fastattn's kernels run on the CPU (Triton interpreter, CUDA emulator) at tiny sizes; "
+                "the times mean nothing")
+        elif not s.gpu:
             log(f"no CUDA GPU: {cpu_note}")
-        yield s
+        _REHEARSAL[0] = args.mode == "rehearse"
+        try:
+            yield s
+        finally:
+            _REHEARSAL[0] = False
 
 
 def is_cuda(device) -> bool:
@@ -175,9 +199,12 @@ class Timer:
     device: str
     warmup_ms: float
     rep_ms: float
+    min_calls: int = 3  # timed calls on CPU at the least
 
     @classmethod
     def for_args(cls, args) -> "Timer":
+        if args.mode == "rehearse":  # the code paths, not the times: one call each
+            return cls(args.device, 0, 0, 1)
         warmup, rep = {"quick": (5, 20), "default": (10, 30), "full": (25, 100)}[args.mode]
         return cls(args.device, warmup, rep)
 
@@ -195,7 +222,7 @@ class Timer:
             fn()
         times = []
         t_end = time.perf_counter() + self.rep_ms / 1e3
-        while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 1000):
+        while len(times) < self.min_calls or (time.perf_counter() < t_end and len(times) < 1000):
             for t in grads:
                 t.grad = None
             t0 = time.perf_counter()
@@ -493,6 +520,8 @@ class RowCase:
 
 def row_sizes(mode: str, gpu: bool) -> tuple:
     """(elements per tensor, widths, copy bytes) for the row-wise benchmarks."""
+    if mode == "rehearse":
+        return 1 << 12, (64, 1024), 1 << 20
     if not gpu:
         return (1 << 18 if mode == "quick" else 1 << 20), (1024, 4096), 64 << 20
     widths = (1024, 2048, 4096, 8192, 16384, 32768)
@@ -509,7 +538,7 @@ def rowwise_main(name: str, description: str, argv, budget_s: float, grid: Calla
     passes = ("fwd", "bwd")
     providers = (*fast, *others)
     with session(description, argv, budget_s, "fastattn and torch.compile rows are skipped (reason in each row); "
-                 "torch eager and the copy ceiling run on CPU at small sizes") as s:
+                 "torch eager and the copy ceiling run on CPU at small sizes", rehearse=True) as s:
         args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         copy_bytes = row_sizes(args.mode, gpu)[2]
         copy_gbs = copy_bandwidth(args.device, timer, copy_bytes)
@@ -564,7 +593,8 @@ def rowwise_main(name: str, description: str, argv, budget_s: float, grid: Calla
 def fastattn_backend(provider: str, device) -> str:
     """'fastattn-triton' -> 'triton' after checking that it can run here (Skip with the reason otherwise)."""
     backend = provider.split("-", 1)[1]
-    require_cuda(device, f"fastattn backend={backend!r}")
+    if not _REHEARSAL[0]:
+        require_cuda(device, f"fastattn backend={backend!r}")
     from fastattn import dispatch
     if backend not in dispatch.available_backends(device):
         raise Skip(f"backend {backend!r} is not available in this build ({dispatch.available_backends(device)})")
@@ -579,6 +609,8 @@ def row_grid(op: str, reads_writes: tuple, mode: str, gpu: bool, *, widths: Opti
     widths = [n for n in (widths or all_widths) if n in all_widths]
     mk = lambda dt, n: RowCase(op, dt, max(1, numel // n), n, reads_writes,  # noqa: E731
                                compiled=mode == "full" or (dt == torch.bfloat16 and n in (4096, 32768)))
+    if mode == "rehearse":  # fp16: the Triton interpreter cannot run bf16
+        return [mk(torch.float16, n) for n in widths]
     if not gpu:
         return [mk(torch.float32, n) for n in widths]
     cases = [mk(torch.bfloat16, n) for n in widths]

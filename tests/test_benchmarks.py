@@ -3,6 +3,7 @@ each benchmark script's ``main(["--quick", "--out", tmp])``: it runs here, says 
 writes valid JSON (plus SUMMARY.md from it).
 
 ``pytest --benchmark-only tests/test_benchmarks.py`` runs the timings alone, anywhere."""
+import importlib.util
 import json
 from pathlib import Path
 
@@ -158,3 +159,35 @@ def test_attention_decode_rows(tmp_path, capsys):
     assert any(t["title"].startswith("decoding") for t in data["tables"])
     printed = capsys.readouterr().out
     assert "split gain" in printed and "pack gain" in printed
+
+
+@pytest.mark.parametrize("name", ["bench_attention", "bench_softmax", "bench_layer_norm"])
+def test_rehearsal_runs_the_fastattn_rows_on_cpu(name, tmp_path, capsys):
+    """--rehearse: the rows a CPU run skips (fastattn's providers, the decoding ablations, the ratios, the window /
+    decoding tables, plots with fastattn's series) run here on the kernels' CPU stand-ins, so a GPU lease does not
+    meet their first bug. Every fastattn provider gives a time for every pass of every row, and a ratio."""
+    module = _load_benchmark(BENCH_DIR / f"{name}.py")
+    assert module.main(["--rehearse", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "rehearsal" in printed and "rehearse grid" in printed
+    data = json.loads((tmp_path / f"{module.NAME}.json").read_text())
+    assert data["env"]["mode"] == "rehearse" and len(data["rows"]) >= 2
+    for row in data["rows"]:
+        fast = [p for p in row["results"] if p.startswith("fastattn")]
+        assert len(fast) >= 2, fast
+        for p in fast:
+            res = row["results"][p]
+            assert res["reason"] is None and all(ms and ms > 0 for ms in res["ms"].values()), (row["case"], p, res)
+        for pas, ratios in row["ratio"].items():
+            assert all(r and r > 0 for r in ratios.values()), (row["case"], pas, ratios)
+    kinds = {r.get("kind") for r in data["rows"]}
+    if name == "bench_attention":
+        assert kinds == {"sweep", "padding", "gqa", "bias", "cross", "window", "varlen", "decode"}
+        assert {"fastattn-triton-nosplit", "fastattn-triton-nopack"} <= set(
+            next(r for r in data["rows"] if r["kind"] == "decode")["results"])
+        assert "split gain" in printed and "ns per query token" in printed
+    if importlib.util.find_spec("matplotlib"):
+        assert data["plots"] and all((tmp_path / p).stat().st_size > 0 for p in data["plots"])
+    with pytest.raises(SystemExit):
+        module.main(["--rehearse", "--quick", "--out", str(tmp_path)])
+    assert "--rehearse runs its own tiny grid" in capsys.readouterr().err
