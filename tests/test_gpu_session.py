@@ -131,3 +131,16 @@ def test_bench_budgets_fit_the_time_given():
     assert len(budgets) == len(gpu_session.BENCH_SHARES) and sum(budgets) <= 400
     assert cmds[-1][0][-3:] == ["benchmarks/summary.py", "--out", str(Path("w") / "bench")]
     assert os.path.basename(cmds[0][0][3]) == "bench_attention.py"
+
+
+def test_sanitize_script_runs_on_the_emulator():
+    """tests/gpu_sanitize.py (what the memcheck and racecheck stages run) launches every CUDA kernel; on the CPU
+    emulator it must run through, or the two stages would spend the GPU's minutes on a broken script."""
+    from fastattn import cuda
+    why = cuda.why_unavailable("cpu")
+    if why is not None:
+        pytest.skip(f"the CUDA emulator is not available: {why}")
+    r = subprocess.run([PY, "tests/gpu_sanitize.py", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "every CUDA kernel ran (cpu)" in r.stdout
