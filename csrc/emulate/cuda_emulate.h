@@ -24,6 +24,11 @@
 // Runs under one schedule are deterministic. What stays unseen: races between accesses within one interval of
 // one thread's run (threads never interleave between barriers).
 //
+// Faults of the hardware, each raised as an error naming the thread and block: an ldmatrix row address or a
+// cp.async destination outside the launch's dynamic shared memory or not 16-byte aligned, a cp.async source not
+// 16-byte aligned; a warp collective met by lanes at different collectives, a shuffle reading an exited lane; a
+// thread exiting with cp.async copies in flight.
+//
 // Out-of-bounds accesses: built with -fsanitize=address (fastattn._C_emu_asan, `make emu-memcheck`), every load
 // and store of the kernels is checked by AddressSanitizer: global memory against torch's CPU allocations,
 // __shared__ arrays (statics here) against their bounds, dynamic shared memory against the size the launch asked
@@ -56,6 +61,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <functional>
@@ -72,15 +78,18 @@ struct Barrier {
   uint64_t gen = 0;
 };
 
-struct Copy {  // a cp.async in flight
+struct Copy {  // a cp.async not yet retired by a wait_group (landed already when eager)
   void* dst;
   const void* src;
   uint32_t n;
+  bool landed;
 };
 
-inline void land(const Copy& c) {  // cp.async.cg ... 16, n: n bytes copied, the rest of the 16 zero-filled
+inline void land(Copy& c) {  // cp.async.cg ... 16, n: n bytes copied, the rest of the 16 zero-filled
+  if (c.landed) return;
   std::memset(c.dst, 0, 16);
   if (c.n) std::memcpy(c.dst, c.src, c.n);
+  c.landed = true;
 }
 
 enum class Order { kForward, kReverse, kShuffle, kFirstAhead, kLastAhead };
@@ -130,6 +139,7 @@ struct Block {
   Barrier bar;
   std::vector<uint64_t> scratch;  // [warps][32][kSlots]
   unsigned char* smem = nullptr;  // dynamic shared memory, 128-byte aligned
+  size_t smem_bytes = 0;
   int live = 0, cur = 0;
   std::string error;  // raised by launch() once the fibers are back (an exception cannot cross swapcontext)
   ucontext_t sched;
@@ -142,6 +152,43 @@ inline Block*& current() {
 }
 
 inline Fiber& me() { return current()->fibers[current()->cur]; }
+
+// Records the first violation of a rule the hardware enforces, naming the thread; launch() raises it once the
+// block's fibers are back. The offending access is skipped (the hardware would have stopped the kernel there).
+inline void fault(const std::string& what) {
+  Block& blk = *current();
+  if (blk.error.empty())
+    blk.error = "fastattn emulator: thread " + std::to_string(blk.cur) + " of block (" + std::to_string(blk.idx.x) +
+                ", " + std::to_string(blk.idx.y) + ", " + std::to_string(blk.idx.z) + ") " + what;
+}
+
+// ldmatrix's row addresses and cp.async's destination: 16 bytes of the launch's dynamic shared memory, 16-byte
+// aligned. On the hardware a misaligned address faults ("misaligned address") and an address outside the shared
+// window reads or writes another block's shared memory or faults, depending on where it falls.
+inline std::string hex(const void* p) {
+  char buf[24];
+  std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
+  return buf;
+}
+
+inline bool shared_row(const void* p, const char* what) {
+  const Block& blk = *current();
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  const auto offset = static_cast<long long>(a - reinterpret_cast<uintptr_t>(blk.smem));
+  const auto size = static_cast<long long>(blk.smem_bytes);
+  if (offset < 0 || offset + 16 > size) {
+    const bool near = offset > -(1 << 20) && offset < size + (1 << 20);  // else it is no shared address at all
+    fault(std::string(what) + (near ? " at shared byte offset " + std::to_string(offset) : " " + hex(p)) +
+          " lies outside the launch's " + std::to_string(size) + " bytes of dynamic shared memory");
+    return false;
+  }
+  if (a % 16) {
+    fault(std::string(what) + " at shared byte offset " + std::to_string(offset) +
+          " is not 16-byte aligned (misaligned address)");
+    return false;
+  }
+  return true;
+}
 
 inline const uint3& thread_idx() { return me().tid; }
 inline const uint3& block_idx() { return current()->idx; }
@@ -171,39 +218,81 @@ inline uint64_t* slots(int lane) {
   return &current()->scratch[(static_cast<size_t>(me().warp) * 32 + lane) * kSlots];
 }
 
+// The warp collectives. A lane puts its operands into its slots, trade() waits for the warp's live lanes, the
+// lanes read each other's slots, and a second syncwarp keeps the slots until every lane has read.
+enum Collective : uint64_t { kShfl = 1, kLdmatrix, kLdmatrixTrans, kMmaF16, kMmaBf16 };
+constexpr int kKindSlot = kSlots - 1;  // where a lane says which collective it is at (operands use at most 6)
+
+inline const char* collective_name(uint64_t kind) {
+  static const char* const names[] = {"?", "shfl.sync", "ldmatrix", "ldmatrix.trans", "mma (f16)", "mma (bf16)"};
+  return names[kind < 6 ? kind : 0];
+}
+
+// Checks that the warp's live lanes are at the same kind of collective (ldmatrix and mma are .sync.aligned:
+// the whole warp executes the same instruction; a lane at another one would trade operands with it here).
+inline void trade(Collective kind) {
+  const Block& blk = *current();
+  const Fiber& f = me();
+  slots(f.lane)[kKindSlot] = kind;
+  syncwarp();
+  const int base = f.warp * 32, lanes = std::min(32, static_cast<int>(blk.fibers.size()) - base);
+  for (int step = 1; step < lanes; ++step) {  // the next live lane: the lanes' checks form a cycle
+    const int other = (f.lane + step) % lanes;
+    if (blk.fibers[base + other].done) continue;
+    const uint64_t theirs = slots(other)[kKindSlot];
+    if (theirs != kind)
+      fault(std::string("is at ") + collective_name(kind) + " while lane " + std::to_string(other) +
+            " of its warp is at " + collective_name(theirs) + " (a warp collective needs the whole warp converged)");
+    break;
+  }
+}
+
 template <typename T>
 inline T shfl_xor(T v, int lane_mask) {
   static_assert(sizeof(T) <= 8 && std::is_trivially_copyable_v<T>, "shfl of a register value");
   std::memcpy(slots(me().lane), &v, sizeof(T));
-  syncwarp();
+  trade(kShfl);
   T r;
-  std::memcpy(&r, slots(me().lane ^ lane_mask), sizeof(T));
+  const int src = me().lane ^ lane_mask, base = me().warp * 32;
+  if (base + src >= static_cast<int>(current()->fibers.size()) || current()->fibers[base + src].done)
+    fault("reads lane " + std::to_string(src) + " of its warp in shfl.sync, which has exited or does not exist " +
+          "(full-mask shuffles need every lane of the warp)");
+  std::memcpy(&r, slots(src), sizeof(T));
   syncwarp();  // nobody overwrites its slot before every lane has read
   return r;
-}
-
-inline uint16_t b16_at(uint64_t addr, int col) {
-  uint16_t v;
-  std::memcpy(&v, reinterpret_cast<const unsigned char*>(addr) + 2 * col, 2);
-  return v;
 }
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8i..8i+7 give the row addresses of matrix i; register
 // i of lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of matrix i (of its transpose with .trans), low half
 // first.
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
-  const int lane = me().lane;
-  slots(lane)[0] = reinterpret_cast<uint64_t>(p);
-  syncwarp();
+  static const unsigned char zeros[16] = {};
+  const Collective kind = trans ? kLdmatrixTrans : kLdmatrix;
+  const int lane = me().lane, base = me().warp * 32;
+  const bool ok = shared_row(p, trans ? "ldmatrix.trans row address" : "ldmatrix row address");
+  slots(lane)[0] = reinterpret_cast<uint64_t>(ok ? p : zeros);  // a bad row reads as zeros (the fault is raised)
+  trade(kind);
+  auto at = [&](int l, int col) {  // element col of the row lane l gave
+    const std::vector<Fiber>& fibers = current()->fibers;
+    const unsigned char* row_p = zeros;  // unless lane l is here: an exited lane or one at another collective
+    if (base + l >= static_cast<int>(fibers.size()) || fibers[base + l].done)
+      fault("needs the row address of lane " + std::to_string(l) + " of its warp in " + collective_name(kind) +
+            ", which has exited or does not exist");
+    else if (slots(l)[kKindSlot] == kind)  // else trade() has raised the divergence
+      row_p = reinterpret_cast<const unsigned char*>(slots(l)[0]);
+    uint16_t v;
+    std::memcpy(&v, row_p + 2 * col, 2);
+    return v;
+  };
   const int row = lane >> 2, col = 2 * (lane & 3);
   for (int i = 0; i < 4; ++i) {
     uint16_t lo, hi;
     if (trans) {  // element (row, c) of the transpose is element (c, row) of the matrix
-      lo = b16_at(slots(8 * i + col)[0], row);
-      hi = b16_at(slots(8 * i + col + 1)[0], row);
+      lo = at(8 * i + col, row);
+      hi = at(8 * i + col + 1, row);
     } else {
-      lo = b16_at(slots(8 * i + row)[0], col);
-      hi = b16_at(slots(8 * i + row)[0], col + 1);
+      lo = at(8 * i + row, col);
+      hi = at(8 * i + row, col + 1);
     }
     r[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
   }
@@ -231,7 +320,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   mine[4] = b0;
   mine[5] = b1;
-  syncwarp();
+  trade(std::is_same_v<T, __half> ? kMmaF16 : kMmaBf16);
   auto A = [](int row, int k) {  // a[reg] of lane (row % 8)·4 + (k % 8)/2: reg 1 for rows 8.., reg 2 for k 8..
     const uint64_t* s = slots((row & 7) * 4 + ((k & 7) >> 1));
     return b16_to_float<T>(static_cast<uint32_t>(s[(row >> 3) + 2 * (k >> 3)]), k & 1);
@@ -253,8 +342,12 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
 
 // cp.async.cg.shared.global [dst], [src], 16, n; cp.async.commit_group; cp.async.wait_group n.
 inline void cp_async_16(void* dst, const void* src, uint32_t n) {
-  if (!schedule().lazy_copies) return land(Copy{dst, src, n});
-  me().open.push_back(Copy{dst, src, n});
+  if (!shared_row(dst, "cp.async destination")) return;
+  if (reinterpret_cast<uintptr_t>(src) % 16)  // even with n = 0: the PTX ISA requires the alignment regardless
+    return fault("cp.async source " + hex(src) + " is not 16-byte aligned (misaligned address)");
+  Copy c{dst, src, n, false};
+  if (!schedule().lazy_copies) land(c);
+  me().open.push_back(c);
 }
 
 inline void cp_async_commit() {
@@ -266,7 +359,7 @@ inline void cp_async_commit() {
 inline void cp_async_wait(size_t pending) {  // every committed group but the newest `pending` has landed
   Fiber& f = me();
   for (; f.groups.size() > pending; f.groups.pop_front())
-    for (const Copy& c : f.groups.front()) land(c);
+    for (Copy& c : f.groups.front()) land(c);
 }
 
 inline void fiber_main() {
@@ -275,10 +368,7 @@ inline void fiber_main() {
   Fiber& f = me();
   bool in_flight = !f.open.empty();
   for (const auto& g : f.groups) in_flight = in_flight || !g.empty();
-  if (in_flight && blk.error.empty())
-    blk.error = "fastattn emulator: thread " + std::to_string(blk.cur) + " of block (" + std::to_string(blk.idx.x) +
-                ", " + std::to_string(blk.idx.y) + ", " + std::to_string(blk.idx.z) +
-                ") exited with cp.async copies in flight (no cp.async.wait_group 0 before the end)";
+  if (in_flight) fault("exited with cp.async copies in flight (no cp.async.wait_group 0 before the end)");
   f.done = true;
   --blk.live;
   // The exited thread no longer counts at the block's and its warp's barriers: complete those it was holding up.
@@ -328,6 +418,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, A
   blk.warp_bar.resize(warps);
   blk.scratch.assign(static_cast<size_t>(warps) * 32 * kSlots, 0);
   blk.smem = smem.data() + 128 - reinterpret_cast<uintptr_t>(smem.data()) % 128;
+  blk.smem_bytes = smem_bytes;
   // Outside [smem, smem + smem_bytes) is out of bounds (at least 1 byte before, 128 after).
   FASTATTN_POISON(smem.data(), blk.smem - smem.data());
   FASTATTN_POISON(blk.smem + smem_bytes, smem.data() + smem.size() - (blk.smem + smem_bytes));
@@ -380,8 +471,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, A
             ran = true;
             if (greedy) break;  // start again from the first thread of the order
           }
-          if (!ran)
-            throw std::runtime_error("fastattn emulator: deadlock in block (" + std::to_string(bx) + ", " +
+          if (!ran)  // a fault recorded before the deadlock is its likely cause: it is the one raised
+            throw std::runtime_error(!blk.error.empty() ? blk.error :"fastattn emulator: deadlock in block (" + std::to_string(bx) + ", " +
                                      std::to_string(by) + ", " + std::to_string(bz) +
                                      "): every live thread waits at a barrier the others never reach");
         }
