@@ -95,11 +95,26 @@ struct Raw {
   Chunk c[kChunks];
 };
 
+// Whether the pack at p (columns c .. c + V of n) moves as whole vectors: `vec` and inside the row. The emulator
+// also checks the alignment `vec` promises (a host CPU reads a misaligned vector, the GPU faults); the fault is
+// raised and the pack moves element by element.
+template <typename T, int V>
+__device__ __forceinline__ bool whole_pack(const T* p, int64_t c, int64_t n, bool vec, const char* what) {
+  const bool whole = vec && c + V <= n;
+#if defined(FASTATTN_EMULATE)
+  if (whole && !fastattn_emu::aligned_vector(p, sizeof(typename Raw<T, V>::Chunk), what)) return false;
+#else
+  (void)p;
+  (void)what;
+#endif
+  return whole;
+}
+
 // out[i] = row[c + i] as float for the V columns from c; columns >= n read as `other`. `vec`: the row
 // pointer is 16-byte aligned, so a whole pack is one (or two) vector loads.
 template <typename T, int V>
 __device__ __forceinline__ void load(const T* row, int64_t c, int64_t n, bool vec, float (&out)[V], float other) {
-  if (vec && c + V <= n) {
+  if (whole_pack<T, V>(row + c, c, n, vec, "vector load")) {
     Raw<T, V> raw;
     const auto* src = reinterpret_cast<const typename Raw<T, V>::Chunk*>(row + c);
 #pragma unroll
@@ -127,7 +142,7 @@ __device__ __forceinline__ void load_dyn(const void* row, int dtype, int64_t c, 
 
 template <typename T, int V>
 __device__ __forceinline__ void store(T* row, int64_t c, int64_t n, bool vec, const float (&in)[V]) {
-  if (vec && c + V <= n) {
+  if (whole_pack<T, V>(row + c, c, n, vec, "vector store")) {
     T v[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) v[i] = from_float<T>(in[i]);

@@ -4,7 +4,8 @@ reference under DESIGN.md §5 like the Triton kernels. The emulator executes the
 online softmax, the mma / ldmatrix fragment arithmetic, barriers, cp.async groups) one block at a time; at the end,
 the same kernels under other thread orders and cp.async landing times must give the same bits (a race shows as a
 difference). The emulator raises what would fault on the hardware (misaligned or non-shared ldmatrix / cp.async
-addresses, divergent warp collectives, copies in flight at exit); the last test shows each check fires.
+addresses, misaligned vector loads, divergent warp collectives, copies in flight at exit); the last test shows
+each check fires.
 Out-of-bounds accesses: the same tests under `make emu-memcheck` (AddressSanitizer); timing: the GPU tests.
 fp16 and bf16 (fp32 also for the row kernels): the emulator, unlike Triton's interpreter, runs bf16."""
 import re
@@ -273,6 +274,8 @@ FAULTS = {
     "divergent-collective": r"is at (ldmatrix|mma \(f16\)) while lane \d+ of its warp is at (ldmatrix|mma \(f16\)) "
                             r"\(a warp collective needs the whole warp converged\)",
     "shfl-from-exited-lane": r"thread 2 of block \(0, 0, 0\) reads lane 3 of its warp in shfl\.sync, which has exited",
+    "vector-load-misaligned": r"thread \d+ of block \(0, 0, 0\) vector load of 16 bytes at 0x[0-9a-f]+ is not aligned "
+                              r"to its size \(misaligned address\)",
     "deadlock": r"deadlock in block \(0, 0, 0\)",
 }
 

@@ -26,7 +26,7 @@
 //
 // Faults of the hardware, each raised as an error naming the thread and block: an ldmatrix row address or a
 // cp.async destination outside the launch's dynamic shared memory or not 16-byte aligned, a cp.async source not
-// 16-byte aligned; a warp collective met by lanes at different collectives, a shuffle reading an exited lane; a
+// 16-byte aligned, a vector load or store (rows.cuh) not aligned to its size; a warp collective met by lanes at different collectives, a shuffle reading an exited lane; a
 // thread exiting with cp.async copies in flight.
 //
 // Out-of-bounds accesses: built with -fsanitize=address (fastattn._C_emu_asan, `make emu-memcheck`), every load
@@ -169,6 +169,14 @@ inline std::string hex(const void* p) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
   return buf;
+}
+
+// A vector access of `bytes` bytes (uint2, uint4) at p: the hardware faults when p is not a multiple of them.
+inline bool aligned_vector(const void* p, size_t bytes, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % bytes == 0) return true;
+  fault(std::string(what) + " of " + std::to_string(bytes) + " bytes at " + hex(p) +
+        " is not aligned to its size (misaligned address)");
+  return false;
 }
 
 inline bool shared_row(const void* p, const char* what) {
