@@ -31,7 +31,6 @@ using fastattn::AttnParams;
 #if defined(FASTATTN_EMULATE)
 bool fastattn_emu_set_schedule(const std::string& order, const std::string& copies,
                                uint64_t seed);  // csrc/emulate/runtime.cpp
-std::string fastattn_emu_selftest(const std::string& name);
 #endif
 
 static_assert(int(fastattn::kFloat16) == int(fastattn::kRowFloat16) &&
@@ -94,17 +93,6 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
       },
       "How the emulator orders a block's threads between barriers and when cp.async lands (csrc/emulate/)",
       py::arg("order") = "forward", py::arg("cp_async") = "eager", py::arg("seed") = 0);
-  m.def(
-      "selftest",
-      [](const std::string& name) {
-        try {
-          return fastattn_emu_selftest(name);
-        } catch (const std::invalid_argument& e) {
-          throw py::value_error(e.what());
-        }
-      },
-      "Launch one of the emulator's rule-breaking test kernels (csrc/emulate/runtime.cpp); its error, '' if none",
-      py::arg("name"));
 #else
   m.attr("emulated") = false;
 #endif

@@ -9,17 +9,23 @@
 //       __syncthreads if TRAILING (the one that frees the stage before it is refilled)
 //   reduce ORDER SEED FIRST_SYNC -> the 128 threads' results of 4 block sums in a row (round r: sum of (r+1)·t)
 //       through one __shared__ array, with or without the barrier that lets the last round's readers finish
-//   in_flight / deadlock -> the error the launch raises ("error: ..."), or "no error"
+//   fault NAME ORDER CPASYNC SEED -> the error ("error: ...", or "no error") of a kernel that breaks one rule whose
+//       breach faults on the hardware (kFaults: misaligned or non-shared cp.async / ldmatrix addresses, a
+//       misaligned vector load, divergent warp collectives, a shuffle from an exited lane, copies in flight at
+//       exit, a deadlock), or keeps them all
 //   oob_shared / oob_global -> reads one float past dynamic shared memory / past a global array: "no error"
 //       without AddressSanitizer, a report and a non-zero exit with it
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "host_driver.h"
 #include "launch.h"
+#include "rows.cuh"
 
 namespace emu = fastattn_emu;
 
@@ -64,18 +70,87 @@ __global__ void reduce(float* out, bool first_sync) {
   }
 }
 
-__global__ void in_flight(const float* in) {  // a copy still in flight when the thread exits
-  FASTATTN_DYNAMIC_SMEM(smem);
-  emu::cp_async_16(smem + 16 * threadIdx.x, in + 4 * threadIdx.x, 16);
-  emu::cp_async_commit();
-}
+// One kernel per rule whose breach faults (or hangs) on the hardware, and case 0 that keeps them all; one warp.
+enum Fault {
+  kKeepsTheRules,
+  kCpAsyncDstMisaligned,
+  kCpAsyncSrcMisaligned,
+  kCpAsyncDstOutsideShared,
+  kCpAsyncInFlight,
+  kLdmatrixMisaligned,
+  kLdmatrixOutsideShared,
+  kDivergentCollective,
+  kShflFromExitedLane,
+  kVectorLoadMisaligned,
+  kDeadlock,
+};
+const char* const kFaults[] = {"keeps_the_rules",      "cp_async_dst_misaligned", "cp_async_src_misaligned",
+                               "cp_async_dst_outside_shared", "cp_async_in_flight", "ldmatrix_misaligned",
+                               "ldmatrix_outside_shared", "divergent_collective", "shfl_from_exited_lane",
+                               "vector_load_misaligned",  "deadlock"};
+constexpr int kFaultSmem = 1024;
 
-__global__ void deadlock() {  // lane 0 at the block barrier, the others at a shuffle that needs lane 0
-  if (threadIdx.x == 0) {
-    __syncthreads();
-  } else {
-    __shfl_xor_sync(0xffffffffu, 1, 1);
+__global__ void fault(Fault which, const unsigned char* global) {  // global: 2 KB, 16-byte aligned
+  FASTATTN_DYNAMIC_SMEM(s);
+  const int lane = threadIdx.x;
+  uint32_t r[4];
+  float acc[4] = {};
+  switch (which) {
+    case kKeepsTheRules:  // copies waited for; every collective kind once, by the whole warp
+      emu::cp_async_16(s + 16 * lane, global + 16 * lane, 16);
+      emu::cp_async_16(s + 512 + 16 * lane, global, 0);
+      emu::cp_async_commit();
+      emu::cp_async_wait(0);
+      __syncthreads();
+      emu::ldmatrix_x4(r, s + 16 * lane, false);
+      emu::ldmatrix_x4(r, s + 16 * lane, true);
+      emu::mma_m16n8k16<__half>(acc, r, r[0], r[1]);
+      emu::mma_m16n8k16<__nv_bfloat16>(acc, r, r[2], r[3]);
+      __shfl_xor_sync(0xffffffffu, acc[0], 1);
+      break;
+    case kCpAsyncDstMisaligned:
+      emu::cp_async_16(s + 16 * lane + 8, global + 16 * lane, 16);
+      break;
+    case kCpAsyncSrcMisaligned:
+      emu::cp_async_16(s + 16 * lane, global + 16 * lane + 4, 16);
+      break;
+    case kCpAsyncDstOutsideShared:  // lane 31's 16 bytes start at the end
+      emu::cp_async_16(s + kFaultSmem - 16 * 31 + 16 * lane, global + 16 * lane, 16);
+      break;
+    case kCpAsyncInFlight:  // committed, never waited for
+      emu::cp_async_16(s + 16 * lane, global + 16 * lane, 16);
+      emu::cp_async_commit();
+      return;
+    case kLdmatrixMisaligned:
+      emu::ldmatrix_x4(r, s + 16 * lane + 2 * (lane == 5), false);
+      break;
+    case kLdmatrixOutsideShared:  // a global address where a shared one belongs
+      emu::ldmatrix_x4(r, global + 16 * lane, true);
+      break;
+    case kDivergentCollective:  // half the warp at ldmatrix, half at mma
+      if (lane < 16)
+        emu::ldmatrix_x4(r, s + 16 * lane, false);
+      else
+        emu::mma_m16n8k16<__half>(acc, r, 0, 0);
+      break;
+    case kShflFromExitedLane:
+      if (lane == 3) return;
+      __shfl_xor_sync(0xffffffffu, acc[0], 1);
+      break;
+    case kVectorLoadMisaligned: {  // rows.cuh's 16-byte pack load, promised (vec) an alignment the row lacks
+      float v[8];
+      fastattn::rows::load<__half, 8>(reinterpret_cast<const __half*>(global + 8), 0, 8, true, v, 0.f);
+      break;
+    }
+    case kDeadlock:  // lane 0 at the block barrier, the others at a shuffle that needs lane 0
+      if (lane == 0)
+        __syncthreads();
+      else
+        __shfl_xor_sync(0xffffffffu, 1, 1);
+      break;
   }
+  emu::cp_async_commit();
+  emu::cp_async_wait(0);
 }
 
 __global__ void oob_global(const float* in, int n, float* out) { out[threadIdx.x] = in[n]; }
@@ -130,11 +205,15 @@ int main() {
       if (!emu::set_schedule(order, "eager", seed)) return false;
       FASTATTN_LAUNCH(reduce, 1, kThreads, 0, 0, out.data(), first_sync != 0);
       print_bits(out);
-    } else if (cmd == "in_flight") {
-      emu::set_schedule("forward", "lazy", 0);
-      print_error([&] { FASTATTN_LAUNCH(in_flight, 2, 32, 512, 0, in.data()); });
-    } else if (cmd == "deadlock") {
-      print_error([] { emu::launch(deadlock, dim3(1), dim3(32), 0); });
+    } else if (cmd == "fault") {
+      std::string name;
+      line >> name;
+      const auto* it = std::find(std::begin(kFaults), std::end(kFaults), name);
+      if (it == std::end(kFaults) || !set_schedule(line)) return false;
+      const auto* global = reinterpret_cast<const unsigned char*>(in.data());
+      print_error([&] {
+        FASTATTN_LAUNCH(fault, 2, 32, kFaultSmem, 0, static_cast<Fault>(it - std::begin(kFaults)), global);
+      });
     } else if (cmd == "oob_shared") {
       print_error([&] { FASTATTN_LAUNCH(oob_shared, 1, 1, 128 * sizeof(float), 0, 128, out.data()); });
     } else if (cmd == "oob_global") {

@@ -1,9 +1,11 @@
 """The CPU emulator of csrc/emulate/ itself: that its schedules expose the synchronisation bugs a GPU would punish
 (a stage refilled while another warp reads it, a stage read before its cp.async group landed, a __shared__
-reduction buffer rewritten before the last round's readers are done), that it raises on copies left in flight and
-on deadlocks, and that its AddressSanitizer build reports out-of-bounds reads of global and of dynamic shared
-memory. tests/emulator_host.cpp holds the kernels (each bug behind a switch); the right versions must give the
-exact answer under every schedule."""
+reduction buffer rewritten before the last round's readers are done), that it raises what faults or hangs on the
+hardware (misaligned or non-shared cp.async / ldmatrix addresses, misaligned vector loads, divergent warp
+collectives, copies left in flight, deadlocks), and that its AddressSanitizer build reports out-of-bounds reads of
+global and of dynamic shared memory. tests/emulator_host.cpp holds the kernels (each bug behind a switch); the right
+versions must give the exact answer under every schedule."""
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,10 +78,36 @@ def test_block_reduction_race_shows_when_a_warp_runs_ahead(driver):
             assert not right["first-ahead"] and not right["last-ahead"], right
 
 
-def test_copies_in_flight_at_exit_and_deadlocks_raise(driver):
-    in_flight, deadlock = driver(["in_flight", "deadlock"])
-    assert in_flight.startswith("error:") and "cp.async copies in flight" in in_flight
-    assert deadlock.startswith("error:") and "deadlock in block (0, 0, 0)" in deadlock
+# What faults (or hangs) on the hardware raises, naming the thread and the rule, under every kind of schedule.
+FAULTS = {
+    "cp_async_dst_misaligned": r"thread \d+ of block \(0, 0, 0\) cp\.async destination at shared byte offset \d+ "
+                               r"is not 16-byte aligned \(misaligned address\)",
+    "cp_async_src_misaligned": r"cp\.async source 0x[0-9a-f]+ is not 16-byte aligned",
+    "cp_async_dst_outside_shared": r"thread 31 of block \(0, 0, 0\) cp\.async destination at shared byte offset "
+                                   r"1024 lies outside the launch's 1024 bytes of dynamic shared memory",
+    "cp_async_in_flight": r"exited with cp\.async copies in flight",
+    "ldmatrix_misaligned": r"thread 5 of block \(0, 0, 0\) ldmatrix row address at shared byte offset 82 is not "
+                           r"16-byte aligned",
+    "ldmatrix_outside_shared": r"ldmatrix\.trans row address (0x[0-9a-f]+|at shared byte offset -?\d+) lies outside "
+                               r"the launch's 1024 bytes",
+    "divergent_collective": r"is at (ldmatrix|mma \(f16\)) while lane \d+ of its warp is at (ldmatrix|mma \(f16\)) "
+                            r"\(a warp collective needs the whole warp converged\)",
+    "shfl_from_exited_lane": r"thread 2 of block \(0, 0, 0\) reads lane 3 of its warp in shfl\.sync, which has exited",
+    "vector_load_misaligned": r"thread \d+ of block \(0, 0, 0\) vector load of 16 bytes at 0x[0-9a-f]+ is not aligned "
+                              r"to its size \(misaligned address\)",
+    "deadlock": r"deadlock in block \(0, 0, 0\)",
+}
+FAULT_SCHEDULES = [("forward", "eager", 0), ("shuffle", "lazy", 2), ("last-ahead", "lazy", 0)]
+
+
+def test_what_faults_on_hardware_raises(driver):
+    names = ["keeps_the_rules", *FAULTS]
+    lines = driver([f"fault {n} {o} {c} {s}" for o, c, s in FAULT_SCHEDULES for n in names])
+    for i, (o, c, s) in enumerate(FAULT_SCHEDULES):
+        got = dict(zip(names, lines[i * len(names):(i + 1) * len(names)]))
+        assert got.pop("keeps_the_rules") == "no error", (o, c)
+        for name, line in got.items():
+            assert line.startswith("error: ") and re.search(FAULTS[name], line), f"{name} under {o}/{c}: {line!r}"
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +117,11 @@ def asan_driver(tmp_path_factory):
 
 
 def test_asan_build_runs_clean_and_reports_out_of_bounds(asan_driver):
-    """Under AddressSanitizer the fibers' stack switches raise no false report; a read one float past a global
-    array, or past the dynamic shared memory a launch asked for, is reported and fails the process."""
-    ok = asan_driver([f"pipeline {o} {c} {s} 1 1" for o, c, s in SCHEDULES] + ["reduce first-ahead 0 1"],
-                     check=False)
+    """Under AddressSanitizer the fibers' stack switches, and the faulting kernels (their faulting accesses
+    skipped), raise no false report; a read one float past a global array, or past the dynamic shared memory a
+    launch asked for, is reported and fails the process."""
+    ok = asan_driver([f"pipeline {o} {c} {s} 1 1" for o, c, s in SCHEDULES] + ["reduce first-ahead 0 1"] +
+                     [f"fault {n} last-ahead lazy 0" for n in ["keeps_the_rules", *FAULTS]], check=False)
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert "AddressSanitizer" not in ok.stderr
     # (the bytes around dynamic shared memory are poisoned by the emulator: "use-after-poison")
