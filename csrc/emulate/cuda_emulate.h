@@ -26,8 +26,8 @@
 //
 // Faults of the hardware, each raised as an error naming the thread and block: an ldmatrix row address or a
 // cp.async destination outside the launch's dynamic shared memory or not 16-byte aligned, a cp.async source not
-// 16-byte aligned, a vector load or store (rows.cuh) not aligned to its size; a warp collective met by lanes at different collectives, a shuffle reading an exited lane; a
-// thread exiting with cp.async copies in flight.
+// 16-byte aligned, a vector load or store (rows.cuh) not aligned to its size; a warp collective met by lanes at
+// different collectives, a shuffle reading an exited lane; a thread exiting with cp.async copies in flight.
 //
 // Out-of-bounds accesses: built with -fsanitize=address (fastattn._C_emu_asan, `make emu-memcheck`), every load
 // and store of the kernels is checked by AddressSanitizer: global memory against torch's CPU allocations,
@@ -162,9 +162,6 @@ inline void fault(const std::string& what) {
                 ", " + std::to_string(blk.idx.y) + ", " + std::to_string(blk.idx.z) + ") " + what;
 }
 
-// ldmatrix's row addresses and cp.async's destination: 16 bytes of the launch's dynamic shared memory, 16-byte
-// aligned. On the hardware a misaligned address faults ("misaligned address") and an address outside the shared
-// window reads or writes another block's shared memory or faults, depending on where it falls.
 inline std::string hex(const void* p) {
   char buf[24];
   std::snprintf(buf, sizeof(buf), "0x%llx", static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(p)));
@@ -179,6 +176,9 @@ inline bool aligned_vector(const void* p, size_t bytes, const char* what) {
   return false;
 }
 
+// ldmatrix's row addresses and cp.async's destination: 16 bytes of the launch's dynamic shared memory, 16-byte
+// aligned. On the hardware a misaligned address faults ("misaligned address") and an address outside the shared
+// window reads or writes another block's shared memory or faults, depending on where it falls.
 inline bool shared_row(const void* p, const char* what) {
   const Block& blk = *current();
   const auto a = reinterpret_cast<uintptr_t>(p);
@@ -236,17 +236,22 @@ inline const char* collective_name(uint64_t kind) {
   return names[kind < 6 ? kind : 0];
 }
 
+// Whether lane l of the caller's warp exists and has not exited.
+inline bool lane_here(int l) {
+  const std::vector<Fiber>& fibers = current()->fibers;
+  const size_t t = static_cast<size_t>(me().warp) * 32 + l;
+  return t < fibers.size() && !fibers[t].done;
+}
+
 // Checks that the warp's live lanes are at the same kind of collective (ldmatrix and mma are .sync.aligned:
 // the whole warp executes the same instruction; a lane at another one would trade operands with it here).
 inline void trade(Collective kind) {
-  const Block& blk = *current();
-  const Fiber& f = me();
-  slots(f.lane)[kKindSlot] = kind;
+  const int lane = me().lane;
+  slots(lane)[kKindSlot] = kind;
   syncwarp();
-  const int base = f.warp * 32, lanes = std::min(32, static_cast<int>(blk.fibers.size()) - base);
-  for (int step = 1; step < lanes; ++step) {  // the next live lane: the lanes' checks form a cycle
-    const int other = (f.lane + step) % lanes;
-    if (blk.fibers[base + other].done) continue;
+  for (int step = 1; step < 32; ++step) {  // the next live lane: the lanes' checks form a cycle
+    const int other = (lane + step) % 32;
+    if (!lane_here(other)) continue;
     const uint64_t theirs = slots(other)[kKindSlot];
     if (theirs != kind)
       fault(std::string("is at ") + collective_name(kind) + " while lane " + std::to_string(other) +
@@ -261,8 +266,8 @@ inline T shfl_xor(T v, int lane_mask) {
   std::memcpy(slots(me().lane), &v, sizeof(T));
   trade(kShfl);
   T r;
-  const int src = me().lane ^ lane_mask, base = me().warp * 32;
-  if (base + src >= static_cast<int>(current()->fibers.size()) || current()->fibers[base + src].done)
+  const int src = me().lane ^ lane_mask;
+  if (!lane_here(src))
     fault("reads lane " + std::to_string(src) + " of its warp in shfl.sync, which has exited or does not exist " +
           "(full-mask shuffles need every lane of the warp)");
   std::memcpy(&r, slots(src), sizeof(T));
@@ -276,14 +281,13 @@ inline T shfl_xor(T v, int lane_mask) {
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p, bool trans) {
   static const unsigned char zeros[16] = {};
   const Collective kind = trans ? kLdmatrixTrans : kLdmatrix;
-  const int lane = me().lane, base = me().warp * 32;
+  const int lane = me().lane;
   const bool ok = shared_row(p, trans ? "ldmatrix.trans row address" : "ldmatrix row address");
   slots(lane)[0] = reinterpret_cast<uint64_t>(ok ? p : zeros);  // a bad row reads as zeros (the fault is raised)
   trade(kind);
   auto at = [&](int l, int col) {  // element col of the row lane l gave
-    const std::vector<Fiber>& fibers = current()->fibers;
     const unsigned char* row_p = zeros;  // unless lane l is here: an exited lane or one at another collective
-    if (base + l >= static_cast<int>(fibers.size()) || fibers[base + l].done)
+    if (!lane_here(l))
       fault("needs the row address of lane " + std::to_string(l) + " of its warp in " + collective_name(kind) +
             ", which has exited or does not exist");
     else if (slots(l)[kKindSlot] == kind)  // else trade() has raised the divergence
@@ -480,9 +484,11 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 dim, size_t smem_bytes, A
             if (greedy) break;  // start again from the first thread of the order
           }
           if (!ran)  // a fault recorded before the deadlock is its likely cause: it is the one raised
-            throw std::runtime_error(!blk.error.empty() ? blk.error :"fastattn emulator: deadlock in block (" + std::to_string(bx) + ", " +
-                                     std::to_string(by) + ", " + std::to_string(bz) +
-                                     "): every live thread waits at a barrier the others never reach");
+            throw std::runtime_error(!blk.error.empty()
+                                         ? blk.error
+                                         : "fastattn emulator: deadlock in block (" + std::to_string(bx) + ", " +
+                                               std::to_string(by) + ", " + std::to_string(bz) +
+                                               "): every live thread waits at a barrier the others never reach");
         }
         if (!blk.error.empty()) throw std::runtime_error(blk.error);
       }
