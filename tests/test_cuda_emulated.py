@@ -5,7 +5,8 @@ online softmax, the mma / ldmatrix fragment arithmetic, barriers, cp.async group
 the same kernels under other thread orders and cp.async landing times must give the same bits (a race shows as a
 difference), and no kernel may break a rule whose breach faults on the hardware (csrc/emulate/ raises those;
 tests/test_emulator.py shows each check fires). Out-of-bounds accesses: the same tests under `make emu-memcheck`
-(AddressSanitizer); timing: the GPU tests. fp16 and bf16 (fp32 also for the row kernels): the emulator, unlike Triton's interpreter, runs bf16."""
+(AddressSanitizer); timing: the GPU tests. fp16 and bf16 (fp32 also for the row kernels): the emulator, unlike
+Triton's interpreter, runs bf16."""
 import pytest
 import torch
 
@@ -251,4 +252,3 @@ def test_set_schedule_names_the_bad_argument():
         emu.set_schedule("backward")
     with pytest.raises(ValueError, match="cp_async"):
         emu.set_schedule("forward", "soon")
-
