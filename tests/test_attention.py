@@ -65,14 +65,15 @@ def test_masks(mask, Lq, Lk, dtype):
     assert_case(AttentionCase(B=3, Lq=Lq, Lk=Lk, dtype=dtype, seed=hash(mask) % 1000 + Lq, **MASKS[mask]))
 
 
-def assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, device, backend, dtype):
-    """The gradient of a bias broadcast over the batch (and of one broadcast over the batch and the queries) is
+def assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, device, backend, dtype, B=3, H=2, Lq=70, Lk=48,
+                                                     seed=0):
+    """The gradient of a bias broadcast over the batch (and of one broadcast over the heads and the queries) is
     reduced in the kernels: the backward allocates nothing of B·H·Lq·Lk elements (torch's factory functions are
     watched while it runs), and the gradient meets the §5 rule."""
-    B, H, Lq, Lk = 3, 2, 70, 48
-    q, k, v = random_qkv(B, H, Lq, Lk, 32, dtype=dtype, device=device)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(B, H, Lq, Lk, 32, dtype=dtype, device=device, generator=g)
     for shape in ((1, H, Lq, Lk), (B, 1, 1, Lk)):
-        bias = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+        bias = torch.randn(shape, generator=g).to(device, dtype).requires_grad_()
         out = fastattn.attention(q, k, v, attn_bias=bias, backend=backend)
         sizes = []
         with monkeypatch.context() as m:
@@ -95,8 +96,16 @@ def assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, device, backen
         check_close(dbias, *refs, factor=BACKWARD_FACTOR, name=f"dbias {shape}")
 
 
-def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch):
-    assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, DEVICE, "triton", torch.float32)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_broadcast_bias_grad_allocates_no_score_sized_buffer(monkeypatch, seed):
+    assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, DEVICE, "triton", torch.float32, seed=seed)
+
+
+def test_broadcast_bias_grad_long_sum(monkeypatch):
+    """A per-key bias over 8 heads and 400 queries: each entry of its gradient sums 3200 terms (fails with fp32
+    sums in the broadcast-dbias kernel)."""
+    assert_bias_grad_allocates_no_score_sized_buffer(monkeypatch, DEVICE, "triton", torch.float32, B=2, H=8,
+                                                     Lq=400, Lk=40, seed=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -324,14 +324,15 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
         t = tl.where(x2 < 0.09, series, tl.where(x < 0, u - 1.0, 1.0 - u))
         qk = softcap * t
         dcap = u * (2.0 - u)
-    qk = qk * 1.4426950408889634
     if HAS_ALIBI:
-        dist = tl.abs(qi + shift - kj).to(tl.float32)
-        qk -= (slope * 1.4426950408889634) * dist
+        qk -= slope * tl.abs(qi + shift - kj).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(Bias + b * s_bb + h * s_bh + qi * s_bm + kj * s_bn, mask=(qi < Lq) & (kj < Lk), other=0.0)
-        qk += bias.to(tl.float32) * 1.4426950408889634
-    return tl.where(vis, qk, float("-inf")), dcap
+        qk += bias.to(tl.float32)
+    # One rounding of s·log2(e) per entry, as the reference rounds s. Scaling a bias shared by many rows before
+    # the sum would round it once for all of them: a per-key logit error that a broadcast bias's gradient
+    # (a sum over those rows) adds up coherently.
+    return tl.where(vis, qk * 1.4426950408889634, float("-inf")), dcap
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -690,7 +691,12 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
     if ALL_N:
         n_hi = Lk
     offs_d = tl.arange(0, BLOCK_D)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # fp32 inputs sum in fp64: a dbias entry adds up to B·H·Lq terms, and sequential fp32 sums of that many lose
+    # several times what torch's cascade sum of the fp32 reference does (one add per term: cheap beside the dots).
+    if Q.dtype.element_ty == tl.float32:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float64)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(b_lo, b_hi):
         q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS,
                                                       BOTTOM_RIGHT)
@@ -734,7 +740,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
         ok = out_m[:, None] < Lq
         if ALL_M:
             ok = out_m[:, None] < 1
-    tl.store(DBias + b_slot * s_gb + h_slot * s_gh + out_m[:, None] * s_gm + out_n[None, :] * s_gn, acc, mask=ok)
+    tl.store(DBias + b_slot * s_gb + h_slot * s_gh + out_m[:, None] * s_gm + out_n[None, :] * s_gn,
+             acc.to(tl.float32), mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed"])
