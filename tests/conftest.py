@@ -6,6 +6,7 @@ The variables are read when fastattn's kernels are imported, so they are set her
 import os
 import shutil
 import subprocess
+import zlib
 
 import pytest
 import torch
@@ -32,6 +33,13 @@ def _cuda_backend_skip(device):
 GPU_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip("cuda"))]
 # The same for tests on DEVICE (on the CPU: Triton's interpreter, the CUDA kernels under the CPU emulator).
 KERNEL_BACKENDS = ["triton", pytest.param("cuda", marks=_cuda_backend_skip(DEVICE))]
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng(request):
+    """Each test starts torch's global RNG from a seed of its own node id: a test that draws from it sees the same
+    inputs in every run, whatever ran before it in its pytest-xdist worker (its failures reproduce)."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
 
 
 # GPU sessions are short and may be cut off: FASTATTN_TEST_LOG=<file> appends a line per finished test as it finishes
