@@ -356,16 +356,18 @@ def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]
     return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
 
 
-# Decoding rows also time the Triton forward with one of its decoding heuristics forced off: what each gains.
-TRITON_ABLATIONS = {"fastattn-triton-nosplit": ("forced_splits", 1),
-                    "fastattn-triton-nopack": ("forced_pack_gqa", False)}
+# Decoding rows also time each backend's forward with one of its decoding heuristics forced off: what each gains.
+ABLATIONS = {"fastattn-triton-nosplit": ("fastattn-triton", "forced_splits", 1),
+             "fastattn-triton-nopack": ("fastattn-triton", "forced_pack_gqa", False),
+             "fastattn-cuda-nosplit": ("fastattn-cuda", "forced_splits", 1),
+             "fastattn-cuda-nopack": ("fastattn-cuda", "forced_pack_gqa", False)}
 
 
-def make_triton_ablation(case: Case, x: dict, device: str, name: str):
-    """fastattn-triton with split-KV ("-nosplit") or packed GQA ("-nopack") forced off."""
+def make_ablation(case: Case, x: dict, device: str, name: str):
+    """A fastattn backend with split-KV ("-nosplit") or packed GQA ("-nopack") forced off."""
     from fastattn.triton import attention as kernels
-    fwd, dout, grads = make_fastattn(case, x, device, "fastattn-triton")
-    force, value = TRITON_ABLATIONS[name]
+    backend, force, value = ABLATIONS[name]
+    fwd, dout, grads = make_fastattn(case, x, device, backend)
 
     def fwd_forced():
         with getattr(kernels, force)(value):
@@ -376,7 +378,7 @@ def make_triton_ablation(case: Case, x: dict, device: str, name: str):
 def makers(case: Case, x: dict, device: str, mode: str) -> dict:
     out = {b: (lambda b=b: make_fastattn(case, x, device, b)) for b in FASTATTN}
     if case.kind == "decode":
-        out.update({n: (lambda n=n: make_triton_ablation(case, x, device, n)) for n in TRITON_ABLATIONS})
+        out.update({n: (lambda n=n: make_ablation(case, x, device, n)) for n in ABLATIONS})
     out.update({b: (lambda b=b: make_sdpa(case, x, device, b)) for b in SDPA})
     out["flex-compiled"] = lambda: make_flex(case, x, device, mode)
     out["ref-compiled"] = lambda: make_reference(case, x, device, mode)
@@ -428,12 +430,14 @@ def tables(rows: list) -> list:
 
 def decode_table(rows: list) -> "common.Table":
     """Decoding rows: µs per call, K/V read GB/s, and what the forward's split-KV and packed GQA gain."""
-    cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-triton-nopack", "fastattn-cuda", "sdpa-flash",
-            "sdpa-efficient", "sdpa-cudnn", "flex-compiled")
-    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split / pack gain = triton "
-                     "without split-KV / packed GQA ÷ triton; ratio = best other ÷ fastattn",
-                     ["case", *(SHORT.get(c, c.replace("fastattn-triton-no", "no-")) for c in cols), "triton GB/s",
-                      "split gain", "pack gain", "best other", "triton÷best", "cuda÷best"])
+    cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-triton-nopack", "fastattn-cuda",
+            "fastattn-cuda-nosplit", "fastattn-cuda-nopack", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
+            "flex-compiled")
+    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split / pack gain = the "
+                     "backend without split-KV / packed GQA ÷ with; ratio = best other ÷ fastattn",
+                     ["case", *(SHORT.get(c, c.replace("fastattn-", "").replace("-no", " no-")) for c in cols),
+                      "triton GB/s", "split gain", "pack gain", "cuda split gain", "cuda pack gain", "best other",
+                      "triton÷best", "cuda÷best"])
     for r in rows:
         if r["kind"] != "decode":
             continue
@@ -441,7 +445,7 @@ def decode_table(rows: list) -> "common.Table":
         us = {c: (res.get(c, {}).get("ms", {}).get("fwd") or 0) * 1e3 or None for c in cols}
         tri = us["fastattn-triton"]
         gbps = r["kv_bytes"] / (tri * 1e-6) / 1e9 if tri else None
-        gains = (us[c] / tri if tri and us[c] else None for c in TRITON_ABLATIONS)
+        gains = (us[c] / us[ABLATIONS[c][0]] if us[ABLATIONS[c][0]] and us[c] else None for c in ABLATIONS)
         ratio = (r.get("ratio") or {}).get("fwd", {})
         t.add(r["case"], *(common.fmt(us[c]) for c in cols), common.fmt(gbps), *(common.fmt(g, ".2f") for g in gains),
               SHORT.get((r.get("best_other") or {}).get("fwd"), "-"), common.fmt(ratio.get("fastattn-triton"), ".2f"),

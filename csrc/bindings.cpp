@@ -119,7 +119,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   FA_FIELD(dq_sb); FA_FIELD(dq_sh); FA_FIELD(dq_sl);
   FA_FIELD(dk_sb); FA_FIELD(dk_sh); FA_FIELD(dk_sl);
   FA_FIELD(dv_sb); FA_FIELD(dv_sh); FA_FIELD(dv_sl);
-  FA_FIELD(ds_sb); FA_FIELD(ds_sh); FA_FIELD(ds_sm); FA_FIELD(ds_reduce);
+  FA_FIELD(ds_sb); FA_FIELD(ds_sh); FA_FIELD(ds_sm); FA_FIELD(ds_reduce); FA_FIELD(num_splits);
 #undef FA_FIELD
   pointer_field(cls, "q", &AttnParams::q);
   pointer_field(cls, "k", &AttnParams::k);
@@ -142,6 +142,16 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
 
   m.def("attention_supports_head_dim", &fastattn::attention_supports_head_dim, py::arg("d"));
   m.def("attention_bwd_workspace_bytes", &fastattn::attention_bwd_workspace_bytes, py::arg("params"));
+  m.def("attention_fwd_workspace_bytes", &fastattn::attention_fwd_workspace_bytes, py::arg("params"));
+  m.def(
+      "attention_fwd_tile",
+      [](int d) {
+        int bm = 0, bn = 0;
+        if (!fastattn::attention_fwd_tile(d, bm, bn))
+          throw std::invalid_argument("fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256");
+        return py::make_tuple(bm, bn);
+      },
+      py::arg("d"), "(query rows, keys) of the forward's tile for head dim d (split-KV heuristic)");
   m.def(
       "attention_fwd",
       [](const AttnParams& p, std::uintptr_t stream) { raise_if(fastattn::attention_fwd(p, stream_ptr(stream))); },

@@ -138,8 +138,8 @@ def test_attention_window_rows(tmp_path, capsys):
 
 def test_attention_decode_rows(tmp_path, capsys):
     """Decoding rows (Lq = 1, GQA 32/8, d128; forward only) in the GPU grids, with the Triton forward also timed
-    with split-KV and with packed GQA off; the toy CPU row runs SDPA / the reference, and the decoding table is
-    printed."""
+    with split-KV and with packed GQA off, and the CUDA forward likewise; the toy CPU row runs SDPA / the reference,
+    and the decoding table is printed."""
     bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
     rows = [c for c in bench.grid("default", gpu=True) if c.kind == "decode"]
     assert sorted((c.B, c.Lk) for c in rows) == [(b, L) for b in (1, 8) for L in (4096, 16384, 65536)]
@@ -147,18 +147,17 @@ def test_attention_decode_rows(tmp_path, capsys):
     assert rows[0].kv_bytes == 2 * 1 * 8 * 4096 * 128 * 2
     assert any(c.kind == "decode" for c in bench.grid("quick", gpu=True))
     toy = next(c for c in bench.grid("quick", gpu=False) if c.kind == "decode")
-    assert {"fastattn-triton-nosplit", "fastattn-triton-nopack"} <= set(bench.makers(toy, bench.inputs(toy, "cpu"),
-                                                                                     "cpu", "quick"))
+    assert set(bench.ABLATIONS) <= set(bench.makers(toy, bench.inputs(toy, "cpu"), "cpu", "quick"))
 
     assert bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--no-plots"]) == 0
     data = json.loads((tmp_path / "attention.json").read_text())
     row = next(r for r in data["rows"] if r["kind"] == "decode")
     assert set(row["results"]["sdpa-math"]["ms"]) == {"fwd"} and row["results"]["sdpa-math"]["ms"]["fwd"] > 0
-    for name in ("fastattn-triton-nosplit", "fastattn-triton-nopack"):
+    for name in bench.ABLATIONS:
         assert "needs a CUDA GPU" in row["results"][name]["reason"]
     assert any(t["title"].startswith("decoding") for t in data["tables"])
     printed = capsys.readouterr().out
-    assert "split gain" in printed and "pack gain" in printed
+    assert "split gain" in printed and "pack gain" in printed and "cuda pack gain" in printed
 
 
 @pytest.mark.parametrize("name", ["bench_attention", "bench_softmax", "bench_layer_norm"])
@@ -183,8 +182,7 @@ def test_rehearsal_runs_the_fastattn_rows_on_cpu(name, tmp_path, capsys):
     kinds = {r.get("kind") for r in data["rows"]}
     if name == "bench_attention":
         assert kinds == {"sweep", "padding", "gqa", "bias", "cross", "window", "varlen", "decode"}
-        assert {"fastattn-triton-nosplit", "fastattn-triton-nopack"} <= set(
-            next(r for r in data["rows"] if r["kind"] == "decode")["results"])
+        assert set(module.ABLATIONS) <= set(next(r for r in data["rows"] if r["kind"] == "decode")["results"])
         assert "split gain" in printed and "ns per query token" in printed
     if importlib.util.find_spec("matplotlib"):
         assert data["plots"] and all((tmp_path / p).stat().st_size > 0 for p in data["plots"])

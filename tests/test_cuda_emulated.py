@@ -12,12 +12,14 @@ import torch
 
 import fastattn
 from fastattn import cuda
+from fastattn.cuda import attention as cuda_attention
 from fastattn.testing import (AttentionCase, LayerNormCase, SoftmaxCase, attention_problem, forward_backward,
                               layer_norm_problem, run_attention_case, run_layer_norm_case, run_softmax_case,
                               softmax_problem)
 
 import conftest
-from test_attention import MASKS, SHAPES, assert_bias_grad_allocates_no_score_sized_buffer
+from fastattn.triton.attention import forced_pack_gqa, forced_splits
+from test_attention import MASKS, SHAPES, SPLIT_CASES, assert_bias_grad_allocates_no_score_sized_buffer
 from test_dropout_varlen import VARLEN_CASES
 from test_local_attention import LOCAL_HEAD_DIM_CASES, WINDOWS
 
@@ -145,6 +147,119 @@ def test_local_head_dims(extra, D):
     assert_case(AttentionCase(B=2, H=4, Hkv=2, D=D, dtype=torch.bfloat16, seed=D, **extra))
 
 
+# ------------------------------------------------------------------------------------------- split-KV
+# The Triton backend's split cases (its fp32 case in bf16), splits forced: 16 is more splits than key tiles.
+@pytest.mark.parametrize("name,splits", [(name, 3) for name in SPLIT_CASES] + [("decode-gqa-kv_lens-br", 16),
+                                                                                ("varlen", 16)])
+def test_split_kv(name, splits):
+    """The forward's key tiles split into runs, one CTA each, merged by LSE in combine_kernel."""
+    case = {"seed": splits, **SPLIT_CASES[name]}
+    if case.get("dtype") == torch.float32:
+        case["dtype"] = torch.bfloat16
+    with forced_splits(splits):
+        assert_case(AttentionCase(**case))
+
+
+def test_split_kv_matches_unsplit_and_keeps_empty_rows_zero():
+    """Splitting only regroups the sum: the merged output and LSE agree with the unsplit kernel's to rounding; a
+    batch with kv_lens 0 (every split empty) stays 0 with LSE +inf."""
+    B, H, Lq, Lk, D = 2, 2, 5, 300, 64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).half() for L in (Lq, Lk, Lk))
+    kv_lens = torch.tensor([0, 270], dtype=torch.int32)
+    runs = {}
+    for splits in (1, 3, 8):
+        with forced_splits(splits):
+            runs[splits] = fastattn.attention(q, k, v, kv_lens=kv_lens, causal=True, causal_alignment="bottom_right",
+                                              return_lse=True, backend="cuda")
+    out1, lse1 = runs[1]
+    for splits in (3, 8):
+        out, lse = runs[splits]
+        assert (out[0] == 0).all() and torch.isinf(lse[0]).all() and (lse[0] > 0).all()
+        torch.testing.assert_close(out, out1, rtol=2e-3, atol=1e-3)
+        torch.testing.assert_close(lse, lse1, rtol=1e-5, atol=1e-5)
+        assert not torch.equal(out[1], out1[1]) or not torch.equal(lse[1], lse1[1])  # really merged splits
+
+
+# Decoding with GQA: the forward reads q [B, H, 1, D] as [B, Hkv, group, D] (a kv head's query heads as one CTA's
+# rows), with every feature that allows it; also split.
+PACK_CASES = {
+    "kv_lens-br-lse": dict(B=3, H=4, Hkv=2, Lq=1, Lk=300, D=64, causal=True, alignment="bottom_right", kv_lens=True,
+                           lse_grad=True),
+    "padding-bias-softcap": dict(B=2, H=6, Hkv=2, Lq=1, Lk=200, D=40, key_padding=True, bias="batch",
+                                 bias_grad=True, softcap=5.0, dtype=torch.bfloat16),
+    "mqa-d256": dict(B=1, H=4, Hkv=1, Lq=1, Lk=90, D=256, kv_lens=True),
+}
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("name", list(PACK_CASES))
+def test_pack_gqa(name, splits, monkeypatch):
+    packed = []
+    rule = cuda_attention.pack_gqa
+    monkeypatch.setattr(cuda_attention, "pack_gqa", lambda *args: packed.append(rule(*args)) or packed[-1])
+    with forced_splits(splits):
+        assert_case(AttentionCase(**{"seed": splits, **PACK_CASES[name]}))
+    assert packed and all(packed)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_pack_gqa_same_bits_as_unpacked(splits):
+    """A packed row computes what the unpacked CTA's one row did, in the same order: the same bits."""
+    g = torch.Generator().manual_seed(splits)
+    q = torch.randn(2, 8, 1, 64, generator=g).half()
+    k, v = (torch.randn(2, 2, 300, 64, generator=g).half() for _ in range(2))
+    kw = dict(kv_lens=torch.tensor([300, 123], dtype=torch.int32), attn_bias=torch.randn(2, 1, 1, 300, generator=g),
+              causal=True, causal_alignment="bottom_right", softcap=10.0, return_lse=True, backend="cuda")
+    with forced_splits(splits):
+        packed = fastattn.attention(q, k, v, **kw)
+        with forced_pack_gqa(False):
+            unpacked = fastattn.attention(q, k, v, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(packed, unpacked))
+
+
+def test_pack_gqa_rule():
+    """One query per head and a group > 1; no ALiBi, dropout, window left side, top-left causal or window right
+    side, or per-head bias / mask."""
+    q, k = torch.empty(2, 8, 1, 32), torch.empty(2, 2, 50, 32)
+    base = dict(causal=False, bottom_right=False, window=(-1, -1), alibi=None, dropout_p=0.0, bias=None, mask=None,
+                varlen=None)
+    rule = cuda_attention.pack_gqa
+    assert rule(q, k, **base)
+    assert rule(q, k, **{**base, "causal": True, "bottom_right": True, "window": (10**6, 0),
+                         "bias": torch.empty(2, 1, 1, 50), "mask": torch.empty(1, 1, 1, 50, dtype=torch.uint8)})
+    assert rule(q, k, **{**base, "bottom_right": True, "window": (-1, 3)})
+    for change in (dict(causal=True, window=(-1, 0)), dict(window=(10, -1)), dict(window=(-1, 3)),
+                   dict(bottom_right=True, window=(10, 3)), dict(alibi=torch.ones(8)),
+                   dict(dropout_p=0.1), dict(bias=torch.empty(2, 8, 1, 50)),
+                   dict(mask=torch.empty(1, 8, 1, 50, dtype=torch.uint8))):
+        assert not rule(q, k, **{**base, **change}), change
+    assert not rule(torch.empty(2, 8, 2, 32), k, **base)  # two queries per head
+    assert not rule(q, torch.empty(2, 8, 50, 32), **base)  # no GQA
+
+
+def test_split_kv_arguments_are_checked():
+    """num_splits out of range, or a split forward without its workspace, raise with the reason."""
+    emu = cuda.extension(torch.empty(0))
+    q = torch.randn(1, 1, 4, 32).half()
+    p = cuda_attention._params(q, q, q, None, None, None, 1.0, False, False)
+    out, lse = torch.empty_like(q), torch.empty(1, 1, 4)
+    cuda_attention._set(p, "o", "o", out)
+    p.lse = lse.data_ptr()
+    assert emu.attention_fwd_workspace_bytes(p) == 0
+    for n in (0, 257):
+        p.num_splits = n
+        with pytest.raises(RuntimeError, match="num_splits"):
+            emu.attention_fwd(p, 0)
+    p.num_splits = 2
+    assert emu.attention_fwd_workspace_bytes(p) == 2 * 4 * 33 * 4
+    with pytest.raises(RuntimeError, match="workspace"):
+        emu.attention_fwd(p, 0)
+    assert emu.attention_fwd_tile(64) == (128, 64) and emu.attention_fwd_tile(256) == (64, 32)
+    with pytest.raises(ValueError, match="head dim"):
+        emu.attention_fwd_tile(48)
+
+
 # ------------------------------------------------------------------------------------------- softmax, LayerNorm
 ROW_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 
@@ -204,6 +319,18 @@ def test_layer_norm_unaligned_rows_mixed_dtypes_and_many_rows():
 # Every schedule the hardware may pick must give the same bits (the kernels are deterministic): a kernel that reads
 # shared memory another thread writes without a barrier between, or a cp.async stage before its wait_group, or
 # that refills a stage other warps still read, gives different results under another thread order or landing time.
+def split_problem(splits):
+    """attention_problem whose forward runs with ``splits`` key splits (forced)."""
+    def problem(case):
+        fn, inputs, grad_outputs = attention_problem(case)
+
+        def split(**kw):
+            with forced_splits(splits):
+                return fn(**kw)
+        return split, inputs, grad_outputs
+    return problem
+
+
 SCHEDULES = [("forward", "lazy", 0), ("reverse", "lazy", 0), ("shuffle", "eager", 1), ("first-ahead", "eager", 0),
              ("first-ahead", "lazy", 0), ("last-ahead", "eager", 0), ("last-ahead", "lazy", 0)]
 RACE_CASES = {
@@ -218,6 +345,9 @@ RACE_CASES = {
         bias="head", bias_grad=True, seed=7)),
     "attn-d32-varlen": (attention_problem, AttentionCase(
         H=4, Hkv=1, D=32, dtype=torch.float16, varlen=((65, 150), (30, 30), (5, 0)), causal=True, seed=8)),
+    "attn-d64-decode-split": (split_problem(3), AttentionCase(
+        B=2, H=4, Hkv=2, Lq=3, Lk=300, D=64, dtype=torch.float16, causal=True, alignment="bottom_right",
+        kv_lens=True, lse_grad=True, seed=9)),
     **{f"softmax-{n}": (softmax_problem, SoftmaxCase(shape=(3, n), dtype=torch.float16, mask="row", mask_grad=True,
                                                      seed=n)) for n in (768, 4096, 40000)},
     **{f"layer-norm-{n}": (layer_norm_problem, LayerNormCase(shape=(5, n), dtype=torch.bfloat16, residual=True,

@@ -1,6 +1,6 @@
 // FlashAttention-2 forward (sm80+): the entry point. It checks the arguments and launches the kernel of
 // fwd_kernels.cuh for the element type and head dim, instantiated one head dim per file in instances/ (so that
-// nvcc compiles them in parallel).
+// nvcc compiles them in parallel), then, for a split forward, the kernel that merges the splits.
 #include "attention.h"
 #include "kernel_common.cuh"
 
@@ -8,15 +8,87 @@ namespace fastattn {
 
 bool attention_supports_head_dim(int d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
 
+namespace attn {
+namespace {
+
+constexpr int kMaxSplits = 256;
+constexpr int kCombineWarps = 4;  // rows per CTA of combine_kernel
+
+// Rows per split in the workspace: B·H·Lq ([B, H, Lq], rows within their sequence when packed).
+FASTATTN_HD int64_t split_rows(const AttnParams& p) { return static_cast<int64_t>(p.B) * p.H * p.Lq; }
+
+// Merges the S = p.num_splits partial results of a split forward (params.h), one warp per query row (grid: row
+// blocks, H, B), lanes over column pairs: lse2 = log2 Σ_s 2^lse2_s, o = Σ_s 2^(lse2_s − m) o_s / Σ_s 2^(lse2_s − m)
+// with m = max_s lse2_s (0 and lse2 = +inf where no split saw a visible key). Semantics: _fwd_combine_kernel of
+// fastattn/triton/attention.py.
+template <typename T>
+__global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const AttnParams p) {
+  const int lane = threadIdx.x & 31;
+  const int row = blockIdx.x * kCombineWarps + (threadIdx.x >> 5), h = blockIdx.y, b = blockIdx.z;
+  const Seq::Rows q = Seq::reread<false>(p, b);
+  if (row >= q.len) return;
+  const int S = p.num_splits, D = p.D;
+  const int64_t plane = split_rows(p), r0 = (static_cast<int64_t>(b) * p.H + h) * p.Lq + row;
+  const float* part_o = static_cast<const float*>(p.workspace);
+  const float* part_lse = part_o + S * plane * D;
+  float m = -INFINITY;
+  for (int s = 0; s < S; ++s) m = fmaxf(m, part_lse[s * plane + r0]);
+  const float m_safe = m == -INFINITY ? 0.f : m;  // no split saw a key: every weight exp2(−inf) = 0
+  float l = 0.f;
+  for (int s = 0; s < S; ++s) l += exp2f(part_lse[s * plane + r0] - m_safe);
+  const bool empty = l == 0.f;
+  const float inv = empty ? 0.f : 1.f / l;
+  T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + static_cast<int64_t>(q.start + row) * p.o_sl;
+  for (int c = 2 * lane; c < D; c += 64) {
+    float o0 = 0.f, o1 = 0.f;
+    for (int s = 0; s < S; ++s) {
+      const float w = exp2f(part_lse[s * plane + r0] - m_safe);
+      const float2 x = *reinterpret_cast<const float2*>(part_o + (s * plane + r0) * D + c);
+      o0 += w * x.x;
+      o1 += w * x.y;
+    }
+    store_pair(o + c, o0 * inv, o1 * inv);
+  }
+  if (lane == 0 && p.lse != nullptr) p.lse[Seq::lse_row0(p, b, h, q.start) + row] = empty ? INFINITY : m_safe + log2f(l);
+}
+
+}  // namespace
+}  // namespace attn
+
+bool attention_fwd_tile(int d, int& block_m, int& block_n) {
+  const auto set = [&](auto, auto dim) -> const char* {
+    using Cfg = attn::FwdCfg<decltype(dim)::value>;
+    block_m = 16 * Cfg::kWarps;
+    block_n = Cfg::kBlockN;
+    return nullptr;
+  };
+  return attention_supports_head_dim(d) && attn::dispatch_head_dim<__half>(d, set) == nullptr;
+}
+
+std::size_t attention_fwd_workspace_bytes(const AttnParams& p) {
+  if (p.num_splits <= 1 || p.B <= 0 || p.H <= 0 || p.Lq <= 0 || p.D <= 0) return 0;
+  return static_cast<std::size_t>(p.num_splits) * attn::split_rows(p) * (p.D + 1) * sizeof(float);
+}
+
 const char* attention_fwd(const AttnParams& params, void* stream) {
   using namespace attn;
   if (!attention_supports_head_dim(params.D)) return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
+  if (params.num_splits < 1 || params.num_splits > kMaxSplits)
+    return "fastattn CUDA attention: num_splits must lie in [1, 256]";
   AttnParams p;  // causal folded into the window, windows normalised
   if (const char* err = prepare(params, p)) return err;
   if (p.Lq == 0) return nullptr;  // nothing to write
-  return dispatch(p, [&](auto t, auto d) -> const char* {
-    return run_fwd<decltype(t), decltype(d)::value>(p, static_cast<cudaStream_t>(stream));
+  if (p.num_splits > 1 && (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0))
+    return "fastattn CUDA attention: a split forward needs a 16-byte aligned workspace of "
+           "attention_fwd_workspace_bytes()";
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const char* err = dispatch(p, [&](auto t, auto d) -> const char* {
+    return run_fwd<decltype(t), decltype(d)::value>(p, s);
   });
+  if (err != nullptr || p.num_splits == 1) return err;
+  const dim3 grid((p.Lq + kCombineWarps - 1) / kCombineWarps, p.H, p.B);
+  return p.dtype == kBFloat16 ? launch(combine_kernel<__nv_bfloat16>, grid, kCombineWarps * 32, 0, s, p)
+                              : launch(combine_kernel<__half>, grid, kCombineWarps * 32, 0, s, p);
 }
 
 }  // namespace fastattn

@@ -5,6 +5,8 @@
 // accumulator sums p_ij·keep_ij·v_j, and o_i = acc_i / (l_i (1 − p)). Packed batches: the grid covers
 // max_seqlen_q; a CTA past its sequence's end returns at once. Local attention: only the key tiles that meet the
 // window of some row of the block are visited (Window::key_tiles); scores with soft cap and ALiBi (Scores).
+// Split-KV (p.num_splits = S > 1): blockIdx.x = query block · S + split; each CTA takes one run of its block's key
+// tiles and writes fp32 partials to the workspace (params.h), which combine_kernel (fwd.cu) merges.
 // Semantics: fastattn/triton/attention.py (_fwd_kernel).
 // Included by instances/fwd_d<D>.cu, one head dim per file.
 #pragma once
@@ -13,11 +15,6 @@
 namespace fastattn {
 namespace attn {
 namespace {
-
-// Warps (query block = 16·warps rows) and key block per head dim; shared memory (16·W + 4·BN)·(D + 8)·2 bytes:
-// D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 99 KB (all within sm80's 163 KB).
-template <int D> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
-template <> struct FwdCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
 
 template <typename T, int D, int NW, int BN>
 constexpr size_t fwd_smem_bytes() {
@@ -39,14 +36,17 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   T* sV = sK + 2 * BN * P;             // [2][BN][P]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int n_split = p.num_splits, split = blockIdx.x % n_split;
+  const int m0 = blockIdx.x / n_split * BM, h = blockIdx.y, b = blockIdx.z;
   const Seq seq(p, b);
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
   // Key tiles outside the window of every row of the block (past kv_len, right of the last row's diagonal +
   // right, left of the first row's diagonal − left) are never visible: not visited.
   const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
-  const int n_first = keys.first, nblocks = keys.count;
+  // A split takes the split-th run of ceil(count / S) tiles (none for the last runs when S > count).
+  const int per = (keys.count + n_split - 1) / n_split;
+  const int n_first = keys.first + split * per, nblocks = max(0, min(per, keys.count - split * per));
   const DropoutMask drop(p, b, h);
 
   load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
@@ -118,18 +118,27 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 
   float inv[2];
   const float keep_scale = DROPOUT ? 1.f - p.dropout_p : 1.f;  // kept weights count 1 / (1 − p)
-  const int64_t lse0 = seq.lse_row0(p, b, h);
+  // A split writes its partials (rows within the sequence); a row it saw no key of weighs 0 there (lse −inf).
+  const bool partial = p.num_splits > 1;
+  float* part_o = static_cast<float*>(p.workspace);
+  const int64_t part_row0 = ((static_cast<int64_t>(blockIdx.x % p.num_splits) * p.B + b) * p.H + h) * p.Lq;
+  float* lse = partial ? part_o + static_cast<int64_t>(p.num_splits) * p.B * p.H * p.Lq * D : p.lse;
+  const int64_t lse0 = partial ? part_row0 : seq.lse_row0(p, b, h);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(row_sum[r]);
     const bool empty = total == 0.f;
     inv[r] = empty ? 0.f : 1.f / (total * keep_scale);
     const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-    if (p.lse != nullptr && (lane & 3) == 0 && row < seq.q_len)
-      p.lse[lse0 + row] = empty ? INFINITY : row_max[r] + log2f(total);
+    if (lse != nullptr && (lane & 3) == 0 && row < seq.q_len)
+      lse[lse0 + row] = empty ? (partial ? -INFINITY : INFINITY) : row_max[r] + log2f(total);
   }
-  T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl;
-  store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+  if (partial) {
+    store_c<float, NTO>(part_o + part_row0 * D, D, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+  } else {
+    T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl;
+    store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+  }
 }
 
 }  // namespace
@@ -137,7 +146,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 template <typename T, int D>
 const char* run_fwd(const AttnParams& p, cudaStream_t s) {
   constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
-  const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
+  const dim3 grid((p.Lq + BM - 1) / BM * p.num_splits, p.H, p.B);
   const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
   const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),
                                   [](auto bm, auto dr, auto mo) {

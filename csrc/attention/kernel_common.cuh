@@ -238,8 +238,18 @@ __device__ __forceinline__ void zero(float (&c)[NT][4]) {
   for (int i = 0; i < NT; ++i) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.f;
 }
 
+// Two adjacent elements of a row: one 4-byte store of the rounded pair, or for fp32 (split-KV partials) 8 bytes.
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float lo, float hi) {
+  *reinterpret_cast<uint32_t*>(dst) = Elem<T>::pack(lo, hi);
+}
+template <>
+__device__ __forceinline__ void store_pair<float>(float* dst, float lo, float hi) {
+  *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
+}
+
 // Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global [*, *] matrix
-// (row stride ld, columns from col0), rows >= nrows skipped. Two adjacent columns per 4-byte store.
+// (row stride ld, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
 template <typename T, int NT>
 __device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, int nrows, const float (&c)[NT][4],
                                         float mul0, float mul1, int lane) {
@@ -252,7 +262,7 @@ __device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, in
     T* dst = g + static_cast<int64_t>(row) * ld + col0 + 2 * tq;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
-      *reinterpret_cast<uint32_t*>(dst + nt * 8) = Elem<T>::pack(c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
+      store_pair(dst + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
   }
 }
 
@@ -447,6 +457,12 @@ __device__ __forceinline__ float quad_max(float x) {
 }
 
 // ------------------------------------------------------------------------------------------- host side
+// Forward tiles: warps (query block = 16·warps rows) and key block per head dim; shared memory
+// (16·W + 4·BN)·(D + 8)·2 bytes: D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 99 KB (all within sm80's
+// 163 KB).
+template <int D> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
+template <> struct FwdCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+
 // Kernels read q/k/v/do with 16-byte cp.async and write o/dq/dk/dv two elements at a time: a tensor of sizes
 // (nb, nh, nl, D) needs a 16-byte aligned pointer and strides that are multiples of 8 elements, except the strides
 // of dims of size 1 (never used). An empty tensor (nl == 0) is never touched and may be null.

@@ -72,8 +72,15 @@ struct AttnParams {
   // b·ds_sb + h·ds_sh + i·ds_sm + j, with the index of a summed dim 0 ([B|1, H|1, Lq|1, Lk|1], last dim dense).
   float* ds = nullptr; int64_t ds_sb = 0, ds_sh = 0, ds_sm = 0;
   int ds_reduce = 0;                    // bits of kReduceBatch, kReduceHead, kReduceQuery, kReduceKey
-  void* workspace = nullptr;            // attention_bwd_workspace_bytes(p) bytes, allocated by the caller
-                                        // (D_i of every (b, h, i < Lq), dense [B, H, Lq] fp32)
+  void* workspace = nullptr;            // attention_{fwd,bwd}_workspace_bytes(p) bytes, allocated by the caller
+                                        // (backward: D_i of every (b, h, i < Lq), dense [B, H, Lq] fp32;
+                                        // split forward: the splits' partial outputs and lse, see num_splits)
+
+  // Split-KV forward (FlashDecoding): each CTA's key tiles are cut into num_splits runs of whole tiles, one CTA
+  // each. Run s writes its normalised output o_s (fp32 [S, B, H, Lq, D]) and lse2_s (fp32 [S, B, H, Lq], −inf
+  // where it saw no visible key) to the workspace, rows indexed within their sequence (Lq = max_seqlen_q when
+  // packed); a second kernel merges them: lse2 = log2 Σ_s 2^lse2_s, o = Σ_s 2^(lse2_s − lse2) o_s. 1 = unsplit.
+  int num_splits = 1;
 };
 
 }  // namespace fastattn

@@ -865,14 +865,21 @@ def _forcing(name, value):
 
 
 def forced_splits(n: int):
-    """Run the forward with ``n`` key splits (1: never split) instead of the heuristic, e.g. to test splitting on
-    the CPU, where the heuristic never splits."""
+    """Run the forward (of either kernel backend) with ``n`` key splits (1: never split) instead of the heuristic,
+    e.g. to test splitting on the CPU, where the heuristic never splits."""
     return _forcing("splits", int(n))
+
+
+def forced_layout(name: str):
+    """The value of the innermost active :func:`forced_splits` (``name`` "splits") or :func:`forced_pack_gqa`
+    ("pack_gqa"), else None."""
+    return _FORCED_LAYOUT[name][-1] if _FORCED_LAYOUT[name] else None
 
 
 def forced_pack_gqa(pack: bool):
     """Run the forward with (True) or without (False) packed GQA instead of the heuristic (a group of 1 never
-    packs)."""
+    packs; the CUDA backend packs only decoding calls, see fastattn.cuda.attention.pack_gqa, and False turns that
+    off)."""
     return _forcing("pack_gqa", bool(pack))
 
 
@@ -911,19 +918,19 @@ def num_splits(programs: int, key_blocks: int, sms: int, max_splits: int = 64) -
 
 
 @functools.lru_cache(maxsize=None)
-def _multiprocessors(index: int) -> int:
+def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _splits_for(q, heads, rows, Lk, block_d):
     """Forced splits, else the heuristic on GPUs (with the default tile's blocks), else 1, for a forward of
     ``heads`` (batch · head) slices of ``rows`` query rows each."""
-    if _FORCED_LAYOUT["splits"]:
-        return _FORCED_LAYOUT["splits"][-1]
+    if forced_layout("splits") is not None:
+        return forced_layout("splits")
     if not q.is_cuda:
         return 1
     block_m, block_n = tiles_for("fwd", q.element_size(), block_d)[0][:2]
-    return num_splits(heads * triton.cdiv(rows, block_m), triton.cdiv(Lk, block_n), _multiprocessors(q.device.index))
+    return num_splits(heads * triton.cdiv(rows, block_m), triton.cdiv(Lk, block_n), multiprocessors(q.device.index))
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
