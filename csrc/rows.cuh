@@ -160,15 +160,16 @@ __device__ __forceinline__ void store(T* row, int64_t c, int64_t n, bool vec, co
 
 // ------------------------------------------------------------------------------------------------ reductions
 struct Sum {
-  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+  template <typename V>
+  __device__ __forceinline__ V operator()(V a, V b) const { return a + b; }
 };
 struct Max {
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
 // Butterfly over the warp: every lane ends with the same, bitwise identical value.
-template <typename Op>
-__device__ __forceinline__ float warp_reduce(float v, Op op) {
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_reduce(V v, Op op) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
@@ -176,36 +177,41 @@ __device__ __forceinline__ float warp_reduce(float v, Op op) {
 
 // Reduce over the team (see the top of this file); every thread gets the result. The warps' values are
 // combined in a fixed order, so the result is deterministic. Uniform control flow across the team required.
-template <typename Op>
-__device__ __forceinline__ float team_reduce(float v, Op op) {
+template <typename V, typename Op>
+__device__ __forceinline__ V team_reduce(V v, Op op) {
   v = warp_reduce(v, op);
   if (blockDim.x == 32) return v;
-  __shared__ float part[32];
+  __shared__ V part[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   __syncthreads();  // the previous reduction's readers are done with `part`
   if (lane == 0) part[warp] = v;
   __syncthreads();
-  float r = part[0];
+  V r = part[0];
   for (int i = 1; i < warps; ++i) r = op(r, part[i]);
   return r;
 }
 
-// Online-softmax state (running max m, sum l of exp(z − m)); merge is commutative, so the butterfly is exact.
-__device__ __forceinline__ void merge_max_sum(float& m, float& l, float m2, float l2) {
+// Online-softmax state (running max m, sum l of exp(z − m), l in float or double); merge is commutative, so the
+// butterfly is exact.
+template <typename L>
+__device__ __forceinline__ void merge_max_sum(float& m, L& l, float m2, L l2) {
   const float mn = fmaxf(m, m2);
   const float ms = mn == -INFINITY ? 0.f : mn;  // both empty: keep l = 0 instead of exp(−inf + inf) = NaN
-  l = l * expf(m - ms) + l2 * expf(m2 - ms);
+  l = l * L(expf(m - ms)) + l2 * L(expf(m2 - ms));
   m = mn;
 }
 
-__device__ __forceinline__ void team_reduce_max_sum(float& m, float& l) {
+template <typename L>
+__device__ __forceinline__ void team_reduce_max_sum(float& m, L& l) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), l2 = __shfl_xor_sync(0xffffffffu, l, o);
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+    const L l2 = __shfl_xor_sync(0xffffffffu, l, o);
     merge_max_sum(m, l, m2, l2);
   }
   if (blockDim.x == 32) return;
-  __shared__ float part_m[32], part_l[32];
+  __shared__ float part_m[32];
+  __shared__ L part_l[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   __syncthreads();
   if (lane == 0) {

@@ -19,9 +19,13 @@ __device__ __forceinline__ void load_z(const Tx* x, const void* mask, int mask_d
   for (int i = 0; i < V; ++i) z[i] = c + i < n ? z[i] * scale + (mask ? m[i] : 0.f) : -INFINITY;
 }
 
+// The normaliser of fp32 rows is summed in fp64: in fp32 the sum of a row's n terms (one of them near 1 when a
+// logit dominates) errs by up to ~log2(n) + n/32 roundings, more than torch's vectorised fp32 sum, the baseline
+// of the rule. fp16/bf16 rows keep fp32, far below their own rounding.
 template <typename Tx, typename Ty>
 __global__ void __launch_bounds__(kMaxTeam, 1) softmax_fwd_kernel(const SoftmaxFwdParams p) {
   constexpr int V = 16 / sizeof(Tx);
+  using Acc = std::conditional_t<std::is_same<Tx, float>::value, double, float>;
   const RowTeam<V> t(p.cols);
   if (t.row >= p.rows) return;  // whole warp teams only: block teams have exactly one row per block
   const int64_t row = t.row, n = t.n;
@@ -52,7 +56,7 @@ __global__ void __launch_bounds__(kMaxTeam, 1) softmax_fwd_kernel(const SoftmaxF
     }
     m = team_reduce(m, Max());
     const float ms = m == -INFINITY ? 0.f : m;  // a −inf row: e = 0, l = 0, y = 0
-    float l = 0.f;
+    Acc l = 0;
 #pragma unroll
     for (int k = 0; k < kCache; ++k)
 #pragma unroll
@@ -61,7 +65,7 @@ __global__ void __launch_bounds__(kMaxTeam, 1) softmax_fwd_kernel(const SoftmaxF
         l += z[k][i];
       }
     l = team_reduce(l, Sum());
-    const float denom = l == 0.f ? 1.f : l;
+    const float denom = l == 0 ? 1.f : static_cast<float>(l);
 #pragma unroll
     for (int k = 0; k < kCache; ++k) {
       const int64_t j = t.pack(k);
@@ -75,7 +79,8 @@ __global__ void __launch_bounds__(kMaxTeam, 1) softmax_fwd_kernel(const SoftmaxF
   }
 
   // Wide rows: per-thread running max and sum, merged over the team, then a second read for the output.
-  float m = -INFINITY, l = 0.f;
+  float m = -INFINITY;
+  Acc l = 0;
   for (int64_t j = t.tid; j < t.packs; j += t.size) {
     float z[V];
     load_z<Tx, V>(x, mask, p.mask_dtype, j * V, n, vec, p.scale, z);
@@ -83,14 +88,14 @@ __global__ void __launch_bounds__(kMaxTeam, 1) softmax_fwd_kernel(const SoftmaxF
 #pragma unroll
     for (int i = 0; i < V; ++i) pm = fmaxf(pm, z[i]);
     const float mn = fmaxf(m, pm), ms = mn == -INFINITY ? 0.f : mn;
-    float e = 0.f;
+    Acc e = 0;
 #pragma unroll
     for (int i = 0; i < V; ++i) e += expf(z[i] - ms);
-    l = l * expf(m - ms) + e;
+    l = l * Acc(expf(m - ms)) + e;
     m = mn;
   }
   team_reduce_max_sum(m, l);
-  const float ms = m == -INFINITY ? 0.f : m, denom = l == 0.f ? 1.f : l;
+  const float ms = m == -INFINITY ? 0.f : m, denom = l == 0 ? 1.f : static_cast<float>(l);
   for (int64_t j = t.tid; j < t.packs; j += t.size) {
     float z[V];
     load_z<Tx, V>(x, mask, p.mask_dtype, j * V, n, vec, p.scale, z);

@@ -150,6 +150,13 @@ def test_varlen_bad_arguments_are_named(kw, err, match):
         fastattn.attention(q, q, q, **{**args, **kw})
 
 
+def test_one_cu_seqlens_names_the_other_before_the_layout():
+    """Only cu_seqlens_q with padded (B, H, L, D) tensors: the missing cu_seqlens_k is the error, not q's dims."""
+    q = torch.randn(1, 1, 3, 16)
+    with pytest.raises(ValueError, match="needs both cu_seqlens_q and cu_seqlens_k"):
+        fastattn.attention(q, q, q, cu_seqlens_q=torch.tensor([0, 3], dtype=torch.int32))
+
+
 def test_max_seqlen_without_cu_seqlens_is_refused():
     q = torch.randn(1, 1, 3, 16)
     with pytest.raises(ValueError, match="max_seqlen_q / max_seqlen_k belong to packed"):

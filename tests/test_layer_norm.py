@@ -103,6 +103,8 @@ def test_nn_layer_norm_drop_in(kwargs, device):
     (lambda: fastattn.layer_norm(torch.ones(0, 4), 4), ValueError, "x is empty"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), "4"), TypeError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), None), TypeError, "normalized_shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, eps=-1e-5), ValueError, "eps"),  # torch: NaN
+    (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(3, 4), 4, eps=float("nan")), ValueError, "eps"),
     (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(2, 4), 4), ValueError, "residual"),
     (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(3, 4).half(), 4), TypeError, "residual"),
 ])

@@ -81,6 +81,7 @@ def test_matches_torch_softmax_fp64_semantics():
     (lambda: fastattn.softmax(torch.ones(3, 4), dtype=torch.int64), TypeError, "dtype"),
     (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(5, 4), backend="triton"), ValueError, "mask"),
     (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(2, 3, 4), backend="triton"), ValueError, "mask"),
+    (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(5, 4)), ValueError, "does not broadcast"),  # torch
     (lambda: fastattn.softmax(torch.ones(3, 4), dim=0, mask=torch.ones(4)), ValueError, "dim=-1"),
     (lambda: fastattn.softmax(torch.ones(3, 4), mask=torch.ones(4, dtype=torch.bool)), TypeError, "mask"),
 ])

@@ -189,6 +189,8 @@ def _check_features(q, B, H, window_size, alibi_slopes, softcap):
 def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask, kv_lens,
                   attn_bias):
     """Packed batch: q [total_q, H, D], k/v [total_k, Hkv, D], int32 cumulative lengths [B + 1]. -> B."""
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("packed varlen attention needs both cu_seqlens_q and cu_seqlens_k")
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         check_tensor(t, name, dim=3)
     for t, name in ((k, "k"), (v, "v")):
@@ -196,8 +198,6 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     if k.shape != v.shape:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape (total_k, Hkv, D)")
     _check_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2))
-    if cu_seqlens_q is None or cu_seqlens_k is None:
-        raise ValueError("packed varlen attention needs both cu_seqlens_q and cu_seqlens_k")
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 2:
             raise TypeError(f"{name} must be an int32 tensor of shape (B + 1,), got "

@@ -99,8 +99,10 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
     return shape
 
 
-def _check(x, normalized_shape, weight, bias, residual=None):
+def _check(x, normalized_shape, weight, bias, residual=None, eps=1e-5):
     check_tensor(x, "x")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     shape = _normalized(normalized_shape)
     if tuple(x.shape[x.dim() - len(shape):]) != shape or x.dim() < len(shape):
         raise ValueError(f"normalized_shape {list(shape)} does not match the trailing dims of x {tuple(x.shape)}")
@@ -142,7 +144,7 @@ def _run(x, residual, shape, weight, bias, eps, backend):
 def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
     """``torch.nn.functional.layer_norm`` fused: fp32 statistics, deterministic dweight/dbias."""
-    shape = _check(x, normalized_shape, weight, bias)
+    shape = _check(x, normalized_shape, weight, bias, eps=eps)
     return _run(x, None, shape, weight, bias, eps, backend)[0]
 
 
@@ -150,6 +152,6 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Union[int, Seq
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
                    prenorm: bool = False, *, backend: str = "auto"):
     """LayerNorm(x + residual) in one pass; with ``prenorm=True`` returns (y, x + residual)."""
-    shape = _check(x, normalized_shape, weight, bias, residual)
+    shape = _check(x, normalized_shape, weight, bias, residual, eps)
     y, s = _run(x, residual, shape, weight, bias, eps, backend)
     return (y, s) if prenorm else y

@@ -71,8 +71,7 @@ def _backward(ctx, dy):
 _softmax_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
-    """Broadcast ``mask`` against x [..., N] and view both as 4-d [D0, D1, D2, N] problems."""
+def _check_mask_shape(mask: Tensor, x: Tensor) -> None:
     if mask.dim() > x.dim():
         raise ValueError(f"mask of shape {tuple(mask.shape)} has more dims than x {tuple(x.shape)}")
     try:
@@ -81,6 +80,10 @@ def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
         ok = False
     if not ok:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+
+
+def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
+    """Broadcast ``mask`` (checked) against x [..., N] and view both as 4-d [D0, D1, D2, N] problems."""
     N = x.shape[-1]
     if mask.shape[-1] != N or mask.stride(-1) != 1:  # the kernel reads mask rows with stride 1
         mask = mask.expand(*mask.shape[:-1], N).contiguous()
@@ -113,6 +116,7 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
         check_same(x, "x", mask, "mask", dtype=False)
         if dim != x.dim() - 1:
             raise ValueError("mask is only supported with dim=-1 (the last dim)")
+        _check_mask_shape(mask, x)
     use = dispatch.select(backend, x)
     if use == "torch" or x.dim() == 0:
         return reference.softmax(x, dim, dtype=dtype, scale=scale, mask=mask)
