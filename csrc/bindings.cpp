@@ -31,6 +31,7 @@ using fastattn::AttnParams;
 #if defined(FASTATTN_EMULATE)
 bool fastattn_emu_set_schedule(const std::string& order, const std::string& copies,
                                uint64_t seed);  // csrc/emulate/runtime.cpp
+uint64_t fastattn_emu_mma_count(bool reset);   // csrc/emulate/runtime.cpp
 #endif
 
 static_assert(int(fastattn::kFloat16) == int(fastattn::kRowFloat16) &&
@@ -93,6 +94,9 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
       },
       "How the emulator orders a block's threads between barriers and when cp.async lands (csrc/emulate/)",
       py::arg("order") = "forward", py::arg("cp_async") = "eager", py::arg("seed") = 0);
+  m.def("mma_count", &fastattn_emu_mma_count,
+        "Warp-level mma.m16n8k16 executed since the last reset (the tiles the kernels computed)",
+        py::arg("reset") = false);
 #else
   m.attr("emulated") = false;
 #endif

@@ -260,6 +260,46 @@ def test_split_kv_arguments_are_checked():
         emu.attention_fwd_tile(48)
 
 
+# ------------------------------------------------------------------------------------------- block skipping
+def mma_count(fn):
+    """Warp-level MMAs the kernels execute in fn() (the tiles they compute)."""
+    emu = cuda.extension(torch.empty(0))
+    emu.mma_count(reset=True)
+    fn()
+    return emu.mma_count(reset=True)
+
+
+def test_bool_mask_skips_hidden_tiles_at_either_end():
+    """A bool mask that hides whole tiles at the ends of a CTA's range (right or left padding, a causal or banded
+    mask given as a tensor) costs the MMAs of the equivalent kv_lens / causal / window call in the forward, dQ and
+    dK/dV kernels (a per-head mask: over the group's heads), with the same result."""
+    B, H, Hkv, L, D = 2, 2, 1, 300, 32
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, L, D, generator=g).half().requires_grad_()
+    k, v = (torch.randn(B, Hkv, L, D, generator=g).half().requires_grad_() for _ in range(2))
+    do = torch.randn(B, H, L, D, generator=g).half()
+    kv_lens = torch.tensor([130, 300], dtype=torch.int32)
+    i, j = torch.arange(L)[:, None], torch.arange(L)[None, :]
+    padding = (torch.arange(L)[None, :] < kv_lens[:, None]).view(B, 1, 1, L)  # True = attend
+    band = ((j <= i) & (j >= i - 40)).expand(B, H, L, L)  # per head (stride over heads): the dK/dV union
+    band = band.contiguous()
+
+    def run(**kw):
+        out = fastattn.attention(q, k, v, backend="cuda", **kw)
+        return (out,) + torch.autograd.grad(out, (q, k, v), do)
+
+    for mask, fast in ((padding, dict(kv_lens=kv_lens)), ((j <= i), dict(causal=True)),
+                       (band, dict(causal=True, window_size=(40, -1)))):
+        got, want = {}, {}
+        masked = mma_count(lambda: got.update(r=run(attn_bias=mask)))
+        positional = mma_count(lambda: want.update(r=run(**fast)))
+        assert masked == positional, (masked, positional)
+        for a, b in zip(got["r"], want["r"]):
+            torch.testing.assert_close(a, b)
+    left = torch.arange(L) >= 200  # left padding: the leading hidden tiles
+    assert mma_count(lambda: run(attn_bias=left)) < mma_count(lambda: run(attn_bias=torch.ones(L, dtype=torch.bool)))
+
+
 # ------------------------------------------------------------------------------------------- softmax, LayerNorm
 ROW_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 

@@ -6,9 +6,23 @@
 
 namespace fastattn {
 
-std::size_t attention_bwd_workspace_bytes(const AttnParams& p) {
+// Workspace: delta [B, H, Lq] fp32, then the bool mask's key_ranges (dQ) and query_ranges (dK/dV)
+// (attn::mask_ranges_kernel), each 16-byte aligned.
+static std::size_t delta_bytes(const AttnParams& p) {
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
-  return static_cast<std::size_t>(p.B) * p.H * p.Lq * sizeof(float);  // delta [B, H, Lq]
+  return (static_cast<std::size_t>(p.B) * p.H * p.Lq * sizeof(float) + 15) / 16 * 16;
+}
+
+static std::size_t key_ranges_bytes(const AttnParams& p) {
+  return p.B <= 0 || p.H <= 0 ? 0 : attn::mask_ranges_bytes(p, p.H, p.Lq, attn::kBwdBlock);
+}
+
+static std::size_t query_ranges_bytes(const AttnParams& p) {
+  return p.B <= 0 || p.Hkv <= 0 ? 0 : attn::mask_ranges_bytes(p, p.Hkv, p.Lk, attn::kBwdBlock);
+}
+
+std::size_t attention_bwd_workspace_bytes(const AttnParams& p) {
+  return delta_bytes(p) + key_ranges_bytes(p) + query_ranges_bytes(p);
 }
 
 const char* attention_bwd(const AttnParams& params, void* stream) {
@@ -28,6 +42,14 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
     return "fastattn CUDA attention: ds_reduce must combine kReduceBatch, kReduceHead, kReduceQuery, kReduceKey";
   if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
     return "fastattn CUDA attention: the backward needs lse and a workspace of attention_bwd_workspace_bytes()";
+  if (attention_bwd_workspace_bytes(p) > 0 &&
+      (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0))
+    return "fastattn CUDA attention: the backward needs a 16-byte aligned workspace of "
+           "attention_bwd_workspace_bytes()";
+  char* ranges = static_cast<char*>(p.workspace) + delta_bytes(p);
+  p.key_ranges = key_ranges_bytes(p) > 0 ? reinterpret_cast<int32_t*>(ranges) : nullptr;
+  p.query_ranges =
+      query_ranges_bytes(p) > 0 ? reinterpret_cast<int32_t*>(ranges + key_ranges_bytes(p)) : nullptr;
   return attn::dispatch(p, [&](auto t, auto d) -> const char* {
     return attn::run_bwd<decltype(t), decltype(d)::value>(p, static_cast<cudaStream_t>(stream));
   });

@@ -120,8 +120,14 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
 
   // Query rows whose window misses this key block are not visited (Window::query_tiles, as Triton's
   // _query_range): query tiles m_begin + t·BM, t < nm; a block of padding keys sees nothing.
+  // With a bool mask, nor the tiles it hides at either end of the rest (mask_ranges_kernel).
   int m_begin, nm;
   Window(p, seq.q_len, kv_len, shift).query_tiles(n0, BN, BM, m_begin, nm);
+  if (BIAS_MASK && p.query_ranges != nullptr) {
+    const int64_t i = 2 * ((static_cast<int64_t>(b) * p.Hkv + hk) * ((p.Lk + BN - 1) / BN) + blockIdx.x);
+    m_begin = p.query_ranges[i] * BM;
+    nm = p.query_ranges[i + 1];
+  }
   const int total = group * nm;  // (query head, query tile) steps
 
   load_tile_async<T, BN, D, NTH>(sK, static_cast<const T*>(p.k) + b * p.k_sb + hk * p.k_sh + seq.k0 * p.k_sl, p.k_sl,
@@ -313,7 +319,8 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   const Seq seq(p, b);
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
-  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);  // the forward's key range
+  KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win);  // the forward's key range
+  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0);
   const int n_first = keys.first, nblocks = keys.count;
   const DropoutMask drop(p, b, h);
   const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
@@ -422,7 +429,7 @@ __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
       const DropoutMask drop(p, b, h);
       for (int m0 = m_out; m0 < m_end; m0 += BM) {
         // The forward's key tiles of these rows; of them, this tile's key tile only unless keys are summed.
-        const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
+        const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win);
         int n_first = keys.first, n_count = keys.count;
         if (!all_n) {
           n_count = n_tile >= keys.first && n_tile < keys.first + keys.count ? 1 : 0;
@@ -524,6 +531,8 @@ const char* run_bwd(const AttnParams& p, cudaStream_t s) {
     constexpr int BN = 16 * C::kWarps;
     const dim3 grid((p.Lk + BN - 1) / BN, p.Hkv, p.B);
     const size_t smem = dkdv_smem_bytes<T, D, C::kWarps, C::kBlockM>(p.softcap > 0.f);
+    static_assert(BN == kBwdBlock, "attention_bwd_workspace_bytes sizes query_ranges for key blocks of kBwdBlock");
+    if (const char* err = launch_mask_ranges<C::kBlockM, BN, false>(p, p.query_ranges, s)) return err;
     const auto kernel = pick_kernel(bias_mask, dropout, mods, [](auto bm, auto dr, auto mo) {
       return dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, decltype(bm)::value, decltype(dr)::value,
                          decltype(mo)::value>;
@@ -535,6 +544,8 @@ const char* run_bwd(const AttnParams& p, cudaStream_t s) {
     constexpr int BM = 16 * C::kWarps;
     const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
     const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>(p.softcap > 0.f);
+    static_assert(BM == kBwdBlock, "attention_bwd_workspace_bytes sizes key_ranges for query blocks of kBwdBlock");
+    if (const char* err = launch_mask_ranges<BM, C::kBlockN, true>(p, p.key_ranges, s)) return err;
     const auto kernel = pick_kernel(bias_mask, dropout, mods, [](auto bm, auto dr, auto mo) {
       return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value, decltype(mo)::value>;
     });

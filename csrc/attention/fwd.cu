@@ -65,10 +65,21 @@ bool attention_fwd_tile(int d, int& block_m, int& block_n) {
   return attention_supports_head_dim(d) && attn::dispatch_head_dim<__half>(d, set) == nullptr;
 }
 
-std::size_t attention_fwd_workspace_bytes(const AttnParams& p) {
+// Workspace: the splits' partials (a split forward), then the bool mask's key_ranges (attn::mask_ranges_kernel),
+// each 16-byte aligned.
+static std::size_t partial_bytes(const AttnParams& p) {
   if (p.num_splits <= 1 || p.B <= 0 || p.H <= 0 || p.Lq <= 0 || p.D <= 0) return 0;
-  return static_cast<std::size_t>(p.num_splits) * attn::split_rows(p) * (p.D + 1) * sizeof(float);
+  const std::size_t n = static_cast<std::size_t>(p.num_splits) * attn::split_rows(p) * (p.D + 1) * sizeof(float);
+  return (n + 15) / 16 * 16;
 }
+
+static std::size_t key_ranges_bytes(const AttnParams& p) {
+  int block_m = 0, block_n = 0;
+  if (p.B <= 0 || p.H <= 0 || !attention_fwd_tile(p.D, block_m, block_n)) return 0;
+  return attn::mask_ranges_bytes(p, p.H, p.Lq, block_m);
+}
+
+std::size_t attention_fwd_workspace_bytes(const AttnParams& p) { return partial_bytes(p) + key_ranges_bytes(p); }
 
 const char* attention_fwd(const AttnParams& params, void* stream) {
   using namespace attn;
@@ -78,9 +89,14 @@ const char* attention_fwd(const AttnParams& params, void* stream) {
   AttnParams p;  // causal folded into the window, windows normalised
   if (const char* err = prepare(params, p)) return err;
   if (p.Lq == 0) return nullptr;  // nothing to write
-  if (p.num_splits > 1 && (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0))
-    return "fastattn CUDA attention: a split forward needs a 16-byte aligned workspace of "
+  if (attention_fwd_workspace_bytes(p) > 0 &&
+      (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0))
+    return "fastattn CUDA attention: a split forward or a bool mask needs a 16-byte aligned workspace of "
            "attention_fwd_workspace_bytes()";
+  p.key_ranges = key_ranges_bytes(p) > 0
+                     ? reinterpret_cast<int32_t*>(static_cast<char*>(p.workspace) + partial_bytes(p))
+                     : nullptr;
+  p.query_ranges = nullptr;
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
   const char* err = dispatch(p, [&](auto t, auto d) -> const char* {
     return run_fwd<decltype(t), decltype(d)::value>(p, s);

@@ -42,8 +42,10 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
   // Key tiles outside the window of every row of the block (past kv_len, right of the last row's diagonal +
-  // right, left of the first row's diagonal − left) are never visible: not visited.
-  const KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc);
+  // right, left of the first row's diagonal − left) are never visible: not visited; nor those a bool mask hides
+  // at either end of the rest (mask_ranges_kernel).
+  KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win);
+  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0);
   // A split takes the split-th run of ceil(count / S) tiles (none for the last runs when S > count).
   const int per = (keys.count + n_split - 1) / n_split;
   const int n_first = keys.first + split * per, nblocks = max(0, min(per, keys.count - split * per));
@@ -148,6 +150,7 @@ const char* run_fwd(const AttnParams& p, cudaStream_t s) {
   constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
   const dim3 grid((p.Lq + BM - 1) / BM * p.num_splits, p.H, p.B);
   const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
+  if (const char* err = launch_mask_ranges<BM, BN, true>(p, p.key_ranges, s)) return err;
   const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),
                                   [](auto bm, auto dr, auto mo) {
                                     return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value,

@@ -287,6 +287,11 @@ struct Seq {
     kv_len = p.kv_lens ? max(0, min(p.kv_lens[b], k_len)) : k_len;
   }
 
+  // The sequence's window (local.h): diagonal shift kv_len − q_len when bottom-right, else 0.
+  __device__ __forceinline__ Window window(const AttnParams& p) const {
+    return Window(p, q_len, kv_len, p.bottom_right ? kv_len - q_len : 0);
+  }
+
   // For a kernel's epilogue: the first row and number of rows of sequence b's queries (KEYS = false) or keys,
   // read again through volatile loads of cu_seqlens (fresh values, not those of the Seq made at the start held in
   // registers across the main loop, which ptxas spills in the largest instances).
@@ -422,17 +427,40 @@ struct Scores {
   }
 };
 
+// Whether the bool mask p.mask leaves some pair (query i, key j) of rows [m0, m0 + BM) and keys [n0, n0 + BN) of
+// query head h visible (visible by position too): a CTA-wide vote, so every thread of the CTA must call it.
+template <int BM, int BN, int NTHREADS>
+__device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window& win, int b, int h, int m0, int n0,
+                                               int tid) {
+  const uint8_t* mask = p.mask + b * p.mask_sb + h * p.mask_sh;
+  int seen = 0;
+#pragma unroll 1  // unrolled, its loads in flight at once push the 128-register kernels (D = 64) into spills
+  for (int e = tid; e < BM * BN && !seen; e += NTHREADS) {
+    const int i = m0 + e / BN, j = n0 + e % BN;  // consecutive threads: consecutive keys of a row
+    seen = win.visible(i, j) && mask[i * p.mask_sm + j * p.mask_sn] != 0;
+  }
+  return __syncthreads_or(seen) != 0;
+}
+
 // The key tiles a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
 // h / (H / Hkv) of sequence b that intersect the window of some row of the block, tiles first .. first + count − 1
-// (Window::key_tiles, as Triton's _key_range).
+// (Window::key_tiles, as Triton's _key_range); with a bool mask, trim_to_mask narrows them further.
 template <typename T, int BM, int BN, int D, int NTHREADS>
 struct KeyTiles {
   int b, hk, k0, kv_len, first, count;  // the tiles' addresses are formed from p at each load, not held
 
-  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int h, int m0, const Seq& seq,
-                                      const Scores<T>& sc)
-      : b(b_), hk(h / (p.H / p.Hkv)), k0(seq.k0), kv_len(sc.kv_len) {
-    sc.win.key_tiles(m0, BM, BN, first, count);
+  // win: the sequence's window (Seq::window, Scores::win).
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int h, int m0, const Seq& seq, const Window& win)
+      : b(b_), hk(h / (p.H / p.Hkv)), k0(seq.k0), kv_len(seq.kv_len) {
+    win.key_tiles(m0, BM, BN, first, count);
+  }
+
+  // With a bool mask: the range mask_ranges_kernel left for query block m0 / BM of head h (p.key_ranges).
+  __device__ __forceinline__ void use_mask_ranges(const AttnParams& p, int h, int m0) {
+    if (p.key_ranges == nullptr) return;
+    const int64_t i = 2 * ((static_cast<int64_t>(b) * p.H + h) * ((p.Lq + BM - 1) / BM) + m0 / BM);
+    first = p.key_ranges[i];
+    count = p.key_ranges[i + 1];
   }
 
   // cp.async of K and V tile n (keys n·BN ..) into sK, sV ([BN][D + 8] each); keys >= kv_len are zero-filled.
@@ -443,6 +471,60 @@ struct KeyTiles {
                                         p.v_sl, n * BN, kv_len, tid);
   }
 };
+
+// The tiles a bool mask leaves to each CTA of an attention kernel, computed before it (a loop with CTA-wide votes
+// in the attention kernels themselves made ptxas spill their main loops at the 128-register bound): for KEYS, the
+// key tiles of query block blockIdx.x (BM rows) of head blockIdx.y (Window::key_tiles, forward and dQ); else the
+// query tiles (of BM rows) of key block blockIdx.x (BN keys) of kv head blockIdx.y (Window::query_tiles, dK/dV),
+// over the GQA group's query heads. Of those, the tiles from the first to the last in which the mask leaves a pair
+// visible (Triton's _mask_trim): the tiles it hides at either end (padding, the far side of a causal or banded
+// mask given as a tensor) are never loaded nor computed; hidden tiles in between still are. Written as (first
+// tile, count) at ranges[2·((b·heads + head)·blocks + block)]. In an unnamed namespace, as the attention kernels:
+// each head dim's file instantiates its own.
+constexpr int kMaskRangeThreads = 256;
+
+namespace {
+template <int BM, int BN, bool KEYS>
+__global__ void __launch_bounds__(kMaskRangeThreads) mask_ranges_kernel(const AttnParams p, int32_t* ranges) {
+  const int tid = threadIdx.x, block = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
+  const Seq seq(p, b);
+  const Window win = seq.window(p);
+  const int group = p.H / p.Hkv;
+  const int heads = KEYS || p.mask_sh == 0 ? 1 : group;  // dK/dV: the group's heads, one for a shared mask
+  int first, count;
+  if (KEYS) {
+    win.key_tiles(block * BM, BM, BN, first, count);
+  } else {
+    win.query_tiles(block * BN, BN, BM, first, count);
+    first /= BM;
+  }
+  auto seen = [&](int t) {
+    bool any = false;
+    for (int g = 0; g < heads; ++g)
+      any |= KEYS ? mask_tile_seen<BM, BN, kMaskRangeThreads>(p, win, b, head, block * BM, t * BN, tid)
+                  : mask_tile_seen<BM, BN, kMaskRangeThreads>(p, win, b, head * group + g, t * BM, block * BN, tid);
+    return any;
+  };
+  while (count > 0 && !seen(first)) {
+    ++first;
+    --count;
+  }
+  while (count > 1 && !seen(first + count - 1)) --count;
+  if (tid == 0) {
+    const int64_t i = 2 * ((static_cast<int64_t>(b) * gridDim.y + head) * gridDim.x + block);
+    ranges[i] = first;
+    ranges[i + 1] = count;
+  }
+}
+}  // namespace
+
+// Bytes of a range table: B · heads · blocks (first, count) pairs, rounded up to 16 (workspace sections stay
+// 16-byte aligned).
+inline size_t mask_ranges_bytes(const AttnParams& p, int heads, int64_t len, int block) {
+  if (p.mask == nullptr || len <= 0) return 0;
+  const size_t n = static_cast<size_t>(p.B) * heads * ((len + block - 1) / block) * 2 * sizeof(int32_t);
+  return (n + 15) / 16 * 16;
+}
 
 // Sum / max over the 4 threads of a quad (the threads holding one C-fragment row).
 __device__ __forceinline__ float quad_sum(float x) {
@@ -462,6 +544,10 @@ __device__ __forceinline__ float quad_max(float x) {
 // 163 KB).
 template <int D> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
 template <> struct FwdCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+
+// Rows of the dQ kernel's query blocks and keys of the dK/dV kernel's key blocks, every head dim
+// (bwd_kernels.cuh): the sizes of the backward's mask range tables.
+constexpr int kBwdBlock = 64;
 
 // Kernels read q/k/v/do with 16-byte cp.async and write o/dq/dk/dv two elements at a time: a tensor of sizes
 // (nb, nh, nl, D) needs a 16-byte aligned pointer and strides that are multiples of 8 elements, except the strides
@@ -580,6 +666,17 @@ inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cu
   FASTATTN_LAUNCH(kernel, grid, threads, smem, stream, args...);
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+// Fills `ranges` (p.key_ranges: KEYS, blocks of BM query rows of the H heads; p.query_ranges: blocks of BN keys of
+// the Hkv heads) with mask_ranges_kernel, when p has a bool mask and the table.
+template <int BM, int BN, bool KEYS>
+inline const char* launch_mask_ranges(const AttnParams& p, int32_t* ranges, cudaStream_t stream) {
+  if (p.mask == nullptr || ranges == nullptr) return nullptr;
+  const int len = KEYS ? p.Lq : p.Lk, block = KEYS ? BM : BN;
+  if (len == 0) return nullptr;
+  const dim3 grid((len + block - 1) / block, KEYS ? p.H : p.Hkv, p.B);
+  return launch(mask_ranges_kernel<BM, BN, KEYS>, grid, kMaskRangeThreads, 0, stream, p, ranges);
 }
 
 }  // namespace attn

@@ -81,6 +81,13 @@ struct AttnParams {
   // where it saw no visible key) to the workspace, rows indexed within their sequence (Lq = max_seqlen_q when
   // packed); a second kernel merges them: lse2 = log2 Σ_s 2^lse2_s, o = Σ_s 2^(lse2_s − lse2) o_s. 1 = unsplit.
   int num_splits = 1;
+
+  // Set by the entry points (in the workspace), not by the caller: with a bool mask, the tiles each CTA visits once
+  // those the mask hides at either end of its range are trimmed (mask_ranges_kernel), as (first tile, count) pairs
+  // for each query block of the forward and dQ kernels (key_ranges, [B, H, query blocks]) and each key block of
+  // the dK/dV kernel (query_ranges, [B, Hkv, key blocks]).
+  int32_t* key_ranges = nullptr;
+  int32_t* query_ranges = nullptr;
 };
 
 }  // namespace fastattn

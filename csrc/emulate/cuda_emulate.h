@@ -141,6 +141,7 @@ struct Block {
   unsigned char* smem = nullptr;  // dynamic shared memory, 128-byte aligned
   size_t smem_bytes = 0;
   int live = 0, cur = 0;
+  int vote = 0;       // __syncthreads_or's result
   std::string error;  // raised by launch() once the fibers are back (an exception cannot cross swapcontext)
   ucontext_t sched;
   std::function<void()> body;
@@ -221,6 +222,18 @@ inline void wait(Barrier& b) {
 }
 
 inline void syncthreads() { wait(current()->bar); }
+
+// __syncthreads_or: a barrier that returns whether any live thread of the block passed a nonzero predicate. The
+// first barrier keeps the last call's readers from seeing this call's reset.
+inline int syncthreads_or(int pred) {
+  Block& blk = *current();
+  syncthreads();
+  blk.vote = 0;
+  syncthreads();
+  if (pred) blk.vote = 1;
+  syncthreads();
+  return blk.vote;
+}
 inline void syncwarp() { wait(current()->warp_bar[me().warp]); }
 inline uint64_t* slots(int lane) {
   return &current()->scratch[(static_cast<size_t>(me().warp) * 32 + lane) * kSlots];
@@ -325,9 +338,16 @@ inline float b16_to_float(uint32_t reg, int half) {
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16x8) += a (16x16) · b (16x8), fragments as in
 // kernel_common.cuh (g = lane / 4, t = lane % 4).
+// Warp-level MMAs executed since the last reset (tests count the tiles a kernel computes).
+inline uint64_t& mma_count() {
+  static uint64_t n = 0;
+  return n;
+}
+
 template <typename T>
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   const int lane = me().lane;
+  if (lane == 0) ++mma_count();
   uint64_t* mine = slots(lane);
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   mine[4] = b0;
@@ -515,4 +535,5 @@ inline cudaError_t cudaFuncSetAttribute(T* kernel, cudaFuncAttribute attr, int v
 #define blockDim (::fastattn_emu::block_dim())
 #define gridDim (::fastattn_emu::grid_dim())
 #define __syncthreads() ::fastattn_emu::syncthreads()
+#define __syncthreads_or(pred) ::fastattn_emu::syncthreads_or(pred)
 #define __shfl_xor_sync(mask, v, lane_mask) ::fastattn_emu::shfl_xor((v), (lane_mask))

@@ -1,12 +1,19 @@
 // The CUDA runtime calls of the kernels' host code, for the CPU emulator (cuda_emulate.h): launches run at once
 // and raise on failure, so there is never a pending error; the device is an sm_90-like one with 227 KB of
-// opt-in shared memory per block. And the emulator's schedule, for bindings.cpp (which includes no CUDA header).
+// opt-in shared memory per block. And the emulator's schedule and MMA count, for bindings.cpp (which includes no
+// CUDA header).
 #include <cuda_runtime.h>
 
 #include "cuda_emulate.h"
 
 bool fastattn_emu_set_schedule(const std::string& order, const std::string& copies, uint64_t seed) {
   return fastattn_emu::set_schedule(order, copies, seed);
+}
+
+uint64_t fastattn_emu_mma_count(bool reset) {
+  const uint64_t n = fastattn_emu::mma_count();
+  if (reset) fastattn_emu::mma_count() = 0;
+  return n;
 }
 
 extern "C" {
