@@ -1,8 +1,9 @@
 """Every CUDA C++ kernel once, on small shapes, for ``compute-sanitizer`` (``make gpu-sanitize``).
 
 Not a pytest module: the sanitizer wraps this process, and each tool reports on every kernel it launched.
-Covers attention forward + backward (causal, kv_lens, bool mask, bias with gradient (full and broadcast), GQA, dropout, packed
-varlen, head dims 64 and 256), softmax and LayerNorm / add + LayerNorm forward + backward.
+Covers attention forward + backward (causal, kv_lens, bool mask (with its tile ranges), bias with gradient (full and
+broadcast), GQA, dropout, packed varlen, head dims 64 and 256), the split-KV forward with packed GQA (decoding) and its
+merge, softmax (fp16 and fp32) and LayerNorm / add + LayerNorm forward + backward.
 ``python tests/gpu_sanitize.py cpu`` runs the same launches on the CPU emulator (tests/test_gpu_session.py does, so
 the script itself is known to run before a GPU lease is spent on it).
 """
@@ -15,6 +16,7 @@ dev, dt = (sys.argv[1] if len(sys.argv) > 1 else "cuda"), torch.float16
 if dev == "cpu":
     os.environ["FASTATTN_CUDA_EMULATE"] = "1"  # read when fastattn is imported
 import fastattn  # noqa: E402
+from fastattn.triton.attention import forced_splits  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -37,6 +39,11 @@ def attention():
                                  backend="cuda"), q, k, v)
         mask = torch.rand(2, 1, LQ, LK, device=dev) > 0.3
         grads(fastattn.attention(q, k, v, attn_bias=mask, dropout_p=0.2, backend="cuda"), q, k, v)
+        causal = torch.ones(LQ, LK, device=dev, dtype=torch.bool).tril()  # hides whole tiles: trimmed ranges
+        grads(fastattn.attention(q, k, v, attn_bias=causal, backend="cuda"), q, k, v)
+        with forced_splits(3):  # decoding: packed GQA rows, split keys, merged by combine_kernel
+            grads(fastattn.attention(q[:, :, :1], k, v, causal=True, causal_alignment="bottom_right",
+                                     kv_lens=kv_lens, backend="cuda"), q, k, v)
         # dbias: full size (written by the dQ kernel), broadcast over the batch, over heads and queries (summed
         # across warps through shared memory), over everything but the heads (row and column sums)
         for shape in ((2, 4, LQ, LK), (1, 4, LQ, LK), (2, 1, 1, LK), (1, 4, 1, 1)):
@@ -51,6 +58,7 @@ def attention():
 def softmax_and_layer_norm():
     x = torch.randn(37, 1000, device=dev, dtype=dt, requires_grad=True)
     grads(fastattn.softmax(x, -1, backend="cuda"), x)
+    grads(fastattn.softmax(x.float(), -1, backend="cuda"), x)  # fp32 rows: the normaliser summed in fp64
     w = torch.randn(1000, device=dev, requires_grad=True)
     b = torch.randn(1000, device=dev, requires_grad=True)
     grads(fastattn.layer_norm(x, 1000, w, b, backend="cuda"), x, w, b)
