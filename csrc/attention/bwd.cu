@@ -40,8 +40,7 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
            "strides that are multiples of 8 elements";
   if (p.ds_reduce < 0 || p.ds_reduce > 15)
     return "fastattn CUDA attention: ds_reduce must combine kReduceBatch, kReduceHead, kReduceQuery, kReduceKey";
-  if (p.Lq > 0 && (p.lse == nullptr || p.workspace == nullptr))
-    return "fastattn CUDA attention: the backward needs lse and a workspace of attention_bwd_workspace_bytes()";
+  if (p.Lq > 0 && p.lse == nullptr) return "fastattn CUDA attention: the backward needs lse";
   if (attention_bwd_workspace_bytes(p) > 0 &&
       (p.workspace == nullptr || reinterpret_cast<uintptr_t>(p.workspace) % 16 != 0))
     return "fastattn CUDA attention: the backward needs a 16-byte aligned workspace of "

@@ -338,7 +338,7 @@ struct Scores {
   __device__ __forceinline__ Scores(const AttnParams& p, int b, int h, const Seq& seq)
       : kv_len(seq.kv_len),
         shift(p.bottom_right ? seq.kv_len - seq.q_len : 0),
-        win(p, seq.q_len, seq.kv_len, p.bottom_right ? seq.kv_len - seq.q_len : 0) {
+        win(seq.window(p)) {
     scale = p.scale;
     scale_log2 = p.scale * kLog2e;
     softcap = p.softcap;
@@ -434,7 +434,6 @@ __device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window
                                                int tid) {
   const uint8_t* mask = p.mask + b * p.mask_sb + h * p.mask_sh;
   int seen = 0;
-#pragma unroll 1  // unrolled, its loads in flight at once push the 128-register kernels (D = 64) into spills
   for (int e = tid; e < BM * BN && !seen; e += NTHREADS) {
     const int i = m0 + e / BN, j = n0 + e % BN;  // consecutive threads: consecutive keys of a row
     seen = win.visible(i, j) && mask[i * p.mask_sm + j * p.mask_sn] != 0;
@@ -444,7 +443,7 @@ __device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window
 
 // The key tiles a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
 // h / (H / Hkv) of sequence b that intersect the window of some row of the block, tiles first .. first + count − 1
-// (Window::key_tiles, as Triton's _key_range); with a bool mask, trim_to_mask narrows them further.
+// (Window::key_tiles, as Triton's _key_range); with a bool mask, use_mask_ranges narrows them further.
 template <typename T, int BM, int BN, int D, int NTHREADS>
 struct KeyTiles {
   int b, hk, k0, kv_len, first, count;  // the tiles' addresses are formed from p at each load, not held

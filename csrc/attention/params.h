@@ -74,7 +74,8 @@ struct AttnParams {
   int ds_reduce = 0;                    // bits of kReduceBatch, kReduceHead, kReduceQuery, kReduceKey
   void* workspace = nullptr;            // attention_{fwd,bwd}_workspace_bytes(p) bytes, allocated by the caller
                                         // (backward: D_i of every (b, h, i < Lq), dense [B, H, Lq] fp32;
-                                        // split forward: the splits' partial outputs and lse, see num_splits)
+                                        // split forward: the splits' partial outputs and lse, see num_splits;
+                                        // with a bool mask: the tile ranges below)
 
   // Split-KV forward (FlashDecoding): each CTA's key tiles are cut into num_splits runs of whole tiles, one CTA
   // each. Run s writes its normalised output o_s (fp32 [S, B, H, Lq, D]) and lse2_s (fp32 [S, B, H, Lq], −inf

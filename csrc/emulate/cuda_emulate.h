@@ -336,14 +336,14 @@ inline float b16_to_float(uint32_t reg, int half) {
   }
 }
 
-// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16x8) += a (16x16) · b (16x8), fragments as in
-// kernel_common.cuh (g = lane / 4, t = lane % 4).
 // Warp-level MMAs executed since the last reset (tests count the tiles a kernel computes).
 inline uint64_t& mma_count() {
   static uint64_t n = 0;
   return n;
 }
 
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: d (16x8) += a (16x16) · b (16x8), fragments as in
+// kernel_common.cuh (g = lane / 4, t = lane % 4).
 template <typename T>
 inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   const int lane = me().lane;
