@@ -10,9 +10,9 @@ Sliding-window rows (causal local attention, window (w, 0): query i sees keys i 
 per token (ns per query token, ms ÷ (B·L)), which is flat in L when the kernel skips the key blocks outside the
 window (O(L·w) work), and the speed-up over SDPA given the equivalent dense L×L bool mask.
 
-Decoding rows (one query per sequence against a KV cache of Lk keys, GQA 32/8, d128, forward only) get a third
-table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gains of the Triton forward's
-split-KV and packed GQA (same kernel with one forced off ÷ with the heuristics' choice).
+Decoding rows (one query per sequence against a KV cache of Lk keys, or 4 for speculative decoding; GQA 32/8, d128,
+forward only) get a third table: time, the K/V read bandwidth (B·Hkv·Lk·D·2 elements read once), and the gains of
+each backend's split-KV and packed GQA (same kernel with one forced off ÷ with the heuristics' choice).
 
     python benchmarks/bench_attention.py [--quick | --full | --rehearse] [--autotune] [--out DIR] [--budget S]
 """
@@ -158,9 +158,11 @@ def window_rows(dtype, windows, lengths) -> list[Case]:
 DECODE_LENGTHS = (4096, 16384, 65536)
 
 
-def decode_rows(dtype, batches, lengths) -> list[Case]:
-    """One query per sequence against a cache of Lk keys: H 32 / Hkv 8 (GQA), d128, no mask (the query is last)."""
-    return [Case("decode", dtype, B, 32, 8, 1, L, 128, gpu_only=True) for B in batches for L in lengths]
+def decode_rows(dtype, batches, lengths, queries=1) -> list[Case]:
+    """``queries`` per sequence (1: decoding; a few: speculative decoding's draft tokens) against a cache of Lk
+    keys: H 32 / Hkv 8 (GQA), d128, no mask (the queries are last: a causal mask would hide at most queries − 1
+    keys)."""
+    return [Case("decode", dtype, B, 32, 8, queries, L, 128, gpu_only=True) for B in batches for L in lengths]
 
 
 def grid(mode: str, gpu: bool) -> list[Case]:
@@ -205,6 +207,7 @@ def grid(mode: str, gpu: bool) -> list[Case]:
              for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
     # Sliding window after the main sweep: ahead of the rarer kinds when --budget runs out.
     cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + decode_rows(bf16, (1, 8), DECODE_LENGTHS)
+    cases += decode_rows(bf16, (8,), (16384,), queries=4)
     cases += gqa + pads + varlen + bias + cross
     if not full:  # a few fp16 rows and the fastattn-only head dim 256
         cases += [square(fp16, 8192, 128, c) for c in (False, True)]
@@ -433,8 +436,9 @@ def decode_table(rows: list) -> "common.Table":
     cols = ("fastattn-triton", "fastattn-triton-nosplit", "fastattn-triton-nopack", "fastattn-cuda",
             "fastattn-cuda-nosplit", "fastattn-cuda-nopack", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn",
             "flex-compiled")
-    t = common.Table("decoding (Lq = 1, forward): µs per call; GB/s = K/V bytes ÷ time; split / pack gain = the "
-                     "backend without split-KV / packed GQA ÷ with; ratio = best other ÷ fastattn",
+    t = common.Table("decoding (Lq = 1; Lq 4: speculative decoding; forward): µs per call; GB/s = K/V bytes ÷ time; "
+                     "split / pack gain = the backend without split-KV / packed GQA ÷ with; ratio = best other ÷ "
+                     "fastattn",
                      ["case", *(SHORT.get(c, c.replace("fastattn-", "").replace("-no", " no-")) for c in cols),
                       "triton GB/s", "split gain", "pack gain", "cuda split gain", "cuda pack gain", "best other",
                       "triton÷best", "cuda÷best"])

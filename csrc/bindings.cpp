@@ -124,6 +124,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   FA_FIELD(dk_sb); FA_FIELD(dk_sh); FA_FIELD(dk_sl);
   FA_FIELD(dv_sb); FA_FIELD(dv_sh); FA_FIELD(dv_sl);
   FA_FIELD(ds_sb); FA_FIELD(ds_sh); FA_FIELD(ds_sm); FA_FIELD(ds_reduce); FA_FIELD(num_splits);
+  FA_FIELD(pack_gqa);
 #undef FA_FIELD
   pointer_field(cls, "q", &AttnParams::q);
   pointer_field(cls, "k", &AttnParams::k);

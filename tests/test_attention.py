@@ -316,7 +316,7 @@ def test_gpu_decode_splits(D, dtype, gpu_backend):
     else:
         from fastattn.cuda import attention as cuda_attention
         k = torch.empty(1, 2, 5000, D, dtype=dtype, device="cuda")
-        assert cuda_attention.pack_gqa(q, k, True, True, (-1, 0), None, 0.0, None, None, None)
+        assert cuda_attention.pack_gqa(q, k, None, 0.0, None, None, None)
         assert cuda_attention._splits(q, 1, 2, 4, 5000, D) > 1  # packed: 2 kv heads of 4 rows
     assert_case(AttentionCase(B=1, H=8, Hkv=2, Lq=1, Lk=5000, D=D, dtype=dtype, causal=True,
                               alignment="bottom_right", kv_lens=True, seed=D), device="cuda", backend=gpu_backend)

@@ -137,13 +137,14 @@ def test_attention_window_rows(tmp_path, capsys):
 
 
 def test_attention_decode_rows(tmp_path, capsys):
-    """Decoding rows (Lq = 1, GQA 32/8, d128; forward only) in the GPU grids, with the Triton forward also timed
-    with split-KV and with packed GQA off, and the CUDA forward likewise; the toy CPU row runs SDPA / the reference,
-    and the decoding table is printed."""
+    """Decoding rows (Lq = 1, and 4 for speculative decoding; GQA 32/8, d128; forward only) in the GPU grids, with
+    the Triton forward also timed with split-KV and with packed GQA off, and the CUDA forward likewise; the toy CPU
+    row runs SDPA / the reference, and the decoding table is printed."""
     bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
     rows = [c for c in bench.grid("default", gpu=True) if c.kind == "decode"]
-    assert sorted((c.B, c.Lk) for c in rows) == [(b, L) for b in (1, 8) for L in (4096, 16384, 65536)]
-    assert all(c.Lq == 1 and (c.H, c.Hkv, c.D) == (32, 8, 128) and c.passes == ("fwd",) for c in rows)
+    assert sorted((c.B, c.Lq, c.Lk) for c in rows) == sorted(
+        [(b, 1, L) for b in (1, 8) for L in (4096, 16384, 65536)] + [(8, 4, 16384)])
+    assert all((c.H, c.Hkv, c.D) == (32, 8, 128) and c.passes == ("fwd",) for c in rows)
     assert rows[0].kv_bytes == 2 * 1 * 8 * 4096 * 128 * 2
     assert any(c.kind == "decode" for c in bench.grid("quick", gpu=True))
     toy = next(c for c in bench.grid("quick", gpu=False) if c.kind == "decode")

@@ -181,20 +181,30 @@ def test_split_kv_matches_unsplit_and_keeps_empty_rows_zero():
         assert not torch.equal(out[1], out1[1]) or not torch.equal(lse[1], lse1[1])  # really merged splits
 
 
-# Decoding with GQA: the forward reads q [B, H, 1, D] as [B, Hkv, group, D] (a kv head's query heads as one CTA's
-# rows), with every feature that allows it; also split.
+# Packed GQA: a kv head's group of query heads as one CTA's rows (row r: query r / group of head hk·group + r % group)
+# with every feature that allows it; decoding, speculative decoding, and rows that straddle CTAs, odd groups, varlen.
 PACK_CASES = {
-    "kv_lens-br-lse": dict(B=3, H=4, Hkv=2, Lq=1, Lk=300, D=64, causal=True, alignment="bottom_right", kv_lens=True,
-                           lse_grad=True),
-    "padding-bias-softcap": dict(B=2, H=6, Hkv=2, Lq=1, Lk=200, D=40, key_padding=True, bias="batch",
-                                 bias_grad=True, softcap=5.0, dtype=torch.bfloat16),
-    "mqa-d256": dict(B=1, H=4, Hkv=1, Lq=1, Lk=90, D=256, kv_lens=True),
+    "decode-kv_lens-br-lse": dict(B=3, H=4, Hkv=2, Lq=1, Lk=300, D=64, causal=True, alignment="bottom_right",
+                                  kv_lens=True, lse_grad=True),
+    "decode-padding-bias-softcap": dict(B=2, H=6, Hkv=2, Lq=1, Lk=200, D=40, key_padding=True, bias="batch",
+                                        bias_grad=True, softcap=5.0, dtype=torch.bfloat16),
+    "decode-mqa-d256": dict(B=1, H=4, Hkv=1, Lq=1, Lk=90, D=256, kv_lens=True),
+    "spec-decode-causal-br": dict(B=2, H=8, Hkv=2, Lq=4, Lk=260, D=64, causal=True, alignment="bottom_right",
+                                  kv_lens=True, lse_grad=True),
+    "group3-causal-tl-window": dict(B=1, H=6, Hkv=2, Lq=45, Lk=100, D=32, causal=True, window=(20, -1)),
+    "mask2d-softcap-bf16": dict(B=2, H=4, Hkv=1, Lq=33, Lk=150, D=96, bool_mask="2d", softcap=8.0,
+                                dtype=torch.bfloat16),
+    "bias2d-grad": dict(B=2, H=4, Hkv=2, Lq=20, Lk=80, D=32, bias="2d", bias_grad=True, causal=True),
+    "window-both-br": dict(B=2, H=4, Hkv=1, Lq=7, Lk=120, D=128, alignment="bottom_right", window=(30, 5)),
+    "varlen": dict(varlen=((3, 130), (40, 70), (0, 40), (1, 96)), H=4, Hkv=2, D=64, causal=True,
+                   alignment="bottom_right"),
 }
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-@pytest.mark.parametrize("name", list(PACK_CASES))
+@pytest.mark.parametrize("name,splits", [(name, 1) for name in PACK_CASES] + [
+    (name, 3) for name in ("decode-kv_lens-br-lse", "spec-decode-causal-br", "mask2d-softcap-bf16", "varlen")])
 def test_pack_gqa(name, splits, monkeypatch):
+    """The rule packs each of these (every output and gradient then passes §5), split 3 ways too."""
     packed = []
     rule = cuda_attention.pack_gqa
     monkeypatch.setattr(cuda_attention, "pack_gqa", lambda *args: packed.append(rule(*args)) or packed[-1])
@@ -203,39 +213,91 @@ def test_pack_gqa(name, splits, monkeypatch):
     assert packed and all(packed)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_pack_gqa_same_bits_as_unpacked(splits):
-    """A packed row computes what the unpacked CTA's one row did, in the same order: the same bits."""
+@pytest.mark.parametrize("Lq,splits", [(1, 1), (1, 3), (6, 1), (6, 3)])
+def test_pack_gqa_same_bits_as_unpacked(Lq, splits):
+    """A packed row computes what the unpacked CTA's row did, over the same key tiles in the same order: the same
+    bits (output and LSE)."""
     g = torch.Generator().manual_seed(splits)
-    q = torch.randn(2, 8, 1, 64, generator=g).half()
+    q = torch.randn(2, 8, Lq, 64, generator=g).half()
     k, v = (torch.randn(2, 2, 300, 64, generator=g).half() for _ in range(2))
-    kw = dict(kv_lens=torch.tensor([300, 123], dtype=torch.int32), attn_bias=torch.randn(2, 1, 1, 300, generator=g),
-              causal=True, causal_alignment="bottom_right", softcap=10.0, return_lse=True, backend="cuda")
+    mask = torch.rand(Lq, 300, generator=g) > 0.2
+    kw = dict(kv_lens=torch.tensor([300, 123], dtype=torch.int32), attn_bias=mask, causal=True, causal_alignment="bottom_right", softcap=10.0, return_lse=True,
+              backend="cuda")
     with forced_splits(splits):
-        packed = fastattn.attention(q, k, v, **kw)
+        with forced_pack_gqa(True):
+            packed = fastattn.attention(q, k, v, **kw)
         with forced_pack_gqa(False):
             unpacked = fastattn.attention(q, k, v, **kw)
     assert all(torch.equal(a, b) for a, b in zip(packed, unpacked))
 
 
+def test_pack_gqa_computes_each_kv_tile_once_per_group():
+    """Speculative decoding (4 queries per head, groups of 4): unpacked, the CTA of each of the 8 query heads
+    computes every key tile; packed, the CTA of each of the 2 kv heads does, for its 16 rows: a quarter of the
+    MMAs (and of the K/V tile loads), the same output."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, 4, 64, generator=g).half()
+    k, v = (torch.randn(1, 2, 256, 64, generator=g).half() for _ in range(2))
+    outs, mmas = {}, {}
+    for pack in (False, True):
+        def run():
+            outs[pack] = fastattn.attention(q, k, v, causal=True, causal_alignment="bottom_right", backend="cuda")
+        with forced_pack_gqa(pack):
+            mmas[pack] = mma_count(run)
+    assert mmas[True] > 0 and mmas[False] == 4 * mmas[True]
+    assert torch.equal(outs[True], outs[False])
+
+
 def test_pack_gqa_rule():
-    """One query per head and a group > 1; no ALiBi, dropout, window left side, top-left causal or window right
-    side, or per-head bias / mask."""
-    q, k = torch.empty(2, 8, 1, 32), torch.empty(2, 2, 50, 32)
-    base = dict(causal=False, bottom_right=False, window=(-1, -1), alibi=None, dropout_p=0.0, bias=None, mask=None,
-                varlen=None)
+    """A group > 1 whose CTA rows may differ by head (no ALiBi, no dropout, bias / mask broadcast over heads) packs
+    when the Triton backend's rule says so for the CUDA forward's query block; forced_pack_gqa overrides the rule,
+    never the conditions."""
+    from fastattn.triton.attention import pack_gqa as triton_rule
+    k = torch.empty(2, 2, 50, 32)
+    base = dict(alibi=None, dropout_p=0.0, bias=None, mask=None, varlen=None)
     rule = cuda_attention.pack_gqa
-    assert rule(q, k, **base)
-    assert rule(q, k, **{**base, "causal": True, "bottom_right": True, "window": (10**6, 0),
-                         "bias": torch.empty(2, 1, 1, 50), "mask": torch.empty(1, 1, 1, 50, dtype=torch.uint8)})
-    assert rule(q, k, **{**base, "bottom_right": True, "window": (-1, 3)})
-    for change in (dict(causal=True, window=(-1, 0)), dict(window=(10, -1)), dict(window=(-1, 3)),
-                   dict(bottom_right=True, window=(10, 3)), dict(alibi=torch.ones(8)),
-                   dict(dropout_p=0.1), dict(bias=torch.empty(2, 8, 1, 50)),
+    for Lq in (1, 4, 40, 70, 200, 1000):
+        assert rule(torch.empty(2, 8, Lq, 32), k, **base) == triton_rule(4, Lq, 128), Lq
+    assert rule(torch.empty(2, 8, 4, 32), k, **base) and not rule(torch.empty(2, 8, 1000, 32), k, **base)
+    with forced_pack_gqa(True):
+        assert rule(torch.empty(2, 8, 1000, 32), k, **base)
+    q = torch.empty(2, 8, 1, 32)
+    with forced_pack_gqa(False):
+        assert not rule(q, k, **base)
+    assert rule(q, k, **{**base, "bias": torch.empty(2, 1, 1, 50), "mask": torch.empty(1, 1, 1, 50, dtype=torch.uint8)})
+    for change in (dict(alibi=torch.ones(8)), dict(dropout_p=0.1), dict(bias=torch.empty(2, 8, 1, 50)),
                    dict(mask=torch.empty(1, 8, 1, 50, dtype=torch.uint8))):
         assert not rule(q, k, **{**base, **change}), change
-    assert not rule(torch.empty(2, 8, 2, 32), k, **base)  # two queries per head
+        with forced_pack_gqa(True):
+            assert not rule(q, k, **{**base, **change}), change
     assert not rule(q, torch.empty(2, 8, 50, 32), **base)  # no GQA
+    cu = torch.tensor([0, 1, 2], dtype=torch.int32)  # varlen decoding: q [total_q, H, D]
+    assert rule(torch.empty(2, 8, 32), torch.empty(100, 2, 32), **{**base, "varlen": (cu, cu, 1, 50)})
+
+
+def test_pack_gqa_arguments_are_checked():
+    """pack_gqa other than 1 or H / Hkv, or with what a packed CTA cannot do (ALiBi, dropout, a per-head mask), or
+    given to the backward: an error that names it."""
+    emu = cuda.extension(torch.empty(0))
+    q, k = torch.randn(1, 4, 4, 32).half(), torch.randn(1, 2, 8, 32).half()
+    out, lse = torch.empty_like(q), torch.empty(1, 4, 4)
+
+    def params(**kw):
+        p = cuda_attention._params(q, k, k, kw.get("bias"), kw.get("mask"), None, 1.0, False, False,
+                                   (kw.get("dropout", 0.0), 0), alibi=kw.get("alibi"))
+        cuda_attention._set(p, "o", "o", out)
+        p.lse = lse.data_ptr()
+        p.pack_gqa = kw.get("pack", 2)
+        return p
+
+    for p in (params(pack=3), params(pack=0), params(dropout=0.1), params(alibi=torch.ones(4)),
+              params(mask=torch.ones(1, 4, 4, 8, dtype=torch.uint8))):
+        with pytest.raises(RuntimeError, match="pack_gqa"):
+            emu.attention_fwd(p, 0)
+    p = params()
+    emu.attention_fwd(p, 0)  # accepted
+    with pytest.raises(RuntimeError, match="pack_gqa"):
+        emu.attention_bwd(p, 0)
 
 
 def test_split_kv_arguments_are_checked():
@@ -285,7 +347,8 @@ def test_bool_mask_skips_hidden_tiles_at_either_end():
     band = band.contiguous()
 
     def run(**kw):
-        out = fastattn.attention(q, k, v, backend="cuda", **kw)
+        with forced_pack_gqa(False):  # the per-head band cannot pack, the call without a mask could
+            out = fastattn.attention(q, k, v, backend="cuda", **kw)
         return (out,) + torch.autograd.grad(out, (q, k, v), do)
 
     for mask, fast in ((padding, dict(kv_lens=kv_lens)), ((j <= i), dict(causal=True)),

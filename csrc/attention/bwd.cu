@@ -31,6 +31,7 @@ const char* attention_bwd(const AttnParams& params, void* stream) {
     return "fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256";
   AttnParams p;  // causal folded into the window, windows normalised
   if (const char* err = prepare(params, p)) return err;
+  if (p.pack_gqa != 1) return "fastattn CUDA attention: pack_gqa is a forward option (the backward runs unpacked)";
   const int64_t nb = batches(p), nq = q_rows(p), nk = k_rows(p);
   if (!aligned_rows(p.dout, p.do_sb, p.do_sh, p.do_sl, nb, p.H, nq) ||
       !aligned_rows(p.dq, p.dq_sb, p.dq_sh, p.dq_sl, nb, p.H, nq) ||

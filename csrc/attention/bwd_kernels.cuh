@@ -320,7 +320,7 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
   const Scores<T> sc(p, b, h, seq);
   KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win);  // the forward's key range
-  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0);
+  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0, p.H, p.Lq);
   const int n_first = keys.first, nblocks = keys.count;
   const DropoutMask drop(p, b, h);
   const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;

@@ -75,8 +75,9 @@ static std::size_t partial_bytes(const AttnParams& p) {
 
 static std::size_t key_ranges_bytes(const AttnParams& p) {
   int block_m = 0, block_n = 0;
-  if (p.B <= 0 || p.H <= 0 || !attention_fwd_tile(p.D, block_m, block_n)) return 0;
-  return attn::mask_ranges_bytes(p, p.H, p.Lq, block_m);
+  if (p.B <= 0 || p.H <= 0 || p.pack_gqa < 1 || !attention_fwd_tile(p.D, block_m, block_n)) return 0;
+  // The forward's grid (attn::fwd_heads, fwd_rows), formed here before attention_fwd has checked p.
+  return attn::mask_ranges_bytes(p, p.H / p.pack_gqa, static_cast<int64_t>(p.Lq) * p.pack_gqa, block_m);
 }
 
 std::size_t attention_fwd_workspace_bytes(const AttnParams& p) { return partial_bytes(p) + key_ranges_bytes(p); }

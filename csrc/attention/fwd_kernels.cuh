@@ -7,6 +7,8 @@
 // window of some row of the block are visited (Window::key_tiles); scores with soft cap and ALiBi (Scores).
 // Split-KV (p.num_splits = S > 1): blockIdx.x = query block · S + split; each CTA takes one run of its block's key
 // tiles and writes fp32 partials to the workspace (params.h), which combine_kernel (fwd.cu) merges.
+// Packed GQA (p.pack_gqa = G > 1): blockIdx.y is a kv head and the CTA's rows r are query r / G of its query head
+// hk·G + r % G (PackedRows), so that the group's heads share each K/V tile.
 // Semantics: fastattn/triton/attention.py (_fwd_kernel).
 // Included by instances/fwd_d<D>.cu, one head dim per file.
 #pragma once
@@ -37,22 +39,27 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n_split = p.num_splits, split = blockIdx.x % n_split;
-  const int m0 = blockIdx.x / n_split * BM, h = blockIdx.y, b = blockIdx.z;
+  // Dropout is never packed (check_common); the rows are formed from p where used, not held across the loop.
+  const auto packed = [](const AttnParams& p) { return DROPOUT ? PackedRows() : PackedRows(p); };
+  const PackedRows rows = packed(p);
+  const int m0 = blockIdx.x / n_split * BM, h = blockIdx.y * rows.G, b = blockIdx.z;  // h: the first row's head
   const Seq seq(p, b);
-  if (m0 >= seq.q_len) return;  // past the end of a packed sequence: these rows belong to the next one
+  const int n_rows = seq.q_len * rows.G;
+  if (m0 >= n_rows) return;  // past the end of a packed sequence: these rows belong to the next one
+  // Packed GQA needs a bias / mask broadcast over heads (check_common): those of head h serve every row.
   const Scores<T> sc(p, b, h, seq);
   // Key tiles outside the window of every row of the block (past kv_len, right of the last row's diagonal +
   // right, left of the first row's diagonal − left) are never visible: not visited; nor those a bool mask hides
   // at either end of the rest (mask_ranges_kernel).
-  KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win);
-  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0);
+  KeyTiles<T, BM, BN, D, NTH> keys(p, b, h, m0, seq, sc.win, rows);
+  if constexpr (BIAS_MASK) keys.use_mask_ranges(p, blockIdx.y, m0, gridDim.y, p.Lq * rows.G);
   // A split takes the split-th run of ceil(count / S) tiles (none for the last runs when S > count).
   const int per = (keys.count + n_split - 1) / n_split;
   const int n_first = keys.first + split * per, nblocks = max(0, min(per, keys.count - split * per));
   const DropoutMask drop(p, b, h);
 
-  load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
-                                 m0, seq.q_len, tid);
+  load_rows_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl,
+                                 [&](int r) { return rows.offset(r, p.q_sh, p.q_sl); }, m0, n_rows, tid);
   if (nblocks > 0) keys.load(p, sK, sV, n_first, tid);
   cp_async_commit();
 
@@ -74,7 +81,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
     float s[NTS][4];
     zero(s);
     gemm_ss<T, NTS, D>(s, sQ, P, warp * 16, sK + st * BN * P, P, 0, lane);
-    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, nullptr);
+    sc.template apply<BIAS_MASK, MODS, false>(s, m0 + warp * 16, n0, lane, nullptr, packed(p).mul, packed(p).shift);
 
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -102,7 +109,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
       }
     }
 
-    if constexpr (DROPOUT) {  // only the weights that reach V are dropped
+    if constexpr (DROPOUT) {  // only the weights that reach V are dropped (never packed: rows are queries of head h)
       const int row = m0 + warp * 16 + (lane >> 2);
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt)
@@ -120,26 +127,33 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 
   float inv[2];
   const float keep_scale = DROPOUT ? 1.f - p.dropout_p : 1.f;  // kept weights count 1 / (1 − p)
-  // A split writes its partials (rows within the sequence); a row it saw no key of weighs 0 there (lse −inf).
+  // A split writes its partials (rows within the sequence; [S, B, H, Lq] as unpacked, so that combine_kernel
+  // need not know the packing); a row it saw no key of weighs 0 there (lse −inf).
   const bool partial = p.num_splits > 1;
+  const int h0 = blockIdx.y * packed(p).G;  // h again: not held in a register across the loop
   float* part_o = static_cast<float*>(p.workspace);
-  const int64_t part_row0 = ((static_cast<int64_t>(blockIdx.x % p.num_splits) * p.B + b) * p.H + h) * p.Lq;
+  const int64_t part_h0 = (static_cast<int64_t>(blockIdx.x % p.num_splits) * p.B + b) * p.H + h0;
   float* lse = partial ? part_o + static_cast<int64_t>(p.num_splits) * p.B * p.H * p.Lq * D : p.lse;
-  const int64_t lse0 = partial ? part_row0 : seq.lse_row0(p, b, h);
+  // Row r's index in lse (or the partial lse) and in the partial outputs' rows: head h + head(r), query pos(r).
+  const auto lse_index = [&](int r) {
+    return (partial ? (part_h0 + rows.head(r)) * p.Lq : seq.lse_row0(p, b, h0 + rows.head(r))) + rows.pos(r);
+  };
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(row_sum[r]);
     const bool empty = total == 0.f;
     inv[r] = empty ? 0.f : 1.f / (total * keep_scale);
     const int row = m0 + warp * 16 + (lane >> 2) + 8 * r;
-    if (lse != nullptr && (lane & 3) == 0 && row < seq.q_len)
-      lse[lse0 + row] = empty ? (partial ? -INFINITY : INFINITY) : row_max[r] + log2f(total);
+    if (lse != nullptr && (lane & 3) == 0 && row < n_rows)
+      lse[lse_index(row)] = empty ? (partial ? -INFINITY : INFINITY) : row_max[r] + log2f(total);
   }
   if (partial) {
-    store_c<float, NTO>(part_o + part_row0 * D, D, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+    store_rows<float, NTO>(part_o, [&](int r) { return lse_index(r) * D; }, m0 + warp * 16, 0, n_rows, acc, inv[0],
+                           inv[1], lane);
   } else {
-    T* o = static_cast<T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl;
-    store_c<T, NTO>(o, p.o_sl, m0 + warp * 16, 0, seq.q_len, acc, inv[0], inv[1], lane);
+    T* o = static_cast<T*>(p.o) + b * p.o_sb + h0 * p.o_sh + seq.q0 * p.o_sl;
+    store_rows<T, NTO>(o, [&](int r) { return rows.offset(r, p.o_sh, p.o_sl); }, m0 + warp * 16, 0, n_rows, acc,
+                       inv[0], inv[1], lane);
   }
 }
 
@@ -148,7 +162,7 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 template <typename T, int D>
 const char* run_fwd(const AttnParams& p, cudaStream_t s) {
   constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
-  const dim3 grid((p.Lq + BM - 1) / BM * p.num_splits, p.H, p.B);
+  const dim3 grid((fwd_rows(p) + BM - 1) / BM * p.num_splits, fwd_heads(p), p.B);
   const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
   if (const char* err = launch_mask_ranges<BM, BN, true>(p, p.key_ranges, s)) return err;
   const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),

@@ -141,10 +141,11 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // ------------------------------------------------------------------------------------------- tiles
-// Rows [row0, row0 + ROWS) of a global [*, D] matrix (row stride ld elements, last dim contiguous) into a shared
-// tile of pitch D + 8; rows >= nvalid are zero-filled (never read), so padding (even NaN) cannot reach the MMAs.
-template <typename T, int ROWS, int D, int NTHREADS>
-__device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t ld, int row0, int nvalid, int tid) {
+// Rows [row0, row0 + ROWS) of a global matrix, row r at g + offset(r) elements (last dim contiguous), into a
+// shared tile of pitch D + 8; rows >= nvalid are zero-filled (never read), so padding (even NaN) cannot reach the
+// MMAs.
+template <typename T, int ROWS, int D, int NTHREADS, typename Offset>
+__device__ __forceinline__ void load_rows_async(T* s, const T* g, Offset offset, int row0, int nvalid, int tid) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   constexpr int kPitch = D + 8;
 #pragma unroll
@@ -155,9 +156,15 @@ __device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t ld, in
     const int col = (c % kChunks) * 8;
     const int gr = row0 + r;
     const bool ok = gr < nvalid;
-    const T* src = ok ? g + static_cast<int64_t>(gr) * ld + col : g;
+    const T* src = ok ? g + offset(gr) + col : g;
     cp_async_16(s + r * kPitch + col, src, ok);
   }
+}
+
+// The same for a [*, D] matrix of row stride ld elements.
+template <typename T, int ROWS, int D, int NTHREADS>
+__device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t ld, int row0, int nvalid, int tid) {
+  load_rows_async<T, ROWS, D, NTHREADS>(s, g, [ld](int r) { return r * ld; }, row0, nvalid, tid);
 }
 
 // A operand (16x16) at (row0, k0) of a row-major shared tile.
@@ -248,22 +255,29 @@ __device__ __forceinline__ void store_pair<float>(float* dst, float lo, float hi
   *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
 }
 
-// Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global [*, *] matrix
-// (row stride ld, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
-template <typename T, int NT>
-__device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, int nrows, const float (&c)[NT][4],
-                                        float mul0, float mul1, int lane) {
+// Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global matrix (row r at
+// g + offset(r) elements, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
+template <typename T, int NT, typename Offset>
+__device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int col0, int nrows,
+                                           const float (&c)[NT][4], float mul0, float mul1, int lane) {
   const int gr = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + gr + half * 8;
     if (row >= nrows) continue;
     const float mul = half ? mul1 : mul0;
-    T* dst = g + static_cast<int64_t>(row) * ld + col0 + 2 * tq;
+    T* dst = g + offset(row) + col0 + 2 * tq;
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
       store_pair(dst + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
   }
+}
+
+// The same into a [*, *] matrix of row stride ld.
+template <typename T, int NT>
+__device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, int nrows, const float (&c)[NT][4],
+                                        float mul0, float mul1, int lane) {
+  store_rows<T, NT>(g, [ld](int r) { return r * ld; }, row0, col0, nrows, c, mul0, mul1, lane);
 }
 
 // ------------------------------------------------------------------------------------------- masking
@@ -315,6 +329,48 @@ struct Seq {
   }
   __device__ __forceinline__ int64_t lse_row0(const AttnParams& p, int b, int h) const {
     return lse_row0(p, b, h, q0);
+  }
+};
+
+// The forward's grid of query rows and heads (params.h, pack_gqa): Lq·G rows of each of H / G heads, G = 1
+// unpacked (also the dQ kernel's: the backward is never packed).
+FASTATTN_HD int fwd_rows(const AttnParams& p) { return p.Lq * p.pack_gqa; }
+FASTATTN_HD int fwd_heads(const AttnParams& p) { return p.H / p.pack_gqa; }
+
+// r / G for 0 <= r < 2^28 as (r · mul) >> shift (AttnParams::pack_mul, pack_shift; the identity by default).
+FASTATTN_HD int div_rows(int r, uint32_t mul, int shift) {
+  return static_cast<int>((static_cast<uint64_t>(r) * mul) >> shift);
+}
+
+// mul, shift of div_rows for G >= 1: shift = 31 + floor(log2 G), mul = ceil(2^shift / G) < 2^32. Exact: with
+// e = mul·G − 2^shift < G < 2^(l + 1), r·mul / 2^shift = r / G + r·e / (G·2^shift), and r·e < 2^(29 + l) <= 2^shift
+// keeps the error below 1 / G, less than the distance from r / G to the next integer.
+inline void div_rows_magic(int G, uint32_t& mul, int& shift) {
+  int l = 0;
+  while ((2 << l) <= G) ++l;
+  shift = 31 + l;
+  mul = static_cast<uint32_t>(((uint64_t{1} << shift) + G - 1) / G);
+}
+
+// The query rows of the forward's CTAs (params.h, pack_gqa): with G = p.pack_gqa, row r of a CTA of query head h
+// (the first of its kv head's group when packed) is query pos(r) of head h + head(r); G = 1: query r of head h.
+struct PackedRows {
+  int G;
+  uint32_t mul;
+  int shift;
+  __device__ __forceinline__ explicit PackedRows(const AttnParams& p)
+      : G(p.pack_gqa), mul(p.pack_mul), shift(p.pack_shift) {}
+  __device__ __forceinline__ PackedRows() : G(1), mul(1u << 31), shift(31) {}  // unpacked (the backward)
+  __device__ __forceinline__ int pos(int r) const { return div_rows(r, mul, shift); }
+  __device__ __forceinline__ int head(int r) const { return r - pos(r) * G; }
+  // Element offset of row r in a (head stride sh, row stride sl) tensor.
+  __device__ __forceinline__ int64_t offset(int r, int64_t sh, int64_t sl) const {
+    return head(r) * sh + pos(r) * sl;
+  }
+  // Query positions [first, first + count) of rows [m0, m0 + rows).
+  __device__ __forceinline__ void span(int m0, int rows, int& first, int& count) const {
+    first = pos(m0);
+    count = pos(m0 + rows - 1) - first + 1;
   }
 };
 
@@ -370,18 +426,21 @@ struct Scores {
 
   // A warp's 16 x 8NT tile of dot products to scores in place. Rows are queries and columns keys, or the other
   // way round when KEY_ROWS (the dK/dV kernel computes K·Qᵀ); rows from row0 and columns from col0 (global
-  // indices). Template flags (each costs registers even when skipped at run time): BIAS_MASK, p.bias or p.mask
+  // indices; the packed-GQA forward's query rows r are query div_rows(r, pos_mul, pos_shift), PackedRows). Template flags (each costs registers even when skipped at run time): BIAS_MASK, p.bias or p.mask
   // is set, each read where it is non-null; MODS, softcap or ALiBi is on (see modded()). With the soft cap on and
   // dcap non-null (the backward), the derivative of element (nt, e) goes to dcap[(nt·4 + e)·32 + lane], a
   // warp-private buffer in shared memory (not registers: the backward kernels have none to spare across the dP
   // GEMM that separates this from its use).
   template <bool BIAS_MASK, bool MODS, bool KEY_ROWS, int NT>
-  __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane, float* dcap) const {
+  __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane, float* dcap,
+                                        uint32_t pos_mul = 1u << 31, int pos_shift = 31) const {
     const int gr = lane >> 2, tq = lane & 3;
-    int lo[2], hi[2];  // keys visible by position to the two query rows of this thread (query rows only)
+    int qi[2], lo[2], hi[2];  // query index and keys visible by position of the thread's two rows (query rows only)
     if (!KEY_ROWS) {
-      win.key_range(row0 + gr, lo[0], hi[0]);
-      win.key_range(row0 + gr + 8, lo[1], hi[1]);
+      qi[0] = div_rows(row0 + gr, pos_mul, pos_shift);
+      qi[1] = div_rows(row0 + gr + 8, pos_mul, pos_shift);
+      win.key_range(qi[0], lo[0], hi[0]);
+      win.key_range(qi[1], lo[1], hi[1]);
     }
     auto positional = [&](auto cap) {  // window, kv_len, Lq; soft cap, ALiBi
 #pragma unroll
@@ -391,7 +450,7 @@ struct Scores {
           const int r = e >> 1;
           const int row = row0 + gr + r * 8;
           const int col = col0 + nt * 8 + 2 * tq + (e & 1);
-          const int i = KEY_ROWS ? col : row, j = KEY_ROWS ? row : col;
+          const int i = KEY_ROWS ? col : qi[r], j = KEY_ROWS ? row : col;
           const bool vis = KEY_ROWS ? win.visible(i, j) : (col >= lo[r] && col < hi[r]);
           float dc;
           const float m = modded<MODS, decltype(cap)::value>(s[nt][e], i, j, dc);
@@ -415,7 +474,7 @@ struct Scores {
         for (int e = 0; e < 4; ++e) {
           const int row = row0 + gr + (e >> 1) * 8;
           const int col = col0 + nt * 8 + 2 * tq + (e & 1);
-          const int i = KEY_ROWS ? col : row, j = KEY_ROWS ? row : col;
+          const int i = KEY_ROWS ? col : qi[e >> 1], j = KEY_ROWS ? row : col;
           if (s[nt][e] == -INFINITY) continue;  // invisible by position: no load
           if (mask && mask[i * mask_sm + j * mask_sn] == 0) {
             s[nt][e] = -INFINITY;
@@ -427,14 +486,14 @@ struct Scores {
   }
 };
 
-// Whether the bool mask p.mask leaves some pair (query i, key j) of rows [m0, m0 + BM) and keys [n0, n0 + BN) of
-// query head h visible (visible by position too): a CTA-wide vote, so every thread of the CTA must call it.
-template <int BM, int BN, int NTHREADS>
-__device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window& win, int b, int h, int m0, int n0,
-                                               int tid) {
+// Whether the bool mask p.mask leaves some pair (query i, key j) of queries [m0, m0 + rows) and keys [n0, n0 + BN)
+// of query head h visible (visible by position too): a CTA-wide vote, so every thread of the CTA must call it.
+template <int BN, int NTHREADS>
+__device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window& win, int b, int h, int m0, int rows,
+                                               int n0, int tid) {
   const uint8_t* mask = p.mask + b * p.mask_sb + h * p.mask_sh;
   int seen = 0;
-  for (int e = tid; e < BM * BN && !seen; e += NTHREADS) {
+  for (int e = tid; e < rows * BN && !seen; e += NTHREADS) {
     const int i = m0 + e / BN, j = n0 + e % BN;  // consecutive threads: consecutive keys of a row
     seen = win.visible(i, j) && mask[i * p.mask_sm + j * p.mask_sn] != 0;
   }
@@ -443,21 +502,26 @@ __device__ __forceinline__ bool mask_tile_seen(const AttnParams& p, const Window
 
 // The key tiles a CTA of query rows [m0, m0 + BM) of query head h visits (forward, dQ): BN-key tiles of kv head
 // h / (H / Hkv) of sequence b that intersect the window of some row of the block, tiles first .. first + count − 1
-// (Window::key_tiles, as Triton's _key_range); with a bool mask, use_mask_ranges narrows them further.
+// (Window::key_tiles, as Triton's _key_range, over the rows' query positions: PackedRows, for the packed-GQA
+// forward); with a bool mask, use_mask_ranges narrows them further.
 template <typename T, int BM, int BN, int D, int NTHREADS>
 struct KeyTiles {
   int b, hk, k0, kv_len, first, count;  // the tiles' addresses are formed from p at each load, not held
 
   // win: the sequence's window (Seq::window, Scores::win).
-  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int h, int m0, const Seq& seq, const Window& win)
+  __device__ __forceinline__ KeyTiles(const AttnParams& p, int b_, int h, int m0, const Seq& seq, const Window& win,
+                                      const PackedRows& rows = PackedRows())
       : b(b_), hk(h / (p.H / p.Hkv)), k0(seq.k0), kv_len(seq.kv_len) {
-    win.key_tiles(m0, BM, BN, first, count);
+    int i0, n;
+    rows.span(m0, BM, i0, n);
+    win.key_tiles(i0, n, BN, first, count);
   }
 
-  // With a bool mask: the range mask_ranges_kernel left for query block m0 / BM of head h (p.key_ranges).
-  __device__ __forceinline__ void use_mask_ranges(const AttnParams& p, int h, int m0) {
+  // With a bool mask: the range mask_ranges_kernel left for query block m0 / BM of head `head` of the grid's
+  // `heads` heads of `rows` rows (p.key_ranges; packed GQA: kv heads, fwd_heads and fwd_rows).
+  __device__ __forceinline__ void use_mask_ranges(const AttnParams& p, int head, int m0, int heads, int rows) {
     if (p.key_ranges == nullptr) return;
-    const int64_t i = 2 * ((static_cast<int64_t>(b) * p.H + h) * ((p.Lq + BM - 1) / BM) + m0 / BM);
+    const int64_t i = 2 * ((static_cast<int64_t>(b) * heads + head) * ((rows + BM - 1) / BM) + m0 / BM);
     first = p.key_ranges[i];
     count = p.key_ranges[i + 1];
   }
@@ -473,7 +537,8 @@ struct KeyTiles {
 
 // The tiles a bool mask leaves to each CTA of an attention kernel, computed before it (a loop with CTA-wide votes
 // in the attention kernels themselves made ptxas spill their main loops at the 128-register bound): for KEYS, the
-// key tiles of query block blockIdx.x (BM rows) of head blockIdx.y (Window::key_tiles, forward and dQ); else the
+// key tiles of query block blockIdx.x (BM rows) of head blockIdx.y (Window::key_tiles, forward and dQ; the kv head's
+// group of query heads for the packed-GQA forward, whose mask is the same for every head); else the
 // query tiles (of BM rows) of key block blockIdx.x (BN keys) of kv head blockIdx.y (Window::query_tiles, dK/dV),
 // over the GQA group's query heads. Of those, the tiles from the first to the last in which the mask leaves a pair
 // visible (Triton's _mask_trim): the tiles it hides at either end (padding, the far side of a causal or banded
@@ -490,9 +555,10 @@ __global__ void __launch_bounds__(kMaskRangeThreads) mask_ranges_kernel(const At
   const Window win = seq.window(p);
   const int group = p.H / p.Hkv;
   const int heads = KEYS || p.mask_sh == 0 ? 1 : group;  // dK/dV: the group's heads, one for a shared mask
-  int first, count;
+  int first, count, i0 = 0, rows = BM;  // KEYS: the block's query positions [i0, i0 + rows)
   if (KEYS) {
-    win.key_tiles(block * BM, BM, BN, first, count);
+    PackedRows(p).span(block * BM, BM, i0, rows);
+    win.key_tiles(i0, rows, BN, first, count);
   } else {
     win.query_tiles(block * BN, BN, BM, first, count);
     first /= BM;
@@ -500,8 +566,8 @@ __global__ void __launch_bounds__(kMaskRangeThreads) mask_ranges_kernel(const At
   auto seen = [&](int t) {
     bool any = false;
     for (int g = 0; g < heads; ++g)
-      any |= KEYS ? mask_tile_seen<BM, BN, kMaskRangeThreads>(p, win, b, head, block * BM, t * BN, tid)
-                  : mask_tile_seen<BM, BN, kMaskRangeThreads>(p, win, b, head * group + g, t * BM, block * BN, tid);
+      any |= KEYS ? mask_tile_seen<BN, kMaskRangeThreads>(p, win, b, head * p.pack_gqa, i0, rows, t * BN, tid)
+                  : mask_tile_seen<BN, kMaskRangeThreads>(p, win, b, head * group + g, t * BM, BM, block * BN, tid);
     return any;
   };
   while (count > 0 && !seen(first)) {
@@ -589,15 +655,25 @@ inline const char* check_common(const AttnParams& p) {
   if (!(p.softcap >= 0.f) || std::isinf(p.softcap))
     return "fastattn CUDA attention: softcap must be finite and >= 0 (0 = off)";
   if (p.alibi && reinterpret_cast<uintptr_t>(p.alibi) % 4 != 0) return "fastattn CUDA attention: alibi is misaligned";
+  if (p.pack_gqa != 1) {  // the rows of a packed CTA differ by position and head only (params.h)
+    if (p.pack_gqa != p.H / p.Hkv) return "fastattn CUDA attention: pack_gqa must be 1 or H / Hkv";
+    if (p.alibi != nullptr || p.dropout_p > 0.f || (p.bias != nullptr && p.bias_sh != 0) ||
+        (p.mask != nullptr && p.mask_sh != 0))
+      return "fastattn CUDA attention: pack_gqa needs no ALiBi, no dropout and a bias / mask broadcast over heads";
+    if (static_cast<int64_t>(p.Lq) * p.pack_gqa >= kMaxLen)
+      return "fastattn CUDA attention: with pack_gqa, Lq · H / Hkv must be below 2^28";
+  }
   return nullptr;
 }
 
 // Checks p (check_common) and returns, in `out`, the parameters the kernels read: causal folded into the window
-// and windows normalised (normalize_window, local.h), which keeps the kernels' index arithmetic within int.
+// and windows normalised (normalize_window, local.h), which keeps the kernels' index arithmetic within int, and
+// the division by pack_gqa as a multiply and shift (div_rows_magic).
 inline const char* prepare(const AttnParams& p, AttnParams& out) {
   if (const char* err = check_common(p)) return err;
   out = p;
   normalize_window(out);
+  div_rows_magic(out.pack_gqa, out.pack_mul, out.pack_shift);
   return nullptr;
 }
 
@@ -672,9 +748,9 @@ inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cu
 template <int BM, int BN, bool KEYS>
 inline const char* launch_mask_ranges(const AttnParams& p, int32_t* ranges, cudaStream_t stream) {
   if (p.mask == nullptr || ranges == nullptr) return nullptr;
-  const int len = KEYS ? p.Lq : p.Lk, block = KEYS ? BM : BN;
+  const int len = KEYS ? fwd_rows(p) : p.Lk, block = KEYS ? BM : BN;
   if (len == 0) return nullptr;
-  const dim3 grid((len + block - 1) / block, KEYS ? p.H : p.Hkv, p.B);
+  const dim3 grid((len + block - 1) / block, KEYS ? fwd_heads(p) : p.Hkv, p.B);
   return launch(mask_ranges_kernel<BM, BN, KEYS>, grid, kMaskRangeThreads, 0, stream, p, ranges);
 }
 

@@ -83,12 +83,22 @@ struct AttnParams {
   // packed); a second kernel merges them: lse2 = log2 Σ_s 2^lse2_s, o = Σ_s 2^(lse2_s − lse2) o_s. 1 = unsplit.
   int num_splits = 1;
 
+  // Packed GQA forward (FlashAttention-3's pack_gqa; the backward refuses it): G = pack_gqa = H / Hkv > 1 runs the
+  // G query heads of a kv head as the rows of one CTA, row r of kv head hk being query r / G of head hk·G + r % G,
+  // so that K/V are read once per group; the grid covers Lq·G rows of Hkv heads. The rows of a CTA must differ by
+  // position and head only: no ALiBi or dropout, and a bias / mask broadcast over heads (stride 0). 1 = off.
+  int pack_gqa = 1;
+
   // Set by the entry points (in the workspace), not by the caller: with a bool mask, the tiles each CTA visits once
   // those the mask hides at either end of its range are trimmed (mask_ranges_kernel), as (first tile, count) pairs
   // for each query block of the forward and dQ kernels (key_ranges, [B, H, query blocks]) and each key block of
   // the dK/dV kernel (query_ranges, [B, Hkv, key blocks]).
   int32_t* key_ranges = nullptr;
   int32_t* query_ranges = nullptr;
+  // Set by the entry points too: r / pack_gqa = (r · pack_mul) >> pack_shift for every row r < 2^28 (a division
+  // the kernels' main loops can afford: ptxas spilled the 128-register forward with a division instruction).
+  uint32_t pack_mul = 1u << 31;
+  int pack_shift = 31;
 };
 
 }  // namespace fastattn

@@ -4,8 +4,8 @@ including local attention (window_size), ALiBi and soft-capping (computed in the
 outside the window skipped), dropout (the same Philox keep-mask bit for bit, csrc/attention/philox.h) and packed
 variable-length batches. Block counting (``count``, a test hook) is the Triton kernels' only. When its CTAs cannot
 fill the GPU (decoding), the forward splits their keys and merges the splits by LSE, by the Triton backend's rule
-(``num_splits`` on this backend's tiles; ``forced_splits`` applies here too); decoding with GQA reads each kv head's
-K/V once for its query heads (:func:`pack_gqa`).
+(``num_splits`` on this backend's tiles; ``forced_splits`` applies here too); with GQA, decoding and short queries
+read each kv head's K/V once for its query heads (:func:`pack_gqa`).
 
 The kernels take fp16 / bf16 and head dims of ``HEAD_DIMS`` that ``_C.attention_supports_head_dim`` accepts;
 other head dims run zero-padded to the next supported one (padding changes no score, and the padded output
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..triton.attention import _bcast_strides, _rows
 from ..triton.attention import dropout_mask as _triton_dropout_mask
 from ..triton.attention import forced_layout, multiprocessors, num_splits
+from ..triton.attention import pack_gqa as _pack_rule
 from . import check_cuda, device_ctx, extension, ptr, stream
 
 HEAD_DIMS = (32, 64, 96, 128, 256)
@@ -235,14 +236,9 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen, window, alibi, softcap)
     _set(p, "o", "o", o, varlen)
     p.lse = lse.data_ptr()
-    if forced_layout("pack_gqa") is not False and pack_gqa(q, k, causal, bottom_right, window, alibi, dropout[0],
-                                                           bias, mask, varlen):
-        # Row g of kv head hk is query head hk·group + g: q and o by their head strides, lse [B, H, 1] is
-        # [B, Hkv, group]; the right side of the window (causal: 0), bottom-right for one query, hides no key.
-        group = p.H // p.Hkv
-        p.q_sh, p.q_sl, p.o_sh, p.o_sl = p.q_sh * group, p.q_sh, p.o_sh * group, p.o_sh
-        p.H, p.Lq, p.causal, p.window_right = p.Hkv, group, False, -1
-    p.num_splits = _splits(q, p.B, p.H, p.Lq, p.Lk, p.D)
+    if pack_gqa(q, k, alibi, dropout[0], bias, mask, varlen):
+        p.pack_gqa = p.H // p.Hkv
+    p.num_splits = _splits(q, p.B, p.H // p.pack_gqa, p.Lq * p.pack_gqa, p.Lk, p.D)  # the grid's heads and rows
     with device_ctx(q):
         nbytes = C.attention_fwd_workspace_bytes(p)  # the splits' fp32 partial outputs and LSEs
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=q.device) if nbytes else None
@@ -263,20 +259,23 @@ def _splits(q: torch.Tensor, B: int, H: int, Lq: int, Lk: int, D: int) -> int:
     return num_splits(B * H * -(-Lq // block_m), -(-Lk // block_n), multiprocessors(q.device.index))
 
 
-def pack_gqa(q, k, causal, bottom_right, window, alibi, dropout_p, bias, mask, varlen) -> bool:
-    """Whether the forward runs the ``group`` query heads of a kv head as the rows of one CTA (FlashAttention-2's
-    swap of seqlen_q and the group for decoding), so that K/V are read once per group instead of once per query
-    head: for one query per head (not a packed batch) and a group > 1, when the rows differ by their head only —
-    no ALiBi or dropout (per-row positions and counters), no left side of a window, a right side (causal: 0) only
-    bottom-right (where it hides no key of a single query), a bias or mask broadcast over heads (then over its one
-    query row too). The backward is unchanged; ``forced_pack_gqa(False)`` turns it off."""
-    H, Hkv = q.shape[1], k.shape[1]
-    if varlen is not None or q.shape[2] != 1 or H == Hkv:
+def pack_gqa(q, k, alibi, dropout_p, bias, mask, varlen) -> bool:
+    """Whether the forward runs the ``group`` = H / Hkv query heads of a kv head as the rows of one CTA
+    (AttnParams::pack_gqa: row r is query r / group of head hk·group + r % group), so that K/V are read once per
+    group instead of once per query head: when the rows may differ by head (no ALiBi or dropout, a bias or mask
+    broadcast over heads) and, unless ``forced_pack_gqa`` says, when that fills the forward's query blocks better
+    (the Triton backend's rule, FlashAttention-3's, on this backend's query block: decoding and short queries
+    pack). The backward is unchanged."""
+    B, H, Lq, Lk = _shape(q, k, varlen)
+    group = H // k.shape[1]
+    if (group == 1 or alibi is not None or dropout_p > 0.0
+            or any(t is not None and t.shape[1] != 1 for t in (bias, mask))):
         return False
-    Lk = k.shape[2]
-    left, right = (_window_side(w, 1, Lk) for w in window)
-    return (left == -1 and (bottom_right or (right == -1 and not causal)) and alibi is None and dropout_p == 0.0
-            and all(t is None or t.shape[1] == 1 for t in (bias, mask)))
+    forced = forced_layout("pack_gqa")
+    if forced is not None:
+        return forced
+    block_m = extension(q).attention_fwd_tile(padded_head_dim(q.shape[-1], q))[0]
+    return _pack_rule(group, Lq, block_m)
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,

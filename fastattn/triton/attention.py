@@ -877,9 +877,9 @@ def forced_layout(name: str):
 
 
 def forced_pack_gqa(pack: bool):
-    """Run the forward with (True) or without (False) packed GQA instead of the heuristic (a group of 1 never
-    packs; the CUDA backend packs only decoding calls, see fastattn.cuda.attention.pack_gqa, and False turns that
-    off)."""
+    """Run the forward with (True) or without (False) packed GQA instead of the heuristic, on either backend (a
+    group of 1 never packs, nor, on the CUDA backend, a call whose rows differ by more than head and position: see
+    fastattn.cuda.attention.pack_gqa)."""
     return _forcing("pack_gqa", bool(pack))
 
 
