@@ -2,8 +2,8 @@
 
 Not a pytest module: the sanitizer wraps this process, and each tool reports on every kernel it launched.
 Covers attention forward + backward (causal, kv_lens, bool mask (with its tile ranges), bias with gradient (full and
-broadcast), GQA, dropout, packed varlen, head dims 64 and 256), the split-KV forward with packed GQA (decoding) and its
-merge, softmax (fp16 and fp32) and LayerNorm / add + LayerNorm forward + backward.
+broadcast), GQA, dropout, packed varlen, head dims 64 and 256), the split-KV forward with packed GQA (decoding, and
+speculative decoding with a bool mask) and its merge, softmax (fp16 and fp32) and LayerNorm / add + LayerNorm forward + backward.
 ``python tests/gpu_sanitize.py cpu`` runs the same launches on the CPU emulator (tests/test_gpu_session.py does, so
 the script itself is known to run before a GPU lease is spent on it).
 """
@@ -44,6 +44,8 @@ def attention():
         with forced_splits(3):  # decoding: packed GQA rows, split keys, merged by combine_kernel
             grads(fastattn.attention(q[:, :, :1], k, v, causal=True, causal_alignment="bottom_right",
                                      kv_lens=kv_lens, backend="cuda"), q, k, v)
+        with forced_splits(2):  # speculative decoding: 5 queries of 2 heads per CTA, the mask's packed tile ranges
+            grads(fastattn.attention(q[:, :, :5], k, v, attn_bias=mask[:, :, :5], backend="cuda"), q, k, v)
         # dbias: full size (written by the dQ kernel), broadcast over the batch, over heads and queries (summed
         # across warps through shared memory), over everything but the heads (row and column sums)
         for shape in ((2, 4, LQ, LK), (1, 4, LQ, LK), (2, 1, 1, LK), (1, 4, 1, 1)):
