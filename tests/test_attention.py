@@ -306,20 +306,22 @@ def test_num_splits(programs, key_blocks, sms):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("D", [64, 128])
-def test_gpu_decode_splits(D, dtype, gpu_backend):
-    """Decoding shapes (one query against a long cache), where the heuristics pack the GQA group and split the
-    keys: the rule holds."""
+@pytest.mark.parametrize("Lq", [1, 4])
+def test_gpu_decode_splits(Lq, D, dtype, gpu_backend):
+    """Decoding shapes (one query, or 4 draft tokens of speculative decoding, against a long cache), where the
+    heuristics pack the GQA group and split the keys: the rule holds."""
     from fastattn.triton import attention as kernels
-    q = torch.empty(1, 8, 1, D, dtype=dtype, device="cuda")
-    if gpu_backend == "triton":
-        assert kernels._pack_for(q, 4, 1, D) and kernels._splits_for(q, 2, 4, 5000, D) > 1  # packed: 2 kv heads
+    q = torch.empty(1, 8, Lq, D, dtype=dtype, device="cuda")
+    if gpu_backend == "triton":  # packed: 2 kv heads of 4·Lq rows
+        assert kernels._pack_for(q, 4, Lq, D) and kernels._splits_for(q, 2, 4 * Lq, 5000, D) > 1
     else:
         from fastattn.cuda import attention as cuda_attention
         k = torch.empty(1, 2, 5000, D, dtype=dtype, device="cuda")
         assert cuda_attention.pack_gqa(q, k, None, 0.0, None, None, None)
-        assert cuda_attention._splits(q, 1, 2, 4, 5000, D) > 1  # packed: 2 kv heads of 4 rows
-    assert_case(AttentionCase(B=1, H=8, Hkv=2, Lq=1, Lk=5000, D=D, dtype=dtype, causal=True,
-                              alignment="bottom_right", kv_lens=True, seed=D), device="cuda", backend=gpu_backend)
+        assert cuda_attention._splits(q, 1, 2, 4 * Lq, 5000, D) > 1
+    assert_case(AttentionCase(B=1, H=8, Hkv=2, Lq=Lq, Lk=5000, D=D, dtype=dtype, causal=True,
+                              alignment="bottom_right", kv_lens=True, seed=D + Lq), device="cuda",
+                backend=gpu_backend)
 
 
 # ------------------------------------------------------------------------------------------- packed GQA
