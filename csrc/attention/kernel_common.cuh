@@ -337,14 +337,14 @@ struct Seq {
 FASTATTN_HD int fwd_rows(const AttnParams& p) { return p.Lq * p.pack_gqa; }
 FASTATTN_HD int fwd_heads(const AttnParams& p) { return p.H / p.pack_gqa; }
 
-// r / G for 0 <= r < 2^28 as (r · mul) >> shift (AttnParams::pack_mul, pack_shift; the identity by default).
+// r / G for 0 <= r < 2^30 as (r · mul) >> shift (AttnParams::pack_mul, pack_shift; the identity by default).
 FASTATTN_HD int div_rows(int r, uint32_t mul, int shift) {
   return static_cast<int>((static_cast<uint64_t>(r) * mul) >> shift);
 }
 
 // mul, shift of div_rows for G >= 1: shift = 31 + floor(log2 G), mul = ceil(2^shift / G) < 2^32. Exact: with
-// e = mul·G − 2^shift < G < 2^(l + 1), r·mul / 2^shift = r / G + r·e / (G·2^shift), and r·e < 2^(29 + l) <= 2^shift
-// keeps the error below 1 / G, less than the distance from r / G to the next integer.
+// e = mul·G − 2^shift < G < 2^(l + 1), r·mul / 2^shift = r / G + r·e / (G·2^shift), and r·e < 2^(31 + l) = 2^shift
+// keeps the error below 1 / G, less than the distance from r / G to the next integer (rows are below 2^28 + BM).
 inline void div_rows_magic(int G, uint32_t& mul, int& shift) {
   int l = 0;
   while ((2 << l) <= G) ++l;
@@ -426,11 +426,12 @@ struct Scores {
 
   // A warp's 16 x 8NT tile of dot products to scores in place. Rows are queries and columns keys, or the other
   // way round when KEY_ROWS (the dK/dV kernel computes K·Qᵀ); rows from row0 and columns from col0 (global
-  // indices; the packed-GQA forward's query rows r are query div_rows(r, pos_mul, pos_shift), PackedRows). Template flags (each costs registers even when skipped at run time): BIAS_MASK, p.bias or p.mask
-  // is set, each read where it is non-null; MODS, softcap or ALiBi is on (see modded()). With the soft cap on and
-  // dcap non-null (the backward), the derivative of element (nt, e) goes to dcap[(nt·4 + e)·32 + lane], a
-  // warp-private buffer in shared memory (not registers: the backward kernels have none to spare across the dP
-  // GEMM that separates this from its use).
+  // indices; query row r is query div_rows(r, pos_mul, pos_shift): r unless packed, PackedRows). Template flags
+  // (each costs registers even when skipped at run time): BIAS_MASK, p.bias or p.mask is set, each read where it
+  // is non-null; MODS, softcap or ALiBi is on (see modded()). With the soft cap on and dcap non-null (the
+  // backward), the derivative of element (nt, e) goes to dcap[(nt·4 + e)·32 + lane], a warp-private buffer in
+  // shared memory (not registers: the backward kernels have none to spare across the dP GEMM that separates this
+  // from its use).
   template <bool BIAS_MASK, bool MODS, bool KEY_ROWS, int NT>
   __device__ __forceinline__ void apply(float (&s)[NT][4], int row0, int col0, int lane, float* dcap,
                                         uint32_t pos_mul = 1u << 31, int pos_shift = 31) const {

@@ -95,7 +95,7 @@ struct AttnParams {
   // the dK/dV kernel (query_ranges, [B, Hkv, key blocks]).
   int32_t* key_ranges = nullptr;
   int32_t* query_ranges = nullptr;
-  // Set by the entry points too: r / pack_gqa = (r · pack_mul) >> pack_shift for every row r < 2^28 (a division
+  // Set by the entry points too: r / pack_gqa = (r · pack_mul) >> pack_shift for every row r < 2^30 (a division
   // the kernels' main loops can afford: ptxas spilled the 128-register forward with a division instruction).
   uint32_t pack_mul = 1u << 31;
   int pack_shift = 31;
