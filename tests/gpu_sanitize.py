@@ -3,7 +3,8 @@
 Not a pytest module: the sanitizer wraps this process, and each tool reports on every kernel it launched.
 Covers attention forward + backward (causal, kv_lens, bool mask (with its tile ranges), bias with gradient (full and
 broadcast), GQA, dropout, packed varlen, head dims 64 and 256), the split-KV forward with packed GQA (decoding, and
-speculative decoding with a bool mask) and its merge, softmax (fp16 and fp32) and LayerNorm / add + LayerNorm forward + backward.
+speculative decoding with a bool mask) and its merge, softmax (fp16 and fp32) and LayerNorm / add + LayerNorm
+forward + backward.
 ``python tests/gpu_sanitize.py cpu`` runs the same launches on the CPU emulator (tests/test_gpu_session.py does, so
 the script itself is known to run before a GPU lease is spent on it).
 """

@@ -221,8 +221,8 @@ def test_pack_gqa_same_bits_as_unpacked(Lq, splits):
     q = torch.randn(2, 8, Lq, 64, generator=g).half()
     k, v = (torch.randn(2, 2, 300, 64, generator=g).half() for _ in range(2))
     mask = torch.rand(Lq, 300, generator=g) > 0.2
-    kw = dict(kv_lens=torch.tensor([300, 123], dtype=torch.int32), attn_bias=mask, causal=True, causal_alignment="bottom_right", softcap=10.0, return_lse=True,
-              backend="cuda")
+    kw = dict(kv_lens=torch.tensor([300, 123], dtype=torch.int32), attn_bias=mask, causal=True,
+              causal_alignment="bottom_right", softcap=10.0, return_lse=True, backend="cuda")
     with forced_splits(splits):
         with forced_pack_gqa(True):
             packed = fastattn.attention(q, k, v, **kw)
