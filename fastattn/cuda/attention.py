@@ -266,7 +266,7 @@ def pack_gqa(q, k, alibi, dropout_p, bias, mask, varlen) -> bool:
     broadcast over heads) and, unless ``forced_pack_gqa`` says, when that fills the forward's query blocks better
     (the Triton backend's rule, FlashAttention-3's, on this backend's query block: decoding and short queries
     pack). The backward is unchanged."""
-    B, H, Lq, Lk = _shape(q, k, varlen)
+    _, H, Lq, _ = _shape(q, k, varlen)
     group = H // k.shape[1]
     if (group == 1 or alibi is not None or dropout_p > 0.0
             or any(t is not None and t.shape[1] != 1 for t in (bias, mask))):
