@@ -64,6 +64,30 @@ def test_dropout_backward_reuses_forward_mask():
     torch.testing.assert_close(dv.double(), want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rows_with_one_key_have_exactly_zero_gradients(dropout, dtype, kernel_backend):
+    """A query row that sees one key has p = 1 on it, so ds = p (dp − D) = 0: its dq and dbias, and the dk of a
+    key only such rows see, are exactly 0, as the reference's autograd gives them. With dropout too: the backward
+    forms dp through the factor the forward scaled that row's output by, so dp − D cancels exactly (dividing
+    do·v by 1 − p instead left gradients of rounding size, up to 6× the rule's bound in fp32)."""
+    conftest.skip_cuda_fp32_attention(kernel_backend, dtype)
+    B, H, Lq, Lk, D = 2, 2, 24, 40, 32
+    q, k, v = random_qkv(B, H, Lq, Lk, D, dtype=dtype, device=DEVICE)
+    bias = torch.randn(B, H, Lq, Lk, device=DEVICE).to(dtype).requires_grad_()
+    kv_lens = torch.tensor([1, 17], dtype=torch.int32, device=DEVICE)  # batch 0: every row sees key 0 alone
+    torch.manual_seed(7)
+    out, keep = fastattn.attention(q, k, v, causal=True, kv_lens=kv_lens, attn_bias=bias, dropout_p=dropout,
+                                   return_dropout_mask=True, backend=kernel_backend)
+    out.backward(torch.randn_like(out))
+    if dropout:
+        assert keep[0, :, :, 0].any()  # some single-key rows keep their key (dropped ones cancel trivially)
+    for name, g in (("dq", q.grad), ("dbias", bias.grad)):  # batch 0, and batch 1's row 0 (causal: key 0 alone)
+        assert torch.count_nonzero(g[0]) == 0 and torch.count_nonzero(g[1, :, 0]) == 0, name
+        assert torch.count_nonzero(g[1, :, 1:]) > 0, name  # rows with several keys: not vacuous
+    assert torch.count_nonzero(k.grad[0]) == 0 and torch.count_nonzero(k.grad[1, :, 1:17]) > 0
+
+
 def test_dropout_eval_and_zero_p_use_no_mask():
     q, k, v = random_qkv(1, 2, 9, 9, 16, dtype=torch.float32, device=DEVICE, requires_grad=False)
     a = fastattn.attention(q, k, v, backend="triton")

@@ -10,7 +10,8 @@
 //   4. dbias_kernel, for a bias broadcast over some dims: one CTA per tile of dbias summing dS over them.
 // p_ij = exp2(s_ij·log2 e − lse2_i) (0 where invisible or for an empty row, whose lse2 is +inf),
 // ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
-// dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij·r before ds (D_i = do_i·o_i already holds the scale).
+// dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij before ds: p.v then holds r·v (fastattn/ops/attention.py,
+// _dp_values), as D_i = do_i·o_i holds the scale.
 // Packed batches: CTAs past their sequence's end return at once; D lives in the workspace as [B, H, max_seqlen_q].
 // Local attention: the dK/dV kernel visits the query tiles that meet the window of some key of its block
 // (Window::query_tiles), the dQ kernel the forward's key tiles; with the soft cap, ds (the bias gradient) is
@@ -210,7 +211,7 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
           if constexpr (DROPOUT) {
             const bool kept = (kept_bits >> (nt * 4 + e)) & 1u;
             pv = kept ? pr * keep_scale : 0.f;
-            dpe = kept ? dpe * keep_scale : 0.f;
+            dpe = kept ? dpe : 0.f;
           }
           s[nt][e] = pv;
           // ds (times the cap's derivative), exactly 0 where p = 0 (even if dp is not finite)
@@ -244,7 +245,7 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
 // lse_r, delta_r: lse2 and D of the thread's rows g and g + 8. Exactly 0 where p = 0 (even if dp is not finite).
 template <typename T, int NTS, int D, bool BIAS_MASK, bool DROPOUT, bool MODS>
 __device__ __forceinline__ void score_grad(float (&ds)[NTS][4], const Scores<T>& sc, const DropoutMask& drop,
-                                           float keep_scale, const T* sQ, const T* sdO, const T* sK, const T* sV,
+                                           const T* sQ, const T* sdO, const T* sK, const T* sV,
                                            int warp, int m0, int n0, const float (&lse_r)[2],
                                            const float (&delta_r)[2], float* dcap, int lane) {
   constexpr int P = D + 8;
@@ -270,7 +271,7 @@ __device__ __forceinline__ void score_grad(float (&ds)[NTS][4], const Scores<T>&
       const int r = e >> 1;
       const float pr = exp2f(s[nt][e] - lse_r[r]);
       float dpe = ds[nt][e];
-      if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe * keep_scale : 0.f;
+      if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe : 0.f;
       ds[nt][e] = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
     }
 }
@@ -323,7 +324,6 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
   if constexpr (BIAS_MASK) keys.use_mask_ranges(p, h, m0, p.H, p.Lq);
   const int n_first = keys.first, nblocks = keys.count;
   const DropoutMask drop(p, b, h);
-  const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   load_tile_async<T, BM, D, NTH>(sQ, static_cast<const T*>(p.q) + b * p.q_sb + h * p.q_sh + seq.q0 * p.q_sl, p.q_sl,
                                  m0, seq.q_len, tid);
@@ -352,8 +352,8 @@ __global__ void __launch_bounds__(NW * 32) dq_kernel(const AttnParams p) {
     float* dcap = capped ? sDcap + warp * NTS * 4 * 32 : nullptr;
     float dp[NTS][4];
     const T* sKs = sK + st * BN * P;
-    score_grad<T, NTS, D, BIAS_MASK, DROPOUT, MODS>(dp, sc, drop, keep_scale, sQ, sdO, sKs, sV + st * BN * P,
-                                                     warp, m0, n0, lse_r, delta_r, dcap, lane);
+    score_grad<T, NTS, D, BIAS_MASK, DROPOUT, MODS>(dp, sc, drop, sQ, sdO, sKs, sV + st * BN * P, warp, m0, n0,
+                                                     lse_r, delta_r, dcap, lane);
     if (ds_out != nullptr) {
 #pragma unroll
       for (int nt = 0; nt < NTS; ++nt)
@@ -417,7 +417,6 @@ __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
   const int b_out = slot / heads, h_out = slot % heads;
   const int m_out = (blockIdx.x % m_tiles) * BM, n_tile = blockIdx.y;  // its first query row, its key tile
   const int b_end = all_b ? p.B : b_out + 1, h_end = all_h ? p.H : h_out + 1;
-  const float keep_scale = DROPOUT ? 1.f / (1.f - p.dropout_p) : 1.f;
 
   float acc[NTS][4];
   zero(acc);
@@ -449,8 +448,8 @@ __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
           cp_async_wait<0>();
           __syncthreads();  // Q, dO, K, V of this step are visible
           float ds[NTS][4];
-          score_grad<T, NTS, D, true, DROPOUT, true>(ds, sc, drop, keep_scale, sQ, sdO, sK, sV, warp, m0,
-                                                           (n_first + it) * BN, lse_r, delta_r, nullptr, lane);
+          score_grad<T, NTS, D, true, DROPOUT, true>(ds, sc, drop, sQ, sdO, sK, sV, warp, m0, (n_first + it) * BN,
+                                                     lse_r, delta_r, nullptr, lane);
 #pragma unroll
           for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll

@@ -282,7 +282,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
-    options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask)."""
+    options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask); with
+    dropout, ``v`` holds r·v (fastattn.ops.attention._dp_values: V enters the backward through dp only)."""
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)

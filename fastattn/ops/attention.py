@@ -66,6 +66,18 @@ def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
 
 
+def _dp_values(v: Tensor, dropout_p: float) -> Tensor:
+    """r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the kernels' forward forms it: the V that the kernels'
+    backward forms dp_ij = keep_ij·do_i·(r·v_j) from with dropout (V enters the backward through dp only). The
+    forward's output of a row whose one visible key j gets p = 1 is o_i = r·v_j rounded the same way, and
+    D_i = do_i·o_i comes out of the same dot as dp_ij, so dp_ij − D_i cancels exactly and the row's gradients
+    are exactly 0, as the reference's are (do_i·v_j / (1 − p) rounds differently: rounding-sized gradients where
+    none exist, past §5's bound in fp32)."""
+    one = torch.ones((), dtype=torch.float32)
+    r = float(one / (one - torch.tensor(dropout_p, dtype=torch.float32)))  # an fp32 value: exact as a scalar
+    return (v.float() * r).to(v.dtype)
+
+
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
                    bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor],
@@ -76,6 +88,8 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0.
     ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    if dropout_p > 0.0:
+        v = _dp_values(v, dropout_p)
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,

@@ -559,10 +559,10 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             pT = tl.math.exp2(sT - lse[None, :])  # 0 where invisible or the row is empty (lse = +inf)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
-            if DROPOUT:  # out used p·keep/(1 − p_drop): so do dv and the dp that reaches p
+            if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
                 keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
                 pT_out = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
-                dpT = tl.where(keep, dpT / (1.0 - dropout_p), 0.0)
+                dpT = tl.where(keep, dpT, 0.0)
             dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
             if BIAS_GRAD:
@@ -637,7 +637,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
-            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+            dp = tl.where(keep, dp, 0.0)
         ds = p * (dp - delta[:, None]) * dcap
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
@@ -724,7 +724,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
                             keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
-                            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
+                            dp = tl.where(keep, dp, 0.0)
                         acc += p * (dp - delta[:, None])
 
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -937,8 +937,9 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
-    options as :func:`forward`, with the same ``dropout`` seed. ``count`` receives "dkdv" (query blocks per
-    key-block program) and "dq" (key blocks per query-block program)."""
+    options as :func:`forward`, with the same ``dropout`` seed; with dropout, ``v`` holds r·v
+    (fastattn.ops.attention._dp_values: V enters the backward through dp only). ``count`` receives "dkdv"
+    (query blocks per key-block program) and "dq" (key blocks per query-block program)."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
