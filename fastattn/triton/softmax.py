@@ -1,4 +1,5 @@
-"""Triton softmax over the last dim of a [R, N] row-major view, forward and backward, fp32 accumulation.
+"""Triton softmax over the last dim of a [R, N] row-major view, forward and backward, fp32 accumulation (the sums
+in fp64 for fp32 rows, _acc).
 
     z = x·scale + mask,   y = exp(z − max z) / Σ exp(z − max z)   (a row of −inf gives y = 0, not NaN)
     dz = y ⊙ (dy − Σ y·dy),   dx = scale·dz,   dmask = dz (summed over the mask's broadcast dims by the caller)
@@ -37,6 +38,17 @@ def _row_mask_offset(row, D1, D2, s_m0, s_m1, s_m2):
 
 
 @triton.jit
+def _acc(x, Ref):
+    """x as summed: in fp64 when the row (Ref's elements) is fp32, else fp32. In fp32 a row whose one dominant
+    term is ≈ 1 lost up to ~8 ulp of its sum (the interpreter's order; a GPU's tree order loses several), past
+    torch's vectorised fp32 sum, the rule's baseline; as the CUDA kernels do."""
+    acc = x  # one return: the compiler wants one return type even where the condition is static
+    if Ref.dtype.element_ty == tl.float32:
+        acc = x.to(tl.float64)
+    return acc
+
+
+@triton.jit
 def _load_z(X, Mask, cols, ok, scale, HAS_MASK: tl.constexpr):
     z = tl.load(X + cols, mask=ok, other=float("-inf")).to(tl.float32) * scale
     if HAS_MASK:
@@ -58,12 +70,12 @@ def _softmax_fwd_kernel(X, Y, Mask, N, D1, D2, s_m0, s_m1, s_m2, scale,
         z = _load_z(X, Mask, cols, cols < N, scale, HAS_MASK)
         m = tl.max(z, 0)
         e = tl.exp(z - tl.where(m == float("-inf"), 0.0, m))  # a −inf row: e = 0, l = 0, y = 0
-        l = tl.sum(e, 0)
+        l = tl.sum(_acc(e, X), 0).to(tl.float32)
         tl.store(Y + cols, tl.math.div_rn(e, tl.where(l == 0.0, 1.0, l)).to(Y.dtype.element_ty), mask=cols < N)
     else:
         # per-lane running max and sum, merged at the end: no scalar loop-carried state
         m_vec = tl.full([BLOCK], float("-inf"), tl.float32)
-        l_vec = tl.zeros([BLOCK], tl.float32)
+        l_vec = _acc(tl.zeros([BLOCK], tl.float32), X)
         for start in range(0, N, BLOCK):
             z = _load_z(X + start, Mask + start, cols, start + cols < N, scale, HAS_MASK)
             m_new = tl.maximum(m_vec, z)
@@ -72,7 +84,7 @@ def _softmax_fwd_kernel(X, Y, Mask, N, D1, D2, s_m0, s_m1, s_m2, scale,
             m_vec = m_new
         m = tl.max(m_vec, 0)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        l = tl.sum(l_vec * tl.exp(m_vec - m_safe), 0)
+        l = tl.sum(l_vec * tl.exp(m_vec - m_safe), 0).to(tl.float32)
         l = tl.where(l == 0.0, 1.0, l)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
@@ -93,23 +105,24 @@ def _softmax_bwd_kernel(Y, DY, DX, DZ, N, scale, STORE_DZ: tl.constexpr, BLOCK: 
         ok = cols < N
         y = tl.load(Y + cols, mask=ok, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=ok, other=0.0).to(tl.float32)
-        dz = y * (dy - tl.sum(y * dy, 0))
+        # dy − Σ y·dy cancels where one y dominates: formed in fp64 too for fp32 rows
+        dz = (_acc(y, Y) * (_acc(dy, Y) - tl.sum(_acc(y, Y) * dy, 0))).to(tl.float32)
         tl.store(DX + cols, (dz * scale).to(DX.dtype.element_ty), mask=ok)
         if STORE_DZ:
             tl.store(DZ + cols, dz, mask=ok)
     else:
-        acc = tl.zeros([BLOCK], tl.float32)
+        acc = _acc(tl.zeros([BLOCK], tl.float32), Y)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
             y = tl.load(Y + start + cols, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + start + cols, mask=ok, other=0.0).to(tl.float32)
-            acc += y * dy
+            acc += _acc(y, Y) * dy
         dot = tl.sum(acc, 0)
         for start in range(0, N, BLOCK):
             ok = start + cols < N
             y = tl.load(Y + start + cols, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + start + cols, mask=ok, other=0.0).to(tl.float32)
-            dz = y * (dy - dot)
+            dz = (_acc(y, Y) * (_acc(dy, Y) - dot)).to(tl.float32)
             tl.store(DX + start + cols, (dz * scale).to(DX.dtype.element_ty), mask=ok)
             if STORE_DZ:
                 tl.store(DZ + start + cols, dz, mask=ok)
