@@ -39,9 +39,9 @@ def _row_mask_offset(row, D1, D2, s_m0, s_m1, s_m2):
 
 @triton.jit
 def _acc(x, Ref):
-    """x as summed: in fp64 when the row (Ref's elements) is fp32, else fp32. In fp32 a row whose one dominant
-    term is ≈ 1 lost up to ~8 ulp of its sum (the interpreter's order; a GPU's tree order loses several), past
-    torch's vectorised fp32 sum, the rule's baseline; as the CUDA kernels do."""
+    """x as summed: in fp64 when the row (Ref's elements) is fp32 (as the CUDA kernels do), else fp32. In fp32 a
+    row whose one dominant term is ≈ 1 lost ~8 ulp of its sum in the interpreter's order (a GPU's tree order is
+    another, unmeasured), past torch's vectorised fp32 sum, the rule's baseline."""
     acc = x  # one return: the compiler wants one return type even where the condition is static
     if Ref.dtype.element_ty == tl.float32:
         acc = x.to(tl.float64)
