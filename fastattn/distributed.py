@@ -311,8 +311,9 @@ def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
     dq = empty(q.shape, like=q, dtype=torch.float32)
     dk = empty(k.shape, like=k, dtype=torch.float32)
     dv = empty(v.shape, like=v, dtype=torch.float32)
+    # D_i from the global out: these keys are a part of the row's (the kernels' fp32 D from their own p would not be)
     kernels.backward(do, q, k, v, out, lse2.contiguous(), None, None, None, None, dq, dk, dv, None, scale, causal,
-                     False)
+                     False, delta_from_p=False)
     return dq, dk, dv
 
 

@@ -156,13 +156,15 @@ def tiles(arch, every):
     causal attention with kv_lens, each element size and head-dim block."""
     flags = dict(WIN_LEFT=False, WIN_RIGHT=True, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=True,
                  BIAS_GRAD=False, HAS_DLSE=False, HAS_ALIBI=False, HAS_SOFTCAP=False, COUNT_VISITS=False,
-                 VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False)
+                 VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False, DELTA_PASS=False)
     kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
     failures = 0
     for dtype in (torch.float16, torch.float32):
         for bd in (32, 64, 128, 256):
             consts = dict(flags, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
-            for name, kernel in kernels.items():
+            for name, kernel in dict(kernels, **({"delta": A._bwd_delta_pass_kernel} if dtype == torch.float32
+                                                  else {})).items():
+                consts["DELTA_PASS"] = name == "delta"
                 chosen = A.tiles_for(name, dtype.itemsize, bd)
                 for i, (m, n, w, s) in enumerate(chosen if every else chosen[:1]):
                     # The loops prefetch their tiles with cp.async; the fp16 defaults run their dots on wgmma
@@ -201,14 +203,16 @@ def main():
         every = every and not args.first_only
         bd = max(16, triton.next_power_of_2(D))
         consts = dict(flags, HEAD_DIM=D, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
-        for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel):
+        fp32_only = (A._bwd_delta_pass_kernel,) if dtype == torch.float32 else ()
+        for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel, *fp32_only):
+            consts["DELTA_PASS"] = kernel is A._bwd_delta_pass_kernel
             if hasattr(kernel, "configs"):
                 configs = kernel.early_config_prune(kernel.configs, {"Q": torch.empty(0, dtype=dtype)}, BLOCK_D=bd)
                 configs = configs if every else [first_fitting(kernel, dtype, consts, configs, args.arch)]
             else:
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
             for c in configs:
-                name = getattr(kernel, "fn", kernel).__name__
+                name = "_bwd_dq_kernel (D)" if consts["DELTA_PASS"] else getattr(kernel, "fn", kernel).__name__
                 failures += report(f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}", kernel, dtype,
                                    consts, c, args.arch)
         for bcast in ((True, False, False, False), (False, True, True, True)):

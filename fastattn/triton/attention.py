@@ -7,6 +7,7 @@ The forward keeps a running max and sum (online softmax) in base 2 and saves lse
 +inf for a row with no visible key, whose output is 0): the backward recomputes p = exp2(s·log2(e) − lse2)
 with no change of base, so a row with one visible key gets p = 1 exactly. The backward uses
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
+(for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
 and one program per query block for dq: reruns are bitwise identical. The dk/dv program works on transposed
@@ -84,6 +85,14 @@ _TILES = {
             128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
             256: [(32, 32, 8, 2), (32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
+    # The dq kernel's D pass (DELTA_PASS, fp32 only). Without the dq dot, the dq tiles spill at d128 and d256
+    # (255 registers and 0.5 KB of stack; 3.4 KB), and so do 64x32 at d128 with 4 warps and 32x16 at d256.
+    "delta": {
+        4: {32: [(64, 32, 8, 2), (64, 16, 8, 2)],
+            64: [(64, 32, 8, 2), (64, 16, 8, 2)],
+            128: [(64, 16, 8, 2), (32, 32, 8, 2)],
+            256: [(16, 32, 8, 2), (16, 16, 4, 2)]},
+    },
 }
 
 
@@ -100,7 +109,8 @@ def _configs(kernel):
 
 
 def tiles_for(kernel, element_size, block_d):
-    """The table's tiles for kernel "fwd" / "dkdv" / "dq", in order (the first is the untuned default)."""
+    """The table's tiles for kernel "fwd" / "dkdv" / "dq" / "delta" (fp32 only), in order (the first is the
+    untuned default)."""
     return _TILES[kernel][4 if element_size >= 4 else 2][max(32, block_d)]
 
 
@@ -592,7 +602,13 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
                    BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
-                   HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr, DELTA_PASS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq_i = scale Σ_j ds_ij k_j. With DELTA_PASS (fp32, launched first) it instead adds Σ_j p_ij dp_ij / Σ_j p_ij
+    (in fp64) to D_i, the D that the dq, dK/dV and dbias launches then read. This D, from the p and dp the backward
+    uses, rather than do_i·o_i (o carries the forward's own error), normalised by Σ_j p_ij (lse2's rounding moves it
+    off 1 for every j alike), makes Σ_j p_ij (dp_ij − D_i) = 0 hold for these p, as it does in the reference's
+    softmax backward (normalised p); with do_i·o_i, fp32 dk and dbias missed the §5 rule (README, Numerics)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -623,11 +639,12 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     visits = 0
+    p_sum = tl.zeros([BLOCK_M], tl.float64)
+    pdp_sum = tl.zeros([BLOCK_M], tl.float64)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len, k_len, kv_len,
                        shift, win_left, win_right, WIN_LEFT, WIN_RIGHT, HAS_MASK)
-        visits += 1
         k = _load_rows(K, offs_n, s_kn, offs_d, kv_len, HEAD_DIM)
         v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
         qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
@@ -638,13 +655,30 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         if DROPOUT:
             keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
             dp = tl.where(keep, dp, 0.0)
-        ds = p * (dp - delta[:, None]) * dcap
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+        if DELTA_PASS:
+            p64 = p.to(tl.float64)
+            p_sum += tl.sum(p64, 1)
+            pdp_sum += tl.sum(p64 * dp.to(tl.float64), 1)
+        else:
+            visits += 1
+            ds = p * (dp - delta[:, None]) * dcap
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
-    tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
-             (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
-    if COUNT_VISITS:
-        tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+    if DELTA_PASS:  # Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
+        delta = (delta.to(tl.float64) + pdp_sum / tl.where(p_sum == 0.0, 1.0, p_sum)).to(tl.float32)
+        tl.store(Delta + b * s_lb + h * s_lh + q0 + offs_m, delta, mask=row_ok)
+    else:
+        tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
+        if COUNT_VISITS:
+            tl.store(Visits + pid_bh * tl.num_programs(0) + pid_m, visits)
+
+
+# The same kernel with DELTA_PASS, tuned over its own tiles; restore_value: a run adds to Delta, and autotuning
+# runs it once per config.
+_bwd_delta_pass_kernel = triton.autotune(
+    configs=_configs("delta"), key=_KEY, restore_value=["Delta"],
+    prune_configs_by={"early_config_prune": functools.partial(_prune, "delta")})(_bwd_dq_kernel.fn)
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
@@ -934,35 +968,45 @@ def _splits_for(q, heads, rows, Lk, block_d):
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
-             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
+             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed; with dropout, ``v`` holds r·v
     (fastattn.ops.attention._dp_values: V enters the backward through dp only). ``count`` receives "dkdv"
-    (query blocks per key-block program) and "dq" (key blocks per query-block program)."""
+    (query blocks per key-block program) and "dq" (key blocks per query-block program). For fp32,
+    D comes from the recomputed p and dp rather than from ``out`` (see _bwd_dq_kernel) unless ``delta_from_p`` is
+    False, as a caller whose keys are only part of those ``out`` and ``lse`` saw (context parallelism) passes."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
     bcast = dbias is not None and tuple(dbias.shape) != (B, H, Lq, Lk)
-    delta = torch.empty_like(lse)
+    # fp32: a first launch of the dq kernel (DELTA_PASS) adds Σ_j p_ij dp_ij / Σ_j p_ij to −log2(e)·dlse2_i;
+    # fp16/bf16 take D_i = do_i·o_i − log2(e)·dlse2_i from the delta kernel.
+    recompute = args["DOT_PREC"] == "ieee" and delta_from_p
+    delta = torch.zeros_like(lse)
+    if recompute and dlse is not None:
+        torch.mul(dlse, -LOG2E, out=delta)
     # The delta kernel sees a packed batch as one sequence of total_q rows: [H, total_q] is its [1, H, Lq].
     rows_total = q.shape[0] if varlen is not None else Lq
     with device_ctx(q):
-        _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), (1 if varlen is not None else B) * H)](
-            out, do, dlse if dlse is not None else delta, delta, *_rows(out, varlen), *_rows(do, varlen), H,
-            rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
-            DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
+        if not recompute:
+            _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), (1 if varlen is not None else B) * H)](
+                out, do, dlse if dlse is not None else delta, delta, *_rows(out, varlen), *_rows(do, varlen), H,
+                rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
+                DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(do, varlen),
                   *lse_strides)
+        for kernel in (_bwd_delta_pass_kernel, _bwd_dq_kernel) if recompute else (_bwd_dq_kernel,):
+            _launch(kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
+                    q, k, v, *ptrs, do, lse, delta, dq, *common, *_rows(dq, varlen),
+                    Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta),
+                    DELTA_PASS=kernel is _bwd_delta_pass_kernel, **args)
         _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
                 q, k, v, *ptrs, do, lse, delta, dk, dv, dbias if dbias is not None else delta,
                 *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None and not bcast,
                 Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
         if bcast:
             _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args)
-        _launch(_bwd_dq_kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
-                q, k, v, *ptrs, do, lse, delta, dq, *common, *_rows(dq, varlen),
-                Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta), **args)
 
 
 # The broadcast-dbias kernel holds q, do, k, v and two score tiles: small tiles, the least spilling measured on
