@@ -230,6 +230,28 @@ def _row_stats(Lse, Delta, rows, row_ok):
 
 
 @triton.jit
+def _exp2(x, ACCURATE: tl.constexpr):
+    """2^x; ACCURATE (fp32 inputs): within about 1 ulp, where tl.math.exp2 compiles to ex2.approx.f32 (up to 2 ulp;
+    with that error the interpreter's fp32 dv missed the rule, README Numerics); 0 for x < −126.5.
+    2^x = 2^n · 2^f, n = round(x), f = x − n in [−1/2, 1/2] (exact), 2^f by its Taylor series to f^7 (truncation
+    < 6e-9 relative), 2^n by building the exponent bits: x <= −127 gives the bits of +0."""
+    if ACCURATE:
+        xc = tl.maximum(x, -127.0)
+        n = tl.floor(xc + 0.5)
+        f = xc - n
+        p = 1.5252733804059838e-05 * f + 0.00015403530393381606
+        p = p * f + 0.0013333558146428441
+        p = p * f + 0.009618129107628477
+        p = p * f + 0.055504108664821576
+        p = p * f + 0.2402265069591007
+        p = p * f + 0.6931471805599453
+        p = p * f + 1.0
+        return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
 def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
     """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
     (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask.
@@ -425,8 +447,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        p = _exp2(qk - m_safe[:, None], DOT_PREC == "ieee")
+        alpha = _exp2(m_i - m_safe, DOT_PREC == "ieee")
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
         if DROPOUT:
             p = tl.where(_keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
@@ -566,7 +588,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                 s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
                                 HAS_ALIBI, HAS_SOFTCAP)
-            pT = tl.math.exp2(sT - lse[None, :])  # 0 where invisible or the row is empty (lse = +inf)
+            pT = _exp2(sT - lse[None, :], DOT_PREC == "ieee")  # 0 where invisible or the row is empty (lse = +inf)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
             if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
@@ -650,7 +672,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                            offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
                            slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
-        p = tl.math.exp2(qk - lse[:, None])
+        p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
@@ -754,7 +776,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                         qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                                         offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
                                         shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
-                        p = tl.math.exp2(qk - lse[:, None])
+                        p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
                             keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
