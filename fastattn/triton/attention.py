@@ -472,7 +472,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
 
 @triton.jit
 def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s_ph, s_pm, s_ob, s_oh, s_om, H, Lq,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the n_split partial results (o_s normalised, lse2_s; −inf where a split saw no key) of a row:
     lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key)."""
     pid_m = tl.program_id(0)
@@ -490,7 +490,7 @@ def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s in range(n_split):
-        w = tl.math.exp2(tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")) - m_safe)
+        w = _exp2(tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")) - m_safe, ACCURATE)
         o = _load_rows(OutPart + s * s_ps + b * s_pb + h * s_ph, offs_m, s_pm, offs_d, Lq, HEAD_DIM)
         l_sum += w
         acc += w[:, None] * o
@@ -898,7 +898,8 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
             rows_total = q.shape[0] if varlen is not None else Lq
             _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), (1 if varlen is not None else B) * H)](
                 o_dst, lse_dst, out, lse, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows, *_rows(out, varlen),
-                H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], BLOCK_M=COMBINE_BLOCK)
+                H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"],
+                ACCURATE=args["DOT_PREC"] == "ieee", BLOCK_M=COMBINE_BLOCK)
 
 
 # ------------------------------------------------------------------------------- split-KV and packed GQA
