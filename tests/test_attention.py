@@ -510,10 +510,21 @@ def test_gpu_features(feature, dtype, gpu_backend):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("seed", range(4))
+def test_gpu_fp32_every_feature(seed):
+    """fp32 with a soft cap, ALiBi, a full bias and its gradient, key padding and dropout at once: the case whose
+    CPU misses the fp32 backward's normalised D and accurate exp2 removed (README, Numerics)."""
+    assert_case(AttentionCase(B=2, H=4, Hkv=1, Lq=90, Lk=300, D=64, dtype=torch.float32, key_padding=True,
+                              bias="full", bias_grad=True, alibi="heads", softcap=3.0, dropout=0.2, seed=seed),
+                device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_autotuned(D, dtype, monkeypatch):
-    """The autotuned launch path (every config benchmarked, the fastest kept) meets the rule too."""
+    """The autotuned launch path (every config benchmarked, the fastest kept) meets the rule too (fp32: the D pass
+    adds to its output, so its autotuning must restore it between configs)."""
     monkeypatch.setenv("FASTATTN_AUTOTUNE", "1")
     assert_case(AttentionCase(B=2, H=4, Hkv=2, Lq=700, Lk=900, D=D, dtype=dtype, causal=True, kv_lens=True,
                               seed=D), device="cuda")
