@@ -1006,8 +1006,10 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     # fp32: a first launch of the dq kernel (DELTA_PASS) adds Σ_j p_ij dp_ij / Σ_j p_ij to −log2(e)·dlse2_i;
     # fp16/bf16 take D_i = do_i·o_i − log2(e)·dlse2_i from the delta kernel.
     recompute = args["DOT_PREC"] == "ieee" and delta_from_p
-    delta = torch.zeros_like(lse)
-    if recompute and dlse is not None:
+    delta = torch.empty_like(lse)  # filled by the delta kernel, or the start the D pass adds to
+    if recompute and dlse is None:
+        delta.zero_()
+    elif recompute:
         torch.mul(dlse, -LOG2E, out=delta)
     # The delta kernel sees a packed batch as one sequence of total_q rows: [H, total_q] is its [1, H, Lq].
     rows_total = q.shape[0] if varlen is not None else Lq
