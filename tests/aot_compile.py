@@ -5,9 +5,10 @@ by 16). The attention tiles' default (first) entries, or with --all-tiles every 
 fastattn/triton/attention.py, must compile for sm_90 without spilling (causal attention with kv_lens; the fp16
 defaults at d64/d128 also with a bias gradient, a bool mask, dropout, a soft cap, split-KV or packed GQA), with
 their main loops' loads pipelined (cp.async) and, for the fp16 defaults (with each of those features too), their
-dots on wgmma; fp32 kernels must not use approximate divisions or square roots. A kernel whose TTGIR transposes a
-tensor in an MMA result layout fails too: tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper
-(triton-lang/triton#6124), and our dK/dV kernel, when written that way, failed dK on an H200. Without --all-tiles /
+dots on wgmma; fp32 kernels must not use approximate divisions or square roots, nor, in attention (every feature
+on too), approximate exponentials. A kernel whose TTGIR transposes a tensor in an MMA result layout fails too:
+tl.dot(tl.trans(<dot result>), x) has reported miscompiles on Hopper (triton-lang/triton#6124), and our dK/dV
+kernel, when written that way, failed dK on an H200. Without --all-tiles /
 every config, each kernel is checked with the config an untuned launch runs: the first that fits the target's shared
 memory (the full-feature d128 forward's first tile does not fit an A100's). Run by tests/test_kernels_compile.py in a
 process without TRITON_INTERPRET (interpreted kernels cannot be compiled).
@@ -204,6 +205,8 @@ def main():
         bd = max(16, triton.next_power_of_2(D))
         consts = dict(flags, HEAD_DIM=D, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
         fp32_only = (A._bwd_delta_pass_kernel,) if dtype == torch.float32 else ()
+        # every feature on (soft cap, dropout): no approximate division or exponential in fp32 either
+        fp32_forbid = APPROX + ("ex2.approx",) if dtype == torch.float32 else ()
         for kernel in (A._fwd_kernel, A._bwd_dkdv_kernel, A._bwd_dq_kernel, A._bwd_delta_kernel, *fp32_only):
             consts["DELTA_PASS"] = kernel is A._bwd_delta_pass_kernel
             if hasattr(kernel, "configs"):
@@ -214,12 +217,12 @@ def main():
             for c in configs:
                 name = "_bwd_dq_kernel (D)" if consts["DELTA_PASS"] else getattr(kernel, "fn", kernel).__name__
                 failures += report(f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}", kernel, dtype,
-                                   consts, c, args.arch)
+                                   consts, c, args.arch, forbid=fp32_forbid)
         for bcast in ((True, False, False, False), (False, True, True, True)):
             failures += report(f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) "
                                f"{bcast}", A._bwd_dbias_kernel, dtype,
                                dict(consts, **dict(zip(("ALL_B", "ALL_H", "ALL_M", "ALL_N"), bcast))),
-                               A.dbias_config(dtype, D), args.arch)
+                               A.dbias_config(dtype, D), args.arch, forbid=fp32_forbid)
     try:
         compile_one(A._dropout_mask_kernel, torch.float16, dict(BLOCK_M=32, BLOCK_N=32), None, args.arch)
         print(f"ok   sm_{args.arch} _dropout_mask_kernel", flush=True)

@@ -9,8 +9,11 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import fastattn
+from fastattn.triton import attention as A
 from fastattn.testing import (BACKWARD_FACTOR, AttentionCase, attention_problem, check_close, forward_backward,
                               random_qkv, run_attention_case)
 
@@ -153,6 +156,32 @@ def test_fp32_score_gradient_rows_sum_to_zero(name, extra):
             forward_backward(lambda **kw: fn(backend=backend, **kw), inputs, gouts, torch.float32)["dattn_bias"]
             .double().sum(-1).abs().max().item() for backend in ("triton", "torch"))
         assert kernel <= reference, f"{name} seed {seed}: max |Σ_j dbias_ij| {kernel:.3e} > reference's {reference:.3e}"
+
+
+@triton.jit
+def _fp32_exponentials_kernel(X, E2, EN, N: tl.constexpr):
+    x = tl.load(X + tl.arange(0, N))
+    tl.store(E2 + tl.arange(0, N), A._exp2(x, True))
+    tl.store(EN + tl.arange(0, N), A._exp_neg(-tl.abs(x), True))
+
+
+def test_fp32_exponentials_within_an_ulp():
+    """The fp32 kernels' 2^x (softmax weights) and e^x, x <= 0 (soft cap), against float64: within 1.25 ulp of the
+    fp32 result over the arguments that matter, 0 where it is below fp32's normal range (as the kernels expect).
+    On a GPU this checks the compiled code, where tl.math.exp2 / tl.exp would be ex2.approx.f32 (up to 2 ulp,
+    and e^x's argument rounded after scaling by log2(e): an error growing with |x|)."""
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 14
+    x = torch.cat([torch.rand(n // 2, generator=g) * 128 - 126,  # every exponent 2^x reaches
+                   torch.randn(n // 2, generator=g) * 4]).to(torch.float32)
+    e2, en = torch.empty_like(x), torch.empty_like(x)
+    _fp32_exponentials_kernel[(1,)](x.to(DEVICE), e2_dev := e2.to(DEVICE), en_dev := en.to(DEVICE), N=n)
+    for got, want in ((e2_dev.cpu(), torch.exp2(x.double())), (en_dev.cpu(), torch.exp(-x.double().abs()))):
+        normal = want >= torch.finfo(torch.float32).tiny * 2
+        ulp = torch.exp2(torch.floor(torch.log2(want[normal])) - 23)
+        err = ((got[normal].double() - want[normal]).abs() / ulp).max().item()
+        assert err <= 1.25, f"max error {err:.2f} ulp"
+        assert (got[want < torch.finfo(torch.float32).tiny / 2] == 0).all()
 
 
 # ------------------------------------------------------------------------------------------- empty rows

@@ -252,6 +252,38 @@ def _exp2(x, ACCURATE: tl.constexpr):
 
 
 @triton.jit
+def _exp_neg(x, ACCURATE: tl.constexpr):
+    """e^x for x <= 0; ACCURATE (fp32): within about 1 ulp, where tl.exp is ex2.approx.f32 of the rounded x·log2(e)
+    (an error that grows with |x|); 0 for x < −87.7. e^x = 2^n · e^r, n = round(x·log2(e)), r = x − n·ln2 with
+    ln2 split Cody–Waite style (n·LN2_HI is exact: its last 9 mantissa bits are 0), |r| <= ln2/2, e^r by its
+    Taylor series to r^8 (truncation < 3e-10 relative), 2^n by building the exponent bits."""
+    if ACCURATE:
+        xc = tl.maximum(x, -88.0)
+        n = tl.floor(xc * 1.4426950408889634 + 0.5)
+        r = (xc - n * 0.693145751953125) - n * 1.428606765330187e-06
+        p = 2.48015873015873e-05 * r + 0.0001984126984126984
+        p = p * r + 0.001388888888888889
+        p = p * r + 0.008333333333333333
+        p = p * r + 0.041666666666666664
+        p = p * r + 0.16666666666666666
+        p = p * r + 0.5
+        p = p * r + 1.0
+        p = p * r + 1.0
+        return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _div(a, b, ACCURATE: tl.constexpr):
+    """a / b; ACCURATE (fp32): correctly rounded, where "/" compiles to div.full.f32 (up to 2 ulp)."""
+    if ACCURATE:
+        return tl.math.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
 def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
     """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
     (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask.
@@ -337,7 +369,7 @@ def _mask_trim(lo, hi, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len
 
 @triton.jit
 def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
-            HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+            HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACCURATE: tl.constexpr):
     """(s·log2(e) with invisible entries at −inf,  the soft cap's derivative 1 − tanh² (or 1)), where
     s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). qk: the tile of q_i·k_j, laid out as the
     index tiles qi, kj are (see _visible)."""
@@ -348,8 +380,14 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
         # from u, not as 1 − t², keeps its relative precision where t → ±1 (large logits); exp(2a) = inf gives
         # exactly t = ±1, derivative 0.
         # Below |x| = 0.3, where 1 − u cancels, tanh's Taylor series to x¹¹ (next term < 1e-9 relative).
-        x = qk / softcap
-        u = 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)
+        # ACCURATE (fp32): u = 2e / (1 + e), e = exp(−2a) <= 1, each step within about an ulp.
+        if ACCURATE:
+            x = tl.math.div_rn(qk, softcap)
+            e = _exp_neg(-2.0 * tl.abs(x), ACCURATE)
+            u = tl.math.div_rn(2.0 * e, 1.0 + e)
+        else:
+            x = qk / softcap
+            u = 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)
         x2 = x * x
         series = x * (1.0 + x2 * (-1.0 / 3 + x2 * (2.0 / 15 + x2 * (-17.0 / 315 + x2 * (62.0 / 2835 + x2 * (
             -1382.0 / 155925))))))
@@ -443,7 +481,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
         qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, qi[:, None], offs_n[None, :],
                         b, h_col, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap,
-                        HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
+                        HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -587,13 +625,13 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
             sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                 s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
-                                HAS_ALIBI, HAS_SOFTCAP)
+                                HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
             pT = _exp2(sT - lse[None, :], DOT_PREC == "ieee")  # 0 where invisible or the row is empty (lse = +inf)
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
             if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
                 keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
-                pT_out = tl.where(keep, pT / (1.0 - dropout_p), 0.0)
+                pT_out = tl.where(keep, _div(pT, 1.0 - dropout_p, DOT_PREC == "ieee"), 0.0)
                 dpT = tl.where(keep, dpT, 0.0)
             dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
             dsT = pT * (dpT - delta[None, :])
@@ -671,7 +709,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         v = _load_rows(V, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
         qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                            offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
-                           slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
+                           slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
         p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
@@ -775,7 +813,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                         v = _load_rows(V + b * s_vb + hk * s_vh + k0 * s_vn, offs_n, s_vn, offs_d, kv_len, HEAD_DIM)
                         qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                                         offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
-                                        shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP)
+                                        shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
                         p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
