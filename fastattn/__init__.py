@@ -11,6 +11,7 @@ from .ops.softmax import softmax
 from .masks import pad, unpad
 from .reference import alibi_slopes
 from . import distributed  # cheap: torch has imported torch.distributed already
+from . import nn  # the drop-in modules: `import fastattn` then fastattn.nn.LayerNorm(...), as torch.nn
 
 __version__ = "0.1.0"
-__all__ = ["alibi_slopes", "distributed", "pad", "unpad", "attention", "scaled_dot_product_attention", "softmax", "layer_norm", "add_layer_norm", "__version__"]
+__all__ = ["alibi_slopes", "distributed", "nn", "pad", "unpad", "attention", "scaled_dot_product_attention", "softmax", "layer_norm", "add_layer_norm", "__version__"]

@@ -183,15 +183,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastattn", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["info", "check", "bench", "demo"])
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command's own options (--help too) go to its parser: only the first word is ours.
+    command = parser.parse_args(argv[:1] if argv and not argv[0].startswith("-") else argv).command
+    rest = argv[1:]
+    if command == "bench":
         return _bench(rest)
-    if args.command == "demo":
+    if command == "demo":
         from .demo import main as demo
         return demo(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return {"info": _info, "check": _check}[args.command]()
+    return {"info": _info, "check": _check}[command]()
 
 
 if __name__ == "__main__":

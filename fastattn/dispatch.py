@@ -44,12 +44,17 @@ def available_backends(device: torch.device | str) -> list[str]:
     return out
 
 
-def select(backend: str, x: torch.Tensor) -> str:
-    """Resolve ``backend`` for an op whose inputs live on ``x.device``; raise a clear error if it cannot run."""
+def select(backend: str, x: torch.Tensor, takes=None) -> str:
+    """Resolve ``backend`` for an op whose inputs live on ``x.device``; raise a clear error if it cannot run.
+    ``takes(kernel_backend) -> bool``: whether that backend's kernels take this call (dtypes, sizes); where they do
+    not, the automatic choice (and FASTATTN_BACKEND's) is "torch", as SDPA falls back to its math path (float64,
+    head dims over 256), while an explicit ``backend=`` goes on to the op's own error."""
     if backend == "auto":
         backend = os.environ.get("FASTATTN_BACKEND", "auto")
         if backend == "auto":
-            return "triton" if x.is_cuda and triton_available() else "torch"
+            backend = "triton" if x.is_cuda and triton_available() else "torch"
+        if backend in ("triton", "cuda") and takes is not None and not takes(backend):
+            return "torch"
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "triton":

@@ -95,6 +95,22 @@ def test_dropout_eval_and_zero_p_use_no_mask():
     assert torch.equal(a, b) and keep.all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_dropout_of_one_drops_every_weight(backend):
+    """dropout_p = 1 (torch's dropout and SDPA accept it): out = 0, q/k/v gradients through out 0, the keep-mask
+    all False, and the LSE that of the scores (its gradient flows as without dropout)."""
+    q, k, v = random_qkv(2, 2, 9, 12, 16, dtype=torch.float32, device=DEVICE)
+    out, lse, keep = fastattn.attention(q, k, v, dropout_p=1.0, causal=True, return_lse=True,
+                                        return_dropout_mask=True, backend=backend)
+    ref_out, ref_lse = fastattn.attention(q, k, v, causal=True, return_lse=True, backend=backend)
+    assert torch.count_nonzero(out) == 0 and not keep.any() and torch.equal(lse, ref_lse)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), retain_graph=True)
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+    (g_lse,) = torch.autograd.grad(lse.sum(), q)
+    (g_ref,) = torch.autograd.grad(ref_lse.sum(), q)
+    assert torch.equal(g_lse, g_ref) and torch.count_nonzero(g_lse) > 0
+
+
 def test_dropout_mask_argument_is_for_the_reference_only():
     q, k, v = random_qkv(1, 1, 4, 4, 16, dtype=torch.float32, device=DEVICE, requires_grad=False)
     keep = torch.ones(1, 1, 4, 4, dtype=torch.bool, device=DEVICE)

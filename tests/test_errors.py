@@ -56,6 +56,26 @@ def test_float64_on_kernels():
     assert fastattn.attention(q, k, v, backend="torch").dtype == torch.float64
 
 
+def test_automatic_choice_falls_back_to_torch_where_the_kernels_cannot_run(monkeypatch):
+    """backend="auto" (here with FASTATTN_BACKEND=triton, as on a GPU) runs what the kernels refuse on torch's
+    backend, as SDPA takes its math path: float64 and head dims over 256, through the ops and the nn modules."""
+    import fastattn.nn
+    monkeypatch.setenv("FASTATTN_BACKEND", "triton")
+    q, k, v = (t.double() for t in qkv(requires_grad=False))
+    wide = qkv(D=320, requires_grad=False)
+    for args in ((q, k, v), wide):
+        torch.testing.assert_close(fastattn.attention(*args), fastattn.attention(*args, backend="torch"))
+    x = q[0, 0]
+    torch.testing.assert_close(fastattn.layer_norm(x, (16,)), torch.nn.functional.layer_norm(x, (16,)))
+    torch.testing.assert_close(fastattn.softmax(x), torch.softmax(x, -1))
+    mha, ref = fastattn.nn.MultiheadAttention(640, 2, batch_first=True), torch.nn.MultiheadAttention(
+        640, 2, batch_first=True)
+    mha.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 5, 640, device=DEVICE)
+    torch.testing.assert_close(mha.to(DEVICE)(x, x, x, need_weights=False)[0],
+                               ref.to(DEVICE)(x, x, x, need_weights=False)[0])
+
+
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter only runs on CPU")
 def test_bf16_under_interpreter_is_refused():
     q, k, v = (t.bfloat16() for t in qkv(requires_grad=False))

@@ -195,6 +195,25 @@ def test_state_dict_round_trip():
         a.load_state_dict(b.state_dict())
 
 
+@pytest.mark.parametrize("name", ["MultiheadAttention", "LayerNorm", "TransformerEncoderLayer",
+                                  "TransformerDecoderLayer"])
+def test_signatures_are_torch_nn(name):
+    """Constructors and forwards take torch.nn's parameters: the same names, kinds and defaults, in order (what
+    inspect and IDEs show); fastattn's extras are keyword-only or trailing with defaults."""
+    import inspect
+
+    def params(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    ours, theirs = getattr(fnn, name), getattr(nn, name)
+    for method in ("__init__", "forward"):
+        want = params(getattr(theirs, method))
+        got = params(getattr(ours, method))
+        assert got[:len(want)] == want, method
+        extras = list(inspect.signature(getattr(ours, method)).parameters.values())[len(want):]
+        assert all(p.default is not inspect.Parameter.empty for p in extras), method
+
+
 def test_bad_masks_are_named(kernels):
     m = fnn.MultiheadAttention(E, HEADS, batch_first=True)
     x = _randn(B, LQ, E, requires_grad=False)

@@ -80,9 +80,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     alibi: bool = False
     context_parallel_group = None
 
-    def __init__(self, *args, window_size: Optional[tuple[int, int]] = None, alibi: bool = False,
-                 context_parallel_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
+                 window_size: Optional[tuple[int, int]] = None, alibi: bool = False,
+                 context_parallel_group=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device, dtype)
         self.context_parallel_group = context_parallel_group
         if window_size is not None:
             if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2

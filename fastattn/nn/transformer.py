@@ -14,10 +14,11 @@ twin, built only from ``fastattn.reference``: the same modules and parameters, s
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .. import reference
 from ..ops.attention import attention
@@ -56,10 +57,14 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer (same signature) with fused attention and fused add + LayerNorm.
 
     Masks follow torch's module convention (bool True = ignore, float added); a row with no visible key gives 0
-    where torch gives NaN."""
+    (gradients 0), never NaN."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         _adopt_fused_modules(self)
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
@@ -76,8 +81,12 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     """torch.nn.TransformerDecoderLayer (same signature) with fused attention and fused add + LayerNorm."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
+                         norm_first, bias, device, dtype)
         _adopt_fused_modules(self)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,

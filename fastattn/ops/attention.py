@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, masks, reference
-from .common import check_kernel_dtype, check_same, check_tensor, empty, empty_like, lastdim_contiguous
+from .common import (check_kernel_dtype, check_same, check_tensor, empty, empty_like, kernels_take,
+                     lastdim_contiguous)
 
 MAX_HEAD_DIM = 256
 LN2 = math.log(2.0)
@@ -140,8 +141,6 @@ def _check_inputs(q, k, v):
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (B, Hkv, Lk)")
     if k.shape[3] != D or v.shape[3] != D:
         raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}")
-    if D > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {D} of q is larger than {MAX_HEAD_DIM}")
     if k.shape[1] == 0 or H % k.shape[1] != 0:
         raise ValueError(f"q's {H} heads must be a multiple of k/v's {k.shape[1]} heads (GQA)")
 
@@ -264,9 +263,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     diagonal above; causal=True sets right = 0. Key blocks outside every row's window are skipped.
     alibi_slopes: float32 [H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
     softcap: c > 0 maps the scaled score s to c·tanh(s/c) before attn_bias, ALiBi and masks.
-    dropout_p: p > 0 drops each attention weight with probability p and scales the kept ones by 1/(1 − p)
-    (as torch; pass 0 in eval). The kernels draw the mask from Philox counters seeded from torch's CPU
-    generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in memory.
+    dropout_p: p in (0, 1] drops each attention weight with probability p and scales the kept ones by 1/(1 − p)
+    (as torch; pass 0 in eval; p = 1 gives out = 0). The kernels draw the mask from Philox counters seeded from
+    torch's CPU generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in
+    memory.
     A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
     log-sum-exp of each row, float32 [B, H, Lq] ([H, total_q] packed), +inf for empty rows. With
     ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk] that was applied
@@ -287,9 +287,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         Lk = k.shape[2]
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
-    dropout_p = float(dropout_p)
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    # p = 1 drops every weight: out = 0 (torch's dropout(p=1) and SDPA), the LSE that of the scores before dropout
+    drop_all = dropout_p == 1.0
+    dropout_p = 0.0 if drop_all else float(dropout_p)
     left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
     bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
                                                                              attn_bias)
@@ -301,7 +303,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     uses_diagonal = causal or left >= 0 or right >= 0 or alibi is not None
     bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
-    use = dispatch.select(backend, q)
+    use = dispatch.select(backend, q, lambda b: q.shape[-1] <= MAX_HEAD_DIM and kernels_take(
+        (q, "q"), (bias, "attn_bias"))(b))
     if dropout_mask is not None:
         if use != "torch":
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
@@ -320,7 +323,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
             result = reference.attention(q, k, v, attn_mask=mask, attn_bias=bias, kv_lens=kv_lens, **kw)
         if return_dropout_mask and keep is None:
             keep = torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device)
-        return _results(result, return_lse, keep if return_dropout_mask else None)
+        return _results(result, return_lse, keep if return_dropout_mask else None, drop_all)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[-1]} of q is larger than {MAX_HEAD_DIM}, the most backend {use!r} takes "
+                         "(backend='torch' takes any)")
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
@@ -336,11 +342,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     if return_dropout_mask:
         keep = (_kernels(use).dropout_mask(B, H, Lq, Lk, dropout_p, int(seed), q.device) if seed is not None
                 else torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device))
-    return _results((out, lse2 * LN2) if return_lse else out, return_lse, keep)
+    return _results((out, lse2 * LN2) if return_lse else out, return_lse, keep, drop_all)
 
 
-def _results(result, return_lse: bool, keep: Optional[Tensor]):
-    """out, [lse], [keep-mask], as ``attention`` returns them."""
+def _results(result, return_lse: bool, keep: Optional[Tensor], drop_all: bool = False):
+    """out, [lse], [keep-mask], as ``attention`` returns them; ``drop_all`` (dropout_p = 1): out and the
+    keep-mask all 0 (out · 0 keeps the autograd graph: the gradients through out are 0)."""
+    if drop_all:
+        result = (result[0] * 0.0, result[1]) if return_lse else result * 0.0
+        keep = None if keep is None else torch.zeros_like(keep)
     if keep is None:
         return result
     return (*result, keep) if return_lse else (result, keep)
@@ -352,7 +362,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D) or (B, L, D) inputs.
 
     ``attn_mask``: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); ``is_causal`` is
-    top-left. One deliberate difference: a row with no visible key gives 0 where torch gives NaN.
+    top-left. A row with no visible key gives 0 (gradients 0), never NaN.
     """
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         check_tensor(t, name)

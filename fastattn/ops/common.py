@@ -41,14 +41,27 @@ def check_same(ref: Tensor, ref_name: str, t: Tensor, name: str, *, dtype: bool 
         raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
 
 
-def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
+def kernel_dtype_problem(t: Tensor, name: str, backend: str) -> str | None:
+    """Why ``backend``'s kernels cannot take ``t``'s dtype, or None."""
     if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"{name}: backend {backend!r} supports float16, bfloat16 and float32, got {t.dtype} "
-                        "(use backend='torch' for other dtypes)")
+        return (f"{name}: backend {backend!r} supports float16, bfloat16 and float32, got {t.dtype} "
+                "(use backend='torch' for other dtypes)")
     if backend == "triton" and t.dtype == torch.bfloat16 and not t.is_cuda:
         # triton 3.6's interpreter runs bf16 kernels but returns garbage: refuse rather than answer wrongly
-        raise TypeError(f"{name}: bfloat16 is not supported by the Triton interpreter (CPU); use a GPU, "
-                        "float16/float32, or backend='torch'")
+        return (f"{name}: bfloat16 is not supported by the Triton interpreter (CPU); use a GPU, "
+                "float16/float32, or backend='torch'")
+    return None
+
+
+def kernels_take(*named: tuple[Tensor | None, str]):
+    """For dispatch.select: backend -> whether its kernels take these (tensor, name) pairs' dtypes."""
+    return lambda backend: all(t is None or kernel_dtype_problem(t, name, backend) is None for t, name in named)
+
+
+def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
+    why = kernel_dtype_problem(t, name, backend)
+    if why:
+        raise TypeError(why)
 
 
 def lastdim_contiguous(t: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import check_kernel_dtype, check_same, check_tensor, empty
+from .common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take
 
 
 def _kernels(backend: str):
@@ -123,7 +123,7 @@ def _check(x, normalized_shape, weight, bias, residual=None, eps=1e-5):
 
 
 def _run(x, residual, shape, weight, bias, eps, backend):
-    use = dispatch.select(backend, x)
+    use = dispatch.select(backend, x, kernels_take((x, "x"), (weight, "weight"), (bias, "bias")))
     if use == "torch":
         if residual is None:
             return reference.layer_norm(x, shape, weight, bias, eps), None

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import check_kernel_dtype, check_same, check_tensor, empty
+from .common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take
 
 
 def _kernels(backend: str):
@@ -117,7 +117,7 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
         if dim != x.dim() - 1:
             raise ValueError("mask is only supported with dim=-1 (the last dim)")
         _check_mask_shape(mask, x)
-    use = dispatch.select(backend, x)
+    use = dispatch.select(backend, x, kernels_take((x, "x"), (x.new_empty(0, dtype=dtype or x.dtype), "dtype")))
     if use == "torch" or x.dim() == 0:
         return reference.softmax(x, dim, dtype=dtype, scale=scale, mask=mask)
     check_kernel_dtype(x, "x", use)
