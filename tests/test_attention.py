@@ -132,6 +132,21 @@ def test_lse_gradient(dtype):
     assert_case(AttentionCase(Lq=50, Lk=40, dtype=dtype, lse_grad=True, kv_lens=True, bias="heads", bias_grad=True))
 
 
+def test_strided_lse_gradient(kernel_backend):
+    """The LSE's gradient as autograd hands it may be strided (here from a permuted weight): same gradients as
+    from the same values laid out densely (the fp16 delta kernel once read it densely: dq off by 1)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(9, 2, 2, generator=g).to(DEVICE).permute(2, 1, 0)  # (B, H, Lq), not contiguous
+    grads = []
+    for weight in (w, w.contiguous()):
+        q, k, v = random_qkv(2, 2, 9, 12, 32, dtype=torch.float16, device=DEVICE, generator=torch.Generator()
+                             .manual_seed(1))
+        _, lse = fastattn.attention(q, k, v, return_lse=True, backend=kernel_backend)
+        grads.append(torch.autograd.grad((lse * weight).sum(), (q, k)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("scale", [10.0, 30.0])
 def test_large_logits(scale, dtype):

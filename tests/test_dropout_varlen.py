@@ -141,6 +141,17 @@ def test_varlen_matches_reference(extra, dtype):
     assert_case(AttentionCase(D=16, dtype=dtype, seed=7, **extra))
 
 
+def test_varlen_strided_cu_seqlens(kernel_backend):
+    """cu_seqlens given as a strided view (every other entry of a longer tensor) read as the values it holds."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(14, 2, 16, generator=g).to(DEVICE, torch.float16) for _ in range(3))
+    cu = torch.tensor([0, 99, 5, 99, 5, 99, 14, 99], dtype=torch.int32, device=DEVICE)[::2]
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=9, max_seqlen_k=9, causal=True)
+    dense = dict(kw, cu_seqlens_q=cu.contiguous(), cu_seqlens_k=cu.contiguous())
+    assert torch.equal(fastattn.attention(q, k, v, backend=kernel_backend, **kw),
+                       fastattn.attention(q, k, v, backend=kernel_backend, **dense))
+
+
 def test_varlen_equals_padded_batch():
     """unpad -> packed attention -> pad gives the padded batch's result with key_padding_mask on every valid row."""
     g = torch.Generator().manual_seed(2)

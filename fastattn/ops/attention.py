@@ -91,6 +91,8 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
     if dropout_p > 0.0:
         v = _dp_values(v, dropout_p)
+    # dlse: the kernels index it densely (autograd may hand a strided one, e.g. the gradient of a permuted view)
+    dlse = dlse.contiguous() if dlse is not None else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
@@ -279,6 +281,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         B = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,
                           kv_lens, attn_bias)
         H, Lq, Lk = q.shape[1], max_seqlen_q, max_seqlen_k
+        cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()  # read densely
     else:
         if max_seqlen_q is not None or max_seqlen_k is not None:
             raise ValueError("max_seqlen_q / max_seqlen_k belong to packed batches: give cu_seqlens_q/k too")
