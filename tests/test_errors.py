@@ -36,6 +36,14 @@ def test_head_dim_too_large():
         call(*qkv(D=320, requires_grad=False))
 
 
+def test_too_many_batch_heads_for_the_grid():
+    """(batch, head) pairs go on the Triton grid's second axis, at most 65535 on CUDA: a clear error, not a failed
+    launch (also under the interpreter, which has no such limit)."""
+    q = torch.randn(2, 32768, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="batch × heads = 2 × 32768 = 65536"):
+        call(q, q, q)
+
+
 def test_heads_not_divisible():
     q, k, v = qkv(H=6, requires_grad=False)
     with pytest.raises(ValueError, match="multiple of k/v's 4 heads"):

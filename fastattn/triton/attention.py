@@ -869,6 +869,9 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
         B, Lq, Lk = varlen[0].shape[0] - 1, varlen[2], varlen[3]
     else:
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
+    if B * H > MAX_GRID_YZ:
+        raise ValueError(f"batch × heads = {B} × {H} = {B * H}: the Triton attention kernels take at most "
+                         f"{MAX_GRID_YZ} (their grid's second axis, CUDA's limit); split the batch")
     left, right = window
     if causal:
         right = 0
@@ -903,6 +906,7 @@ def _visits(count, key, programs, like):
 
 
 MIN_BLOCK = 16  # smallest BLOCK_M / BLOCK_N of any config: bounds the number of programs per axis
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kernels put (batch, head)
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
