@@ -55,6 +55,8 @@ def select(backend: str, x: torch.Tensor, takes=None) -> str:
             backend = "triton" if x.is_cuda and triton_available() else "torch"
         if backend in ("triton", "cuda") and takes is not None and not takes(backend):
             return "torch"
+    if backend == "reference":  # fastattn.reference in the input dtype: the §5 baseline (fastattn.testing)
+        return backend
     if backend not in BACKENDS:
         raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if backend == "triton":

@@ -248,11 +248,12 @@ def forward_backward(fn, inputs: dict, grad_outputs: dict, dtype: torch.dtype) -
 
 
 def compare_all(fn, inputs: dict, grad_outputs: dict, dtype: torch.dtype, backend: str) -> list[Comparison]:
-    """``fn(backend=..., **inputs)`` on ``backend`` in ``dtype`` against the "torch" backend in float64 and in
-    ``dtype``: every output (F = 2) and gradient (F = 3) under the rule."""
+    """``fn(backend=..., **inputs)`` on ``backend`` in ``dtype`` against backend "reference" (fastattn.reference in
+    the input dtype, no fp32 upcast) in float64 and in ``dtype``: every output (F = 2) and gradient (F = 3) under
+    the rule."""
     got = forward_backward(lambda **kw: fn(backend=backend, **kw), inputs, grad_outputs, dtype)
-    ref64 = forward_backward(lambda **kw: fn(backend="torch", **kw), inputs, grad_outputs, torch.float64)
-    low = forward_backward(lambda **kw: fn(backend="torch", **kw), inputs, grad_outputs, dtype)
+    ref64 = forward_backward(lambda **kw: fn(backend="reference", **kw), inputs, grad_outputs, torch.float64)
+    low = forward_backward(lambda **kw: fn(backend="reference", **kw), inputs, grad_outputs, dtype)
     return [compare(got[n], ref64[n], low[n], name=n,
                     factor=BACKWARD_FACTOR if n.startswith("d") else FORWARD_FACTOR) for n in got]
 
@@ -270,7 +271,8 @@ def attention_problem(case: AttentionCase, device="cpu"):
     def fn(q, k, v, attn_bias, backend):
         extra = {}
         if case.dropout:
-            extra = dict(dropout_mask=keep["mask"]) if backend == "torch" else dict(return_dropout_mask=True)
+            extra = (dict(dropout_mask=keep["mask"]) if backend in ("torch", "reference")
+                     else dict(return_dropout_mask=True))
         res = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend,
                                  dropout_p=case.dropout, **extra, **kw)
         if "return_dropout_mask" in extra:

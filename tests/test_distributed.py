@@ -54,9 +54,9 @@ def _run_cp(group, qkv, do, dtype, **kw):
 
 
 def _single(qkv, do, dtype, causal, scale=None):
-    """Single-process fastattn on the full sequence (backend torch: the reference) in ``dtype``."""
+    """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``."""
     def fn(q, k, v):
-        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, backend="torch")}
+        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, backend="reference")}
     q, k, v = (t.detach().requires_grad_() for t in qkv)
     return forward_backward(fn, dict(q=q, k=k, v=v), {"out": do}, dtype)
 

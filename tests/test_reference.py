@@ -94,3 +94,27 @@ def test_empty_rows_and_lse():
     grads = torch.autograd.grad(out.sum() + lse[0, 0, [0, 1, 3]].sum(), (q, k, v))
     assert all(torch.isfinite(x).all() for x in grads)
     assert (grads[0][0, 0, 2] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_torch_backend_computes_half_in_fp32(dtype):
+    """Backend "torch" (the CPU default) computes fp16/bf16 in fp32 and rounds each result once, as torch's own
+    kernels accumulate: a LayerNorm over values of 1000 (whose fp16 variance overflows), a softmax scaled past
+    fp16's range and attention with scores of 1e4 stay within a rounding of float64 ("reference", the §5
+    baseline, keeps the input dtype: its fp16 LayerNorm there is all zeros)."""
+    x = (torch.randn(4, 64, generator=g) * 1000).to(dtype)
+    want = torch.nn.functional.layer_norm(x.double(), (64,))
+    got = fastattn.layer_norm(x, (64,), backend="torch")
+    assert got.dtype == dtype and (got.double() - want).abs().max() <= 2 * want.abs().max() * torch.finfo(dtype).eps
+    y, s = fastattn.add_layer_norm(x, x, (64,), backend="torch", prenorm=True)
+    assert y.dtype == s.dtype == dtype and torch.equal(s, x + x)
+    if dtype == torch.float16:
+        assert (fastattn.layer_norm(x, (64,), backend="reference") == 0).all()
+    p = fastattn.softmax(torch.tensor([[1e4, 0.0, -1e4]], dtype=dtype), scale=10.0, backend="torch")
+    assert p.dtype == dtype and torch.equal(p.float(), torch.tensor([[1.0, 0.0, 0.0]]))
+    q, k, v = (torch.randn(1, 2, 5, 16, generator=g) * s for s in (25.0, 25.0, 1.0))
+    got = fastattn.attention(q.to(dtype), k.to(dtype), v.to(dtype), backend="torch")
+    assert got.dtype == dtype and torch.isfinite(got).all()
+    # the error of rounding q, k to the dtype (scores of ~1e4), not of computing in it
+    inputs_rounded = reference.attention(*(t.to(dtype).double() for t in (q, k, v)))
+    assert (got.double() - inputs_rounded).abs().max() <= 2 * torch.finfo(dtype).eps * v.abs().max()

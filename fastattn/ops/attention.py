@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, masks, reference
-from .common import (check_kernel_dtype, check_same, check_tensor, empty, empty_like, kernels_take,
-                     lastdim_contiguous)
+from .common import (REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, empty_like,
+                     kernels_take, lastdim_contiguous, upcast)
 
 MAX_HEAD_DIM = 256
 LN2 = math.log(2.0)
@@ -309,21 +309,24 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     use = dispatch.select(backend, q, lambda b: q.shape[-1] <= MAX_HEAD_DIM and kernels_take(
         (q, "q"), (bias, "attn_bias"))(b))
     if dropout_mask is not None:
-        if use != "torch":
+        if use not in REFERENCE_BACKENDS:
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
         if dropout_mask.dtype != torch.bool or tuple(dropout_mask.shape) != (B, H, Lq, Lk):
             raise ValueError(f"dropout_mask must be a bool tensor of shape {(B, H, Lq, Lk)}, got "
                              f"{dropout_mask.dtype} {tuple(dropout_mask.shape)}")
-    if use == "torch" or q.numel() == 0 or k.numel() == 0:
+    if use in REFERENCE_BACKENDS or q.numel() == 0 or k.numel() == 0:
         keep = dropout_mask
         if dropout_p > 0.0 and keep is None:
             keep = torch.rand((B, H, Lq, Lk), device=q.device) >= dropout_p
         kw = dict(causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
                   return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap)
+        qc, kc, vc = (upcast(use, t) for t in (q, k, v))
         if varlen:
-            result = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, **kw)
+            result = reference.attention_varlen(qc, kc, vc, cu_seqlens_q, cu_seqlens_k, **kw)
         else:
-            result = reference.attention(q, k, v, attn_mask=mask, attn_bias=bias, kv_lens=kv_lens, **kw)
+            result = reference.attention(qc, kc, vc, attn_mask=mask, attn_bias=upcast(use, bias), kv_lens=kv_lens,
+                                         **kw)
+        result = (result[0].to(q.dtype), result[1]) if return_lse else result.to(q.dtype)
         if return_dropout_mask and keep is None:
             keep = torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device)
         return _results(result, return_lse, keep if return_dropout_mask else None, drop_all)

@@ -9,6 +9,19 @@ from torch import Tensor
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
+# Backends that run fastattn.reference: "torch" computes fp16/bf16 in fp32 and rounds each result to the input's
+# dtype once, as torch's own kernels accumulate (in fp16, a LayerNorm's variance or a scaled score overflows);
+# "reference" runs it in the input dtype, the baseline of DESIGN.md §5 (fastattn.testing).
+REFERENCE_BACKENDS = ("torch", "reference")
+
+
+def upcast(use: str, t: Tensor | None) -> Tensor | None:
+    """``t`` as backend ``use`` computes with it: fp16/bf16 -> fp32 on "torch", otherwise unchanged."""
+    if use == "torch" and t is not None and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
 def empty(shape, *, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """Uninitialised output; filled with NaN when FASTATTN_POISON=1 so an element a kernel forgets shows up."""
     dtype = dtype or like.dtype

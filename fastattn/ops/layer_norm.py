@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take
+from .common import REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, kernels_take, upcast
 
 
 def _kernels(backend: str):
@@ -124,10 +124,12 @@ def _check(x, normalized_shape, weight, bias, residual=None, eps=1e-5):
 
 def _run(x, residual, shape, weight, bias, eps, backend):
     use = dispatch.select(backend, x, kernels_take((x, "x"), (weight, "weight"), (bias, "bias")))
-    if use == "torch":
+    if use in REFERENCE_BACKENDS:
+        xc, rc, wc, bc = (upcast(use, t) for t in (x, residual, weight, bias))
         if residual is None:
-            return reference.layer_norm(x, shape, weight, bias, eps), None
-        return reference.add_layer_norm(x, residual, shape, weight, bias, eps, prenorm=True)
+            return reference.layer_norm(xc, shape, wc, bc, eps).to(x.dtype), None
+        y, s = reference.add_layer_norm(xc, rc, shape, wc, bc, eps, prenorm=True)
+        return y.to(x.dtype), s.to(x.dtype)
     for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take
+from .common import REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, kernels_take, upcast
 
 
 def _kernels(backend: str):
@@ -118,8 +118,9 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
             raise ValueError("mask is only supported with dim=-1 (the last dim)")
         _check_mask_shape(mask, x)
     use = dispatch.select(backend, x, kernels_take((x, "x"), (x.new_empty(0, dtype=dtype or x.dtype), "dtype")))
-    if use == "torch" or x.dim() == 0:
-        return reference.softmax(x, dim, dtype=dtype, scale=scale, mask=mask)
+    if use in REFERENCE_BACKENDS or x.dim() == 0:
+        return reference.softmax(upcast(use, x), dim, dtype=dtype, scale=scale, mask=upcast(use, mask)).to(
+            dtype or x.dtype)
     check_kernel_dtype(x, "x", use)
     out_dtype = dtype or x.dtype
     check_kernel_dtype(x.new_empty(0, dtype=out_dtype), "dtype", use)
