@@ -65,17 +65,29 @@ def select(backend: str, x: torch.Tensor, takes=None) -> str:
         if not x.is_cuda and not interpreter_enabled():
             raise RuntimeError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before importing fastattn")
     if backend == "cuda":
-        from . import cuda
-        why = cuda.why_unavailable(x.device) if x.device.type in ("cuda", "cpu") else \
+        why = _cuda_why(str(x.device)) if x.device.type in ("cuda", "cpu") else \
             f"the inputs are on {x.device}, not a CUDA device"
         if why:
             raise RuntimeError(f"backend='cuda' (the CUDA C++ extension fastattn._C) cannot run here: {why}")
     return backend
 
 
+@torch.compiler.assume_constant_result
+def _cuda_why(device: str) -> str:
+    """fastattn.cuda.why_unavailable(device), "" when it can run; a constant under torch.compile, which cannot
+    trace the extension's import."""
+    from . import cuda
+    return cuda.why_unavailable(device) or ""
+
+
 def kernels(op: str, backend: str):
     """The kernel module of ``op`` ("attention" | "softmax" | "layer_norm") for a resolved kernel backend:
-    ``fastattn.<backend>.<op>``, whose ``forward`` / ``backward`` functions take the same arguments."""
-    if backend not in ("triton", "cuda"):
+    ``fastattn.<backend>.<op>``, whose ``forward`` / ``backward`` functions take the same arguments. (Plain
+    imports, not importlib: torch.compile traces them.)"""
+    if backend == "triton":
+        from .triton import attention, layer_norm, softmax
+    elif backend == "cuda":
+        from .cuda import attention, layer_norm, softmax
+    else:
         raise RuntimeError(f"no {op} kernels for backend {backend!r}")
-    return importlib.import_module(f"fastattn.{backend}.{op}")
+    return {"attention": attention, "layer_norm": layer_norm, "softmax": softmax}[op]

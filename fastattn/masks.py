@@ -77,8 +77,17 @@ def unpad(x: Tensor, key_padding_mask: Tensor):
 def pad(x_packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
     """Packed -> padded, the inverse of :func:`unpad`: [total, ...] -> [batch, seqlen, ...] with zeros at the
     padding. Differentiable."""
+    if not isinstance(indices, Tensor) or indices.dtype != torch.int64:
+        raise TypeError(f"indices must be an int64 tensor (as unpad returns it), got "
+                        f"{getattr(indices, 'dtype', type(indices).__name__)}")
     if indices.dim() != 1 or indices.shape[0] != x_packed.shape[0]:
         raise ValueError(f"indices must be 1-d with one entry per packed row ({x_packed.shape[0]}), "
                          f"got shape {tuple(indices.shape)}")
+    if not torch.compiler.is_compiling() and indices.numel() > 0:  # a host sync; skipped while tracing
+        lo, hi = torch.stack(torch.aminmax(indices)).tolist()
+        if lo < 0 or hi >= batch * seqlen:
+            raise ValueError(f"indices must lie in [0, batch·seqlen = {batch * seqlen}), got [{lo}, {hi}]")
+        if indices.unique().numel() != indices.numel():
+            raise ValueError("indices must be distinct (each packed row goes to its own padded position)")
     out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
     return out.index_copy(0, indices, x_packed).view(batch, seqlen, *x_packed.shape[1:])

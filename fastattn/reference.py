@@ -158,8 +158,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 def alibi_slopes(num_heads: int) -> Tensor:
     """ALiBi's geometric slopes (Press et al.): for n = 2^k heads, 2^(−8i/n), i = 1..n; otherwise those of the
     closest smaller power of two followed by every other slope of the next power of two. float32 [num_heads]."""
-    if num_heads < 1:
-        raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be an int >= 1, got {num_heads!r}")
 
     def power_of_two(n):
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]

@@ -33,7 +33,7 @@ from fastattn.triton import softmax as SM
 
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TORCH_TO_TRITON = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-POINTERS = {"Bias": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
+POINTERS = {"Bias": "*fp32", "Scale": "*fp32", "Mask": "*u8", "KvLens": "*i32", "Lse": "*fp32", "Delta": "*fp32", "DLse": "*fp32",
             "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "CuQ": "*i32", "CuK": "*i32", "Keep": "*u8",
             "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32", "OutPart": "*fp32",
             "LsePart": "*fp32"}

@@ -199,6 +199,24 @@ def test_fp32_exponentials_within_an_ulp():
         assert (got[want < torch.finfo(torch.float32).tiny / 2] == 0).all()
 
 
+def test_fp32_large_scores_weights_sum_to_one():
+    """With do = 1, Σ_j dv_j = Σ_i Σ_j p_ij = the number of rows. At scores around 100 the fp32 backward keeps that
+    within 3 times the fp32 reference's error: its weights are e^(s − r) in natural units, scaled per row by the
+    D pass's 1 / Σ_j e^(s_ij − r_i). Base-2 scores, 2^(s·log2(e) − lse2), erred by |s|·2⁻²⁴ in each exponent plus
+    lse2's rounding in every weight of a row: 4.7 to 16 times the reference's error here, and dv missed the rule
+    at such scores (README, Numerics)."""
+    for seed in range(4):
+        q, k, v = random_qkv(2, 2, 33, 70, 32, dtype=torch.float32, device=DEVICE,
+                             generator=torch.Generator().manual_seed(seed))
+        errors = []
+        for backend in ("triton", "reference"):
+            qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q * 12.0, k, v))
+            out = fastattn.attention(qs, ks, vs, causal=True, backend=backend)
+            (dv,) = torch.autograd.grad(out, vs, torch.ones_like(out))
+            errors.append((dv.double().sum(2) - 33).abs().max().item())
+        assert errors[0] <= 3 * errors[1], f"seed {seed}: |Σ dv − Lq| {errors[0]:.2e}, reference's {errors[1]:.2e}"
+
+
 # ------------------------------------------------------------------------------------------- empty rows
 def test_fully_masked_rows_are_zero_never_nan(device, kernel_backend):
     """Rows with no visible key: output 0, LSE +inf, every gradient 0 (and finite) — for each way to get one."""
@@ -505,6 +523,20 @@ def test_torch_compile_fullgraph(device):
         assert torch.equal(a, b)
 
 
+def test_dispatch_traces_for_every_kernel_backend(kernel_backend):
+    """torch.compile(fullgraph=True) traces the ops' Python for each kernel backend (the CUDA backend's
+    availability check imports its extension, which Dynamo cannot trace: it is a constant there)."""
+    q, k, v = random_qkv(1, 2, 8, 8, 16, device=DEVICE, requires_grad=False)
+    x = torch.randn(3, 16, device=DEVICE, dtype=q.dtype)
+
+    def f(q, k, v, x):
+        return (fastattn.attention(q, k, v, backend=kernel_backend), fastattn.softmax(x, backend=kernel_backend),
+                fastattn.layer_norm(x, 16, backend=kernel_backend))
+
+    for got, want in zip(torch.compile(f, fullgraph=True, backend="eager")(q, k, v, x), f(q, k, v, x)):
+        assert torch.equal(got, want)
+
+
 def test_custom_op_registration():
     """The fakes agree with the real ops (torch.library's own consistency check)."""
     q, k, v = random_qkv(1, 2, 20, 24, 16, device=DEVICE)
@@ -522,6 +554,13 @@ def test_custom_op_registration():
     args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    # the backward of a transposed bias: its gradient comes back contiguous, as the fake says (inductor checks)
+    bt = torch.randn(1, 2, 24, 20, device=DEVICE).transpose(2, 3)
+    q, k, v = (t.detach() for t in (q, k, v))
+    fwd = (q, k, v, bt, None, None, None, None, 0, 0, 0.25, False, False, -1, -1, None, 0.0, 0.0, None, "triton")
+    out, lse = torch.ops.fastattn.attention_fwd(*fwd)
+    args = (torch.randn_like(out), q, k, v, out, lse, None, *fwd[3:-1], True, "triton")
+    torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------------------------------- GPU

@@ -182,6 +182,10 @@ def test_unpad_pad_roundtrip_and_gradient():
     assert torch.equal(back, x.masked_fill(mask[..., None], 0.0))
     back.sum().backward()
     assert torch.equal(x.grad, (~mask)[..., None].float().expand_as(x))
+    for bad, err, words in ((idx.int(), TypeError, "int64"), (idx + 8, ValueError, r"lie in \[0, batch·seqlen"),
+                            (idx * 0, ValueError, "distinct"), (idx.tolist(), TypeError, "int64")):
+        with pytest.raises(err, match=words):
+            fastattn.pad(packed, bad, 2, 5)
 
 
 @pytest.mark.parametrize("kw,err,match", [

@@ -135,6 +135,18 @@ def test_bad_options():
         fastattn.attention(q, k, v, backend="tpu")
     with pytest.raises(ValueError, match="dropout_p must be a float"):
         call(q, k, v, dropout_p=True)
+    for bad in (float("nan"), float("inf"), "0.5"):
+        with pytest.raises(ValueError, match="scale must be a finite float"):
+            call(q, k, v, scale=bad)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool tensor"):
+        call(q, k, v, key_padding_mask=[[False] * 8] * 2)
+    with pytest.raises(ValueError, match="head dim of q, k and v must be >= 1"):
+        call(q[..., :0], k[..., :0], v[..., :0])
+    with pytest.raises(ValueError, match="at least one head"):
+        call(q[:, :0], k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match="num_heads must be an int"):
+        fastattn.alibi_slopes(2.0)
+    call(q, k, v, deterministic=False)  # FlashAttention's flag: accepted, every backward is deterministic
 
 
 def test_sdpa_errors():

@@ -112,6 +112,9 @@ def test_torch_compile_and_opcheck(device):
                           (x.detach().reshape(-1, 50).requires_grad_(), mask.view(1, 1, 6, 50), 0.5, [1, 4, 6],
                            torch.float32, "triton"),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    xt = torch.randn(50, 6, device=device).t()  # the raw op on a strided x: read as it is
+    torch.testing.assert_close(torch.ops.fastattn.softmax_fwd(xt, None, 1.0, [1, 1, 6], torch.float32, "triton"),
+                               torch.softmax(xt, -1))
 
 
 @pytest.mark.gpu

@@ -53,19 +53,25 @@ def _adopt_fused_modules(layer: nn.Module) -> None:
     layer.activation_relu_or_gelu = False
 
 
+def _fused_init(torch_layer):
+    """torch_layer's constructor, with its exact signature (inspect shows it), then its submodules re-classed."""
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
+                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
+                 dtype=None) -> None:
+        torch_layer.__init__(self, d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps,
+                             batch_first, norm_first, bias, device, dtype)
+        _adopt_fused_modules(self)
+    return __init__
+
+
 class TransformerEncoderLayer(nn.TransformerEncoderLayer):
     """torch.nn.TransformerEncoderLayer (same signature) with fused attention and fused add + LayerNorm.
 
     Masks follow torch's module convention (bool True = ignore, float added); a row with no visible key gives 0
     (gradients 0), never NaN."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        _adopt_fused_modules(self)
+    __init__ = _fused_init(nn.TransformerEncoderLayer)
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
@@ -81,13 +87,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 class TransformerDecoderLayer(nn.TransformerDecoderLayer):
     """torch.nn.TransformerDecoderLayer (same signature) with fused attention and fused add + LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Union[str, Callable[[Tensor], Tensor]] = F.relu, layer_norm_eps: float = 1e-5,
-                 batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
-                 dtype=None) -> None:
-        super().__init__(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, batch_first,
-                         norm_first, bias, device, dtype)
-        _adopt_fused_modules(self)
+    __init__ = _fused_init(nn.TransformerDecoderLayer)
 
     def forward(self, tgt: Tensor, memory: Tensor, tgt_mask: Optional[Tensor] = None,
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,

@@ -105,7 +105,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
-    dbias = torch.empty_like(bias) if bias_grad else q.new_empty(0)
+    dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as the real one
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
@@ -143,7 +143,11 @@ def _check_inputs(q, k, v):
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (B, Hkv, Lk)")
     if k.shape[3] != D or v.shape[3] != D:
         raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}")
-    if k.shape[1] == 0 or H % k.shape[1] != 0:
+    if D == 0:
+        raise ValueError(f"head dim of q, k and v must be >= 1, got shape {tuple(q.shape)}")
+    if k.shape[1] == 0:
+        raise ValueError(f"k and v must have at least one head, got shape {tuple(k.shape)}")
+    if H % k.shape[1] != 0:
         raise ValueError(f"q's {H} heads must be a multiple of k/v's {k.shape[1]} heads (GQA)")
 
 
@@ -154,6 +158,8 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
     full = (B, H, Lq, Lk)
     bias = mask = None
     if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor (B, Lk), got {type(key_padding_mask).__name__}")
         check_same(q, "q", key_padding_mask, "key_padding_mask", dtype=False)
         mask = masks.key_padding_mask_to_mask(key_padding_mask, B, Lk, true_means="ignore")
     if attn_bias is not None:
@@ -248,7 +254,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
               attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, scale: Optional[float] = None,
               dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
-              dropout_mask: Optional[Tensor] = None, backend: str = "auto"):
+              dropout_mask: Optional[Tensor] = None, deterministic: bool = True, backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
     q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
@@ -275,6 +281,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     ([B, H, max_seqlen_q, max_seqlen_k] packed, sequence b in the top-left corner of mask[b]).
     ``dropout_mask`` (tests): apply this bool keep-mask, shaped as returned, instead of drawing one; backend
     "torch" only (the kernels draw theirs), so a kernel's mask can be replayed on the reference.
+    deterministic: accepted as FlashAttention takes it; every backward here is deterministic (no atomics: the
+    same inputs give the same bits), whichever is asked.
+    backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
+    "cuda", or "torch" (fastattn.reference; fp16/bf16 computed in fp32).
     """
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
@@ -298,6 +308,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
     bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
                                                                              attn_bias)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite float (None: 1/sqrt(head dim)), got {scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     causal = bool(causal)
     if causal:
@@ -348,7 +361,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     if return_dropout_mask:
         keep = (_kernels(use).dropout_mask(B, H, Lq, Lk, dropout_p, int(seed), q.device) if seed is not None
                 else torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device))
-    return _results((out, lse2 * LN2) if return_lse else out, return_lse, keep, drop_all)
+    # natural units, converted in fp64 and rounded once (an fp32 product would round LN2 and the product)
+    return _results((out, (lse2.double() * LN2).float()) if return_lse else out, return_lse, keep, drop_all)
 
 
 def _results(result, return_lse: bool, keep: Optional[Tensor], drop_all: bool = False):

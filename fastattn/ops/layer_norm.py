@@ -22,7 +22,10 @@ def _kernels(backend: str):
 @torch.library.custom_op("fastattn::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                     eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual: contiguous [R, N]. -> (y, s = x + residual or an empty tensor, mean, rstd)."""
+    """x, residual: [R, N] (the kernels read them densely). -> (y, s = x + residual or an empty tensor, mean,
+    rstd), contiguous."""
+    x = x.contiguous()
+    residual = residual.contiguous() if residual is not None else None
     R = x.shape[0]
     y = empty(x.shape, like=x)
     s = empty(x.shape, like=x) if residual is not None else None
@@ -35,8 +38,8 @@ def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
 @_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, backend):
     R = x.shape[0]
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, x.new_empty(R, dtype=torch.float32), x.new_empty(R, dtype=torch.float32)
+    s = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), s, x.new_empty(R, dtype=torch.float32), x.new_empty(R, dtype=torch.float32)
 
 
 @torch.library.custom_op("fastattn::layer_norm_bwd", mutates_args=())
@@ -60,7 +63,7 @@ def _layer_norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optio
 @_layer_norm_bwd.register_fake
 def _(dy, dsum, s, weight, mean, rstd, wb_grad, backend):
     n = s.shape[1] if wb_grad else 0
-    return torch.empty_like(s), s.new_empty(n, dtype=torch.float32), s.new_empty(n, dtype=torch.float32)
+    return s.new_empty(s.shape), s.new_empty(n, dtype=torch.float32), s.new_empty(n, dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):

@@ -21,7 +21,8 @@ def _kernels(backend: str):
 @torch.library.custom_op("fastattn::softmax_fwd", mutates_args=())
 def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, lead: list[int], out_dtype: torch.dtype,
                  backend: str) -> Tensor:
-    """x: contiguous [R, N]; mask: [D0|1, D1|1, D2|1, N] with lead = [D0, D1, D2], D0·D1·D2 = R."""
+    """x: [R, N] (read densely); mask: [D0|1, D1|1, D2|1, N] with lead = [D0, D1, D2], D0·D1·D2 = R."""
+    x = x.contiguous()
     y = empty(x.shape, like=x, dtype=out_dtype)
     _kernels(backend).forward(x, y, mask, scale, tuple(lead))
     return y

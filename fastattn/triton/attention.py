@@ -3,9 +3,11 @@
 Notation (per batch b, query head h, kv head h // GROUP):
     s_ij = scale · q_i·k_j + bias_ij,   visible(i, j) from causal / kv_lens / bool mask,
     p_ij = exp(s_ij − lse_i) on visible entries,  lse_i = log Σ_j exp(s_ij),  o_i = Σ_j p_ij v_j.
-The forward keeps a running max and sum (online softmax) in base 2 and saves lse2 = lse·log2(e) (fp32,
-+inf for a row with no visible key, whose output is 0): the backward recomputes p = exp2(s·log2(e) − lse2)
-with no change of base, so a row with one visible key gets p = 1 exactly. The backward uses
+The forward keeps a running max and sum (online softmax) and saves lse2 = lse·log2(e) (fp32, +inf for a row
+with no visible key, whose output is 0). fp16/bf16 work in base 2: the backward recomputes p = exp2(s·log2(e) −
+lse2) with no change of base, so a row with one visible key gets p = 1 exactly. fp32 keeps s in natural units
+(rounding s·log2(e) errs by |s|·2⁻²⁴ in the exponent): p = c_i·exp(s − lse2·ln 2), c_i = 1 / Σ_j exp(s_ij −
+lse2_i·ln 2) from the D pass, so lse2's rounding cancels (see _row_stats). The backward uses
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
 (for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
@@ -224,15 +226,24 @@ def _load_rows(ptr, rows, s_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(Lse, Delta, rows, row_ok):
-    """lse2 (+inf past the rows: p = 0 there) and D of the given rows."""
-    return (tl.load(Lse + rows, mask=row_ok, other=float("inf")), tl.load(Delta + rows, mask=row_ok, other=0.0))
+def _row_stats(Lse, Delta, Scale, rows, row_ok, ACCURATE: tl.constexpr):
+    """(r, D, c) of the given rows, for the recomputed weights p_ij = c_i·exp(s_ij − r_i) (_exp_scores).
+    fp16/bf16: r = lse2, c = 1. fp32 (ACCURATE): r = lse2·ln(2), natural as the scores, and c_i = 1 / Σ_j
+    e^(s_ij − r_i) from the D pass (see _bwd_dq_kernel): r's rounding, a relative error of up to |lse|·2⁻²⁴ that
+    every weight of a row shares, cancels. r = +inf past the rows: p = 0 there."""
+    lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
+    if ACCURATE:
+        return lse * 0.6931471805599453, delta, tl.load(Scale + rows, mask=row_ok, other=0.0)
+    else:
+        return lse, delta, tl.zeros_like(lse) + 1.0
 
 
 @triton.jit
 def _exp2(x, ACCURATE: tl.constexpr):
-    """2^x; ACCURATE (fp32 inputs): within about 1 ulp, where tl.math.exp2 compiles to ex2.approx.f32 (up to 2 ulp;
-    with that error the interpreter's fp32 dv missed the rule, README Numerics); 0 for x < −126.5.
+    """2^x (the split-KV merge's weights); ACCURATE (fp32 inputs): within about 1 ulp, where tl.math.exp2 compiles
+    to ex2.approx.f32 (up to 2 ulp; with that error the interpreter's fp32 dv missed the rule, README Numerics);
+    0 for x < −126.5.
     2^x = 2^n · 2^f, n = round(x), f = x − n in [−1/2, 1/2] (exact), 2^f by its Taylor series to f^7 (truncation
     < 6e-9 relative), 2^n by building the exponent bits: x <= −127 gives the bits of +0."""
     if ACCURATE:
@@ -272,6 +283,16 @@ def _exp_neg(x, ACCURATE: tl.constexpr):
         return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
     else:
         return tl.exp(x)
+
+
+@triton.jit
+def _exp_scores(x, ACCURATE: tl.constexpr):
+    """The softmax weight of a score difference x (<= 0, up to rounding): e^x for fp32 (ACCURATE), whose scores
+    stay in natural units (see _scores), 2^x for fp16/bf16 (ex2.approx), whose scores are in base 2."""
+    if ACCURATE:
+        return _exp_neg(x, ACCURATE)
+    else:
+        return tl.math.exp2(x)
 
 
 @triton.jit
@@ -370,9 +391,11 @@ def _mask_trim(lo, hi, fixed, b, h, Mask, s_mb, s_mh, s_mm, s_mn, Lq, Lk, kv_len
 @triton.jit
 def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scale, shift, slope, softcap,
             HAS_BIAS: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACCURATE: tl.constexpr):
-    """(s·log2(e) with invisible entries at −inf,  the soft cap's derivative 1 − tanh² (or 1)), where
-    s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). qk: the tile of q_i·k_j, laid out as the
-    index tiles qi, kj are (see _visible)."""
+    """(s·log2(e), or for fp32 (ACCURATE) s itself, with invisible entries at −inf,  the soft cap's derivative
+    1 − tanh² (or 1)), where s = cap(scale·q·k) + bias − slope·|d(i) − j|, cap(x) = c·tanh(x/c). qk: the tile of
+    q_i·k_j, laid out as the index tiles qi, kj are (see _visible). fp32 keeps s natural: rounding s·log2(e) errs
+    by |s|·2⁻²⁴ in the exponent, which at large logits (|s| ~ 100) missed the §5 rule several times over; the
+    differences s − m (m the row's max or log-sum-exp) that the weights take are exact near m instead."""
     qk = qk * sm_scale
     dcap = 1.0
     if HAS_SOFTCAP:
@@ -402,7 +425,10 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
     # One rounding of s·log2(e) per entry, as the reference rounds s. Scaling a bias shared by many rows before
     # the sum would round it once for all of them: a per-key logit error that a broadcast bias's gradient
     # (a sum over those rows) adds up coherently.
-    return tl.where(vis, qk * 1.4426950408889634, float("-inf")), dcap
+    if ACCURATE:
+        return tl.where(vis, qk, float("-inf")), dcap
+    else:
+        return tl.where(vis, qk * 1.4426950408889634, float("-inf")), dcap
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -485,8 +511,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # While a row has seen nothing, m is −inf; subtracting 0 keeps exp2(−inf − m) = 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp2(qk - m_safe[:, None], DOT_PREC == "ieee")
-        alpha = _exp2(m_i - m_safe, DOT_PREC == "ieee")
+        p = _exp_scores(qk - m_safe[:, None], DOT_PREC == "ieee")
+        alpha = _exp_scores(m_i - m_safe, DOT_PREC == "ieee")
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
         if DROPOUT:
             p = tl.where(_keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
@@ -497,10 +523,18 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     norm = tl.where(empty, 1.0, l_i)
     if DROPOUT:
         norm = norm * (1.0 - dropout_p)
-    # "/" compiles to div.full.f32 (up to 2 ulp); a correctly rounded reciprocal per row and a product err by <= 1
-    out = acc * tl.math.div_rn(1.0, norm)[:, None]
+    if DOT_PREC == "ieee":
+        # fp32: one correctly rounded division per element, as the reference's p / Σp; lse2 = (m + ln l)·log2(e)
+        # in fp64, rounded once (m natural)
+        out = tl.math.div_rn(acc, norm[:, None])
+        lse2 = ((m_i.to(tl.float64) + tl.math.log(tl.where(empty, 1.0, l_i).to(tl.float64)))
+                * 1.4426950408889634).to(tl.float32)
+    else:
+        # "/" compiles to div.full.f32 (up to 2 ulp); a correctly rounded reciprocal per row and a product: <= 1 ulp
+        out = acc * tl.math.div_rn(1.0, norm)[:, None]
+        lse2 = m_i + tl.math.log2(tl.where(empty, 1.0, l_i))
     # A split's empty row gets lse −inf (weight 0 in the combine); a whole row with no visible key, +inf.
-    lse2 = tl.where(empty, float("-inf") if SPLIT else float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    lse2 = tl.where(empty, float("-inf") if SPLIT else float("inf"), lse2)
     tl.store(Lse + b * s_lb + h_row * s_lh + q0 + qi, lse2, mask=row_ok)
     tl.store(Out + b * s_ob + h_col * s_oh + (q0 + qi[:, None]) * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
@@ -566,7 +600,7 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
 @triton.autotune(configs=_configs("dkdv"), key=_KEY,
                  prune_configs_by={"early_config_prune": functools.partial(_prune, "dkdv")})
 @triton.jit(do_not_specialize=_NOSPEC)
-def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, DV, DBias,
+def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale, DK, DV, DBias,
                      s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                      s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
@@ -622,11 +656,14 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
             visits += 1
             q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
             do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-            lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
+            lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
+                                       DOT_PREC == "ieee")
             sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                 s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
                                 HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
-            pT = _exp2(sT - lse[None, :], DOT_PREC == "ieee")  # 0 where invisible or the row is empty (lse = +inf)
+            pT = _exp_scores(sT - lse[None, :], DOT_PREC == "ieee")  # 0 where invisible or the row is empty
+            if DOT_PREC == "ieee":
+                pT = pT * c[None, :]
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
             if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
@@ -652,7 +689,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DK, 
 @triton.autotune(configs=_configs("dq"), key=_KEY,
                  prune_configs_by={"early_config_prune": functools.partial(_prune, "dq")})
 @triton.jit(do_not_specialize=_NOSPEC)
-def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
+def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale, DQ,
                    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                    s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                    s_dqb, s_dqh, s_dqm,
@@ -682,7 +719,10 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
     q_ok = row_ok[:, None] & d_ok
     q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
     do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-    lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, row_ok)
+    lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, row_ok,
+                               (DOT_PREC == "ieee") & (not DELTA_PASS))
+    if DELTA_PASS:  # the weights are formed from r = lse2·ln(2) before their scale c is known
+        lse = lse * 0.6931471805599453
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
@@ -710,7 +750,9 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
         qk, dcap = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                            offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift,
                            slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
-        p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
+        p = _exp_scores(qk - lse[:, None], DOT_PREC == "ieee")
+        if (DOT_PREC == "ieee") & (not DELTA_PASS):
+            p = p * c[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
@@ -725,8 +767,10 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DQ,
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     if DELTA_PASS:  # Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
-        delta = (delta.to(tl.float64) + pdp_sum / tl.where(p_sum == 0.0, 1.0, p_sum)).to(tl.float32)
+        p_sum = tl.where(p_sum == 0.0, 1.0, p_sum)
+        delta = (delta.to(tl.float64) + pdp_sum / p_sum).to(tl.float32)
         tl.store(Delta + b * s_lb + h * s_lh + q0 + offs_m, delta, mask=row_ok)
+        tl.store(Scale + b * s_lb + h * s_lh + q0 + offs_m, (1.0 / p_sum).to(tl.float32), mask=row_ok)
     else:
         tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
@@ -742,7 +786,7 @@ _bwd_delta_pass_kernel = triton.autotune(
 
 
 @triton.jit(do_not_specialize=_NOSPEC)
-def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBias,
+def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale, DBias,
                       s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                       s_gb, s_gh, s_gm, s_gn, n_batch,
@@ -803,7 +847,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
                 do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-                lse, delta = _row_stats(Lse, Delta, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len)
+                lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
+                                           DOT_PREC == "ieee")
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len,
@@ -814,7 +859,9 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, DBi
                         qk, _ = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), vis, offs_m[:, None],
                                         offs_n[None, :], b, h, Bias, s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale,
                                         shift, slope, softcap, HAS_BIAS, HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
-                        p = _exp2(qk - lse[:, None], DOT_PREC == "ieee")
+                        p = _exp_scores(qk - lse[:, None], DOT_PREC == "ieee")
+                        if DOT_PREC == "ieee":
+                            p = p * c[:, None]
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
                             keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
@@ -1047,8 +1094,11 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     bcast = dbias is not None and tuple(dbias.shape) != (B, H, Lq, Lk)
     # fp32: a first launch of the dq kernel (DELTA_PASS) adds Σ_j p_ij dp_ij / Σ_j p_ij to −log2(e)·dlse2_i;
     # fp16/bf16 take D_i = do_i·o_i − log2(e)·dlse2_i from the delta kernel.
-    recompute = args["DOT_PREC"] == "ieee" and delta_from_p
+    fp32 = args["DOT_PREC"] == "ieee"
+    recompute = fp32 and delta_from_p
     delta = torch.empty_like(lse)  # filled by the delta kernel, or the start the D pass adds to
+    # fp32: each row's weight scale c_i (_row_stats), written by the D pass; 1 where D comes from out
+    row_scale = torch.empty_like(lse) if recompute else torch.ones_like(lse) if fp32 else delta
     if recompute and dlse is None:
         delta.zero_()
     elif recompute:
@@ -1065,15 +1115,15 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
                   *lse_strides)
         for kernel in (_bwd_delta_pass_kernel, _bwd_dq_kernel) if recompute else (_bwd_dq_kernel,):
             _launch(kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
-                    q, k, v, *ptrs, do, lse, delta, dq, *common, *_rows(dq, varlen),
+                    q, k, v, *ptrs, do, lse, delta, row_scale, dq, *common, *_rows(dq, varlen),
                     Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta),
                     DELTA_PASS=kernel is _bwd_delta_pass_kernel, **args)
         _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
-                q, k, v, *ptrs, do, lse, delta, dk, dv, dbias if dbias is not None else delta,
+                q, k, v, *ptrs, do, lse, delta, row_scale, dk, dv, dbias if dbias is not None else delta,
                 *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None and not bcast,
                 Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
         if bcast:
-            _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args)
+            _bias_grad(q, k, v, ptrs, do, lse, delta, row_scale, dbias, common, B, H, Lq, Lk, args)
 
 
 # The broadcast-dbias kernel holds q, do, k, v and two score tiles: small tiles, the least spilling measured on
@@ -1092,14 +1142,14 @@ def dbias_config(dtype, head_dim):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
 
 
-def _bias_grad(q, k, v, ptrs, do, lse, delta, dbias, common, B, H, Lq, Lk, args):
+def _bias_grad(q, k, v, ptrs, do, lse, delta, row_scale, dbias, common, B, H, Lq, Lk, args):
     """dbias of a broadcast bias: one program per dbias tile (a broadcast query / key dim is one tile)."""
     all_b, all_h, all_m, all_n = (n == 1 and full > 1 for n, full in zip(dbias.shape, (B, H, Lq, Lk)))
     config = dbias_config(q.dtype, q.shape[-1])
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     grid = (1 if all_m else triton.cdiv(Lq, bm), 1 if all_n else triton.cdiv(Lk, bn),
             (1 if all_b else B) * (1 if all_h else H))
-    _bwd_dbias_kernel[grid](q, k, v, *ptrs, do, lse, delta, dbias, *common, *dbias.stride(), B, Visits=delta,
+    _bwd_dbias_kernel[grid](q, k, v, *ptrs, do, lse, delta, row_scale, dbias, *common, *dbias.stride(), B, Visits=delta,
                             **args, ALL_B=all_b, ALL_H=all_h, ALL_M=all_m, ALL_N=all_n, **config.all_kwargs())
 
 
