@@ -36,6 +36,20 @@ def test_head_dim_too_large():
         call(*qkv(D=320, requires_grad=False))
 
 
+def test_empty_softmax_and_layer_norm_are_empty_as_in_torch(kernel_backend):
+    """No rows (or an empty normalized dim): the result is empty, as torch's, with empty gradients; no kernel."""
+    for shape in ((0, 4), (3, 0), (2, 0, 5)):
+        x = torch.randn(shape, device=DEVICE, requires_grad=True)
+        for got, want in ((fastattn.softmax(x, backend=kernel_backend), torch.softmax(x, -1)),
+                          (fastattn.layer_norm(x, shape[-1:], backend=kernel_backend),
+                           torch.nn.functional.layer_norm(x, shape[-1:])),
+                          (fastattn.add_layer_norm(x, x, shape[-1:], backend=kernel_backend),
+                           torch.nn.functional.layer_norm(x + x, shape[-1:]))):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            got.sum().backward()
+            assert x.grad.shape == x.shape
+
+
 def test_too_many_batch_heads_for_the_grid():
     """(batch, head) pairs go on the Triton grid's second axis, at most 65535 on CUDA: a clear error, not a failed
     launch (also under the interpreter, which has no such limit)."""

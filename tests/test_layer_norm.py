@@ -100,7 +100,6 @@ def test_nn_layer_norm_drop_in(kwargs, device):
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, torch.ones(5)), ValueError, "weight has shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, None, torch.ones(3)), ValueError, "bias has shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "floating-point"),
-    (lambda: fastattn.layer_norm(torch.ones(0, 4), 4), ValueError, "x is empty"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), "4"), TypeError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), None), TypeError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, eps=-1e-5), ValueError, "eps"),  # torch: NaN
