@@ -702,6 +702,13 @@ def test_gpu_every_config(kernel, D, config):
 
 
 @pytest.mark.gpu
+def test_gpu_more_batch_heads_than_a_grid_axis():
+    """B·H = 70400 (past CUDA's 65535 on a grid's y axis): heads on the grid's second axis, batch on its third."""
+    assert_case(AttentionCase(B=1100, H=64, Hkv=16, Lq=3, Lk=5, D=16, dtype=torch.float16, causal=True,
+                              bias="batch", bias_grad=True), device="cuda")
+
+
+@pytest.mark.gpu
 def test_gpu_new_lengths_do_not_recompile():
     """Lengths in one power-of-two bucket share the tuned config and the compiled kernels."""
     from fastattn.triton import attention as kernels

@@ -50,12 +50,28 @@ def test_empty_softmax_and_layer_norm_are_empty_as_in_torch(kernel_backend):
             assert x.grad.shape == x.shape
 
 
-def test_too_many_batch_heads_for_the_grid():
-    """(batch, head) pairs go on the Triton grid's second axis, at most 65535 on CUDA: a clear error, not a failed
-    launch (also under the interpreter, which has no such limit)."""
-    q = torch.randn(2, 32768, 1, 16, device=DEVICE)
-    with pytest.raises(ValueError, match="batch × heads = 2 × 32768 = 65536"):
-        call(q, q, q)
+def test_grid_limits(monkeypatch):
+    """Heads and batch go on the Triton grid's second and third axes, at most 65535 each on CUDA (not their
+    product): past that a clear error, not a failed launch. The dbias slots and the dropout-mask slices, (b, h)
+    pairs on one axis, launch in chunks of that many: same bits. (The limit is shrunk here: the interpreter has
+    none, and 65536 programs would take it minutes.)"""
+    from fastattn.triton import attention as kernels
+    q, k, v = qkv(B=2, H=3, Lq=5, Lk=7)
+    bias = torch.randn(2, 3, 1, 7, device=DEVICE, requires_grad=True)
+
+    def run():
+        out, keep = call(q, k, v, attn_bias=bias, dropout_p=0.3, return_dropout_mask=True)
+        return (out, keep, *torch.autograd.grad(out.sum(), (q, bias)))
+
+    torch.manual_seed(0)
+    want = run()
+    monkeypatch.setattr(kernels, "MAX_GRID_YZ", 4)  # 6 (b, h) pairs: two launches of each chunked kernel
+    torch.manual_seed(0)
+    for got, ref in zip(run(), want):
+        assert torch.equal(got, ref)
+    monkeypatch.setattr(kernels, "MAX_GRID_YZ", 2)
+    with pytest.raises(ValueError, match="batch 2 and heads 3: the Triton attention kernels take at most 2"):
+        call(q, k, v)
 
 
 def test_heads_not_divisible():

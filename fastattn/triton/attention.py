@@ -445,24 +445,24 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr, SPLIT: tl.constexpr,
                 PACK_GQA: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # grid (query blocks, heads, batch · splits): CUDA caps the last two at 65535 each, not their product
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_s = tl.program_id(2) % n_split
+    b = tl.program_id(2) // n_split
+    pid_bh = b * tl.num_programs(1) + tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PACK_GQA:
         # One program per kv head: its rows r = i·GROUP + g are query i of head hk·GROUP + g, so the GROUP query
         # heads sharing this K/V read it once (decoding: GROUP times less K/V traffic, GROUP times fuller tiles).
         # h_row / h_col: each row's head as an [M] / [M, 1] tile.
-        b = pid_bh // (H // GROUP)
-        hk = pid_bh % (H // GROUP)
+        hk = tl.program_id(1)
         qi = offs_m // GROUP
         h_row = hk * GROUP + offs_m % GROUP
         h_col = h_row[:, None]
         q_first = pid_m * BLOCK_M // GROUP
         q_last = (pid_m * BLOCK_M + BLOCK_M - 1) // GROUP
     else:
-        b = pid_bh // H
-        h_row = pid_bh % H
+        h_row = tl.program_id(1)
         h_col = h_row
         hk = h_row // GROUP
         qi = offs_m
@@ -539,7 +539,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     tl.store(Out + b * s_ob + h_col * s_oh + (q0 + qi[:, None]) * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
-        tl.store(Visits + (pid_s * tl.num_programs(1) + pid_bh) * tl.num_programs(0) + pid_m, visits)
+        n_bh = tl.num_programs(1) * (tl.num_programs(2) // n_split)
+        tl.store(Visits + (pid_s * n_bh + pid_bh) * tl.num_programs(0) + pid_m, visits)
 
 
 @triton.jit
@@ -548,9 +549,9 @@ def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s
     """Merges the n_split partial results (o_s normalised, lse2_s; −inf where a split saw no key) of a row:
     lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(2)
+    h = tl.program_id(1)
+    pid_bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
@@ -580,9 +581,9 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(2)
+    h = tl.program_id(1)
+    pid_bh = b * H + h
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * s_ob + h * s_oh, offs_m, s_om, offs_d, Lq, HEAD_DIM)
@@ -613,10 +614,10 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                      HAS_KVLENS: tl.constexpr, BIAS_GRAD: tl.constexpr, DOT_PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
-    pid_bhk = tl.program_id(1)
     HKV = H // GROUP
-    b = pid_bhk // HKV
-    hk = pid_bhk % HKV
+    b = tl.program_id(2)
+    hk = tl.program_id(1)
+    pid_bhk = b * HKV + hk
     q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -707,9 +708,9 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     off 1 for every j alike), makes Σ_j p_ij (dp_ij − D_i) = 0 hold for these p, as it does in the reference's
     softmax backward (normalised p); with do_i·o_i, fp32 dk and dbias missed the §5 rule (README, Numerics)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
+    b = tl.program_id(2)
+    h = tl.program_id(1)
+    pid_bh = b * H + h
     hk = h // GROUP
     q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -789,7 +790,7 @@ _bwd_delta_pass_kernel = triton.autotune(
 def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale, DBias,
                       s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                       s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
-                      s_gb, s_gh, s_gm, s_gn, n_batch,
+                      s_gb, s_gh, s_gm, s_gn, n_batch, slot0,
                       H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
                       dropout_p, seed, Visits,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
@@ -804,7 +805,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
     reduced over the broadcast axes at the end."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    slot = tl.program_id(2)  # (b, h) of this dbias tile: b·H + h, with a broadcast dim counted as size 1
+    # (b, h) of this dbias tile: b·H + h, with a broadcast dim counted as size 1 (a launch takes 65535 from slot0)
+    slot = slot0 + tl.program_id(2)
     if ALL_H:
         b_slot = slot
         h_slot = 0
@@ -886,9 +888,10 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The keep-mask the attention kernels use, written out as uint8 [B, H, Lq, Lk] (debugging and tests)."""
-    pid_bh = tl.program_id(2)
+def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, bh0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The keep-mask the attention kernels use, written out as uint8 [B, H, Lq, Lk] (debugging and tests), for
+    the (b, h) slices from bh0 on (a launch takes at most 65535)."""
+    pid_bh = bh0 + tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
@@ -916,9 +919,9 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
         B, Lq, Lk = varlen[0].shape[0] - 1, varlen[2], varlen[3]
     else:
         B, Lq, Lk = q.shape[0], q.shape[2], k.shape[2]
-    if B * H > MAX_GRID_YZ:
-        raise ValueError(f"batch × heads = {B} × {H} = {B * H}: the Triton attention kernels take at most "
-                         f"{MAX_GRID_YZ} (their grid's second axis, CUDA's limit); split the batch")
+    if B > MAX_GRID_YZ or H > MAX_GRID_YZ:
+        raise ValueError(f"batch {B} and heads {H}: the Triton attention kernels take at most {MAX_GRID_YZ} of each "
+                         "(their grid's second and third axes, CUDA's limit); split the batch")
     left, right = window
     if causal:
         right = 0
@@ -953,7 +956,7 @@ def _visits(count, key, programs, like):
 
 
 MIN_BLOCK = 16  # smallest BLOCK_M / BLOCK_N of any config: bounds the number of programs per axis
-MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kernels put (batch, head)
+MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kernels put heads and batch
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
@@ -968,9 +971,9 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     group = H // Hkv
     pack = _pack_for(q, group, Lq, args["BLOCK_D"])
     heads, rows = (Hkv, Lq * group) if pack else (H, Lq)  # a packed program's rows: its kv head's query heads
-    n_split = _splits_for(q, B * heads, rows, Lk, args["BLOCK_D"])
+    n_split = min(_splits_for(q, B * heads, rows, Lk, args["BLOCK_D"]), MAX_GRID_YZ // B)  # grid axis 2: B·splits
     visits = _visits(count, "fwd", n_split * B * heads * triton.cdiv(rows, MIN_BLOCK), lse)
-    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), B * heads, n_split)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), heads, B * n_split)  # noqa: E731
     # Split-KV: each split writes its normalised fp32 partial output and lse2 to a workspace; a second kernel merges.
     o_dst, lse_dst = out, lse
     if n_split > 1:
@@ -985,7 +988,7 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
         if n_split > 1:
             # Like the delta kernel, the merge sees a packed batch as one sequence of total_q rows.
             rows_total = q.shape[0] if varlen is not None else Lq
-            _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), (1 if varlen is not None else B) * H)](
+            _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), H, 1 if varlen is not None else B)](
                 o_dst, lse_dst, out, lse, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows, *_rows(out, varlen),
                 H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"],
                 ACCURATE=args["DOT_PREC"] == "ieee", BLOCK_M=COMBINE_BLOCK)
@@ -1107,18 +1110,18 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     rows_total = q.shape[0] if varlen is not None else Lq
     with device_ctx(q):
         if not recompute:
-            _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), (1 if varlen is not None else B) * H)](
+            _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), H, 1 if varlen is not None else B)](
                 out, do, dlse if dlse is not None else delta, delta, *_rows(out, varlen), *_rows(do, varlen), H,
                 rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
                 DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(do, varlen),
                   *lse_strides)
         for kernel in (_bwd_delta_pass_kernel, _bwd_dq_kernel) if recompute else (_bwd_dq_kernel,):
-            _launch(kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * H),
+            _launch(kernel, lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), H, B),
                     q, k, v, *ptrs, do, lse, delta, row_scale, dq, *common, *_rows(dq, varlen),
                     Visits=_visits(count, "dq", B * H * triton.cdiv(Lq, MIN_BLOCK), delta),
                     DELTA_PASS=kernel is _bwd_delta_pass_kernel, **args)
-        _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), B * Hkv),
+        _launch(_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Lk, meta["BLOCK_N"]), Hkv, B),
                 q, k, v, *ptrs, do, lse, delta, row_scale, dk, dv, dbias if dbias is not None else delta,
                 *common, *_rows(dk, varlen), *_rows(dv, varlen), BIAS_GRAD=dbias is not None and not bcast,
                 Visits=_visits(count, "dkdv", B * Hkv * triton.cdiv(Lk, MIN_BLOCK), delta), **args)
@@ -1147,17 +1150,21 @@ def _bias_grad(q, k, v, ptrs, do, lse, delta, row_scale, dbias, common, B, H, Lq
     all_b, all_h, all_m, all_n = (n == 1 and full > 1 for n, full in zip(dbias.shape, (B, H, Lq, Lk)))
     config = dbias_config(q.dtype, q.shape[-1])
     bm, bn = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-    grid = (1 if all_m else triton.cdiv(Lq, bm), 1 if all_n else triton.cdiv(Lk, bn),
-            (1 if all_b else B) * (1 if all_h else H))
-    _bwd_dbias_kernel[grid](q, k, v, *ptrs, do, lse, delta, row_scale, dbias, *common, *dbias.stride(), B, Visits=delta,
-                            **args, ALL_B=all_b, ALL_H=all_h, ALL_M=all_m, ALL_N=all_n, **config.all_kwargs())
+    slots = (1 if all_b else B) * (1 if all_h else H)
+    for slot0 in range(0, slots, MAX_GRID_YZ):
+        grid = (1 if all_m else triton.cdiv(Lq, bm), 1 if all_n else triton.cdiv(Lk, bn),
+                min(slots - slot0, MAX_GRID_YZ))
+        _bwd_dbias_kernel[grid](q, k, v, *ptrs, do, lse, delta, row_scale, dbias, *common, *dbias.stride(), B,
+                                slot0, Visits=delta, **args, ALL_B=all_b, ALL_H=all_h, ALL_M=all_m, ALL_N=all_n,
+                                **config.all_kwargs())
 
 
 def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
     """The bool keep-mask [B, H, Lq, Lk] the kernels apply for (dropout_p, seed); Lq, Lk: max_seqlen for packed
     batches, whose sequence b uses the top-left [len_q(b), len_k(b)] corner of mask[b]."""
     keep = torch.empty((B, H, Lq, Lk), dtype=torch.uint8, device=device)
-    grid = (triton.cdiv(Lq, 32), triton.cdiv(Lk, 32), B * H)
     with device_ctx(keep):
-        _dropout_mask_kernel[grid](keep, int(seed), float(dropout_p), Lq, Lk, BLOCK_M=32, BLOCK_N=32)
+        for bh0 in range(0, B * H, MAX_GRID_YZ):
+            grid = (triton.cdiv(Lq, 32), triton.cdiv(Lk, 32), min(B * H - bh0, MAX_GRID_YZ))
+            _dropout_mask_kernel[grid](keep, int(seed), float(dropout_p), Lq, Lk, bh0, BLOCK_M=32, BLOCK_N=32)
     return keep.view(torch.bool)
