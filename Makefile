@@ -91,9 +91,11 @@ gpu-sanitize:
 BENCH_ARGS ?=
 BENCH_SCRIPTS := attention softmax layer_norm transformer memory context_parallel
 
+# A failing script does not stop the others or the summary (the target still fails at the end).
 gpu-bench:
-	for b in $(BENCH_SCRIPTS); do $(PYTHON) -W ignore benchmarks/bench_$$b.py $(BENCH_ARGS) || exit 1; done
-	$(PYTHON) benchmarks/summary.py $(filter --out%,$(BENCH_ARGS))
+	status=0; for b in $(BENCH_SCRIPTS); do $(PYTHON) -W ignore benchmarks/bench_$$b.py $(BENCH_ARGS) || status=1; done; \
+	out=$$(echo " $(BENCH_ARGS) " | sed -n 's/.* --out[= ]\([^ ]*\) .*/\1/p'); \
+	$(PYTHON) benchmarks/summary.py $${out:+--out $$out} || status=1; exit $$status
 
 # The same with the venv (on a machine without a GPU the GPU rows skip with their reason).
 bench: $(STAMP)

@@ -535,6 +535,7 @@ def main(argv=None) -> int:
                 rows.append(run_case(case, args.device, args.mode, timer))
             except Skip as e:
                 rows.append({**case.to_json(), "results": common.skipped_row(str(e), PROVIDERS, PASSES)})
+            common.report(NAME, args, env, tables(rows), NOTES, rows, [], out_dir, partial=True)
         notes = NOTES + common.notes_from_reasons(common.reasons_by_provider([r["results"] for r in rows]))
         pngs = [] if args.no_plots else plots(rows, out_dir, env)
         common.report(NAME, args, env, tables(rows), notes, rows, pngs, out_dir,

@@ -111,6 +111,7 @@ def main(argv=None) -> int:
                     row["results"][p] = {"reason": common.reason_of(e)}
                 common.free_memory(args.device)
             rows.append(row)
+            common.report(NAME, args, env, [], NOTES, rows, [], out_dir, partial=True)
 
         metrics = (("peak_extra_bytes", "peak"), ("saved_bytes", "saved")) if gpu else (("saved_bytes", "saved"),)
         t = common.Table("attention fwd+bwd memory, MiB (peak extra over the inputs; saved for backward)",

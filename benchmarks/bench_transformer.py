@@ -145,6 +145,7 @@ def main(argv=None) -> int:
             tb, tf = (row["results"][p]["tokens_per_s"] for p in (base, fast))
             row["ratio"] = tf / tb if tb and tf else None
             rows.append(row)
+            common.report(NAME, args, env, [], [], rows, [], out_dir, partial=True)
 
         t = common.Table("training step tokens/s (fwd + bwd + AdamW; ratio = fastattn ÷ baseline)",
                          ["case", "baseline", "tokens/s", "fastattn", "tokens/s", "ratio", "ms (base / fast)"])

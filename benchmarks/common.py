@@ -264,9 +264,15 @@ def reason_of(e: BaseException, caught: Sequence[warnings.WarningMessage] = ()) 
 
 
 def free_memory(device) -> None:
+    """Wait for the GPU and return cached blocks. After a kernel fault (illegal address, ...) every CUDA call
+    raises again: that is the failed pass's reason, recorded where it ran; here it must not end the run before
+    its JSON is written."""
     if is_cuda(device):
-        torch.cuda.synchronize(torch.device(device))
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.synchronize(torch.device(device))
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - see above
+            log(f"free_memory: {reason_of(e)}")
 
 
 @dataclass
@@ -383,8 +389,21 @@ def notes_from_reasons(reasons: dict) -> list:
 
 
 def report(name: str, args, env: dict, tables: Sequence[Table], notes: Sequence[str], rows: list,
-           plots: Sequence[str], out_dir: Path, extra: Optional[dict] = None) -> Path:
-    """Print the tables and notes, write ``<out_dir>/<name>.json``; returns the JSON path."""
+           plots: Sequence[str], out_dir: Path, extra: Optional[dict] = None, partial: bool = False) -> Path:
+    """Print the tables and notes, write ``<out_dir>/<name>.json``; returns the JSON path. ``partial``: only
+    write the JSON, marked partial: the scripts call it after every row, so a run killed by its time limit or
+    ended by a GPU fault keeps the rows it measured (the final call overwrites it). Written to a temporary file
+    and renamed: a kill mid-write leaves the previous version, never a truncated file."""
+    if partial:
+        notes = [*notes, f"partial: written after row {len(rows)}; the run stopped before the end of its grid"]
+    payload = {"benchmark": name, "env": env, "notes": list(notes), "tables": [t.to_json() for t in tables],
+               "plots": list(plots), "rows": rows, "partial": partial, **(extra or {})}
+    path = out_dir / f"{name}.json"
+    tmp = out_dir / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    if partial:
+        return path
     print()
     print(env_line(env))
     for t in tables:
@@ -395,10 +414,6 @@ def report(name: str, args, env: dict, tables: Sequence[Table], notes: Sequence[
         print("notes:")
         for n in notes:
             print(f"  - {n}")
-    payload = {"benchmark": name, "env": env, "notes": list(notes), "tables": [t.to_json() for t in tables],
-               "plots": list(plots), "rows": rows, **(extra or {})}
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     print(f"\nwrote {path}" + "".join(f", {out_dir / p}" for p in plots))
     return path
 
@@ -555,6 +570,7 @@ def rowwise_main(name: str, description: str, argv, budget_s: float, grid: Calla
                 res["gbps"] = {p: (case.nbytes(p) / (ms * 1e-3) / 1e9 if ms else None) for p, ms in res["ms"].items()}
             row["best_other"], row["ratio"] = best_and_ratios(row["results"], fast, others, passes)
             rows.append(row)
+            report(name, args, env, [], notes, rows, [], out_dir, partial=True)
 
         title = f"{name} GB/s (copy ceiling {copy_gbs:.0f} GB/s; ratio = fastattn ÷ best other)"
         short = {v: v.split("-", 1)[1] for v in providers}  # fastattn-triton -> triton, torch-eager -> eager

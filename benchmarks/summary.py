@@ -19,8 +19,17 @@ import common  # noqa: E402
 ORDER = ("attention", "softmax", "layer_norm", "transformer", "memory", "context_parallel")
 
 
+def _load(path: Path):
+    """The JSON of ``path``, or None (said) when it does not parse: one damaged file must not lose the others."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        print(f"skipping {path}: {e}")
+        return None
+
+
 def summarize(out_dir: Path) -> Path:
-    found = {p.stem: json.loads(p.read_text()) for p in sorted(out_dir.glob("*.json"))}
+    found = {p.stem: _load(p) for p in sorted(out_dir.glob("*.json"))}
     found = {k: v for k, v in found.items() if isinstance(v, dict) and "benchmark" in v}
     if not found:
         raise SystemExit(f"no benchmark JSON files in {out_dir}")
@@ -35,7 +44,7 @@ def summarize(out_dir: Path) -> Path:
     lines += ["", f"Timing: {found[names[0]]['env']['timing']}.", ""]
     for n in names:
         d = found[n]
-        lines += [f"## {n}", ""]
+        lines += [f"## {n}" + (" (partial: the run stopped early; its rows so far)" if d.get("partial") else ""), ""]
         lines += [f"![{p}]({p})" for p in d.get("plots", [])]
         lines += [""] if d.get("plots") else []
         for t in d.get("tables", []):

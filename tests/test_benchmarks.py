@@ -104,6 +104,37 @@ def test_plot_helper_writes_png(tmp_path):
     assert name == "p.png" and (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_a_run_stopped_early_keeps_its_rows(tmp_path, monkeypatch):
+    """The JSON is rewritten after every row (marked partial): a run ended by its time limit or a GPU fault keeps
+    what it measured, and SUMMARY.md says it is partial. free_memory survives a sticky CUDA error (here any error
+    of the synchronize call)."""
+    bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
+    calls = []
+    real = bench.run_case
+
+    def second_row_faults(case, *args):
+        calls.append(case)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(case, *args)
+
+    monkeypatch.setattr(bench, "run_case", second_row_faults)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench.main(["--quick", "--out", str(tmp_path), "--device", "cpu", "--no-plots"])
+    data = json.loads((tmp_path / "attention.json").read_text())
+    assert data["partial"] and len(data["rows"]) == 1 and data["tables"]
+    assert not list(tmp_path.glob(".*.tmp"))
+    summary = _load_benchmark(BENCH_DIR / "summary.py")
+    (tmp_path / "softmax.json").write_text('{"benchmark": "softmax", "env": ')  # truncated: skipped, said
+    assert summary.main(["--out", str(tmp_path)]) == 0
+    assert "(partial" in (tmp_path / "SUMMARY.md").read_text()
+
+    common = bench.common
+    monkeypatch.setattr(common, "is_cuda", lambda device: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    common.free_memory("cuda")  # logs, does not raise
+
+
 def test_attention_window_rows(tmp_path, capsys):
     """Sliding-window rows: w ∈ {256, 1024} × L = 2k..32k, causal local, in the GPU grid (one in --quick); a
     GPU-sized row skips on a CPU with the reason; the toy CPU row gives SDPA (dense mask) and the reference the
