@@ -26,14 +26,16 @@ Distinct chunks are disjoint ranges, hence only a rank's own shard has diagonal 
 from __future__ import annotations
 
 import math
+import struct
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import dispatch
-from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, lastdim_contiguous
+from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
 
@@ -134,6 +136,19 @@ def _all_gather_ints(values: list[int], group, N: int, device) -> list[list[int]
     return [o.tolist() for o in out]
 
 
+def _gather_checked(meta: list[int], error: Optional[Exception], group, N: int, device, what: str):
+    """Every rank's ``meta`` (+ whether that rank's own argument checks failed, ``error``): every rank joins the
+    exchange, then each raises if any failed (its own error, or which ranks failed), so none waits forever on a
+    rank that raised alone. -> the metas."""
+    metas = _all_gather_ints(meta + [int(error is not None)], group, N, device)
+    if error is not None:
+        raise error
+    failed = [r for r, m in enumerate(metas) if m[-1]]
+    if failed:
+        raise RuntimeError(f"{what}: the arguments on rank(s) {failed} failed their checks (their error says why)")
+    return [m[:-1] for m in metas]
+
+
 def _check_lengths(lengths: list[int], N: int, layout: str, what: str) -> int:
     """L = Σ lengths, after checking that they are the shard lengths of a length-L sequence in ``layout``."""
     L = sum(lengths)
@@ -148,14 +163,28 @@ def _check_lengths(lengths: list[int], N: int, layout: str, what: str) -> int:
 def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -> Tensor:
     """The full sequence from every rank's shard (the inverse of :func:`shard`), on every rank. The shard lengths
     come from the group (an all-gather of the shapes), so uneven lengths need no argument. Not differentiable."""
-    _check_layout(layout)
     rank, N = _group_info(group)
-    dim = _dim(x_local, dim)
-    if x_local.dim() > _MAX_DIMS:
-        raise ValueError(f"unshard takes tensors of at most {_MAX_DIMS} dims, got {x_local.dim()}")
     device = _comm_device(group, x_local)
-    meta = [x_local.dim(), *x_local.shape] + [-1] * (_MAX_DIMS - x_local.dim())
-    shapes = _all_gather_ints(meta, group, N, device)
+    error = None
+    try:
+        _check_layout(layout)
+        dim = _dim(x_local, dim)
+        if x_local.dim() > _MAX_DIMS:
+            raise ValueError(f"unshard takes tensors of at most {_MAX_DIMS} dims, got {x_local.dim()}")
+    except (TypeError, ValueError) as e:
+        error, dim, layout = e, 0, LAYOUTS[0]
+    # every rank's dtype, dim and layout too: a rank that differs would otherwise abort in all_gather (sizes) or
+    # get a wrongly assembled tensor
+    code = {d: i for i, d in enumerate(_DTYPES)}
+    extra = [code.get(x_local.dtype, len(_DTYPES)), dim, LAYOUTS.index(layout)]
+    meta = ([x_local.dim(), *x_local.shape] + [-1] * (_MAX_DIMS - x_local.dim()))[:_MAX_DIMS + 1] + extra
+    shapes = _gather_checked(meta, error, group, N, device, "unshard")
+    for what, i in (("dtypes", -3), ("dims", -2), ("layouts", -1)):
+        values = [m[i] for m in shapes]
+        if len(set(values)) != 1:
+            shown = [_dtype_name(c) for c in values] if what == "dtypes" else [LAYOUTS[c] for c in values] \
+                if what == "layouts" else values
+            raise ValueError(f"unshard: the ranks pass different {what}: {shown} (ranks 0..{N - 1})")
     mine = meta[: 1 + x_local.dim()]
     for r, s in enumerate(shapes):
         other = s[: 1 + s[0]]
@@ -357,6 +386,7 @@ class _RingAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         ring, chunks, scale, causal, backend = ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend
@@ -452,34 +482,60 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
     input raises the same error on every rank. Every rank of the group must call it.
     """
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if dropout_p > 0.0:
-        raise NotImplementedError("context_parallel_attention does not support dropout_p > 0 yet")
-    _check_layout(layout)
-    for t, n in ((q, "q"), (k, "k"), (v, "v")):
-        check_tensor(t, n)
-        check_same(q, "q", t, n, dtype=False)
+    check_tensor(q, "q")
+    # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
+    error, use = None, "torch"
+    try:
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
+        if dropout_p > 0.0:
+            raise NotImplementedError("context_parallel_attention does not support dropout_p > 0 yet")
+        _check_layout(layout)
+        for t, n in ((k, "k"), (v, "v")):
+            check_tensor(t, n)
+            check_same(q, "q", t, n, dtype=False)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite float (None: 1/sqrt(head dim)), got {scale!r}")
+        if q.dim() == 4 and q.shape[3] == 0:
+            raise ValueError(f"head dim of q must be >= 1, got shape {tuple(q.shape)}")
+        if q.dtype not in _DTYPES:
+            raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
+        # auto: the Triton blocks where they run and take the call, else the torch blocks (as attention() falls
+        # back for float64 and head dims over 256); the CUDA C++ kernels cannot run the blocks
+        use = dispatch.select(backend, q, lambda b: b == "triton" and kernels_take((q, "q"))(b)
+                              and (q.dim() != 4 or q.shape[3] <= MAX_HEAD_DIM))
+        if use == "cuda":
+            raise NotImplementedError("context_parallel_attention runs its blocks with backend 'triton' or 'torch'; "
+                                      "the CUDA C++ kernels do not write the fp32 partial outputs it merges")
+        if use == "triton":
+            check_kernel_dtype(q, "q", use)
+            if q.dim() == 4 and q.shape[3] > MAX_HEAD_DIM:
+                raise ValueError(f"head dim {q.shape[3]} is larger than the kernels' {MAX_HEAD_DIM}")
+    except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
+        error = e
+    if error is not None and not (dist.is_available() and dist.is_initialized()):
+        raise error  # no group to tell
     rank, N = _group_info(group)
-    use = dispatch.select(backend, q)
-    if use == "cuda":
-        raise NotImplementedError("context_parallel_attention runs its blocks with backend 'triton' or 'torch'; the "
-                                  "CUDA C++ kernels do not write the fp32 partial outputs it merges")
     device = _comm_device(group, q)
 
     def shape4(t):
-        return list(t.shape) if t.dim() == 4 else [-1, -1, -1, t.dim()]
+        return list(t.shape) if isinstance(t, Tensor) and t.dim() == 4 else [-1, -1, -1, getattr(t, "ndim", 0)]
 
     code = {d: i for i, d in enumerate(_DTYPES)}
-    meta = shape4(q) + shape4(k) + shape4(v) + [code.get(t.dtype, len(_DTYPES)) for t in (q, k, v)]
-    meta += [int(bool(causal)), LAYOUTS.index(layout)]
-    L = _check_shards(_all_gather_ints(meta, group, N, device), N, layout)
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
-    if use == "triton":
-        check_kernel_dtype(q, "q", use)
-        if q.shape[3] > MAX_HEAD_DIM:
-            raise ValueError(f"head dim {q.shape[3]} is larger than the kernels' {MAX_HEAD_DIM}")
+    scale_bits = struct.unpack("<q", struct.pack("<d", float(scale) if isinstance(scale, (int, float)) else 0.0))[0]
+    meta = shape4(q) + shape4(k) + shape4(v) + [code.get(getattr(t, "dtype", None), len(_DTYPES)) for t in (q, k, v)]
+    meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
+             int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v)))]
+    metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
+    for i, what in ((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)")):
+        values = [m[i] for m in metas]
+        if len(set(values)) != 1:
+            shown = [("default" if m[17] else struct.unpack("<d", struct.pack("<q", m[18]))[0]) for m in metas] \
+                if what == "scales" else values
+            raise ValueError(f"the ranks pass different {what}: {shown} (ranks 0..{N - 1}): every rank must pass the "
+                             "same options")
+    L = _check_shards([m[:17] for m in metas], N, layout)
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)

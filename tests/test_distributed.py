@@ -280,6 +280,25 @@ def case_errors(env):
         unshard(torch.zeros(2, 3 + r, 5, device=env.device))
     with pytest.raises(ValueError, match="not sharded with this group"):
         unshard(torch.zeros(2, 3, 7 if r == 0 else 3, device=env.device))
+    # One rank's own argument error: it raises that error, the others say which rank failed (nobody waits on it)
+    with pytest.raises(NotImplementedError if r == 0 else RuntimeError, match="dropout" if r == 0 else r"rank\(s\) \[0\]"):
+        context_parallel_attention(*_shards(env), dropout_p=0.1 if r == 0 else 0.0)
+    with pytest.raises(ValueError if r == 1 else RuntimeError, match="layout" if r == 1 else r"rank\(s\) \[1\]"):
+        context_parallel_attention(*_shards(env), layout="zigzag" if r == 0 else "spiral")
+    with pytest.raises(ValueError, match="different scales"):
+        context_parallel_attention(*_shards(env), scale=0.5 if r == 0 else None)
+    with pytest.raises(ValueError, match="scale must be a finite float"):
+        context_parallel_attention(*_shards(env), scale=float("nan"))
+    with pytest.raises(ValueError, match="different grad modes"):
+        context_parallel_attention(*[t.requires_grad_(r == 0) for t in _shards(env)])
+    with pytest.raises(ValueError, match="different dtypes"):
+        unshard(torch.zeros(2, 3, 5, device=env.device, dtype=torch.float32 if r == 0 else torch.float64))
+    with pytest.raises(ValueError, match="different dims"):
+        unshard(torch.zeros(2, 5, 5, device=env.device), dim=1 + r)
+    q, k, v = (t.requires_grad_() for t in _shards(env))  # double backward: a clear error, not wrong numbers
+    (g,) = torch.autograd.grad(context_parallel_attention(q, k, v).sum(), k, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        torch.autograd.grad(g.sum(), q)
     context_parallel_attention(*_shards(env))  # the group is still in step after the errors
 
 
