@@ -498,6 +498,35 @@ def test_hf_model_attn_implementation(kernels):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_t5_position_bias_and_sinks(kernels):
+    """T5 passes its relative position bias as ``position_bias``: added to the scores with its gradient, as eager
+    (it was dropped: logits off by 3e-2, no gradient for the bias table). Attention sinks (GPT-OSS's ``s_aux``)
+    cannot be applied: they raise instead of being ignored."""
+    import transformers
+
+    fnn.register_hf_attention()
+    cfg = transformers.T5Config(vocab_size=60, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                                relative_attention_num_buckets=8)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
+    mask[1, 6:] = 0
+    results = []
+    for impl in ("eager", "fastattn"):
+        torch.manual_seed(0)
+        model = transformers.T5ForConditionalGeneration._from_config(cfg, attn_implementation=impl).eval().to(DEVICE)
+        logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=ids).logits
+        logits.square().mean().backward()
+        bias = model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+        results.append((logits.detach(), bias.grad))
+    (want, want_g), (got, got_g) = results
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got_g, want_g, atol=1e-6, rtol=1e-4)
+    q = torch.randn(1, 2, 3, 8, device=DEVICE)
+    with pytest.raises(NotImplementedError, match="attention sinks"):
+        fnn.hf.attention_forward(nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
 def test_hf_decoder_gqa(kernels):
     import transformers
 

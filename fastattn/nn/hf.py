@@ -21,19 +21,31 @@ from ..ops.attention import attention
 NAME = "fastattn"
 
 
+# Keyword arguments some models pass that change the attention result and that attention_forward cannot apply.
+UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks", "indices": "sparse attention indices",
+               "block_indices": "block-sparse attention", "cache": "paged attention caches"}
+
+
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, softcap: Optional[float] = None,
-                      sliding_window: Optional[int] = None, **kwargs):
+                      sliding_window: Optional[int] = None, position_bias: Optional[torch.Tensor] = None, **kwargs):
     """transformers' attention-function interface: (B, H, Lq, D) query, (B, Hkv, Lk, D) key/value (GQA native),
     ``attention_mask`` bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk).
     Returns ((B, Lq, H, D) output, None): no attention weights.
 
     ``softcap`` c (Gemma 2's attn_logit_softcapping): scores s = q·kᵀ·scaling become c·tanh(s/c) before the mask.
     ``sliding_window`` w: key j visible iff |i − j| <= w − 1 around the diagonal (HF flash-attention's
-    window_size=(w − 1, w − 1); with causal, i − w < j <= i, the mask HF builds for sliding layers)."""
+    window_size=(w − 1, w − 1); with causal, i − w < j <= i, the mask HF builds for sliding layers).
+    ``position_bias`` (T5's relative position bias, broadcastable to (B, H, Lq, Lk)) is added to the scores, with
+    its gradient, as transformers' SDPA path adds it to the mask. Inputs that would change the result and that
+    this function cannot apply (attention sinks, paged caches) raise, rather than be ignored."""
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='fastattn' returns no attention weights; use 'eager' for them")
+    for name in UNSUPPORTED:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"attn_implementation='fastattn' does not support {UNSUPPORTED[name]} "
+                                      f"(the model passes {name!r}); use 'eager'")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     Lq = query.shape[2]
@@ -53,8 +65,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # With a mask the mask is exact and already holds the window: it is built from absolute positions (cache
     # offsets, a static cache's fixed-length key buffer, a sliding cache's truncated keys) that this function
     # cannot see, so a window applied from indices here could disagree with it; the mask alone is used.
-    out = attention(query, key, value, causal=causal, attn_bias=attention_mask, scale=scaling,
-                    dropout_p=dropout, **local)
+    bias = attention_mask
+    if position_bias is not None:
+        if attention_mask is None:
+            bias = position_bias  # causal, if at all, by the kernels' flag
+        elif attention_mask.dtype == torch.bool:
+            bias = position_bias.masked_fill(~attention_mask, float("-inf"))
+        else:
+            bias = position_bias + attention_mask
+    out = attention(query, key, value, causal=causal, attn_bias=bias, scale=scaling, dropout_p=dropout, **local)
     return out.transpose(1, 2).contiguous(), None
 
 
