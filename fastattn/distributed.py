@@ -5,7 +5,7 @@ positions. :func:`context_parallel_attention` is ring attention. The K/V shards 
 sends to r + 1 and receives from r − 1, point to point, overlapped with the attention of the shard in hand), so
 after N steps every query has seen every key. Step t gives a partial output o_t, normalised over the keys seen,
 and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float64
-inputs), nothing rounded between steps:
+inputs; the LSEs in float64), nothing rounded between steps:
 
     lse = log2 Σ_t 2^lse_t,   o = Σ_t 2^(lse_t − lse) · o_t.
 
@@ -284,21 +284,22 @@ class _Ring:
 
 # --------------------------------------------------------------------------------------------- block kernels
 def _torch_block_forward(q, k, v, scale, causal, acc):
-    """(o, lse2) in dtype ``acc``: o = softmax(s)·v over this block's keys, lse2 = log2 Σ_j 2^(s_ij·log2(e)),
+    """(o in dtype ``acc``, lse2 in fp64): o = softmax(s)·v over this block's keys, lse2 = log2 Σ_j e^(s_ij),
     s = scale·q·kᵀ; causal: key b visible to query a iff b <= a (top-left). −inf lse2, o = 0 for a row without
-    keys. GQA: query head h reads kv head h // (H/Hkv)."""
+    keys. GQA: query head h reads kv head h // (H/Hkv). The scores stay natural (rounding s·log2(e) errs by
+    |s|·2⁻²⁴ in each exponent, which at large scores missed the §5 rule in fp32)."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     qg = q.to(acc).reshape(B, Hkv, H // Hkv, Lq, D)
-    s2 = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * (scale * LOG2E)
+    s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
     if causal:
-        s2.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-    m = s2.amax(-1, keepdim=True)
-    m = torch.where(m == float("-inf"), 0.0, m)  # a row without keys: 2^(−inf − 0) = 0, not NaN
-    p = torch.exp2(s2 - m)
+        s.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    m = s.amax(-1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)  # a row without keys: e^(−inf − 0) = 0, not NaN
+    p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     o = torch.matmul(p, v.to(acc).unsqueeze(2)) / torch.where(l == 0, 1.0, l)
-    lse2 = (m + torch.log2(l)).squeeze(-1)
+    lse2 = ((m.double() + torch.log(l.double())) * LOG2E).squeeze(-1)
     return o.reshape(B, H, Lq, D), lse2.reshape(B, H, Lq)
 
 
@@ -314,10 +315,11 @@ def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
     # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
     og = out.to(acc).reshape(B, Hkv, G, Lq, D)
     delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    s2 = torch.matmul(qg, kk.transpose(-1, -2)) * (scale * LOG2E)
+    s = torch.matmul(qg, kk.transpose(-1, -2)) * scale
     if causal:
-        s2.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
-    p = torch.exp2(s2 - lse2.to(acc).reshape(B, Hkv, G, Lq, 1))
+        s.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    # p = e^(s − lse) with the global LSE in fp64 (lse2, base 2, from the merges): no rounding of it in p
+    p = torch.exp(s.double() - lse2.double().reshape(B, Hkv, G, Lq, 1) / LOG2E).to(acc)
     dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
     ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta)
     dq = torch.matmul(ds, kk) * scale
@@ -329,7 +331,7 @@ def _triton_block_forward(q, k, v, scale, causal, acc):
     """As :func:`_torch_block_forward`, by the Triton kernel writing an fp32 (un-rounded) output."""
     from .triton import attention as kernels
     out = empty(q.shape, like=q, dtype=torch.float32)
-    lse2 = empty(q.shape[:3], like=q, dtype=torch.float32)
+    lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
     kernels.forward(q, k, v, None, None, None, out, lse2, scale, causal, False)
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
@@ -341,8 +343,15 @@ def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
     dk = empty(k.shape, like=k, dtype=torch.float32)
     dv = empty(v.shape, like=v, dtype=torch.float32)
     # D_i from the global out: these keys are a part of the row's (the kernels' fp32 D from their own p would not be)
-    kernels.backward(do, q, k, v, out, lse2.contiguous(), None, None, None, None, dq, dk, dv, None, scale, causal,
-                     False, delta_from_p=False)
+    # lse2 (fp64, +inf for an empty row) as the kernel's fp32 buffer, and for fp32 inputs the row scale
+    # c = e^(r − lse) that makes the kernel's weights c·e^(s − r), r = fl32(lse2)·ln 2 as it forms it, exact
+    lse32 = lse2.float().contiguous()
+    row_scale = None
+    if q.dtype == torch.float32:
+        r = lse32 * torch.tensor(0.6931471805599453, dtype=torch.float32)
+        row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
+    kernels.backward(do, q, k, v, out, lse32, None, None, None, None, dq, dk, dv, None, scale, causal,
+                     False, delta_from_p=False, row_scale=row_scale)
     return dq, dk, dv
 
 
@@ -367,7 +376,7 @@ class _RingAttention(torch.autograd.Function):
         r, N = ring.rank, ring.size
         kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)  # merged in fp64
         for t in range(N):
             src = (r - t) % N
             if t + 1 < N:  # the next shard is on its way while this one is computed
@@ -381,6 +390,8 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending.wait()
         out = out.to(q.dtype)
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
+        if q.dtype in (torch.float16, torch.bfloat16):  # fp32 keeps the fp64 LSE: its backward's p is formed from it
+            lse = lse.float()
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend = ring, chunks, scale, causal, backend
         return out

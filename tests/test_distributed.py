@@ -140,7 +140,8 @@ def case_error_vs_ranks(env):
 
 
 def case_saved_bytes(env):
-    """Each rank saves for backward exactly its shards of q, k, v, out and the fp32 LSE: 1/N of N = 1's."""
+    """Each rank saves for backward exactly its shards of q, k, v, out and the LSE (fp32 for fp16 inputs): 1/N of
+    N = 1's."""
     B, H, Hkv, L, D = 1, 4, 2, 64, 16
     qkv, do = _inputs(B, H, Hkv, L, D, 6, env.device)
     saved = {}

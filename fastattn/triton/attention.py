@@ -526,10 +526,10 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         norm = norm * (1.0 - dropout_p)
     if DOT_PREC == "ieee":
         # fp32: one correctly rounded division per element, as the reference's p / Σp; lse2 = (m + ln l)·log2(e)
-        # in fp64, rounded once (m natural)
+        # in fp64 (m natural), rounded once by the store to an fp32 Lse, or kept whole in an fp64 one (context
+        # parallelism merges blocks' LSEs: an fp32 rounding there scales every weight of the row in the backward)
         out = tl.math.div_rn(acc, norm[:, None])
-        lse2 = ((m_i.to(tl.float64) + tl.math.log(tl.where(empty, 1.0, l_i).to(tl.float64)))
-                * 1.4426950408889634).to(tl.float32)
+        lse2 = (m_i.to(tl.float64) + tl.math.log(tl.where(empty, 1.0, l_i).to(tl.float64))) * 1.4426950408889634
     else:
         # "/" compiles to div.full.f32 (up to 2 ulp); a correctly rounded reciprocal per row and a product: <= 1 ulp
         out = acc * tl.math.div_rn(1.0, norm)[:, None]
@@ -1084,14 +1084,17 @@ def _splits_for(q, heads, rows, Lk, block_d):
 
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
-             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True):
+             window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
+             row_scale=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed; with dropout, ``v`` holds r·v
     (fastattn.ops.attention._dp_values: V enters the backward through dp only). ``count`` receives "dkdv"
     (query blocks per key-block program) and "dq" (key blocks per query-block program). For fp32,
     D comes from the recomputed p and dp rather than from ``out`` (see _bwd_dq_kernel) unless ``delta_from_p`` is
-    False, as a caller whose keys are only part of those ``out`` and ``lse`` saw (context parallelism) passes."""
+    False, as a caller whose keys are only part of those ``out`` and ``lse`` saw (context parallelism) passes;
+    such a caller may give fp32 ``row_scale`` (like lse) = exp(lse2·ln 2 − lse) for its exact natural LSE
+    (e.g. fp64), which the fp32 weights then take as c_i (see _row_stats), as the D pass gives them otherwise."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
@@ -1102,7 +1105,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     recompute = fp32 and delta_from_p
     delta = torch.empty_like(lse)  # filled by the delta kernel, or the start the D pass adds to
     # fp32: each row's weight scale c_i (_row_stats), written by the D pass; 1 where D comes from out
-    row_scale = torch.empty_like(lse) if recompute else torch.ones_like(lse) if fp32 else delta
+    if not fp32 or recompute or row_scale is None:
+        row_scale = torch.empty_like(lse) if recompute else torch.ones_like(lse) if fp32 else delta
     if recompute and dlse is None:
         delta.zero_()
     elif recompute:
