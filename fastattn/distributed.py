@@ -44,6 +44,7 @@ LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _MAX_DIMS = 8  # dims of a tensor whose shape unshard can gather
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}  # exchanged between ranks; len(_DTYPES): any other
 
 # Point-to-point traffic of this process (every ring call): what the benchmark compares with its model.
 _SENT = {"bytes": 0, "messages": 0}
@@ -175,8 +176,7 @@ def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -
         error, dim, layout = e, 0, LAYOUTS[0]
     # every rank's dtype, dim and layout too: a rank that differs would otherwise abort in all_gather (sizes) or
     # get a wrongly assembled tensor
-    code = {d: i for i, d in enumerate(_DTYPES)}
-    extra = [code.get(x_local.dtype, len(_DTYPES)), dim, LAYOUTS.index(layout)]
+    extra = [_DTYPE_CODE.get(x_local.dtype, len(_DTYPES)), dim, LAYOUTS.index(layout)]
     meta = ([x_local.dim(), *x_local.shape] + [-1] * (_MAX_DIMS - x_local.dim()))[:_MAX_DIMS + 1] + extra
     shapes = _gather_checked(meta, error, group, N, device, "unshard")
     for what, i in (("dtypes", -3), ("dims", -2), ("layouts", -1)):
@@ -533,9 +533,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     def shape4(t):
         return list(t.shape) if isinstance(t, Tensor) and t.dim() == 4 else [-1, -1, -1, getattr(t, "ndim", 0)]
 
-    code = {d: i for i, d in enumerate(_DTYPES)}
     scale_bits = struct.unpack("<q", struct.pack("<d", float(scale) if isinstance(scale, (int, float)) else 0.0))[0]
-    meta = shape4(q) + shape4(k) + shape4(v) + [code.get(getattr(t, "dtype", None), len(_DTYPES)) for t in (q, k, v)]
+    meta = shape4(q) + shape4(k) + shape4(v) + [_DTYPE_CODE.get(getattr(t, "dtype", None), len(_DTYPES))
+                                                  for t in (q, k, v)]
     meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v)))]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")

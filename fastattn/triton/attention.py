@@ -227,17 +227,26 @@ def _load_rows(ptr, rows, s_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(Lse, Delta, Scale, rows, row_ok, ACCURATE: tl.constexpr):
+def _row_stats(Lse, Delta, Scale, rows, row_ok, ACCURATE: tl.constexpr, SCALED: tl.constexpr):
     """(r, D, c) of the given rows, for the recomputed weights p_ij = c_i·exp(s_ij − r_i) (_exp_scores).
-    fp16/bf16: r = lse2, c = 1. fp32 (ACCURATE): r = lse2·ln(2), natural as the scores, and c_i = 1 / Σ_j
-    e^(s_ij − r_i) from the D pass (see _bwd_dq_kernel): r's rounding, a relative error of up to |lse|·2⁻²⁴ that
-    every weight of a row shares, cancels. r = +inf past the rows: p = 0 there."""
+    fp16/bf16: r = lse2, c = 1. fp32 (ACCURATE): r = lse2·ln(2), natural as the scores, and with SCALED (all but
+    the D pass, which writes it) c_i = 1 / Σ_j e^(s_ij − r_i) from the D pass (see _bwd_dq_kernel): r's rounding,
+    a relative error of up to |lse|·2⁻²⁴ that every weight of a row shares, cancels. r = +inf past the rows: p = 0
+    there."""
     lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
     if ACCURATE:
-        return lse * 0.6931471805599453, delta, tl.load(Scale + rows, mask=row_ok, other=0.0)
+        lse = lse * 0.6931471805599453
+    if ACCURATE and SCALED:
+        return lse, delta, tl.load(Scale + rows, mask=row_ok, other=0.0)
     else:
         return lse, delta, tl.zeros_like(lse) + 1.0
+
+
+@triton.jit
+def _times_pow2(p, n):
+    """p·2^n for integral n in [−127, 128] (fp32), by building 2^n's exponent bits: n = −127 gives +0."""
+    return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -258,7 +267,7 @@ def _exp2(x, ACCURATE: tl.constexpr):
         p = p * f + 0.2402265069591007
         p = p * f + 0.6931471805599453
         p = p * f + 1.0
-        return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+        return _times_pow2(p, n)
     else:
         return tl.math.exp2(x)
 
@@ -281,7 +290,7 @@ def _exp_neg(x, ACCURATE: tl.constexpr):
         p = p * r + 0.5
         p = p * r + 1.0
         p = p * r + 1.0
-        return p * ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+        return _times_pow2(p, n)
     else:
         return tl.exp(x)
 
@@ -659,7 +668,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
             q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
             do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
             lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
-                                       DOT_PREC == "ieee")
+                                       DOT_PREC == "ieee", True)
             sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                 s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
                                 HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
@@ -721,10 +730,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     q_ok = row_ok[:, None] & d_ok
     q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
     do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-    lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, row_ok,
-                               (DOT_PREC == "ieee") & (not DELTA_PASS))
-    if DELTA_PASS:  # the weights are formed from r = lse2·ln(2) before their scale c is known
-        lse = lse * 0.6931471805599453
+    lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, row_ok, DOT_PREC == "ieee",
+                               not DELTA_PASS)
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
@@ -851,7 +858,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                 q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
                 do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
                 lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
-                                           DOT_PREC == "ieee")
+                                           DOT_PREC == "ieee", True)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len,
