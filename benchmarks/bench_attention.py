@@ -1,7 +1,7 @@
 """Attention forward / backward / forward+backward: time and TFLOPS, fastattn against PyTorch in one run.
 
 FLOPs follow FlashAttention's benchmark: forward 4·B·H·Lq·Lk·D (two matmuls), halved for causal, backward 2.5×
-forward, forward+backward 3.5×; key-padding rows count only the visible keys (Lk·(1 − padded fraction)),
+forward, forward+backward 3.5×; key-padding rows count only the visible keys n = Lk·(1 − padded fraction) (causal: Lq·n − n²/2 pairs),
 sliding-window rows only the (query, key) pairs inside the window. Shapes: 16k tokens per batch (B = 16384 // L),
 H·D = 2048 (H = 2048 // D). The ratio column is fastattn's TFLOPS ÷ the best other provider's (> 1: fastattn is
 faster).
@@ -46,7 +46,7 @@ SHORT = {"fastattn-triton": "triton", "fastattn-cuda": "cuda", "sdpa-flash": "fl
          "ref-eager": "ref"}
 NOTES = [
     "FLOPs (FlashAttention's convention): fwd 4·B·H·Lq·Lk·D, halved for causal; bwd 2.5× fwd; fwd+bwd 3.5× fwd; "
-    "padding rows count only the visible keys",
+    "padding rows count only the visible keys n (causal: the Lq·n − n²/2 pairs on or below the diagonal)",
     "ratio = fastattn TFLOPS ÷ best other provider's TFLOPS (> 1: fastattn faster); '-' = could not run (notes)",
     "fwd is timed with autograd recording (inputs require grad); bwd = backward of one retained graph",
     "key padding: fastattn gets kv_lens (every sequence has the same number of valid keys); SDPA and the "
@@ -126,8 +126,12 @@ class Case:
             return 4.0 * self.H * pairs * self.D * FLOP_FACTOR[p]
         if self.window:
             return 4.0 * self.B * self.H * self.window_pairs * self.D * FLOP_FACTOR[p]
-        f = 4.0 * self.B * self.H * self.Lq * self.kv_len * self.D * (0.5 if self.causal else 1.0)
-        return f * FLOP_FACTOR[p]
+        n = self.kv_len
+        # Causal (top-left) with n visible keys: the part of the Lq × n block on or below the diagonal, as area
+        # (Lq·n − n²/2; n = Lq gives FlashAttention's Lq²/2). Halving Lq·n would undercount padded rows.
+        m = min(n, self.Lq)
+        pairs = self.Lq * m - m * m / 2.0 if self.causal else self.Lq * n
+        return 4.0 * self.B * self.H * pairs * self.D * FLOP_FACTOR[p]
 
     @property
     def scores_bytes(self) -> int:

@@ -221,3 +221,33 @@ def test_rehearsal_runs_the_fastattn_rows_on_cpu(name, tmp_path, capsys):
     with pytest.raises(SystemExit):
         module.main(["--rehearse", "--quick", "--out", str(tmp_path)])
     assert "--rehearse runs its own tiny grid" in capsys.readouterr().err
+
+
+def test_attention_flops_count_the_visible_pairs():
+    """Every row of the GPU grids (default and --full) counts 4·H·D·pairs per forward, the pairs being those the
+    reference's mask makes visible (per sequence for varlen rows), up to FlashAttention's causal convention of
+    Lq²/2 for Lq(Lq + 1)/2 (a relative difference of at most 1/n). Small stand-ins of each row keep it cheap:
+    the same kind, causality, padding and window at sizes where the mask is built in a blink."""
+    import dataclasses
+    bench = _load_benchmark(BENCH_DIR / "bench_attention.py")
+    kinds = {(c.kind, c.causal, c.pad, bool(c.window), c.Lq == c.Lk)
+             for mode in ("default", "full") for c in bench.grid(mode, gpu=True)}
+    for kind, causal, pad, window, square in sorted(kinds, key=str):
+        for L in (64, 96):
+            case = dataclasses.replace(
+                next(c for c in bench.grid("full", gpu=True)
+                     if (c.kind, c.causal, c.pad, bool(c.window), c.Lq == c.Lk) == (kind, causal, pad, window, square)),
+                B=3, H=2, Hkv=2, Lq=L if square or kind != "decode" else 1, Lk=L if square else 2 * L, D=8,
+                window=16 if window else 0)
+            if kind == "varlen":
+                counted = sum(int(reference.visible_keys(1, n, n, device="cpu", causal=causal).sum()) if causal
+                              else n * n for n in case.lengths)
+            else:
+                kv_lens = torch.full((case.B,), case.kv_len) if case.pad else None
+                vis = reference.visible_keys(case.B, case.Lq, case.Lk, device="cpu", causal=causal,
+                                             kv_lens=kv_lens, window_size=(case.window, -1) if window else (-1, -1))
+                counted = case.B * case.Lq * case.Lk if vis is None else int(vis.expand(case.B, 1, case.Lq, case.Lk).sum())
+            pairs = case.flops("fwd") / (4.0 * case.H * case.D)
+            slack = counted / min(case.Lq, case.kv_len) if causal and not window else 0.0
+            assert abs(pairs - counted) <= slack, (case.name, pairs, counted)
+            assert case.flops("fwd+bwd") == pytest.approx(3.5 * case.flops("fwd"))
