@@ -216,8 +216,11 @@ def main():
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
             for c in configs:
                 name = "_bwd_dq_kernel (D)" if consts["DELTA_PASS"] else getattr(kernel, "fn", kernel).__name__
+                # an fp32 split forward stores its lse2 to the fp64 workspace the merge reads
+                lse64 = dtype == torch.float32 and kernel is A._fwd_kernel and consts["SPLIT"]
                 failures += report(f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}", kernel, dtype,
-                                   consts, c, args.arch, forbid=fp32_forbid)
+                                   consts, c, args.arch, forbid=fp32_forbid,
+                                   pointers=dict(POINTERS, Lse="*fp64") if lse64 else POINTERS)
         for bcast in ((True, False, False, False), (False, True, True, True)):
             failures += report(f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) "
                                f"{bcast}", A._bwd_dbias_kernel, dtype,
@@ -234,7 +237,8 @@ def main():
             failures += report(f"sm_{args.arch} _fwd_combine_kernel {str(dtype)[6:]:<8} d{bd:<4}", A._fwd_combine_kernel,
                                dtype, dict(HEAD_DIM=bd, BLOCK_D=bd, ACCURATE=dtype == torch.float32,
                                            BLOCK_M=A.COMBINE_BLOCK), None, args.arch, no_spill=True,
-                               forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else ())
+                               forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else (),
+                               pointers=dict(POINTERS, LsePart="*fp64") if dtype == torch.float32 else POINTERS)
     failures += row_kernels(args.arch)
     print(f"{failures} failures")
     return 1 if failures else 0

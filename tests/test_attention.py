@@ -331,11 +331,13 @@ SPLIT_CASES = {
                      bias_grad=True, alibi="heads", softcap=3.0, dropout=0.2),
     "window": dict(B=1, Lq=70, Lk=90, D=16, causal=True, alignment="bottom_right", window=(20, -1)),
     "varlen": dict(varlen=((1, 130), (5, 7), (0, 40), (3, 96)), H=4, Hkv=1, causal=True, alignment="bottom_right"),
+    # fp32 scores of a few hundred: the splits' lse2 must reach the merge unrounded (out missed the rule, ×2.8)
+    "fp32-large-logits": dict(B=2, Lq=3, Lk=200, D=32, dtype=torch.float32, logit_scale=8.0, seed=2),
 }
 
 
 @pytest.mark.parametrize("name,splits", [(name, 3) for name in SPLIT_CASES] + [("decode-gqa-kv_lens-br", 16),
-                                                                                ("varlen", 16)])
+                                                                                ("varlen", 16), ("fp32-large-logits", 4)])
 def test_split_kv(name, splits):
     """The forward split into runs of key blocks (16: more splits than blocks, most empty) and merged by LSE."""
     from fastattn.triton import attention as kernels
@@ -419,6 +421,8 @@ PACK_CASES = {
     "window-group3": dict(B=1, H=3, Hkv=1, Lq=20, Lk=90, D=16, causal=True, alignment="bottom_right",
                           window=(20, -1)),
     "varlen": dict(varlen=((1, 130), (5, 7), (0, 40), (3, 96)), H=4, Hkv=1, causal=True, alignment="bottom_right"),
+    # fp32 scores of a few hundred: the splits' lse2 must reach the merge unrounded (out missed the rule, ×2.8)
+    "fp32-large-logits": dict(B=2, Lq=3, Lk=200, D=32, dtype=torch.float32, logit_scale=8.0, seed=2),
 }
 
 

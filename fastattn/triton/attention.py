@@ -557,7 +557,10 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
 def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s_ph, s_pm, s_ob, s_oh, s_om, H, Lq,
                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the n_split partial results (o_s normalised, lse2_s; −inf where a split saw no key) of a row:
-    lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key)."""
+    lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key).
+    ACCURATE (fp32): the lse2_s arrive in fp64, unrounded, as the unsplit forward forms them (rounded to fp32, at
+    scores of a few hundred their ulp moved each weight by ~1e-6 and the output missed the rule); the weights
+    come from their differences, the output from one correctly rounded division per element."""
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
     h = tl.program_id(1)
@@ -566,20 +569,27 @@ def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < Lq
     lse_rows = LsePart + pid_bh * Lq + offs_m
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m = tl.full([BLOCK_M], float("-inf"), LsePart.dtype.element_ty)
     for s in range(n_split):
         m = tl.maximum(m, tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")))
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     l_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s in range(n_split):
-        w = _exp2(tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")) - m_safe, ACCURATE)
+        x = tl.load(lse_rows + s * s_ls, mask=row_ok, other=float("-inf")) - m_safe
+        w = _exp2(x.to(tl.float32), ACCURATE)
         o = _load_rows(OutPart + s * s_ps + b * s_pb + h * s_ph, offs_m, s_pm, offs_d, Lq, HEAD_DIM)
         l_sum += w
         acc += w[:, None] * o
     empty = l_sum == 0.0
-    out = acc * tl.math.div_rn(1.0, tl.where(empty, 1.0, l_sum))[:, None]
-    lse2 = tl.where(empty, float("inf"), m_safe + tl.math.log2(tl.where(empty, 1.0, l_sum)))
+    norm = tl.where(empty, 1.0, l_sum)
+    if ACCURATE:
+        out = tl.math.div_rn(acc, norm[:, None])
+        lse2 = m_safe + tl.math.log(norm.to(tl.float64)) * 1.4426950408889634
+    else:
+        out = acc * tl.math.div_rn(1.0, norm)[:, None]
+        lse2 = m_safe + tl.math.log2(norm)
+    lse2 = tl.where(empty, float("inf"), lse2)
     tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
     tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -982,11 +992,13 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     n_split = min(_splits_for(q, B * heads, rows, Lk, args["BLOCK_D"]), MAX_GRID_YZ // B)  # grid axis 2: B·splits
     visits = _visits(count, "fwd", n_split * B * heads * triton.cdiv(rows, MIN_BLOCK), lse)
     grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), heads, B * n_split)  # noqa: E731
-    # Split-KV: each split writes its normalised fp32 partial output and lse2 to a workspace; a second kernel merges.
+    # Split-KV: each split writes its normalised fp32 partial output and lse2 (fp64 for fp32 inputs: see the
+    # combine kernel) to a workspace; a second kernel merges.
     o_dst, lse_dst = out, lse
     if n_split > 1:
         o_dst = empty((n_split, *out.shape), like=out, dtype=torch.float32)
-        lse_dst = empty((n_split, *lse.shape), like=lse, dtype=torch.float32)
+        lse_dst = empty((n_split, *lse.shape), like=lse,
+                        dtype=torch.float64 if args["DOT_PREC"] == "ieee" else torch.float32)
     o_rows = _rows(o_dst[0] if n_split > 1 else out, varlen)
     with device_ctx(q):
         _launch(_fwd_kernel, grid, q, k, v, *ptrs, o_dst, lse_dst,
