@@ -165,6 +165,13 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
       "attention_bwd",
       [](const AttnParams& p, std::uintptr_t stream) { raise_if(fastattn::attention_bwd(p, stream_ptr(stream))); },
       py::arg("params"), py::arg("stream"));
+  m.def(
+      "attention_dropout_mask",
+      [](std::uintptr_t keep, int64_t n, float dropout_p, uint64_t seed, std::uintptr_t stream) {
+        raise_if(fastattn::attention_dropout_mask(ptr<uint8_t>(keep), n, dropout_p, seed, stream_ptr(stream)));
+      },
+      py::arg("keep"), py::arg("n"), py::arg("dropout_p"), py::arg("seed"), py::arg("stream"),
+      "dropout's keep-mask [B, H, Lq, Lk] (n bytes, 1 = kept) for (dropout_p, seed), as the kernels apply it");
 
   // ---------------------------------------------------------------------------------------------- softmax
   m.def(

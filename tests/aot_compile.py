@@ -92,6 +92,14 @@ def resources(cubin: bytes):
     return int(found.group(1)), int(found.group(2))
 
 
+def fp64_pointers(dtype):
+    """The pointer types of an attention launch by the op: fp32 inputs keep lse2 in fp64 (the forward's Lse and
+    split workspace, the backward's Lse) and D (Delta)."""
+    if dtype != torch.float32:
+        return POINTERS
+    return dict(POINTERS, Lse="*fp64", Delta="*fp64", LsePart="*fp64")
+
+
 def cases():
     full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
                 BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False, VARLEN=False,
@@ -174,7 +182,8 @@ def tiles(arch, every):
                     config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                     failures += report(f"sm_{arch} tiles {name:<4} {str(dtype)[6:]:<8} d{bd:<4} {config}", kernel,
                                        dtype, consts, config, arch, no_spill=True, require=require,
-                                       forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else ())
+                                       forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else (),
+                                       pointers=fp64_pointers(dtype))
     # The fp16 defaults of the common head dims, with each feature that adds registers to the loops, spill-free too
     features = {"bias+grad": dict(HAS_BIAS=True, BIAS_GRAD=True), "mask": dict(HAS_MASK=True),
                 "dropout": dict(DROPOUT=True), "softcap": dict(HAS_SOFTCAP=True), "split-KV": dict(SPLIT=True),
@@ -216,16 +225,15 @@ def main():
                 configs = [triton.Config({"BLOCK_M": A.DELTA_BLOCK}, num_warps=4, num_stages=1)]
             for c in configs:
                 name = "_bwd_dq_kernel (D)" if consts["DELTA_PASS"] else getattr(kernel, "fn", kernel).__name__
-                # an fp32 split forward stores its lse2 to the fp64 workspace the merge reads
-                lse64 = dtype == torch.float32 and kernel is A._fwd_kernel and consts["SPLIT"]
                 failures += report(f"sm_{args.arch} {name:<18} {str(dtype)[6:]:<8} d{D:<4} {c}", kernel, dtype,
                                    consts, c, args.arch, forbid=fp32_forbid,
-                                   pointers=dict(POINTERS, Lse="*fp64") if lse64 else POINTERS)
+                                   pointers=fp64_pointers(dtype))
         for bcast in ((True, False, False, False), (False, True, True, True)):
             failures += report(f"sm_{args.arch} _bwd_dbias_kernel  {str(dtype)[6:]:<8} d{D:<4} broadcast (B, H, M, N) "
                                f"{bcast}", A._bwd_dbias_kernel, dtype,
                                dict(consts, **dict(zip(("ALL_B", "ALL_H", "ALL_M", "ALL_N"), bcast))),
-                               A.dbias_config(dtype, D), args.arch, forbid=fp32_forbid)
+                               A.dbias_config(dtype, D), args.arch, forbid=fp32_forbid,
+                               pointers=fp64_pointers(dtype))
     try:
         compile_one(A._dropout_mask_kernel, torch.float16, dict(BLOCK_M=32, BLOCK_N=32), None, args.arch)
         print(f"ok   sm_{args.arch} _dropout_mask_kernel", flush=True)
@@ -238,7 +246,7 @@ def main():
                                dtype, dict(HEAD_DIM=bd, BLOCK_D=bd, ACCURATE=dtype == torch.float32,
                                            BLOCK_M=A.COMBINE_BLOCK), None, args.arch, no_spill=True,
                                forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else (),
-                               pointers=dict(POINTERS, LsePart="*fp64") if dtype == torch.float32 else POINTERS)
+                               pointers=fp64_pointers(dtype))
     failures += row_kernels(args.arch)
     print(f"{failures} failures")
     return 1 if failures else 0

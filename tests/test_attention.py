@@ -14,8 +14,8 @@ import triton.language as tl
 
 import fastattn
 from fastattn.triton import attention as A
-from fastattn.testing import (BACKWARD_FACTOR, AttentionCase, attention_problem, check_close, forward_backward,
-                              random_qkv, run_attention_case)
+from fastattn.testing import (BACKWARD_FACTOR, AttentionCase, attention_problem, check_close, compare_all,
+                              forward_backward, random_qkv, run_attention_case)
 
 import conftest
 from conftest import DEVICE, HAS_CUDA
@@ -127,9 +127,39 @@ def test_gqa(H, Hkv, dtype):
     assert_case(AttentionCase(B=2, H=H, Hkv=Hkv, Lq=50, Lk=70, dtype=dtype, kv_lens=True, causal=True, seed=H * Hkv))
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (19, 1), (1, 3, 1, 1), (2, 3, 19, 1)])
+@pytest.mark.parametrize("lse_grad", [False, True])
+def test_bias_of_one_key_column_grad_is_the_lse_grad(shape, lse_grad, kernel_backend):
+    """A bias constant along the keys shifts a row's scores alike: the softmax ignores it and the LSE takes it
+    whole, so its gradient is Σ dLSE over its broadcast dims, 0 without an LSE gradient (fp16 summed ds, which
+    cancels only up to the rounded output's error: 9 times the reference's for a scalar bias) — exactly, rows
+    without a visible key adding 0."""
+    B, H, Lq, Lk = 2, 3, 19, 23
+    q, k, v = random_qkv(B, H, Lq, Lk, 32, device=DEVICE, requires_grad=True)
+    kv_lens = torch.tensor([Lk, 0], dtype=torch.int32, device=DEVICE)
+    bias = torch.randn(shape, device=DEVICE).to(q.dtype).requires_grad_()
+    out, lse = fastattn.attention(q, k, v, attn_bias=bias, kv_lens=kv_lens, return_lse=True, backend=kernel_backend)
+    dlse = torch.randn_like(lse) if lse_grad else torch.zeros_like(lse)
+    dbias, = torch.autograd.grad((out, lse), bias, (torch.randn_like(out), dlse))
+    full_shape = (1,) * (4 - len(shape)) + shape
+    want = torch.where(torch.isinf(lse), 0.0, dlse.double()).unsqueeze(-1)
+    for d in range(3):
+        want = want.sum(d, keepdim=True) if full_shape[d] == 1 else want
+    torch.testing.assert_close(dbias.double(), want.view(shape), rtol=1e-3, atol=1e-3)
+    assert lse_grad or (dbias == 0).all()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lse_gradient(dtype):
     assert_case(AttentionCase(Lq=50, Lk=40, dtype=dtype, lse_grad=True, kv_lens=True, bias="heads", bias_grad=True))
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_lse_gradient_of_rows_with_one_key(seed):
+    """A row that sees one key has ds = dlse exactly (its softmax part is 0): the fp32 D = dp − dlse, rounded to
+    fp32, left ds = dp − fl(D) off by up to ulp(dp), dq and dk 3.7–4.7 times the reference's error."""
+    assert_case(AttentionCase(B=1, H=2, Lq=1, Lk=1, D=16, dtype=torch.float32, lse_grad=True, seed=seed))
+    assert_case(AttentionCase(varlen=((1, 1), (3, 2)), H=2, D=16, dtype=torch.float32, lse_grad=True, seed=seed))
 
 
 def test_strided_lse_gradient(kernel_backend):
@@ -246,6 +276,36 @@ def test_fully_masked_rows_are_zero_never_nan(device, kernel_backend):
             assert torch.isfinite(g).all(), name
         dq = grads[0]
         assert (dq[empty] == 0).all(), name
+
+
+def test_fp32_rows_hidden_by_a_finfo_min_bias():
+    """An additive mask of torch.finfo(float32).min (finite: Hugging Face's eager masks) is a score like any other:
+    a row that it hides entirely averages v uniformly with LSE ≈ −3.4e38, as in the reference (its lse2 =
+    lse·log2(e) overflows fp32: saved in fp32, it was −inf and every gradient NaN), and a partly hidden row
+    ignores those keys; output, LSE and every gradient (bias's too) within the rule. With a gradient on the LSE the
+    reference itself fails there (its lse rounds to the scores, so e^(s − lse) = 1 for each key instead of 1/Lk):
+    the kernels' bias gradient must still sum, over the hidden row, to the LSE's gradient (Σ_j ∂lse/∂s_j = 1)."""
+    B, H, Lq, Lk, D = 2, 2, 9, 13, 16
+    g = torch.Generator().manual_seed(3)
+    bias = torch.randn(B, 1, Lq, Lk, generator=g)
+    bias[0, :, 0] = torch.finfo(torch.float32).min
+    bias[1, :, 2, 5:] = torch.finfo(torch.float32).min
+    inputs = dict(q=torch.randn(B, H, Lq, D, generator=g), k=torch.randn(B, H, Lk, D, generator=g),
+                  v=torch.randn(B, H, Lk, D, generator=g), attn_bias=bias)
+    inputs = {n: t.to(DEVICE).requires_grad_() for n, t in inputs.items()}
+    gouts = {"out": torch.randn(B, H, Lq, D, generator=g).to(DEVICE),
+             "lse": torch.randn(B, H, Lq, generator=g).to(DEVICE)}
+
+    def fn(backend, **kw):
+        out, lse = fastattn.attention(**kw, return_lse=True, backend=backend)
+        return {"out": out, "lse": lse}
+    got = forward_backward(lambda **kw: fn("triton", **kw), inputs, gouts, torch.float32)
+    assert got["lse"][0, :, 0].max() < -3e38 and torch.isfinite(got["lse"]).all()
+    assert all(torch.isfinite(got[n]).all() for n in ("dq", "dk", "dv", "dattn_bias"))
+    dbias_row = got["dattn_bias"][0, 0, 0].double().sum()
+    assert abs(dbias_row - gouts["lse"][:, :, 0][0].double().sum()) < 1e-5, dbias_row
+    failed = [str(c) for c in compare_all(fn, inputs, dict(gouts, lse=None), torch.float32, "triton") if not c.ok]
+    assert not failed, "\n".join(failed)
 
 
 def test_padding_keys_are_never_read(device):

@@ -102,10 +102,46 @@ def test_large_logits(scale):
     dict(key_padding=True, window=(5, 2), softcap=3.0, D=40),
 ], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "gqa-broadcast-bias", "padding-window-softcap"])
 def test_dropout(extra):
-    """The reference replays the keep-mask of return_dropout_mask (drawn by the Triton kernel's rule): a pass
-    shows that the CUDA kernels drew the same Philox mask."""
+    """The reference replays the keep-mask of return_dropout_mask (drawn by the CUDA backend's mask kernel): a
+    pass shows that the attention kernels drew the same Philox mask."""
     kw = dict(B=2, H=2, Lq=33, Lk=47, D=32, dtype=torch.float16, dropout=0.25, seed=11)
     assert_case(AttentionCase(**{**kw, **extra}))
+
+
+@pytest.mark.parametrize("B,H,Lq,Lk,p", [(2, 3, 37, 45, 0.3), (1, 1, 1, 1, 0.5), (3, 2, 100, 130, 0.9)])
+def test_dropout_mask_kernel_is_the_triton_mask(B, H, Lq, Lk, p):
+    """return_dropout_mask of backend "cuda" comes from its own kernel (no Triton needed): the Triton kernels'
+    mask bit for bit, for sizes that are not a multiple of its 256-thread blocks."""
+    from fastattn.cuda import attention as cuda_attention
+    from fastattn.triton import attention as triton_attention
+    seed = (1 << 40) + 12345 * Lq
+    got = cuda_attention.dropout_mask(B, H, Lq, Lk, p, seed, "cpu")
+    want = triton_attention.dropout_mask(B, H, Lq, Lk, p, seed, "cpu")
+    assert got.dtype == torch.bool and torch.equal(got, want), f"{(got != want).sum().item()} keep bits differ"
+    assert (B * H * Lq * Lk < 20) or abs(got.float().mean().item() - (1 - p)) < 0.05
+
+
+def test_gpus_with_less_shared_memory_get_a_clear_error(monkeypatch):
+    """On a GPU that lets a block opt in to 99 KB of shared memory (sm_86 / sm_89; the emulator is told so), the
+    kernels that need more raise an error that says so and names the way out; the others run."""
+    monkeypatch.setenv("FASTATTN_EMULATE_SMEM_OPTIN", str(99 * 1024))
+    g = torch.Generator().manual_seed(5)
+
+    def run(D, backward):
+        q, k, v = (torch.randn(1, 2, 40, D, generator=g, dtype=torch.float16).requires_grad_() for _ in range(3))
+        out = fastattn.attention(q, k, v, causal=True, backend="cuda")
+        if backward:
+            out.sum().backward()
+        return out
+
+    for D in (32, 64, 96):
+        assert torch.isfinite(run(D, backward=True)).all()
+    run(256, backward=False)  # its forward tile needs exactly 99 KB
+    for D, backward in ((128, False), (256, True)):
+        with pytest.raises(RuntimeError, match=r"more shared memory per block than this GPU allows.*backend='triton'"):
+            run(D, backward)
+    monkeypatch.delenv("FASTATTN_EMULATE_SMEM_OPTIN")
+    run(128, backward=True)
 
 
 VARLEN = {**VARLEN_CASES, "mqa-d256": dict(varlen=((65, 150), (30, 30), (5, 0)), H=4, Hkv=1, D=256, causal=True,

@@ -118,6 +118,21 @@ def test_dropout_mask_argument_is_for_the_reference_only():
         fastattn.attention(q, k, v, dropout_p=0.1, dropout_mask=keep, backend="triton")
     with pytest.raises(ValueError, match="dropout_mask must be a bool tensor of shape"):
         fastattn.attention(q, k, v, dropout_p=0.1, dropout_mask=keep[..., :3], backend="torch")
+    with pytest.raises(ValueError, match="needs dropout_p > 0"):  # it would be ignored, yet handed back
+        fastattn.attention(q, k, v, dropout_p=0.0, dropout_mask=keep, return_dropout_mask=True, backend="torch")
+
+
+def test_numpy_scalars_are_accepted_as_torch_does():
+    """dropout_p and scale as numpy scalars (torch's SDPA takes them): the same result as Python floats."""
+    import numpy as np
+    q, k, v = random_qkv(1, 2, 5, 6, 16, dtype=torch.float32, device=DEVICE, requires_grad=False)
+    keep = torch.rand(1, 2, 5, 6, device=DEVICE) > 0.25
+    a = fastattn.attention(q, k, v, dropout_p=np.float32(0.25), scale=np.float32(0.5), dropout_mask=keep,
+                           backend="torch")
+    b = fastattn.attention(q, k, v, dropout_p=float(np.float32(0.25)), scale=float(np.float32(0.5)),
+                           dropout_mask=keep, backend="torch")
+    assert torch.equal(a, b)
+    assert fastattn.scaled_dot_product_attention(q, k, v, dropout_p=np.float64(0.0)).shape == q.shape
 
 
 # --------------------------------------------------------------------------------------------- packed varlen

@@ -51,6 +51,19 @@ def test_window_empties_rows_bottom_right():
 
 
 # ------------------------------------------------------------------------------------------- ALiBi, softcap
+@pytest.mark.parametrize("window,align", [((-1, 2**31 - 1), "top_left"), ((2**31 - 1, -1), "bottom_right"),
+                                          ((2**31 - 1, 0), "top_left"), ((2**40, 2**31), "bottom_right")])
+def test_window_sides_as_wide_as_int32_are_unbounded(window, align, kernel_backend):
+    """A side of 2^31 − 1 (or more) is as unbounded as −1 (the Triton kernels' int32 index sums wrapped: every key
+    hidden, output 0)."""
+    q, k, v = (torch.randn(2, 2, L, 32, device=DEVICE, dtype=torch.float16) for L in (9, 12, 12))
+    kv_lens = torch.tensor([12, 5], dtype=torch.int32, device=DEVICE)
+    same = tuple(-1 if w > 0 else w for w in window)
+    outs = [fastattn.attention(q, k, v, window_size=w, causal_alignment=align, kv_lens=kv_lens,
+                               backend=kernel_backend) for w in (window, same)]
+    assert torch.equal(outs[0], outs[1]) and outs[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("extra", [dict(), dict(causal=True), dict(causal=True, alignment="bottom_right", Lq=40),
                                    dict(window=(8, 8), Lq=100, Lk=40, alignment="bottom_right")],

@@ -3,6 +3,7 @@
 // the last error). `stream` is a cudaStream_t passed as void* so that callers need no CUDA headers.
 #pragma once
 #include <cstddef>
+#include <cstdint>
 
 #include "params.h"
 
@@ -15,5 +16,7 @@ std::size_t attention_fwd_workspace_bytes(const AttnParams& p);  // 0 unless spl
 const char* attention_fwd(const AttnParams& p, void* stream);
 std::size_t attention_bwd_workspace_bytes(const AttnParams& p);
 const char* attention_bwd(const AttnParams& p, void* stream);
+// The n = B·H·Lq·Lk bytes of dropout's keep-mask (1 = kept) that the kernels apply for (dropout_p, seed).
+const char* attention_dropout_mask(uint8_t* keep, int64_t n, float dropout_p, uint64_t seed, void* stream);
 
 }  // namespace fastattn

@@ -52,8 +52,26 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const AttnP
   if (lane == 0 && p.lse != nullptr) p.lse[Seq::lse_row0(p, b, h, q.start) + row] = empty ? INFINITY : m_safe + log2f(l);
 }
 
+// The keep-mask [B, H, Lq, Lk] of attention dropout (philox.h): the counter of weight (b, h, i, j) is its index in
+// the dense mask, so element n is dropout_keep(seed, p, n). A grid-stride loop: any n fits the grid.
+__global__ void __launch_bounds__(256) dropout_mask_kernel(uint8_t* keep, int64_t n, uint64_t seed, float p) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    keep[i] = dropout_keep(seed, p, static_cast<uint64_t>(i)) ? 1 : 0;
+}
+
 }  // namespace
 }  // namespace attn
+
+const char* attention_dropout_mask(uint8_t* keep, int64_t n, float dropout_p, uint64_t seed, void* stream) {
+  if (n < 0 || (n > 0 && keep == nullptr)) return "fastattn CUDA attention: dropout mask needs n >= 0 bytes at keep";
+  if (!(dropout_p >= 0.f && dropout_p <= 1.f)) return "fastattn CUDA attention: dropout_p must lie in [0, 1]";
+  if (n == 0) return nullptr;
+  const int64_t blocks = (n + 255) / 256;
+  const dim3 grid(static_cast<unsigned>(blocks < (1 << 16) ? blocks : (1 << 16)));
+  return attn::launch(attn::dropout_mask_kernel, grid, 256, 0, static_cast<cudaStream_t>(stream), keep, n, seed,
+                      dropout_p);
+}
 
 bool attention_fwd_tile(int d, int& block_m, int& block_n) {
   const auto set = [&](auto, auto dim) -> const char* {

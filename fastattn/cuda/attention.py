@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from ..triton.attention import _bcast_strides, _rows
-from ..triton.attention import dropout_mask as _triton_dropout_mask
 from ..triton.attention import forced_layout, multiprocessors, num_splits
 from ..triton.attention import pack_gqa as _pack_rule
 from . import check_cuda, device_ctx, extension, ptr, stream
@@ -323,8 +322,9 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
 
 
 def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
-    """The bool keep-mask [B, H, Lq, Lk] the CUDA kernels apply for (dropout_p, seed): the Triton kernels' mask,
-    which the CUDA kernels reproduce bit for bit (csrc/attention/philox.h, checked on the CPU by
-    tests/test_cuda_philox.py), so it is drawn by the Triton kernel; on a GPU the `gpu` tests of backend "cuda"
-    then check that both kernels agree (the reference replays this mask)."""
-    return _triton_dropout_mask(B, H, Lq, Lk, dropout_p, seed, device)
+    """The bool keep-mask [B, H, Lq, Lk] the CUDA kernels apply for (dropout_p, seed), drawn by their own Philox
+    (csrc/attention/philox.h), which is the Triton kernels' bit for bit (tests/test_cuda_philox.py)."""
+    keep = torch.empty((B, H, Lq, Lk), dtype=torch.uint8, device=device)
+    with device_ctx(keep):
+        extension(keep).attention_dropout_mask(ptr(keep), keep.numel(), float(dropout_p), int(seed), stream(keep))
+    return keep.view(torch.bool)

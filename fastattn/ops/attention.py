@@ -7,6 +7,7 @@ See fastattn.masks for the canonical mask form and README for the mask conventio
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -31,10 +32,10 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
                    max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
                    window_left: int, window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
                    seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), float32 [B, H, Lq] ([H, total_q] packed), +inf for rows with
-    no visible key."""
+    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), [B, H, Lq] ([H, total_q] packed), +inf for rows with no visible
+    key; float32, float64 for float32 inputs (_lse_dtype)."""
     out = empty_like(q)
-    lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=torch.float32)
+    lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=_lse_dtype(q))
     _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
                               **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
@@ -64,7 +65,14 @@ def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, 
 @_attention_fwd.register_fake
 def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
       bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q))
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    """The saved lse2's dtype: fp64 for fp32 inputs, whose kernels form it in fp64. Rounded to fp32 in base 2, it
+    would be rounded twice on its way to the natural LSE returned, and a row that a bias of finfo(float32).min
+    hides entirely (lse ≈ −3.4e38: lse2 = lse·log2(e) overflows fp32) would get lse2 = −inf and NaN gradients."""
+    return torch.float64 if q.dtype == torch.float32 else torch.float32
 
 
 def _dp_values(v: Tensor, dropout_p: float) -> Tensor:
@@ -87,8 +95,10 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
                    seed: Optional[Tensor], bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
-    # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0.
-    ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if bias_grad else None
+    # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0. A bias
+    # of one key column is the LSE's alone (_row_bias_grad).
+    by_kernels = bias_grad and bias.shape[-1] != 1
+    ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if by_kernels else None
     if dropout_p > 0.0:
         v = _dp_values(v, dropout_p)
     # dlse: the kernels index it densely (autograd may hand a strided one, e.g. the gradient of a permuted view)
@@ -97,9 +107,23 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+    if bias_grad and not by_kernels:
+        return dq, dk, dv, _row_bias_grad(bias, lse, dlse)
     if ds is None:
         return dq, dk, dv, q.new_empty(0)
     return dq, dk, dv, ds.to(bias.dtype)
+
+
+def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor]) -> Tensor:
+    """The gradient of a bias of one key column ([B|1, H|1, Lq|1, 1]): it adds the same to every score of a row,
+    which the softmax ignores and the LSE takes whole, so it is the LSE's gradient, dLSE_i = dlse2_i / ln 2 (0 for
+    a row without a visible key), summed over the bias's broadcast dims: exact, where Σ_j ds_ij cancels only up to
+    rounding (fp16/bf16 form D from the rounded output: 9 times the reference's error for a scalar bias)."""
+    if dlse2 is None:
+        return torch.zeros(bias.shape, device=bias.device, dtype=bias.dtype)
+    g = torch.where(torch.isinf(lse2), 0.0, dlse2.double() / LN2).unsqueeze(-1)
+    dims = [d for d in range(3) if bias.shape[d] == 1 < g.shape[d]]
+    return (g.sum(dims, keepdim=True) if dims else g).to(bias.dtype)
 
 
 @_attention_bwd.register_fake
@@ -221,7 +245,7 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
     _check_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2))
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 2:
-            raise TypeError(f"{name} must be an int32 tensor of shape (B + 1,), got "
+            raise TypeError(f"{name} must be an int32 tensor of shape (B + 1,) for B >= 1 sequences, got "
                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
         check_same(q, "q", t, name, dtype=False)
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
@@ -300,15 +324,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         Lk = k.shape[2]
     if causal_alignment not in ("top_left", "bottom_right"):
         raise ValueError(f"causal_alignment must be 'top_left' or 'bottom_right', got {causal_alignment!r}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p <= 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1], got {dropout_p!r}")
+    if dropout_mask is not None and dropout_p == 0.0:
+        raise ValueError("dropout_mask replays a dropout: it needs dropout_p > 0 (the p it was drawn with)")
     # p = 1 drops every weight: out = 0 (torch's dropout(p=1) and SDPA), the LSE that of the scores before dropout
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
+    # |j − d(i)| < Lq + Lk: a wider side is unbounded, and as −1 it cannot overflow the kernels' int32 indices
+    left, right = (-1 if w >= Lq + Lk else w for w in (left, right))
     bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
                                                                              attn_bias)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)
                               or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite float (None: 1/sqrt(head dim)), got {scale!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

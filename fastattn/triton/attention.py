@@ -9,7 +9,8 @@ lse2) with no change of base, so a row with one visible key gets p = 1 exactly. 
 (rounding s·log2(e) errs by |s|·2⁻²⁴ in the exponent): p = c_i·exp(s − lse2·ln 2), c_i = 1 / Σ_j exp(s_ij −
 lse2_i·ln 2) from the D pass, so lse2's rounding cancels (see _row_stats). The backward uses
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
-(for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq),
+(for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq;
+kept in fp64 and used as two fp32 parts: see _row_stats),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
 and one program per query block for dq: reruns are bitwise identical. The dk/dv program works on transposed
@@ -64,15 +65,15 @@ _TILES = {
             256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
         4: {32: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
             64: [(64, 32, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
-            128: [(32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
-            256: [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 8, 2), (16, 16, 4, 2)]},
+            128: [(32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 2, 2)],
+            256: [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
     "dkdv": {
         2: {32: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2)],
             64: [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
             128: [(32, 64, 8, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 8, 3), (32, 32, 4, 2), (16, 32, 4, 2)],
             256: [(16, 64, 8, 2), (64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)]},
-        4: {32: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+        4: {32: [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2), (16, 16, 2, 2)],
             64: [(32, 16, 4, 2), (16, 16, 4, 2)],
             128: [(32, 32, 8, 2), (16, 16, 4, 2)],
             256: [(16, 16, 8, 2)]},
@@ -80,11 +81,12 @@ _TILES = {
     "dq": {
         2: {32: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
             64: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
-            128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)],
+            128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 8, 3), (32, 32, 4, 2)],
             256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
+        # 64x32 with 8 warps spills 24-32 B at d64 / d128 since D is held as two fp32 parts (_row_stats)
         4: {32: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-            64: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-            128: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2)],
+            64: [(64, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
+            128: [(64, 16, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
             # 32x32 spills 8-9 KB (at 32 registers) with a bool mask and a window; 32x16 in no case measured
             256: [(32, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
@@ -228,19 +230,34 @@ def _load_rows(ptr, rows, s_row, offs_d, n_rows, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def _row_stats(Lse, Delta, Scale, rows, row_ok, ACCURATE: tl.constexpr, SCALED: tl.constexpr):
-    """(r, D, c) of the given rows, for the recomputed weights p_ij = c_i·exp(s_ij − r_i) (_exp_scores).
-    fp16/bf16: r = lse2, c = 1. fp32 (ACCURATE): r = lse2·ln(2), natural as the scores, and with SCALED (all but
-    the D pass, which writes it) c_i = 1 / Σ_j e^(s_ij − r_i) from the D pass (see _bwd_dq_kernel): r's rounding,
-    a relative error of up to |lse|·2⁻²⁴ that every weight of a row shares, cancels. r = +inf past the rows: p = 0
-    there."""
+    """(r, D, D_lo, c) of the given rows, for the recomputed weights p_ij = c_i·exp(s_ij − r_i) (_exp_scores) and
+    ds_ij = p_ij·((dp_ij − D_i) − D_lo_i) (_ds). fp16/bf16: r = lse2, D from the fp32 Delta, D_lo = 0, c = 1.
+    fp32 (ACCURATE): r = lse2·ln(2), natural as the scores; the fp64 Delta split into D + D_lo (fp32 each), so that
+    dp − D is exact where dp is near D (a row with one visible key: D = dp − dlse, and fp32 D's rounding, up to
+    ulp(dp), would swamp a small dlse); with SCALED (all but the D pass, which writes it) c_i = 1 / Σ_j
+    e^(s_ij − r_i) from the D pass (see _bwd_dq_kernel): r's rounding, a relative error of up to |lse|·2⁻²⁴ that
+    every weight of a row shares, cancels. r = +inf past the rows: p = 0 there."""
     lse = tl.load(Lse + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + rows, mask=row_ok, other=0.0)
-    if ACCURATE:
-        lse = lse * 0.6931471805599453
-    if ACCURATE and SCALED:
-        return lse, delta, tl.load(Scale + rows, mask=row_ok, other=0.0)
+    if ACCURATE:  # the op's fp64 Lse: r = lse2·ln 2 rounded once (a caller's fp32 one: in fp32)
+        lse = (lse * 0.6931471805599453).to(tl.float32)
+        hi = delta.to(tl.float32)
+        lo = (delta - hi.to(tl.float64)).to(tl.float32)
+        if SCALED:
+            return lse, hi, lo, tl.load(Scale + rows, mask=row_ok, other=0.0)
+        else:
+            return lse, hi, lo, tl.zeros_like(lse) + 1.0
     else:
-        return lse, delta, tl.zeros_like(lse) + 1.0
+        return lse, delta, tl.zeros_like(lse), tl.zeros_like(lse) + 1.0
+
+
+@triton.jit
+def _ds(p, dp, delta, delta_lo, ACCURATE: tl.constexpr):
+    """ds = p·(dp − D), D = delta + delta_lo (_row_stats; broadcast like p)."""
+    if ACCURATE:
+        return p * ((dp - delta) - delta_lo)
+    else:
+        return p * (dp - delta)
 
 
 @triton.jit
@@ -535,8 +552,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
         norm = norm * (1.0 - dropout_p)
     if DOT_PREC == "ieee":
         # fp32: one correctly rounded division per element, as the reference's p / Σp; lse2 = (m + ln l)·log2(e)
-        # in fp64 (m natural), rounded once by the store to an fp32 Lse, or kept whole in an fp64 one (context
-        # parallelism merges blocks' LSEs: an fp32 rounding there scales every weight of the row in the backward)
+        # in fp64 (m natural), kept whole in the fp64 Lse the op and context parallelism give (an fp32 one would
+        # round it, and overflow for a row whose scores are all near −FLT_MAX: a finfo(float32).min bias)
         out = tl.math.div_rn(acc, norm[:, None])
         lse2 = (m_i.to(tl.float64) + tl.math.log(tl.where(empty, 1.0, l_i).to(tl.float64))) * 1.4426950408889634
     else:
@@ -677,8 +694,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
             visits += 1
             q = _load_rows(Q + h * s_qh, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
             do = _load_rows(DO + h * s_dh, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-            lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
-                                       DOT_PREC == "ieee", True)
+            lse, delta, delta_lo, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m,
+                                                 offs_m < q_len, DOT_PREC == "ieee", True)
             sT, dcapT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), visT, qi, kj, b, h, Bias,
                                 s_bb, s_bh, s_bm, s_bn, q_len, k_len, sm_scale, shift, slope, softcap, HAS_BIAS,
                                 HAS_ALIBI, HAS_SOFTCAP, DOT_PREC == "ieee")
@@ -692,7 +709,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                 pT_out = tl.where(keep, _div(pT, 1.0 - dropout_p, DOT_PREC == "ieee"), 0.0)
                 dpT = tl.where(keep, dpT, 0.0)
             dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
+            dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee")
             if BIAS_GRAD:
                 tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
             dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
@@ -740,8 +757,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     q_ok = row_ok[:, None] & d_ok
     q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
     do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-    lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, row_ok, DOT_PREC == "ieee",
-                               not DELTA_PASS)
+    lse, delta, delta_lo, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, row_ok,
+                                         DOT_PREC == "ieee", not DELTA_PASS)
     K += b * s_kb + hk * s_kh + k0 * s_kn
     V += b * s_vb + hk * s_vh + k0 * s_vn
 
@@ -782,13 +799,13 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
             pdp_sum += tl.sum(p64 * dp.to(tl.float64), 1)
         else:
             visits += 1
-            ds = p * (dp - delta[:, None]) * dcap
+            ds = _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee") * dcap
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
-    if DELTA_PASS:  # Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
+    if DELTA_PASS:  # the fp64 Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
         p_sum = tl.where(p_sum == 0.0, 1.0, p_sum)
-        delta = (delta.to(tl.float64) + pdp_sum / p_sum).to(tl.float32)
-        tl.store(Delta + b * s_lb + h * s_lh + q0 + offs_m, delta, mask=row_ok)
+        rows = Delta + b * s_lb + h * s_lh + q0 + offs_m
+        tl.store(rows, tl.load(rows, mask=row_ok, other=0.0) + pdp_sum / p_sum, mask=row_ok)
         tl.store(Scale + b * s_lb + h * s_lh + q0 + offs_m, (1.0 / p_sum).to(tl.float32), mask=row_ok)
     else:
         tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
@@ -867,8 +884,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 q = _load_rows(Q + b * s_qb + h * s_qh + q0 * s_qm, offs_m, s_qm, offs_d, q_len, HEAD_DIM)
                 do = _load_rows(DO + b * s_db + h * s_dh + q0 * s_dm, offs_m, s_dm, offs_d, q_len, HEAD_DIM)
-                lse, delta, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m, offs_m < q_len,
-                                           DOT_PREC == "ieee", True)
+                lse, delta, delta_lo, c = _row_stats(Lse, Delta, Scale, b * s_lb + h * s_lh + q0 + offs_m,
+                                                     offs_m < q_len, DOT_PREC == "ieee", True)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     offs_n = start_n + tl.arange(0, BLOCK_N)
                     vis = _visible(offs_m[:, None], offs_n[None, :], b, h, Mask, s_mb, s_mh, s_mm, s_mn, q_len,
@@ -886,7 +903,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                         if DROPOUT:
                             keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
                             dp = tl.where(keep, dp, 0.0)
-                        acc += p * (dp - delta[:, None])
+                        acc += _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee")
 
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -1122,14 +1139,16 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     # fp16/bf16 take D_i = do_i·o_i − log2(e)·dlse2_i from the delta kernel.
     fp32 = args["DOT_PREC"] == "ieee"
     recompute = fp32 and delta_from_p
-    delta = torch.empty_like(lse)  # filled by the delta kernel, or the start the D pass adds to
+    # filled by the delta kernel, or the start the D pass adds to; fp64 for fp32 inputs (see _row_stats)
+    delta = torch.empty_like(lse, dtype=torch.float64 if fp32 else torch.float32)
     # fp32: each row's weight scale c_i (_row_stats), written by the D pass; 1 where D comes from out
     if not fp32 or recompute or row_scale is None:
-        row_scale = torch.empty_like(lse) if recompute else torch.ones_like(lse) if fp32 else delta
+        row_scale = torch.empty_like(lse, dtype=torch.float32) if recompute else (
+            torch.ones_like(lse, dtype=torch.float32) if fp32 else delta)
     if recompute and dlse is None:
         delta.zero_()
     elif recompute:
-        torch.mul(dlse, -LOG2E, out=delta)
+        torch.mul(dlse.double(), -LOG2E, out=delta)
     # The delta kernel sees a packed batch as one sequence of total_q rows: [H, total_q] is its [1, H, Lq].
     rows_total = q.shape[0] if varlen is not None else Lq
     with device_ctx(q):
