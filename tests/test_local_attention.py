@@ -84,6 +84,15 @@ def test_softcap(cap, logit_scale, dtype):
                               bias="heads", bias_grad=True, seed=1))
 
 
+def test_alibi_slopes_of_one_batch_broadcast(kernel_backend):
+    """alibi_slopes of shape (1, H) broadcast over the batch, as (H,) does."""
+    q, k, v = (torch.randn(2, 4, L, 32, device=DEVICE, dtype=torch.float16) for L in (10, 14, 14))
+    slopes = fastattn.alibi_slopes(4).to(DEVICE)
+    outs = [fastattn.attention(q, k, v, alibi_slopes=s, causal=True, backend=kernel_backend)
+            for s in (slopes, slopes.view(1, 4), slopes.view(1, 4).expand(2, 4))]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_all_together(dtype):
     """window + ALiBi + softcap with kv_lens, GQA, a float bias with gradient, LSE gradient, bottom-right."""

@@ -221,8 +221,8 @@ def _check_features(q, B, H, window_size, alibi_slopes, softcap):
             raise TypeError(f"alibi_slopes must be a float32 tensor, got "
                             f"{getattr(alibi_slopes, 'dtype', type(alibi_slopes).__name__)}")
         check_same(q, "q", alibi_slopes, "alibi_slopes", dtype=False)
-        if tuple(alibi_slopes.shape) not in ((H,), (B, H)):
-            raise ValueError(f"alibi_slopes must have shape (H,)=({H},) or (B, H)=({B}, {H}), "
+        if tuple(alibi_slopes.shape) not in ((H,), (1, H), (B, H)):
+            raise ValueError(f"alibi_slopes must have shape (H,)=({H},), (1, H) or (B, H)=({B}, {H}), "
                              f"got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.reshape(-1, H).contiguous()
     if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0 \
