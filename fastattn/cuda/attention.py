@@ -77,6 +77,12 @@ def _check(q, k, v, bias, mask, kv_lens, varlen=None):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     check_cuda(("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("kv_lens", kv_lens),
                *((("cu_seqlens_q", varlen[0]), ("cu_seqlens_k", varlen[1])) if varlen is not None else ()))
+    # read as bytes and as a dense int32 [B]: anything else would be reinterpreted, not converted
+    if mask is not None and mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor (True = attend), got {mask.dtype}")
+    if kv_lens is not None and (kv_lens.dtype != torch.int32 or kv_lens.dim() != 1 or not kv_lens.is_contiguous()):
+        raise TypeError(f"kv_lens must be a contiguous int32 tensor of shape (B,), got {kv_lens.dtype} "
+                        f"{tuple(kv_lens.shape)} with strides {kv_lens.stride()}")
 
 
 def _check_varlen(q, k, varlen):
