@@ -95,6 +95,30 @@ def test_nn_layer_norm_drop_in(kwargs, device):
     torch.testing.assert_close(y, torch_ln(x + r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64], ids=str)
+def test_torch_backend_is_torch_layer_norm_bit_for_bit(dtype):
+    """Backend "torch" (the CPU's "auto") runs torch's own kernels: fastattn.nn.LayerNorm is torch.nn.LayerNorm
+    bit for bit, forward and backward; add_layer_norm is F.layer_norm of the sum rounded to x's dtype."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(6, 7, 96, generator=g) * 3 + 1).to(dtype)
+    ours, theirs = fastattn.nn.LayerNorm(96, dtype=dtype), torch.nn.LayerNorm(96, dtype=dtype)
+    with torch.no_grad():
+        for m in (ours, theirs):
+            m.weight.copy_(torch.randn(96, generator=torch.Generator().manual_seed(2)))
+            m.bias.copy_(torch.randn(96, generator=torch.Generator().manual_seed(3)))
+    dy = torch.randn(x.shape, generator=g).to(dtype)
+    results = []
+    for m in (ours, theirs):
+        xl = x.clone().requires_grad_()
+        y = m(xl)
+        results.append((y, *torch.autograd.grad(y, (xl, m.weight, m.bias), dy)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    r = torch.randn(x.shape, generator=g).to(dtype)
+    y, s = fastattn.add_layer_norm(x, r, 96, ours.weight, ours.bias, prenorm=True, backend="torch")
+    assert torch.equal(s, x + r) and torch.equal(y, torch.nn.functional.layer_norm(x + r, (96,), ours.weight, ours.bias))
+
+
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 5), ValueError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, torch.ones(5)), ValueError, "weight has shape"),
@@ -102,6 +126,9 @@ def test_nn_layer_norm_drop_in(kwargs, device):
     (lambda: fastattn.layer_norm(torch.ones(3, 4, dtype=torch.int32), 4), TypeError, "floating-point"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), "4"), TypeError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), None), TypeError, "normalized_shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), ["4"]), TypeError, "normalized_shape"),  # as torch
+    (lambda: fastattn.layer_norm(torch.ones(3, 4), [4.0]), TypeError, "normalized_shape"),
+    (lambda: fastattn.layer_norm(torch.ones(3, 1), [True]), TypeError, "normalized_shape"),
     (lambda: fastattn.layer_norm(torch.ones(3, 4), 4, eps=-1e-5), ValueError, "eps"),  # torch: NaN
     (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(3, 4), 4, eps=float("nan")), ValueError, "eps"),
     (lambda: fastattn.add_layer_norm(torch.ones(3, 4), torch.ones(2, 4), 4), ValueError, "residual"),

@@ -83,6 +83,24 @@ def test_matches_torch_softmax_fp64_semantics():
                                                                                                    dtype=torch.float64))
 
 
+def test_zero_dim_inputs_and_masks(kernel_backend):
+    """A 0-d x takes dim −1 (as torch: 1); a 0-d mask broadcasts on the kernel backends as on "torch"."""
+    assert fastattn.softmax(torch.tensor(2.0, device=DEVICE)).item() == 1.0
+    x = torch.randn(4, 19, device=DEVICE, dtype=torch.float16)
+    m = torch.tensor(0.5, device=DEVICE, dtype=torch.float16)
+    torch.testing.assert_close(fastattn.softmax(x, mask=m, backend=kernel_backend),
+                               fastattn.softmax(x, backend=kernel_backend), rtol=2e-3, atol=1e-3)
+
+
+def test_torch_backend_computes_half_in_fp32_with_a_dtype_too():
+    """Backend "torch" computes fp16 in fp32 and rounds once, also when dtype=torch.float16 is given (x·scale in
+    fp16 overflowed to inf: NaN)."""
+    x = torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float16)
+    want = fastattn.softmax(x, -1, scale=1e5, backend="torch")
+    assert torch.equal(fastattn.softmax(x, -1, dtype=torch.float16, scale=1e5, backend="torch"), want)
+    assert torch.equal(want, torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float16))
+
+
 @pytest.mark.parametrize("call,exc,words", [
     (lambda: fastattn.softmax(torch.ones(3, 4, dtype=torch.int32)), TypeError, "floating-point"),
     (lambda: fastattn.softmax(torch.ones(3, 4), dim=2), ValueError, "dim 2 is out of range"),

@@ -6,9 +6,11 @@ and :func:`layer_norm` / :func:`add_layer_norm`.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, reference
@@ -93,10 +95,12 @@ def _normalized(normalized_shape) -> tuple[int, ...]:
         return (normalized_shape,)
     if isinstance(normalized_shape, (str, bytes)):
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
-    try:
-        shape = tuple(int(n) for n in normalized_shape)
+    try:  # ints only, as torch: operator.index refuses "33" and 33.0; bools are refused below
+        shape = tuple(operator.index(n) for n in normalized_shape)
     except TypeError:
         raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
+    if any(isinstance(n, bool) for n in normalized_shape):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}")
     if not shape:
         raise ValueError("normalized_shape must not be empty")
     return shape
@@ -123,8 +127,18 @@ def _check(x, normalized_shape, weight, bias, residual=None, eps=1e-5):
     return shape
 
 
+def _torch_takes(x, weight, bias) -> bool:
+    """F.layer_norm takes weight / bias of x's dtype, and fp32 ones for fp16 / bf16 x (it refuses other mixes,
+    which backend "torch" computes with the reference instead)."""
+    ok = (x.dtype, torch.float32) if x.dtype in (torch.float16, torch.bfloat16) else (x.dtype,)
+    return all(t is None or t.dtype in ok for t in (weight, bias))
+
+
 def _run(x, residual, shape, weight, bias, eps, backend):
     use = dispatch.select(backend, x, kernels_take((x, "x"), (weight, "weight"), (bias, "bias")))
+    if use == "torch" and _torch_takes(x, weight, bias):  # torch's own kernels: bit for bit torch.nn.LayerNorm's
+        s = x if residual is None else x + residual  # the sum rounded to x's dtype, as the kernels round it
+        return F.layer_norm(s, shape, weight, bias, eps), (s if residual is not None else None)
     if use in REFERENCE_BACKENDS or x.numel() == 0:  # empty: an empty result, as torch (no kernel launch)
         xc, rc, wc, bc = (upcast(use, t) for t in (x, residual, weight, bias))
         if residual is None:

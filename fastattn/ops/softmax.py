@@ -105,7 +105,7 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
     """``torch.softmax(x, dim, dtype)`` fused, optionally of ``x·scale + mask`` (mask: float, broadcastable
     to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN."""
     check_tensor(x, "x")
-    if not -x.dim() <= dim < max(x.dim(), 1):
+    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):  # a 0-d x takes dim 0 or −1, as torch
         raise ValueError(f"dim {dim} is out of range for x with {x.dim()} dims")
     if dtype is not None and not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
@@ -116,9 +116,12 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
         if dim != x.dim() - 1:
             raise ValueError("mask is only supported with dim=-1 (the last dim)")
         _check_mask_shape(mask, x)
+        mask = mask.reshape(1) if mask.dim() == 0 else mask
     use = dispatch.select(backend, x, kernels_take((x, "x"), (x.new_empty(0, dtype=dtype or x.dtype), "dtype")))
     if use in REFERENCE_BACKENDS or x.dim() == 0 or x.numel() == 0:  # empty: an empty result, as torch
-        return reference.softmax(upcast(use, x), dim, dtype=dtype, scale=scale, mask=upcast(use, mask)).to(
+        # "torch" computes fp16/bf16 in fp32, a requested fp16/bf16 dtype too, and rounds once
+        cdtype = upcast(use, x.new_empty(0, dtype=dtype)).dtype if dtype is not None else None
+        return reference.softmax(upcast(use, x), dim, dtype=cdtype, scale=scale, mask=upcast(use, mask)).to(
             dtype or x.dtype)
     check_kernel_dtype(x, "x", use)
     out_dtype = dtype or x.dtype
