@@ -60,7 +60,8 @@ def compare(out: Tensor, ref64: Tensor, ref_lowp: Tensor, *, factor: float = FOR
     out64, low64, ref = out.detach().double().cpu(), ref_lowp.detach().double().cpu(), ref64.detach().double().cpu()
     if ref.numel() == 0:
         return Comparison(name, 0.0, 0.0, 0.0, 0.0, (), True, factor)
-    same = (out64 == ref)  # equal infinities (e.g. LSE of empty rows) count as exact
+    # equal infinities (e.g. LSE of empty rows) count as exact, and so does NaN where the reference is NaN
+    same = (out64 == ref) | (out64.isnan() & ref.isnan())
     err = torch.where(same, torch.zeros_like(ref), (out64 - ref).abs()).nan_to_num(float("inf"))
     base = torch.where(low64 == ref, torch.zeros_like(ref), (low64 - ref).abs()).nan_to_num(0.0)
     finite = torch.isfinite(ref)

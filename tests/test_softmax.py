@@ -92,6 +92,12 @@ def test_zero_dim_inputs_and_masks(kernel_backend):
                                fastattn.softmax(x, backend=kernel_backend), rtol=2e-3, atol=1e-3)
 
 
+def test_integer_x_with_a_floating_dtype_is_converted_as_torch_does():
+    x = torch.tensor([[1, 2, 3], [0, 0, 7]], device=DEVICE)
+    torch.testing.assert_close(fastattn.softmax(x, -1, dtype=torch.float32),
+                               torch.softmax(x, -1, dtype=torch.float32))
+
+
 def test_torch_backend_computes_half_in_fp32_with_a_dtype_too():
     """Backend "torch" computes fp16 in fp32 and rounds once, also when dtype=torch.float16 is given (x·scale in
     fp16 overflowed to inf: NaN)."""

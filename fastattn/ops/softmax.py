@@ -104,6 +104,8 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
             mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """``torch.softmax(x, dim, dtype)`` fused, optionally of ``x·scale + mask`` (mask: float, broadcastable
     to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN."""
+    if isinstance(x, Tensor) and not x.is_floating_point() and dtype is not None and dtype.is_floating_point:
+        x = x.to(dtype)  # as torch.softmax: integer x with a floating dtype is converted first
     check_tensor(x, "x")
     if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):  # a 0-d x takes dim 0 or −1, as torch
         raise ValueError(f"dim {dim} is out of range for x with {x.dim()} dims")
