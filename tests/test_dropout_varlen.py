@@ -123,7 +123,8 @@ def test_dropout_mask_argument_is_for_the_reference_only():
 
 
 def test_numpy_scalars_are_accepted_as_torch_does():
-    """dropout_p and scale as numpy scalars (torch's SDPA takes them): the same result as Python floats."""
+    """dropout_p, scale, softcap and window sides as numpy scalars (torch's SDPA takes them for its arguments):
+    the same result as Python numbers."""
     import numpy as np
     q, k, v = random_qkv(1, 2, 5, 6, 16, dtype=torch.float32, device=DEVICE, requires_grad=False)
     keep = torch.rand(1, 2, 5, 6, device=DEVICE) > 0.25
@@ -133,6 +134,8 @@ def test_numpy_scalars_are_accepted_as_torch_does():
                            dropout_mask=keep, backend="torch")
     assert torch.equal(a, b)
     assert fastattn.scaled_dot_product_attention(q, k, v, dropout_p=np.float64(0.0)).shape == q.shape
+    c = fastattn.attention(q, k, v, window_size=(np.int64(2), np.int32(-1)), softcap=np.float32(3.0), backend="torch")
+    assert torch.equal(c, fastattn.attention(q, k, v, window_size=(2, -1), softcap=3.0, backend="torch"))
 
 
 # --------------------------------------------------------------------------------------------- packed varlen

@@ -733,8 +733,8 @@ inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cu
     }
     if (static_cast<size_t>(optin) < smem)
       return "fastattn CUDA attention: this head dim's kernel needs more shared memory per block than this GPU "
-             "allows (sm_86/sm_89 GPUs, 99 KB: head dims up to 96 run, 128 and 256 do not; A100/H100-class GPUs "
-             "run them all); use backend='triton'";
+             "allows (sm_86/sm_89 GPUs, 99 KB: head dims up to 96 run, the d128 forward and backward and the "
+             "d256 backward do not; A100/H100-class GPUs run them all); use backend='triton'";
     e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (e != cudaSuccess) {
       cudaGetLastError();

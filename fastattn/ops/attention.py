@@ -213,7 +213,8 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
 def _check_features(q, B, H, window_size, alibi_slopes, softcap):
     """-> (left, right, slopes as float32 [1|B, H] or None, softcap) after checking each argument."""
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1
+                       for w in window_size)):
         raise ValueError(f"window_size must be a pair (left, right) of ints >= -1 (-1 = unbounded), "
                          f"got {window_size!r}")
     if alibi_slopes is not None:
@@ -225,7 +226,7 @@ def _check_features(q, B, H, window_size, alibi_slopes, softcap):
             raise ValueError(f"alibi_slopes must have shape (H,)=({H},), (1, H) or (B, H)=({B}, {H}), "
                              f"got {tuple(alibi_slopes.shape)}")
         alibi_slopes = alibi_slopes.reshape(-1, H).contiguous()
-    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap >= 0.0 \
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0.0 \
             or softcap == float("inf"):
         raise ValueError(f"softcap must be a finite float >= 0 (0 = off), got {softcap!r}")
     return int(window_size[0]), int(window_size[1]), alibi_slopes, float(softcap)
@@ -293,7 +294,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     a float bias that requires grad gets its gradient.
     window_size: (left, right), −1 = unbounded: key j visible iff d(i) − left <= j <= d(i) + right, d(i) the
     diagonal above; causal=True sets right = 0. Key blocks outside every row's window are skipped.
-    alibi_slopes: float32 [H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
+    alibi_slopes: float32 [H], [1, H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
     softcap: c > 0 maps the scaled score s to c·tanh(s/c) before attn_bias, ALiBi and masks.
     dropout_p: p in (0, 1] drops each attention weight with probability p and scales the kept ones by 1/(1 − p)
     (as torch; pass 0 in eval; p = 1 gives out = 0). The kernels draw the mask from Philox counters seeded from

@@ -996,10 +996,11 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kerne
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
             softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
-    """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse [B, H, Lq],
+    """Fill ``out`` like q and ``lse`` (fp32, or fp64 as the op gives for fp32 inputs; contiguous, base 2:
+    lse·log2(e)): q [B, H, Lq, D] and lse [B, H, Lq],
     or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q [total_q, H, D],
     k/v [total_k, Hkv, D] and lse [H, total_q]. Last dims must be contiguous. ``window`` = (left, right), −1
-    unbounded; ``alibi``: fp32 [H] or [B, H]; ``softcap`` > 0 caps scores; ``dropout`` = (p, Philox seed).
+    unbounded; ``alibi``: fp32 [1|B, H]; ``softcap`` > 0 caps scores; ``dropout`` = (p, Philox seed).
     ``count``: a dict that receives the key blocks each program computed ("fwd")."""
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
