@@ -149,6 +149,33 @@ def test_bias_of_one_key_column_grad_is_the_lse_grad(shape, lse_grad, kernel_bac
     assert lse_grad or (dbias == 0).all()
 
 
+@pytest.mark.parametrize("D,Dv", [(48, 32), (32, 80)])
+def test_value_head_dim_differs(D, Dv, kernel_backend):
+    """v's head dim may differ from q's and k's, as SDPA allows (multi-head latent attention: 192 and 128): the
+    kernels run the narrower side zero-padded; out [.., Dv], LSE and every gradient within the rule, GQA, causal
+    and kv_lens on; scaled_dot_product_attention gives torch's result."""
+    g = torch.Generator().manual_seed(D + Dv)
+    B, H, Hkv, Lq, Lk = 2, 4, 2, 21, 30
+    inputs = dict(q=torch.randn(B, H, Lq, D, generator=g), k=torch.randn(B, Hkv, Lk, D, generator=g),
+                  v=torch.randn(B, Hkv, Lk, Dv, generator=g))
+    inputs = {n: t.to(DEVICE).requires_grad_() for n, t in inputs.items()}
+    kv_lens = torch.tensor([Lk, 17], dtype=torch.int32, device=DEVICE)
+    gouts = {"out": torch.randn(B, H, Lq, Dv, generator=g).to(DEVICE),
+             "lse": torch.randn(B, H, Lq, generator=g).to(DEVICE)}
+
+    def fn(backend, **kw):
+        out, lse = fastattn.attention(**kw, causal=True, kv_lens=kv_lens, return_lse=True, backend=backend)
+        return {"out": out, "lse": lse}
+    failed = [str(c) for c in compare_all(fn, inputs, gouts, torch.float16, kernel_backend) if not c.ok]
+    assert not failed, "\n".join(failed)
+    q, k, v = (t.detach().half() for t in inputs.values())
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                               torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                                                                is_causal=True).half(),
+                               rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lse_gradient(dtype):
     assert_case(AttentionCase(Lq=50, Lk=40, dtype=dtype, lse_grad=True, kv_lens=True, bias="heads", bias_grad=True))

@@ -11,6 +11,7 @@ import numbers
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, masks, reference
@@ -165,10 +166,10 @@ def _check_inputs(q, k, v):
         raise ValueError(f"batch sizes differ: q {B}, k {k.shape[0]}, v {v.shape[0]}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (B, Hkv, Lk)")
-    if k.shape[3] != D or v.shape[3] != D:
-        raise ValueError(f"head dims differ: q {D}, k {k.shape[3]}, v {v.shape[3]}")
-    if D == 0:
-        raise ValueError(f"head dim of q, k and v must be >= 1, got shape {tuple(q.shape)}")
+    if k.shape[3] != D:  # v's may differ (as SDPA's: e.g. multi-head latent attention, 192 and 128)
+        raise ValueError(f"head dims of q and k differ: q {D}, k {k.shape[3]}")
+    if D == 0 or v.shape[3] == 0:
+        raise ValueError(f"head dim of q, k and v must be >= 1, got shapes {tuple(q.shape)}, {tuple(v.shape)}")
     if k.shape[1] == 0:
         raise ValueError(f"k and v must have at least one head, got shape {tuple(k.shape)}")
     if H % k.shape[1] != 0:
@@ -282,7 +283,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
               dropout_mask: Optional[Tensor] = None, deterministic: bool = True, backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
-    q: [B, H, Lq, D], k/v: [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), D <= 256.
+    q/k: [B, H|Hkv, Lq|Lk, D], v: [B, Hkv, Lk, Dv] with H % Hkv == 0 (GQA/MQA), D, Dv <= 256 (Dv ≠ D as SDPA
+    allows: the kernels run the narrower side zero-padded).
     causal: key j visible to query i iff j <= d(i); d(i) = i for ``causal_alignment="top_left"`` (SDPA's
     is_causal), i + Lk_b − Lq for ``"bottom_right"`` (FlashAttention's; Lk_b = kv_lens[b] when given, else Lk).
     key_padding_mask: bool [B, Lk], True = padding, ignored (nn.MultiheadAttention's convention).
@@ -348,7 +350,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     uses_diagonal = causal or left >= 0 or right >= 0 or alibi is not None
     bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
-    use = dispatch.select(backend, q, lambda b: q.shape[-1] <= MAX_HEAD_DIM and kernels_take(
+    D, Dv = q.shape[-1], v.shape[-1]
+    use = dispatch.select(backend, q, lambda b: max(D, Dv) <= MAX_HEAD_DIM and kernels_take(
         (q, "q"), (bias, "attn_bias"))(b))
     if dropout_mask is not None:
         if use not in REFERENCE_BACKENDS:
@@ -372,9 +375,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         if return_dropout_mask and keep is None:
             keep = torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device)
         return _results(result, return_lse, keep if return_dropout_mask else None, drop_all)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {q.shape[-1]} of q is larger than {MAX_HEAD_DIM}, the most backend {use!r} takes "
-                         "(backend='torch' takes any)")
+    if max(D, Dv) > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {max(D, Dv)} of {'q' if D >= Dv else 'v'} is larger than {MAX_HEAD_DIM}, the "
+                         f"most backend {use!r} takes (backend='torch' takes any)")
     for t, name in ((q, "q"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
@@ -383,9 +386,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         # From torch's CPU generator: torch.manual_seed reproduces it, and reading it never syncs a GPU. Drawn
         # >= 2**31 so that Triton always types the argument int64 (one compiled kernel).
         seed = torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64)
+    if Dv != D:  # the kernels take one head dim: the narrower side zero-padded (scores and outputs unchanged;
+        q, k, v = (F.pad(t, (0, max(D, Dv) - t.shape[-1])) for t in (q, k, v))  # the extra columns dropped)
     out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
                                kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
                                scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use)
+    out = out[..., :Dv] if Dv != D else out
     keep = None
     if return_dropout_mask:
         keep = (_kernels(use).dropout_mask(B, H, Lq, Lk, dropout_p, int(seed), q.device) if seed is not None
