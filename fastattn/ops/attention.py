@@ -414,20 +414,39 @@ def _results(result, return_lse: bool, keep: Optional[Tensor], drop_all: bool = 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D) or (B, L, D) inputs.
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D), (B, L, D) or, as torch,
+    (N, ..., H, L, D) inputs (the leading dims run as one batch).
 
-    ``attn_mask``: bool (True = attend) or float (added), broadcastable to (B, H, Lq, Lk); ``is_causal`` is
+    ``attn_mask``: bool (True = attend) or float (added), broadcastable to (..., H, Lq, Lk); ``is_causal`` is
     top-left. A row with no visible key gives 0 (gradients 0), never NaN.
     """
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         check_tensor(t, name)
-    if query.dim() not in (3, 4):
-        raise ValueError(f"query must be (B, H, L, D) or (B, L, D), got shape {tuple(query.shape)}")
+    if query.dim() < 3:
+        raise ValueError(f"query must be (B, H, L, D), (B, L, D) or (N, ..., H, L, D), got shape {tuple(query.shape)}")
     if key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must have the same number of dims, got "
                          f"{query.dim()}, {key.dim()}, {value.dim()}")
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True cannot both be given (as in torch)")
+    if query.dim() > 4:  # (N, ..., H, L, D): the leading dims flattened into one batch, and back
+        lead = query.shape[:-3]
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
+            raise ValueError(f"query, key and value must share their leading dims, got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}")
+        n = math.prod(lead)
+        query, key, value = (t.reshape(n, *t.shape[-3:]) for t in (query, key, value))
+        if attn_mask is not None and attn_mask.dim() > 3:  # one of 3 dims or fewer broadcasts as it is
+            if attn_mask.dim() > len(lead) + 3:
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} has more dims than query")
+            m = attn_mask.reshape((1,) * (len(lead) + 3 - attn_mask.dim()) + tuple(attn_mask.shape))
+            try:
+                attn_mask = m.expand(*lead, *m.shape[-3:]).reshape(n, *m.shape[-3:])
+            except RuntimeError:
+                raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to query's "
+                                 f"leading dims {tuple(lead)}") from None
+        out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        return out.reshape(*lead, *out.shape[-3:])
     squeeze = query.dim() == 3
     if squeeze:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
