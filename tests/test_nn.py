@@ -542,6 +542,28 @@ def test_hf_decoder_gqa(kernels):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_mla_value_head_dim(kernels):
+    """DeepSeek-V3's multi-head latent attention hands over q/k of head dim 24 (16 + 8 rotary) and v of 12: the
+    kernels run v zero-padded (the value head dim had to equal q's); logits as eager's."""
+    import transformers
+
+    fnn.register_hf_attention()
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=60, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=12, max_position_embeddings=64, n_group=1, topk_group=1)
+    ids = torch.randint(3, 60, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    results = []
+    for impl in ("eager", "fastattn"):
+        torch.manual_seed(0)
+        model = transformers.DeepseekV3ForCausalLM._from_config(cfg, attn_implementation=impl).eval().to(DEVICE)
+        with torch.no_grad():
+            results.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(results[1], results[0], atol=2e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- HF: sliding window, softcap
 needs_transformers = pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
                                         reason="transformers is not installed")
