@@ -559,7 +559,8 @@ def test_pack_gqa_rule(group, Lq, block_m):
 
 
 # ------------------------------------------------------------------------------------------- SDPA drop-in
-@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "gqa", "3d", "5d-mask", "6d-causal"])
+@pytest.mark.parametrize("kind", ["none", "causal", "bool", "float", "gqa", "3d", "2d-causal", "5d-mask",
+                                  "6d-causal"])
 def test_sdpa_matches_torch(kind, device, monkeypatch):
     """fastattn.scaled_dot_product_attention has torch's semantics: equal to torch's in float64 (reference path),
     and the Triton kernels on the same problem in float32 pass the §5 rule against it."""
@@ -581,6 +582,9 @@ def test_sdpa_matches_torch(kind, device, monkeypatch):
         kw["enable_gqa"] = True
     if kind == "3d":
         q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    if kind == "2d-causal":
+        q, k, v = q[0, 0], k[0, 0], v[0, 0]
+        kw["is_causal"] = True
     if kind == "5d-mask":  # (N, X, H, L, D), as torch takes; a mask over N and H, broadcast over X
         q, k, v = (t.reshape(2, 2, 2, *t.shape[-2:]) for t in (q, k, v))
         kw["attn_mask"] = torch.randn(2, 1, 2, L, S, generator=g, dtype=torch.float64)

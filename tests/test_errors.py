@@ -186,7 +186,9 @@ def test_sdpa_errors():
     with pytest.raises(ValueError, match="enable_gqa"):
         fastattn.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
     with pytest.raises(ValueError, match="query must be"):
-        fastattn.scaled_dot_product_attention(q[0, 0], k[0, 0], v[0, 0])
+        fastattn.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
+    with pytest.raises(ValueError, match="leading dims"):
+        fastattn.scaled_dot_product_attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None])
 
 
 @pytest.mark.parametrize("B,Lq,Lk", [(0, 8, 8), (2, 0, 8), (2, 8, 0)])

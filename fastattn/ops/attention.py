@@ -414,19 +414,23 @@ def _results(result, return_lse: bool, keep: Optional[Tensor], drop_all: bool = 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D), (B, L, D) or, as torch,
-    (N, ..., H, L, D) inputs (the leading dims run as one batch).
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D), (B, L, D), (L, D) or, as
+    torch, (N, ..., H, L, D) inputs (the leading dims run as one batch).
 
     ``attn_mask``: bool (True = attend) or float (added), broadcastable to (..., H, Lq, Lk); ``is_causal`` is
     top-left. A row with no visible key gives 0 (gradients 0), never NaN.
     """
     for t, name in ((query, "query"), (key, "key"), (value, "value")):
         check_tensor(t, name)
-    if query.dim() < 3:
-        raise ValueError(f"query must be (B, H, L, D), (B, L, D) or (N, ..., H, L, D), got shape {tuple(query.shape)}")
+    if query.dim() < 2:
+        raise ValueError(f"query must be (B, H, L, D), (B, L, D), (L, D) or (N, ..., H, L, D), got shape "
+                         f"{tuple(query.shape)}")
     if key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must have the same number of dims, got "
                          f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if query.dim() == 2:  # (L, D): one sequence of one head
+        return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p, is_causal,
+                                            scale, enable_gqa)[0]
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True cannot both be given (as in torch)")
     if query.dim() > 4:  # (N, ..., H, L, D): the leading dims flattened into one batch, and back
