@@ -343,14 +343,14 @@ def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
     dk = empty(k.shape, like=k, dtype=torch.float32)
     dv = empty(v.shape, like=v, dtype=torch.float32)
     # D_i from the global out: these keys are a part of the row's (the kernels' fp32 D from their own p would not be)
-    # lse2 (fp64, +inf for an empty row) as the kernel's fp32 buffer, and for fp32 inputs the row scale
-    # c = e^(r − lse) that makes the kernel's weights c·e^(s − r), r = fl32(lse2)·ln 2 as it forms it, exact
-    lse32 = lse2.float().contiguous()
+    # lse2 (+inf for an empty row): fp64 for fp32 inputs, as the op saves it, with the row scale c = e^(r − lse)
+    # that makes the kernel's weights c·e^(s − r), r = fl32(lse2·ln 2) as it forms it (_row_stats), exact
+    lse2 = lse2.contiguous()
     row_scale = None
     if q.dtype == torch.float32:
-        r = lse32 * torch.tensor(0.6931471805599453, dtype=torch.float32)
+        r = (lse2.double() * math.log(2.0)).float()
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
-    kernels.backward(do, q, k, v, out, lse32, None, None, None, None, dq, dk, dv, None, scale, causal,
+    kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, causal,
                      False, delta_from_p=False, row_scale=row_scale)
     return dq, dk, dv
 

@@ -387,7 +387,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         # >= 2**31 so that Triton always types the argument int64 (one compiled kernel).
         seed = torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64)
     if Dv != D:  # the kernels take one head dim: the narrower side zero-padded (scores and outputs unchanged;
-        q, k, v = (F.pad(t, (0, max(D, Dv) - t.shape[-1])) for t in (q, k, v))  # the extra columns dropped)
+        q, k, v = (F.pad(t, (0, max(D, Dv) - t.shape[-1])) if t.shape[-1] < max(D, Dv) else t  # the extra
+                   for t in (q, k, v))  # columns dropped); F.pad by 0 would copy the wider side too
     out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
                                kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
                                scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use)
