@@ -152,11 +152,12 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
       "attention_fwd_tile",
       [](int d) {
         int bm = 0, bn = 0;
-        if (!fastattn::attention_fwd_tile(d, bm, bn))
+        if (!fastattn::attention_supports_head_dim(d))
           throw std::invalid_argument("fastattn CUDA attention: head dim must be 32, 64, 96, 128 or 256");
+        raise_if(fastattn::attention_fwd_tile(d, bm, bn));
         return py::make_tuple(bm, bn);
       },
-      py::arg("d"), "(query rows, keys) of the forward's tile for head dim d (split-KV heuristic)");
+      py::arg("d"), "(query rows, keys) of the forward's tile for head dim d on the current GPU (split-KV heuristic)");
   m.def(
       "attention_fwd",
       [](const AttnParams& p, std::uintptr_t stream) { raise_if(fastattn::attention_fwd(p, stream_ptr(stream))); },

@@ -121,10 +121,14 @@ def test_dropout_mask_kernel_is_the_triton_mask(B, H, Lq, Lk, p):
     assert (B * H * Lq * Lk < 20) or abs(got.float().mean().item() - (1 - p)) < 0.05
 
 
+SMEM_99KB = str(99 * 1024)  # what a block may opt in to on sm_86 / sm_89 GPUs (RTX 30xx / 40xx, A10, L4, L40)
+
+
 def test_gpus_with_less_shared_memory_get_a_clear_error(monkeypatch):
     """On a GPU that lets a block opt in to 99 KB of shared memory (sm_86 / sm_89; the emulator is told so), the
-    kernels that need more raise an error that says so and names the way out; the others run."""
-    monkeypatch.setenv("FASTATTN_EMULATE_SMEM_OPTIN", str(99 * 1024))
+    d256 backward's tiles do not fit: it raises an error that names the kernel, the reason and the way out; every
+    other head dim runs forward and backward."""
+    monkeypatch.setenv("FASTATTN_EMULATE_SMEM_OPTIN", SMEM_99KB)
     g = torch.Generator().manual_seed(5)
 
     def run(D, backward):
@@ -134,14 +138,37 @@ def test_gpus_with_less_shared_memory_get_a_clear_error(monkeypatch):
             out.sum().backward()
         return out
 
-    for D in (32, 64, 96):
+    for D in (32, 64, 96, 128):
         assert torch.isfinite(run(D, backward=True)).all()
     run(256, backward=False)  # its forward tile needs exactly 99 KB
-    for D, backward in ((128, False), (256, True)):
-        with pytest.raises(RuntimeError, match=r"more shared memory per block than this GPU allows.*backend='triton'"):
-            run(D, backward)
+    with pytest.raises(RuntimeError, match=r"dkdv_kernel: needs more shared memory per block than this GPU "
+                                           r"allows.*backend='triton'"):
+        run(256, backward=True)
     monkeypatch.delenv("FASTATTN_EMULATE_SMEM_OPTIN")
-    run(128, backward=True)
+    run(256, backward=True)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(causal=True, kv_lens=True, dtype=torch.bfloat16),
+    dict(key_padding=True, softcap=3.0, bias="heads", bias_grad=True, lse_grad=True),
+    dict(dropout=0.25, window=(20, 5), H=4, Hkv=2, D=111),
+    dict(split=3, alibi="heads", causal=True, alignment="bottom_right"),
+], ids=["causal-kvlens-bf16", "padding-softcap-bias", "dropout-window-gqa-d111", "split-alibi"])
+def test_head_dim_128_with_99kb_of_shared_memory(monkeypatch, extra):
+    """Where a block may opt in to 99 KB (sm_86 / sm_89), the d128 forward and dQ kernels take keys 32 at a time
+    (FwdCfg / DqCfg NARROW: 68 KB instead of 102 KB) and meet the rule as the wide tiles do: with masks (their
+    key-tile ranges in 32-key tiles), the soft cap's extra shared memory, dropout, GQA and a split forward."""
+    monkeypatch.setenv("FASTATTN_EMULATE_SMEM_OPTIN", SMEM_99KB)
+    assert cuda.extension(torch.empty(0)).attention_fwd_tile(128) == (128, 32)
+    split = extra.pop("split", None)
+    case = AttentionCase(**{**dict(B=2, H=2, Lq=70, Lk=100, D=128, dtype=torch.float16, seed=128), **extra})
+    if split is None:
+        assert_case(case)
+    else:
+        with forced_splits(split):
+            assert_case(case)
+    monkeypatch.delenv("FASTATTN_EMULATE_SMEM_OPTIN")
+    assert cuda.extension(torch.empty(0)).attention_fwd_tile(128) == (128, 64)
 
 
 VARLEN = {**VARLEN_CASES, "mqa-d256": dict(varlen=((65, 150), (30, 30), (5, 0)), H=4, Hkv=1, D=256, causal=True,

@@ -10,8 +10,9 @@
 namespace fastattn {
 
 bool attention_supports_head_dim(int d);
-// The forward's query and key tile (rows) for head dim d (the host's split-KV heuristic); false if unsupported.
-bool attention_fwd_tile(int d, int& block_m, int& block_n);
+// The forward's query and key tile (rows) for head dim d on the current GPU (the host's split-KV and GQA-packing
+// heuristics); an error if d is unsupported or the GPU cannot be asked.
+const char* attention_fwd_tile(int d, int& block_m, int& block_n);
 std::size_t attention_fwd_workspace_bytes(const AttnParams& p);  // 0 unless split (num_splits > 1) or masked
 const char* attention_fwd(const AttnParams& p, void* stream);
 std::size_t attention_bwd_workspace_bytes(const AttnParams& p);

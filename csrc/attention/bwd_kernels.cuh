@@ -294,9 +294,12 @@ __device__ __forceinline__ void row_stats(const AttnParams& p, const Seq& seq, i
 // ------------------------------------------------------------------------------------------- dQ
 // Warps W (query block 16·W), key tile BN. Shared memory (2·16W + 4·BN)·(D + 8)·2 bytes:
 // D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 132 KB; with the soft cap 64·W·BN more (dcap_smem_bytes):
-// 16 KB (8 KB for D = 256).
-template <int D> struct DqCfg { static constexpr int kWarps = 4, kBlockN = 64; };
-template <> struct DqCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+// 16 KB (8 KB for D = 256). NARROW: the tiles of a GPU whose blocks may opt in to less (sm_86 / sm_89, 99 KB):
+// D = 128 takes keys 32 at a time there (68 KB; 76 KB with the soft cap).
+template <int D, bool NARROW = false> struct DqCfg { static constexpr int kWarps = 4, kBlockN = 64; };
+template <> struct DqCfg<256, false> { static constexpr int kWarps = 4, kBlockN = 32; };
+template <> struct DqCfg<256, true> : DqCfg<256, false> {};
+template <> struct DqCfg<128, true> { static constexpr int kWarps = 4, kBlockN = 32; };
 
 template <typename T, int D, int NW, int BN>
 constexpr size_t dq_smem_bytes(bool softcap) {
@@ -516,13 +519,28 @@ __global__ void __launch_bounds__(NW * 32) dbias_kernel(const AttnParams p) {
 
 }  // namespace
 
+// The dQ kernel with W warps and key tiles of BN (DqCfg).
+template <typename T, int D, int NW, int BN>
+const char* run_dq(const AttnParams& p, cudaStream_t s) {
+  constexpr int BM = 16 * NW;
+  static_assert(BM == kBwdBlock, "attention_bwd_workspace_bytes sizes key_ranges for query blocks of kBwdBlock");
+  const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
+  if (const char* err = launch_mask_ranges<BM, BN, true>(p, p.key_ranges, s)) return err;
+  const auto kernel = pick_kernel(p.bias != nullptr || p.mask != nullptr, p.dropout_p > 0.f, score_mods(p),
+                                  [](auto bm, auto dr, auto mo) {
+                                    return dq_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value,
+                                                     decltype(mo)::value>;
+                                  });
+  return launch("dq_kernel", kernel, grid, NW * 32, dq_smem_bytes<T, D, NW, BN>(p.softcap > 0.f), s, p);
+}
+
 template <typename T, int D>
 const char* run_bwd(const AttnParams& p, cudaStream_t s) {
   const bool bias_mask = p.bias != nullptr || p.mask != nullptr, dropout = p.dropout_p > 0.f, mods = score_mods(p);
   if (p.Lq > 0) {
     const dim3 grid((p.Lq + 16 * kDeltaWarps - 1) / (16 * kDeltaWarps), p.H, p.B);
-    if (const char* err = launch(delta_kernel<T, D>, grid, kDeltaWarps * 32, delta_smem_bytes<T, D>(), s, p,
-                                 static_cast<float*>(p.workspace)))
+    if (const char* err = launch("delta_kernel", delta_kernel<T, D>, grid, kDeltaWarps * 32, delta_smem_bytes<T, D>(),
+                                 s, p, static_cast<float*>(p.workspace)))
       return err;
   }
   if (p.Lk > 0) {  // dK, dV (zeros when Lq == 0)
@@ -536,19 +554,18 @@ const char* run_bwd(const AttnParams& p, cudaStream_t s) {
       return dkdv_kernel<T, D, C::kWarps, C::kBlockM, C::kSplit, decltype(bm)::value, decltype(dr)::value,
                          decltype(mo)::value>;
     });
-    if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
+    if (const char* err = launch("dkdv_kernel", kernel, grid, C::kWarps * 32, smem, s, p)) return err;
   }
   if (p.Lq > 0) {  // dQ (zeros when Lk == 0)
-    using C = DqCfg<D>;
-    constexpr int BM = 16 * C::kWarps;
-    const dim3 grid((p.Lq + BM - 1) / BM, p.H, p.B);
-    const size_t smem = dq_smem_bytes<T, D, C::kWarps, C::kBlockN>(p.softcap > 0.f);
-    static_assert(BM == kBwdBlock, "attention_bwd_workspace_bytes sizes key_ranges for query blocks of kBwdBlock");
-    if (const char* err = launch_mask_ranges<BM, C::kBlockN, true>(p, p.key_ranges, s)) return err;
-    const auto kernel = pick_kernel(bias_mask, dropout, mods, [](auto bm, auto dr, auto mo) {
-      return dq_kernel<T, D, C::kWarps, C::kBlockN, decltype(bm)::value, decltype(dr)::value, decltype(mo)::value>;
-    });
-    if (const char* err = launch(kernel, grid, C::kWarps * 32, smem, s, p)) return err;
+    using W = DqCfg<D>;
+    using N = DqCfg<D, true>;
+    bool narrow = false;
+    if (const char* err = narrow_tiles<W::kWarps != N::kWarps || W::kBlockN != N::kBlockN>(
+            dq_smem_bytes<T, D, W::kWarps, W::kBlockN>(p.softcap > 0.f), narrow))
+      return err;
+    if (const char* err =
+            narrow ? run_dq<T, D, N::kWarps, N::kBlockN>(p, s) : run_dq<T, D, W::kWarps, W::kBlockN>(p, s))
+      return err;
   }
   if (p.ds != nullptr && p.ds_reduce != 0 && p.Lq > 0 && p.Lk > 0) {  // dbias of a broadcast bias
     using C = DqCfg<D>;
@@ -560,8 +577,8 @@ const char* run_bwd(const AttnParams& p, cudaStream_t s) {
       return "fastattn CUDA attention: the broadcast bias gradient has too many tiles for one launch";
     const dim3 grid(static_cast<unsigned>(m_tiles * slots), static_cast<unsigned>(n_tiles));
     const auto kernel = dropout ? dbias_kernel<T, D, C::kWarps, BN, true> : dbias_kernel<T, D, C::kWarps, BN, false>;
-    if (const char* err = launch(kernel, grid, C::kWarps * 32, dbias_smem_bytes<T, D, C::kWarps, BN>(), s, p))
-      return err;
+    const size_t smem = dbias_smem_bytes<T, D, C::kWarps, BN>();
+    if (const char* err = launch("dbias_kernel", kernel, grid, C::kWarps * 32, smem, s, p)) return err;
   }
   return nullptr;
 }

@@ -69,18 +69,20 @@ const char* attention_dropout_mask(uint8_t* keep, int64_t n, float dropout_p, ui
   if (n == 0) return nullptr;
   const int64_t blocks = (n + 255) / 256;
   const dim3 grid(static_cast<unsigned>(blocks < (1 << 16) ? blocks : (1 << 16)));
-  return attn::launch(attn::dropout_mask_kernel, grid, 256, 0, static_cast<cudaStream_t>(stream), keep, n, seed,
-                      dropout_p);
+  return attn::launch("dropout_mask_kernel", attn::dropout_mask_kernel, grid, 256, 0,
+                      static_cast<cudaStream_t>(stream), keep, n, seed, dropout_p);
 }
 
-bool attention_fwd_tile(int d, int& block_m, int& block_n) {
-  const auto set = [&](auto, auto dim) -> const char* {
-    using Cfg = attn::FwdCfg<decltype(dim)::value>;
-    block_m = 16 * Cfg::kWarps;
-    block_n = Cfg::kBlockN;
+const char* attention_fwd_tile(int d, int& block_m, int& block_n) {
+  const auto set = [&](auto t, auto dim) -> const char* {
+    constexpr int D = decltype(dim)::value;
+    bool narrow = false;
+    if (const char* err = attn::fwd_narrow<decltype(t), D>(narrow)) return err;
+    block_m = 16 * (narrow ? attn::FwdCfg<D, true>::kWarps : attn::FwdCfg<D>::kWarps);
+    block_n = narrow ? attn::FwdCfg<D, true>::kBlockN : attn::FwdCfg<D>::kBlockN;
     return nullptr;
   };
-  return attention_supports_head_dim(d) && attn::dispatch_head_dim<__half>(d, set) == nullptr;
+  return attn::dispatch_head_dim<__half>(d, set);
 }
 
 // Workspace: the splits' partials (a split forward), then the bool mask's key_ranges (attn::mask_ranges_kernel),
@@ -93,7 +95,7 @@ static std::size_t partial_bytes(const AttnParams& p) {
 
 static std::size_t key_ranges_bytes(const AttnParams& p) {
   int block_m = 0, block_n = 0;
-  if (p.B <= 0 || p.H <= 0 || p.pack_gqa < 1 || !attention_fwd_tile(p.D, block_m, block_n)) return 0;
+  if (p.B <= 0 || p.H <= 0 || p.pack_gqa < 1 || attention_fwd_tile(p.D, block_m, block_n) != nullptr) return 0;
   // The forward's grid (attn::fwd_heads, fwd_rows), formed here before attention_fwd has checked p.
   return attn::mask_ranges_bytes(p, p.H / p.pack_gqa, static_cast<int64_t>(p.Lq) * p.pack_gqa, block_m);
 }
@@ -122,8 +124,8 @@ const char* attention_fwd(const AttnParams& params, void* stream) {
   });
   if (err != nullptr || p.num_splits == 1) return err;
   const dim3 grid((p.Lq + kCombineWarps - 1) / kCombineWarps, p.H, p.B);
-  return p.dtype == kBFloat16 ? launch(combine_kernel<__nv_bfloat16>, grid, kCombineWarps * 32, 0, s, p)
-                              : launch(combine_kernel<__half>, grid, kCombineWarps * 32, 0, s, p);
+  const auto kernel = p.dtype == kBFloat16 ? combine_kernel<__nv_bfloat16> : combine_kernel<__half>;
+  return launch("combine_kernel", kernel, grid, kCombineWarps * 32, 0, s, p);
 }
 
 }  // namespace fastattn

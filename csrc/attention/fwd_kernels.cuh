@@ -18,11 +18,6 @@ namespace fastattn {
 namespace attn {
 namespace {
 
-template <typename T, int D, int NW, int BN>
-constexpr size_t fwd_smem_bytes() {
-  return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
-}
-
 // BIAS_MASK: p.bias or p.mask is set; DROPOUT: p.dropout_p > 0; MODS: softcap or ALiBi is on (template flags: each
 // costs registers even when skipped at run time). D <= 64 without dropout: at most 128 registers, so that two CTAs
 // share an SM (the packed-batch bookkeeping had pushed D = 64 to 136 registers, one CTA per SM; ptxas reaches 128
@@ -159,9 +154,9 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
 
 }  // namespace
 
-template <typename T, int D>
-const char* run_fwd(const AttnParams& p, cudaStream_t s) {
-  constexpr int NW = FwdCfg<D>::kWarps, BN = FwdCfg<D>::kBlockN, BM = 16 * NW;
+template <typename T, int D, bool NARROW>
+const char* run_fwd_tiles(const AttnParams& p, cudaStream_t s) {
+  constexpr int NW = FwdCfg<D, NARROW>::kWarps, BN = FwdCfg<D, NARROW>::kBlockN, BM = 16 * NW;
   const dim3 grid((fwd_rows(p) + BM - 1) / BM * p.num_splits, fwd_heads(p), p.B);
   const size_t smem = fwd_smem_bytes<T, D, NW, BN>();
   if (const char* err = launch_mask_ranges<BM, BN, true>(p, p.key_ranges, s)) return err;
@@ -170,7 +165,14 @@ const char* run_fwd(const AttnParams& p, cudaStream_t s) {
                                     return fwd_kernel<T, D, NW, BN, decltype(bm)::value, decltype(dr)::value,
                                                       decltype(mo)::value>;
                                   });
-  return launch(kernel, grid, NW * 32, smem, s, p);
+  return launch("fwd_kernel", kernel, grid, NW * 32, smem, s, p);
+}
+
+template <typename T, int D>
+const char* run_fwd(const AttnParams& p, cudaStream_t s) {
+  bool narrow = false;
+  if (const char* err = fwd_narrow<T, D>(narrow)) return err;
+  return narrow ? run_fwd_tiles<T, D, true>(p, s) : run_fwd_tiles<T, D, false>(p, s);
 }
 
 }  // namespace attn

@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <type_traits>
 
@@ -607,9 +608,17 @@ __device__ __forceinline__ float quad_max(float x) {
 // ------------------------------------------------------------------------------------------- host side
 // Forward tiles: warps (query block = 16·warps rows) and key block per head dim; shared memory
 // (16·W + 4·BN)·(D + 8)·2 bytes: D=32: 30 KB, 64: 54 KB, 96: 78 KB, 128: 102 KB, 256: 99 KB (all within sm80's
-// 163 KB).
-template <int D> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
-template <> struct FwdCfg<256> { static constexpr int kWarps = 4, kBlockN = 32; };
+// 163 KB). NARROW: the tiles of a GPU whose blocks may opt in to less than the wide tiles need (sm_86 / sm_89,
+// 99 KB): D = 128 takes keys 32 at a time there (68 KB), as FlashAttention-2 does on those GPUs.
+template <int D, bool NARROW = false> struct FwdCfg { static constexpr int kWarps = 8, kBlockN = 64; };
+template <> struct FwdCfg<256, false> { static constexpr int kWarps = 4, kBlockN = 32; };
+template <> struct FwdCfg<256, true> : FwdCfg<256, false> {};
+template <> struct FwdCfg<128, true> { static constexpr int kWarps = 8, kBlockN = 32; };
+
+template <typename T, int D, int NW, int BN>
+constexpr size_t fwd_smem_bytes() {
+  return static_cast<size_t>(16 * NW + 4 * BN) * (D + 8) * sizeof(T);
+}
 
 // Rows of the dQ kernel's query blocks and keys of the dK/dV kernel's key blocks, every head dim
 // (bwd_kernels.cuh): the sizes of the backward's mask range tables.
@@ -720,30 +729,67 @@ inline auto pick_kernel(bool bias_mask, bool dropout, bool mods, F&& f) {
 // softcap or ALiBi on: the kernels' MODS flag.
 inline bool score_mods(const AttnParams& p) { return p.softcap > 0.f || p.alibi != nullptr; }
 
-// Raises the dynamic shared memory limit when needed, launches, and checks both.
+// Error messages that name the kernel live in a thread-local buffer until the next failing call on the thread.
+inline const char* launch_failure(const char* what, const char* detail) {
+  thread_local char buf[320];
+  std::snprintf(buf, sizeof(buf), "fastattn CUDA attention: %s: %s", what, detail);
+  return buf;
+}
+
+inline const char* cuda_failure(const char* what, cudaError_t e) {
+  cudaGetLastError();  // clear it, so that the next launch does not report it again
+  char detail[200];
+  std::snprintf(detail, sizeof(detail), "%s: %s", cudaGetErrorName(e), cudaGetErrorString(e));
+  return launch_failure(what, detail);
+}
+
+// The dynamic shared memory a block of the current GPU may opt in to.
+inline const char* smem_optin(int& bytes) {
+  int dev = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  return e == cudaSuccess ? nullptr : cuda_failure("shared memory limit", e);
+}
+
+// Whether this GPU takes a kernel's NARROW tiles (FwdCfg, DqCfg): its wide tiles need `wide` bytes of shared
+// memory, more than a block may opt in to. Head dims whose narrow tiles are their wide ones never ask.
+template <bool HAS_NARROW>
+inline const char* narrow_tiles(size_t wide, bool& narrow) {
+  narrow = false;
+  if constexpr (!HAS_NARROW) return nullptr;
+  int optin = 0;
+  if (const char* err = smem_optin(optin)) return err;
+  narrow = static_cast<size_t>(optin) < wide;
+  return nullptr;
+}
+
+// The forward's tiles on this GPU (FwdCfg<D> or, where its shared memory does not fit, FwdCfg<D, true>).
+template <typename T, int D>
+inline const char* fwd_narrow(bool& narrow) {
+  using W = FwdCfg<D>;
+  using N = FwdCfg<D, true>;
+  return narrow_tiles<W::kWarps != N::kWarps || W::kBlockN != N::kBlockN>(
+      fwd_smem_bytes<T, D, W::kWarps, W::kBlockN>(), narrow);
+}
+
+// Raises the dynamic shared memory limit when needed, launches `kernel` (named `what` in errors), and checks both.
 template <typename Kernel, typename... Args>
-inline const char* launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, Args... args) {
+inline const char* launch(const char* what, Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                          Args... args) {
   if (smem > 48 * 1024) {
-    int dev = 0, optin = 0;
-    cudaError_t e = cudaGetDevice(&dev);
-    if (e == cudaSuccess) e = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      return cudaGetErrorString(e);
-    }
+    int optin = 0;
+    if (const char* err = smem_optin(optin)) return err;
     if (static_cast<size_t>(optin) < smem)
-      return "fastattn CUDA attention: this head dim's kernel needs more shared memory per block than this GPU "
-             "allows (sm_86/sm_89 GPUs, 99 KB: head dims up to 96 run, the d128 forward and backward and the "
-             "d256 backward do not; A100/H100-class GPUs run them all); use backend='triton'";
-    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) {
-      cudaGetLastError();
-      return cudaGetErrorString(e);
-    }
+      return launch_failure(what, "needs more shared memory per block than this GPU allows (sm_86/sm_89 GPUs, "
+                                  "99 KB: every head dim but the d256 backward runs there; A100/H100-class GPUs "
+                                  "run them all); use backend='triton'");
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (e != cudaSuccess) return cuda_failure(what, e);
   }
   FASTATTN_LAUNCH(kernel, grid, threads, smem, stream, args...);
   const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+  return e == cudaSuccess ? nullptr : cuda_failure(what, e);
 }
 
 // Fills `ranges` (p.key_ranges: KEYS, blocks of BM query rows of the H heads; p.query_ranges: blocks of BN keys of
@@ -754,7 +800,8 @@ inline const char* launch_mask_ranges(const AttnParams& p, int32_t* ranges, cuda
   const int len = KEYS ? fwd_rows(p) : p.Lk, block = KEYS ? BM : BN;
   if (len == 0) return nullptr;
   const dim3 grid((len + block - 1) / block, KEYS ? fwd_heads(p) : p.Hkv, p.B);
-  return launch(mask_ranges_kernel<BM, BN, KEYS>, grid, kMaskRangeThreads, 0, stream, p, ranges);
+  return launch("mask_ranges_kernel", mask_ranges_kernel<BM, BN, KEYS>, grid, kMaskRangeThreads, 0, stream, p,
+                ranges);
 }
 
 }  // namespace attn
