@@ -174,6 +174,43 @@ def test_value_head_dim_differs(D, Dv, kernel_backend):
                                torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                                                                 is_causal=True).half(),
                                rtol=2e-3, atol=2e-3)
+    out = fastattn.attention(q, k, v, backend=kernel_backend)
+    assert out.shape[-1] == Dv and out.is_contiguous()  # dense, as torch's: no view of a D-wide buffer
+
+
+def test_value_head_dim_differs_varlen(kernel_backend):
+    """A packed batch whose v has another head dim than q and k, as the padded layout allows: every output and
+    gradient within the rule (GQA, bottom-right causal, an empty sequence)."""
+    g = torch.Generator().manual_seed(3)
+    H, Hkv, D, Dv = 4, 2, 24, 40
+    lens_q, lens_k = [7, 0, 12], [9, 5, 12]
+    cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(n)], dtype=torch.int32, device=DEVICE)
+                  for n in (lens_q, lens_k))
+    inputs = dict(q=torch.randn(sum(lens_q), H, D, generator=g), k=torch.randn(sum(lens_k), Hkv, D, generator=g),
+                  v=torch.randn(sum(lens_k), Hkv, Dv, generator=g))
+    inputs = {n: t.to(DEVICE).requires_grad_() for n, t in inputs.items()}
+    gouts = {"out": torch.randn(sum(lens_q), H, Dv, generator=g).to(DEVICE)}
+
+    def fn(backend, **kw):
+        return {"out": fastattn.attention(**kw, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
+                                          max_seqlen_k=max(lens_k), causal=True, causal_alignment="bottom_right",
+                                          backend=backend)}
+    failed = [str(c) for c in compare_all(fn, inputs, gouts, torch.float16, kernel_backend) if not c.ok]
+    assert not failed, "\n".join(failed)
+
+
+def test_sdpa_three_dim_inputs_hold_heads():
+    """(H, L, D) inputs, as torch reads them: dim -3 holds the heads, so enable_gqa groups them (it once read
+    them as batches and refused); a 3-D mask broadcasts over those heads."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(n, L, 16, generator=g).to(DEVICE) for n, L in ((4, 5), (2, 7), (2, 7)))
+    mask = torch.rand(4, 5, 7, generator=g).to(DEVICE) > 0.3
+    for kw in (dict(), dict(attn_mask=mask), dict(is_causal=True)):
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), enable_gqa=True,
+                                                                **{n: m for n, m in kw.items()})
+        got = fastattn.scaled_dot_product_attention(q.half(), k.half(), v.half(), enable_gqa=True, **kw)
+        assert got.shape == (4, 5, 16)
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -189,6 +189,28 @@ def test_sdpa_errors():
         fastattn.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
     with pytest.raises(ValueError, match="leading dims"):
         fastattn.scaled_dot_product_attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None])
+    # attn_mask is named as SDPA's caller knows it (attention() calls it attn_bias), also in 5-D
+    for mask in ([[True]], torch.ones(8, 8, dtype=torch.int32)):
+        for d in (4, 5):
+            with pytest.raises(TypeError, match="attn_mask must be a bool"):
+                fastattn.scaled_dot_product_attention(*(t.view((1,) * (d - 4) + t.shape) for t in (q, k, v)),
+                                                      attn_mask=mask)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(3, 8, 8\) does not broadcast"):
+        fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(3, 8, 8, dtype=torch.bool))
+    with pytest.raises(ValueError, match="dropout_mask must be a bool tensor"):
+        fastattn.attention(q, k, v, dropout_p=0.5, dropout_mask=[[True]], backend="torch")
+
+
+def test_backend_variable_cuda_falls_back_to_torch_for_fp32_attention(monkeypatch):
+    """FASTATTN_BACKEND=cuda steers the automatic choice: fp32 attention, which the CUDA kernels (fp16/bf16 MMAs)
+    do not take, runs on "torch" as dispatch.select promises, instead of raising."""
+    monkeypatch.setenv("FASTATTN_BACKEND", "cuda")
+    q, k, v = qkv(requires_grad=False)
+    q, k, v = q.float(), k.float(), v.float()
+    torch.testing.assert_close(fastattn.attention(q, k, v, causal=True),
+                               fastattn.attention(q, k, v, causal=True, backend="torch"))
+    torch.testing.assert_close(fastattn.scaled_dot_product_attention(q, k, v),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("B,Lq,Lk", [(0, 8, 8), (2, 0, 8), (2, 8, 0)])

@@ -242,8 +242,8 @@ def _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_
         check_tensor(t, name, dim=3)
     for t, name in ((k, "k"), (v, "v")):
         check_same(q, "q", t, name)
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape (total_k, Hkv, D)")
+    if k.shape[:2] != v.shape[:2]:  # v's head dim may differ, as in the padded layout
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in (total_k, Hkv)")
     _check_inputs(q.unsqueeze(0).transpose(1, 2), k.unsqueeze(0).transpose(1, 2), v.unsqueeze(0).transpose(1, 2))
     for t, name in ((cu_seqlens_q, "cu_seqlens_q"), (cu_seqlens_k, "cu_seqlens_k")):
         if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.dim() != 1 or t.shape[0] < 2:
@@ -352,13 +352,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
 
     D, Dv = q.shape[-1], v.shape[-1]
     use = dispatch.select(backend, q, lambda b: max(D, Dv) <= MAX_HEAD_DIM and kernels_take(
-        (q, "q"), (bias, "attn_bias"))(b))
+        (q, "q"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32))  # fp16/bf16 MMAs
     if dropout_mask is not None:
         if use not in REFERENCE_BACKENDS:
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
-        if dropout_mask.dtype != torch.bool or tuple(dropout_mask.shape) != (B, H, Lq, Lk):
+        if (not isinstance(dropout_mask, Tensor) or dropout_mask.dtype != torch.bool
+                or tuple(dropout_mask.shape) != (B, H, Lq, Lk)):
             raise ValueError(f"dropout_mask must be a bool tensor of shape {(B, H, Lq, Lk)}, got "
-                             f"{dropout_mask.dtype} {tuple(dropout_mask.shape)}")
+                             f"{getattr(dropout_mask, 'dtype', type(dropout_mask).__name__)} "
+                             f"{tuple(getattr(dropout_mask, 'shape', ()))}")
     if use in REFERENCE_BACKENDS or q.numel() == 0 or k.numel() == 0:
         keep = dropout_mask
         if dropout_p > 0.0 and keep is None:
@@ -392,7 +394,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
                                kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
                                scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use)
-    out = out[..., :Dv] if Dv != D else out
+    out = out[..., :Dv].contiguous() if Dv < D else out  # dense, as torch's; not a view keeping D columns alive
     keep = None
     if return_dropout_mask:
         keep = (_kernels(use).dropout_mask(B, H, Lq, Lk, dropout_p, int(seed), q.device) if seed is not None
@@ -429,6 +431,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if key.dim() != query.dim() or value.dim() != query.dim():
         raise ValueError(f"query, key and value must have the same number of dims, got "
                          f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if attn_mask is not None and (not isinstance(attn_mask, Tensor)
+                                  or not (attn_mask.dtype == torch.bool or attn_mask.is_floating_point())):
+        raise TypeError(f"attn_mask must be a bool (True = attend) or floating-point tensor, got "
+                        f"{getattr(attn_mask, 'dtype', type(attn_mask).__name__)}")
     if query.dim() == 2:  # (L, D): one sequence of one head
         return scaled_dot_product_attention(query[None], key[None], value[None], attn_mask, dropout_p, is_causal,
                                             scale, enable_gqa)[0]
@@ -453,11 +459,12 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out = scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         return out.reshape(*lead, *out.shape[-3:])
     squeeze = query.dim() == 3
-    if squeeze:
-        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-        if attn_mask is not None and attn_mask.dim() == 3:
-            attn_mask = attn_mask.unsqueeze(1)
+    if squeeze:  # (H, L, D), as torch reads it (dim -3 holds the heads, which enable_gqa groups)
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
     if not enable_gqa and key.shape[1] != query.shape[1]:
         raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
+    if attn_mask is not None:  # named as the caller knows it before attention() sees it as attn_bias
+        check_same(query, "query", attn_mask, "attn_mask", dtype=False)
+        masks.as_4d(attn_mask, "attn_mask", (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
     out = attention(query, key, value, causal=is_causal, attn_bias=attn_mask, scale=scale, dropout_p=dropout_p)
-    return out.squeeze(1) if squeeze else out
+    return out.squeeze(0) if squeeze else out
