@@ -56,6 +56,41 @@ def test_backward_is_deterministic(device):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("residual", [False, True])
+def test_double_backward_as_torch(kernel_backend, residual):
+    """create_graph=True (a gradient penalty): the gradients differentiate again, as torch.nn.LayerNorm's do
+    (the kernels' backward once raised "no autograd formula" there); the first gradients are unchanged."""
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(6, 48, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(48, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    dy = torch.randn(6, 48, generator=g).to(DEVICE)
+
+    def penalty(fn):
+        y = fn()
+        gx, gw = torch.autograd.grad(y, (x, w), dy, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum() + (gw ** 3).sum(), (x, r, w, b) if residual else (x, w, b),
+                                   allow_unused=True)
+    if residual:
+        got = penalty(lambda: fastattn.add_layer_norm(x, r, 48, w, b, backend=kernel_backend))
+        want = penalty(lambda: torch.nn.functional.layer_norm(x + r, (48,), w, b))
+    else:
+        got = penalty(lambda: fastattn.layer_norm(x, 48, w, b, backend=kernel_backend))
+        want = penalty(lambda: torch.nn.functional.layer_norm(x, (48,), w, b))
+    for a, c, t in zip(got, want, (x, r, w, b) if residual else (x, w, b)):  # unused: None or zeros
+        torch.testing.assert_close(*(torch.zeros_like(t) if z is None else z for z in (a, c)), rtol=1e-4, atol=1e-4)
+
+
+def test_add_layer_norm_promotes_mixed_dtypes_as_the_sum_does():
+    """An fp16/bf16 sublayer output meets an fp32 residual stream under autocast: promoted as x + residual is,
+    then normalised (it once raised a dtype mismatch where torch's layers run)."""
+    g = torch.Generator().manual_seed(2)
+    x, r = torch.randn(3, 32, generator=g).to(DEVICE).bfloat16(), torch.randn(3, 32, generator=g).to(DEVICE)
+    y, s = fastattn.add_layer_norm(x, r, 32, prenorm=True)
+    assert y.dtype == s.dtype == torch.float32
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (32,)))
+
+
 def test_reference_is_torch_layer_norm():
     x, w, b = torch.randn(4, 5, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64), \
         torch.randn(5, 6, dtype=torch.float64)

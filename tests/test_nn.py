@@ -335,6 +335,62 @@ def test_multihead_attention_local_options_api(kernels):
     assert (m(x, x, x, need_weights=False)[0] - want).abs().max() > 1e-2
 
 
+def test_multihead_attention_alibi_after_meta_device_and_reset():
+    """The ALiBi slopes (a non-persistent buffer: no state_dict restores them) are real after to_empty() from a
+    meta-device module and after _reset_parameters(), not uninitialised memory."""
+    m = fnn.MultiheadAttention(E, HEADS, alibi=True, device="meta").to_empty(device="cpu")
+    assert torch.equal(m.alibi_slopes, fastattn.alibi_slopes(HEADS))
+    m.alibi_slopes.fill_(0.0)
+    m._reset_parameters()
+    assert torch.equal(m.alibi_slopes, fastattn.alibi_slopes(HEADS))
+    assert m.half().alibi_slopes.dtype == torch.float32
+
+
+def test_multihead_attention_nested_inputs_take_torch_fast_path():
+    """Nested tensors (eval, inference mode, batch_first self-attention) run torch's fast path, as on
+    torch.nn.MultiheadAttention; fastattn's layers refuse them with a clear error."""
+    torch.manual_seed(0)
+    plain = nn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True).eval()
+    m.load_state_dict(plain.state_dict())
+    x = torch.nested.nested_tensor([torch.randn(5, E), torch.randn(3, E)])
+    with torch.inference_mode():
+        got, want = m(x, x, x, need_weights=False)[0], plain(x, x, x, need_weights=False)[0]
+    for a, b in zip(got.unbind(), want.unbind()):
+        torch.testing.assert_close(a, b)
+    layer = fnn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True).eval()
+    with torch.inference_mode(), pytest.raises(ValueError, match="nested tensors"):
+        layer(x)
+
+
+def test_multihead_attention_4d_mask_with_causal_hint_is_refused():
+    """attn_mask must be 2-d or 3-d, also with the is_causal hint (which drops the mask): torch refuses it."""
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=True)
+    x = _randn(B, LQ, E, requires_grad=False)
+    with pytest.raises(ValueError, match="2-d or 3-d"):
+        m(x, x, x, need_weights=False, attn_mask=torch.zeros(1, 1, LQ, LQ), is_causal=True)
+
+
+@pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
+def test_layers_under_autocast_as_torch(norm_first):
+    """Mixed precision: each sublayer's bf16 output meets the fp32 residual stream; the fused add + LayerNorm
+    promotes as torch's x + sublayer(x) does (it once raised a dtype mismatch), so outputs match torch's."""
+    torch.manual_seed(0)
+    pairs = [(nn.TransformerEncoderLayer(E, HEADS, 32, dropout=0.0, batch_first=True, norm_first=norm_first),
+              fnn.TransformerEncoderLayer), (nn.TransformerDecoderLayer(E, HEADS, 32, dropout=0.0,
+                                                                         batch_first=True, norm_first=norm_first),
+                                             fnn.TransformerDecoderLayer)]
+    x, mem = _randn(B, LQ, E, requires_grad=False), _randn(B, LQ + 3, E, requires_grad=False)
+    for twin, cls in pairs:
+        fast = cls(E, HEADS, 32, dropout=0.0, batch_first=True, norm_first=norm_first)
+        fast.load_state_dict(twin.state_dict())
+        args = (x,) if cls is fnn.TransformerEncoderLayer else (x, mem)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, want = fast(*args), twin(*args)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
 # ------------------------------------------------------------------------------------------- Transformer layers
 @pytest.mark.parametrize("norm_first", [False, True], ids=["post_norm", "pre_norm"])
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])

@@ -55,6 +55,24 @@ def test_higher_rank_mask():
     assert_case(SoftmaxCase(shape=(2, 3, 2, 3, 20), dtype=torch.float32, mask="lead", mask_grad=True))
 
 
+@pytest.mark.parametrize("mask", [False, True])
+def test_double_backward_as_torch(kernel_backend, mask):
+    """create_graph=True: the gradients differentiate again, as torch.softmax's do (x, and a float mask that
+    requires grad), with the scale folded in."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 5, 33, generator=g).to(DEVICE).requires_grad_()
+    m = torch.randn(5, 33, generator=g).to(DEVICE).requires_grad_() if mask else None
+    dy = torch.randn(4, 5, 33, generator=g).to(DEVICE)
+
+    def penalty(y):
+        gx, = torch.autograd.grad(y, (x,), dy, create_graph=True)
+        return torch.autograd.grad((gx ** 2).sum(), (x, m) if mask else (x,))
+    got = penalty(fastattn.softmax(x, -1, scale=0.7, mask=m, backend=kernel_backend))
+    want = penalty(torch.softmax(x * 0.7 + (m if mask else 0.0), -1))
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-5)
+
+
 def test_output_dtype():
     assert_case(SoftmaxCase(shape=(4, 300), dtype=torch.float16, out_dtype=torch.float32))
 

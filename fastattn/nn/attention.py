@@ -105,9 +105,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         slopes = self._buffers.get("alibi_slopes")
-        if slopes is not None and slopes.dtype != torch.float32:  # .half() etc.: the kernels take fp32 slopes,
-            self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)  # exact, not re-rounded
+        # Made afresh wherever the buffer lands (not in the state_dict): fp32 after .half() etc., exact (not
+        # re-rounded), and real values after to_empty() from a meta-device module (which leaves them garbage).
+        if slopes is not None and slopes.device.type != "meta":
+            self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)
         return self
+
+    def _reset_parameters(self):
+        super()._reset_parameters()
+        slopes = self._buffers.get("alibi_slopes")
+        if slopes is not None and slopes.device.type != "meta":
+            self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
                 need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
@@ -116,6 +124,12 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
             return self._context_parallel_forward(query, key, value, key_padding_mask, need_weights, attn_mask,
                                                   is_causal)
         slopes = self._buffers.get("alibi_slopes") if self.alibi else None
+        if query.is_nested or key.is_nested or value.is_nested:  # torch's fast path takes nested tensors
+            if self.window_size is not None or slopes is not None:
+                raise ValueError("nested tensors run torch's implementation, which has no window_size / alibi")
+            return super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                                   attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+                                   is_causal=is_causal)
         if need_weights:
             if self.window_size is not None or slopes is not None:
                 raise ValueError("need_weights=True runs torch's implementation, which has no window_size / alibi; "
@@ -131,6 +145,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         # torch's rule: with no key-padding mask the is_causal hint replaces attn_mask (the kernel builds the
         # causal mask from indices); otherwise attn_mask itself is used.
         causal = is_causal and key_padding_mask is None
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):  # checked before the hint drops it
+            raise ValueError(f"attn_mask must be 2-d or 3-d, got {attn_mask.dim()} dims")
         if causal:
             attn_mask = None
 

@@ -41,6 +41,12 @@ def _add_then_norm(norm: nn.Module, x: Tensor, residual: Tensor) -> tuple[Tensor
     return norm(h), h
 
 
+def _refuse_nested(*xs: Tensor) -> None:
+    if any(x.is_nested for x in xs):  # torch's layers take them only on their inference fast path
+        raise ValueError("nested tensors are not supported by fastattn's layers: pass a padded batch and its key "
+                         "padding mask (the kernels skip the padded keys)")
+
+
 def _adopt_fused_modules(layer: nn.Module) -> None:
     """Re-class torch's attention and LayerNorm submodules of ``layer`` as fastattn's (same parameters)."""
     for name, child in layer.named_children():
@@ -75,6 +81,7 @@ class TransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
+        _refuse_nested(src)
         x = src
         if self.norm_first:
             sa = self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
@@ -93,6 +100,7 @@ class TransformerDecoderLayer(nn.TransformerDecoderLayer):
                 memory_mask: Optional[Tensor] = None, tgt_key_padding_mask: Optional[Tensor] = None,
                 memory_key_padding_mask: Optional[Tensor] = None, tgt_is_causal: bool = False,
                 memory_is_causal: bool = False) -> Tensor:
+        _refuse_nested(tgt, memory)
         x = tgt
         if self.norm_first:
             sa = self._sa_block(self.norm1(x), tgt_mask, tgt_key_padding_mask, tgt_is_causal)

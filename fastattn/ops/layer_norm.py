@@ -76,14 +76,34 @@ def _setup_context(ctx, inputs, output):
     ctx.wdtype = weight.dtype if weight is not None else None
     ctx.bdtype = bias.dtype if bias is not None else None
     ctx.backend = backend
+    ctx.eps = eps
 
 
 def _backward(ctx, dy, dsum, _dmean, _drstd):
     s, weight, mean, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _backward_differentiable(ctx, s, weight, dy, dsum)
     wb_grad = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     ds, dw, db = _layer_norm_bwd(dy, dsum if ctx.has_res else None, s, weight, mean, rstd, wb_grad, ctx.backend)
     dw = dw.to(ctx.wdtype) if ctx.needs_input_grad[2] else None
     db = db.to(ctx.bdtype) if ctx.needs_input_grad[3] else None
+    return ds, (ds if ctx.has_res else None), dw, db, None, None
+
+
+def _backward_differentiable(ctx, s, weight, dy, dsum):
+    """The gradients as torch ops of the saved input s (x or x + residual), so that they differentiate again, as
+    torch.nn.LayerNorm's do (the kernels' backward differentiates once), in fp32: with ŝ = (s − mean)·rstd and
+    g = dy·weight, ds = rstd·(g − mean(g) − ŝ·mean(g·ŝ)), dweight = Σ dy·ŝ, dbias = Σ dy."""
+    sf, dyf = s.float(), dy.float()
+    mean = sf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt((sf - mean).square().mean(-1, keepdim=True) + ctx.eps)
+    shat = (sf - mean) * rstd
+    g = dyf * weight.float() if weight is not None else dyf
+    ds = (rstd * (g - g.mean(-1, keepdim=True) - shat * (g * shat).mean(-1, keepdim=True))).to(s.dtype)
+    if ctx.has_res:
+        ds = ds + dsum  # s = x + residual is also an output
+    dw = (dyf * shat).sum(0).to(ctx.wdtype) if ctx.needs_input_grad[2] else None
+    db = dyf.sum(0).to(ctx.bdtype) if ctx.needs_input_grad[3] else None
     return ds, (ds if ctx.has_res else None), dw, db, None, None
 
 
@@ -168,7 +188,13 @@ def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: O
 def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Union[int, Sequence[int]],
                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5,
                    prenorm: bool = False, *, backend: str = "auto"):
-    """LayerNorm(x + residual) in one pass; with ``prenorm=True`` returns (y, x + residual)."""
+    """LayerNorm(x + residual) in one pass; with ``prenorm=True`` returns (y, x + residual). Floating x and
+    residual of different dtypes are promoted first, as ``x + residual`` promotes them (under autocast a
+    sublayer's fp16/bf16 output meets an fp32 residual stream)."""
+    if (isinstance(x, Tensor) and isinstance(residual, Tensor) and x.dtype != residual.dtype
+            and x.is_floating_point() and residual.is_floating_point()):
+        common = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(common), residual.to(common)
     shape = _check(x, normalized_shape, weight, bias, residual, eps)
     y, s = _run(x, residual, shape, weight, bias, eps, backend)
     return (y, s) if prenorm else y

@@ -60,7 +60,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy):
     y, = ctx.saved_tensors
     mask_grad = ctx.mask_shape is not None and ctx.needs_input_grad[1]
-    dx, dz = _softmax_bwd(y, dy, *ctx.params, mask_grad, ctx.backend)
+    if torch.is_grad_enabled():  # create_graph=True: torch ops of the output y, so that they differentiate again
+        yf = y.float()  # dz = y (dy − Σ dy·y), the gradient of the logits z = x·scale + mask
+        dz = yf * (dy.float() - (dy.float() * yf).sum(-1, keepdim=True))
+        dx = (dz * ctx.params[0]).to(ctx.params[1])
+    else:
+        dx, dz = _softmax_bwd(y, dy, *ctx.params, mask_grad, ctx.backend)
     dmask = None
     if mask_grad:  # sum dz over the mask's broadcast dims
         dz = dz.view(*ctx.lead, dz.shape[-1])
