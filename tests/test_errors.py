@@ -237,3 +237,29 @@ def test_cpu_triton_needs_interpreter(monkeypatch):
     assert dispatch.select("auto", torch.empty(1)) == "torch"
     monkeypatch.setenv("FASTATTN_BACKEND", "torch")
     assert dispatch.select("auto", torch.empty(1)) == "torch"
+
+
+def test_forward_mode_ad_never_meets_the_kernels(monkeypatch):
+    """torch.library custom ops drop tangents silently (a zero JVP): under torch.func.jvp or with
+    torch.autograd.forward_ad dual tensors the automatic choice runs backend "torch", whose JVP is right, and an
+    explicit kernel backend raises instead of answering 0."""
+    import torch.autograd.forward_ad as fwAD
+    monkeypatch.setenv("FASTATTN_BACKEND", "triton")
+    g = torch.Generator().manual_seed(0)
+    q, k, v, tq = (torch.randn(1, 2, 6, 8, generator=g).to(DEVICE) for _ in range(4))
+    x, tx = (torch.randn(3, 16, generator=g).to(DEVICE) for _ in range(2))
+    ops = {"attention": (lambda q, backend="auto": fastattn.attention(q, k, v, causal=True, backend=backend), q, tq),
+           "softmax": (lambda x, backend="auto": fastattn.softmax(x, -1, backend=backend), x, tx),
+           "layer_norm": (lambda x, backend="auto": fastattn.layer_norm(x, 16, backend=backend), x, tx)}
+    for name, (fn, primal, tangent) in ops.items():
+        want = torch.func.jvp(lambda t: fn(t, "torch"), (primal,), (tangent,))[1]
+        got = torch.func.jvp(fn, (primal,), (tangent,))[1]
+        assert want.abs().max() > 0.1, name
+        torch.testing.assert_close(got, want, msg=name)
+        with fwAD.dual_level():
+            dual = fwAD.make_dual(primal, tangent)
+            torch.testing.assert_close(fwAD.unpack_dual(fn(dual)).tangent, want, msg=name)
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                fn(dual, "triton")
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            torch.func.jvp(lambda t: fn(t, "triton"), (primal,), (tangent,))

@@ -194,6 +194,20 @@ def test_torch_compile_and_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
     y = torch.ops.fastattn.layer_norm_fwd(xt, None, None, None, 1e-5, "triton")[0]
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(xt, (40,)))
+    # ... and its gradients (the saved strided x is read densely by the backward) and strided weight / bias
+    xt.requires_grad_()
+    wt, bt = (torch.randn(40, 2, device=device)[:, 0].requires_grad_() for _ in range(2))
+    got = torch.autograd.grad(torch.ops.fastattn.layer_norm_fwd(xt, None, wt, bt, 1e-5, "triton")[0], (xt, wt, bt),
+                              torch.ones(6, 40, device=device) + xt.detach())
+    want = torch.autograd.grad(torch.nn.functional.layer_norm(xt, (40,), wt, bt), (xt, wt, bt),
+                               torch.ones(6, 40, device=device) + xt.detach())
+    for a, c in zip(got, want):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    # the backward op without dweight/dbias in fp16: its placeholders have the fake's dtype
+    xh, dy = (torch.randn(6, 40, device=device).half() for _ in range(2))
+    _, _, mean, rstd = torch.ops.fastattn.layer_norm_fwd(xh, None, None, None, 1e-5, "triton")
+    torch.library.opcheck(torch.ops.fastattn.layer_norm_bwd.default, (dy, None, xh, None, mean, rstd, False, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.gpu

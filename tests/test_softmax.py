@@ -156,6 +156,13 @@ def test_torch_compile_and_opcheck(device):
     xt = torch.randn(50, 6, device=device).t()  # the raw op on a strided x: read as it is
     torch.testing.assert_close(torch.ops.fastattn.softmax_fwd(xt, None, 1.0, [1, 1, 6], torch.float32, "triton"),
                                torch.softmax(xt, -1))
+    mt = torch.randn(50, 6, device=device).t()[None, None]  # a mask whose rows are strided too
+    torch.testing.assert_close(torch.ops.fastattn.softmax_fwd(xt, mt, 1.0, [1, 1, 6], torch.float32, "triton"),
+                               torch.softmax(xt + mt[0, 0], -1))
+    # the backward op without the mask's gradient in fp16: its placeholder has the fake's dtype
+    yh, dy = (torch.rand(6, 50, device=device).half() for _ in range(2))
+    torch.library.opcheck(torch.ops.fastattn.softmax_bwd.default, (yh, dy, 1.0, torch.float16, False, "triton"),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.gpu

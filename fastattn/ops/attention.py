@@ -35,6 +35,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
                    seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
     """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), [B, H, Lq] ([H, total_q] packed), +inf for rows with no visible
     key; float32, float64 for float32 inputs (_lse_dtype)."""
+    q, k, v = (lastdim_contiguous(t) for t in (q, k, v))  # the kernels index the last dim with stride 1
     out = empty_like(q)
     lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=_lse_dtype(q))
     _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
@@ -66,7 +67,7 @@ def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, 
 @_attention_fwd.register_fake
 def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
       bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend):
-    return torch.empty_like(q), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q))
+    return torch.empty_like(lastdim_contiguous(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q))
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -95,6 +96,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
                    max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool, window_left: int,
                    window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
                    seed: Optional[Tensor], bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    q, k, v, out = (lastdim_contiguous(t) for t in (q, k, v, out))
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0. A bias
     # of one key column is the LSE's alone (_row_bias_grad).
@@ -131,7 +133,7 @@ def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor]) -> Tenso
 def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as the real one
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+    return tuple(torch.empty_like(lastdim_contiguous(t)) for t in (q, k, v)) + (dbias,)
 
 
 def _setup_context(ctx, inputs, output):
@@ -352,7 +354,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
 
     D, Dv = q.shape[-1], v.shape[-1]
     use = dispatch.select(backend, q, lambda b: max(D, Dv) <= MAX_HEAD_DIM and kernels_take(
-        (q, "q"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32))  # fp16/bf16 MMAs
+        (q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32))
     if dropout_mask is not None:
         if use not in REFERENCE_BACKENDS:
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
@@ -380,7 +382,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     if max(D, Dv) > MAX_HEAD_DIM:
         raise ValueError(f"head dim {max(D, Dv)} of {'q' if D >= Dv else 'v'} is larger than {MAX_HEAD_DIM}, the "
                          f"most backend {use!r} takes (backend='torch' takes any)")
-    for t, name in ((q, "q"), (bias, "attn_bias")):
+    for t, name in ((q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
     seed = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,15 +67,33 @@ def kernel_dtype_problem(t: Tensor, name: str, backend: str) -> str | None:
     return None
 
 
+def forward_ad(t: Tensor | None) -> bool:
+    """Whether forward-mode AD sees ``t`` (torch.func.jvp / jacfwd, or a torch.autograd.forward_ad dual tensor).
+    torch.library custom ops drop tangents without a word (a zero JVP), so the kernels must not take such calls:
+    backend "torch" (plain torch ops) differentiates them."""
+    if t is None or torch.compiler.is_compiling():
+        return False
+    top = torch._C._functorch.peek_interpreter_stack()
+    if top is not None and top.key() == torch._C._functorch.TransformType.Jvp:
+        return True
+    return fwAD._current_level >= 0 and fwAD.unpack_dual(t).tangent is not None
+
+
 def kernels_take(*named: tuple[Tensor | None, str]):
-    """For dispatch.select: backend -> whether its kernels take these (tensor, name) pairs' dtypes."""
-    return lambda backend: all(t is None or kernel_dtype_problem(t, name, backend) is None for t, name in named)
+    """For dispatch.select: backend -> whether its kernels take these (tensor, name) pairs (dtypes, no forward-mode
+    AD)."""
+    return lambda backend: all(t is None or (kernel_dtype_problem(t, name, backend) is None and not forward_ad(t))
+                               for t, name in named)
 
 
 def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
+    """Raise where ``backend``'s kernels cannot take ``t``: its dtype, or forward-mode AD on it."""
     why = kernel_dtype_problem(t, name, backend)
     if why:
         raise TypeError(why)
+    if forward_ad(t):
+        raise NotImplementedError(f"{name}: forward-mode AD (torch.func.jvp, forward_ad dual tensors) runs on "
+                                  f"backend 'torch' only; backend {backend!r}'s kernels carry no tangent")
 
 
 def lastdim_contiguous(t: Tensor) -> Tensor:

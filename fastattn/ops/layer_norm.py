@@ -28,6 +28,8 @@ def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
     rstd), contiguous."""
     x = x.contiguous()
     residual = residual.contiguous() if residual is not None else None
+    weight = weight.contiguous() if weight is not None else None  # the kernels read them with stride 1
+    bias = bias.contiguous() if bias is not None else None
     R = x.shape[0]
     y = empty(x.shape, like=x)
     s = empty(x.shape, like=x) if residual is not None else None
@@ -49,6 +51,8 @@ def _layer_norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optio
                     rstd: Tensor, wb_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """-> (ds, dweight, dbias) with dweight/dbias in fp32 (empty when not wanted)."""
     k = _kernels(backend)
+    s = s.contiguous()  # the saved x of a raw call may be strided; the kernels read it densely
+    weight = weight.contiguous() if weight is not None else None
     ds = empty(s.shape, like=s)
     partial = None
     if wb_grad:
@@ -56,8 +60,8 @@ def _layer_norm_bwd(dy: Tensor, dsum: Optional[Tensor], s: Tensor, weight: Optio
         partial = torch.zeros((2, G, s.shape[1]), device=s.device, dtype=torch.float32)
     k.backward(s, weight, dy.contiguous(), dsum.contiguous() if dsum is not None else None, ds, mean, rstd,
                partial[0] if partial is not None else None, partial[1] if partial is not None else None)
-    if partial is None:
-        return ds, s.new_empty(0), s.new_empty(0)
+    if partial is None:  # fp32 placeholders, as the fake's
+        return ds, s.new_empty(0, dtype=torch.float32), s.new_empty(0, dtype=torch.float32)
     # the second, deterministic stage over the G partial rows
     return ds, partial[0].sum(dim=0), partial[1].sum(dim=0)
 
@@ -155,7 +159,8 @@ def _torch_takes(x, weight, bias) -> bool:
 
 
 def _run(x, residual, shape, weight, bias, eps, backend):
-    use = dispatch.select(backend, x, kernels_take((x, "x"), (weight, "weight"), (bias, "bias")))
+    use = dispatch.select(backend, x, kernels_take((x, "x"), (residual, "residual"), (weight, "weight"),
+                                                   (bias, "bias")))
     if use == "torch" and _torch_takes(x, weight, bias):  # torch's own kernels: bit for bit torch.nn.LayerNorm's
         s = x if residual is None else x + residual  # the sum rounded to x's dtype, as the kernels round it
         return F.layer_norm(s, shape, weight, bias, eps), (s if residual is not None else None)
@@ -165,7 +170,7 @@ def _run(x, residual, shape, weight, bias, eps, backend):
             return reference.layer_norm(xc, shape, wc, bc, eps).to(x.dtype), None
         y, s = reference.add_layer_norm(xc, rc, shape, wc, bc, eps, prenorm=True)
         return y.to(x.dtype), s.to(x.dtype)
-    for t, name in ((x, "x"), (weight, "weight"), (bias, "bias")):
+    for t, name in ((x, "x"), (residual, "residual"), (weight, "weight"), (bias, "bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
     N = math.prod(shape)

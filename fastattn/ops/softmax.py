@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, kernels_take, upcast
+from .common import (REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, forward_ad,
+                     kernels_take, upcast)
 
 
 def _kernels(backend: str):
@@ -23,6 +24,7 @@ def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, lead: list[int
                  backend: str) -> Tensor:
     """x: [R, N] (read densely); mask: [D0|1, D1|1, D2|1, N] with lead = [D0, D1, D2], D0·D1·D2 = R."""
     x = x.contiguous()
+    mask = mask.contiguous() if mask is not None and mask.stride(-1) != 1 else mask  # rows read with stride 1
     y = empty(x.shape, like=x, dtype=out_dtype)
     _kernels(backend).forward(x, y, mask, scale, tuple(lead))
     return y
@@ -39,7 +41,7 @@ def _softmax_bwd(y: Tensor, dy: Tensor, scale: float, x_dtype: torch.dtype, mask
     dx = empty(y.shape, like=y, dtype=x_dtype)
     dz = empty(y.shape, like=y, dtype=torch.float32) if mask_grad else None
     _kernels(backend).backward(y, dy.contiguous(), dx, dz, scale)
-    return dx, (dz if dz is not None else y.new_empty(0))
+    return dx, (dz if dz is not None else y.new_empty(0, dtype=torch.float32))  # the fake's dtype
 
 
 @_softmax_bwd.register_fake
@@ -124,13 +126,17 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
             raise ValueError("mask is only supported with dim=-1 (the last dim)")
         _check_mask_shape(mask, x)
         mask = mask.reshape(1) if mask.dim() == 0 else mask
-    use = dispatch.select(backend, x, kernels_take((x, "x"), (x.new_empty(0, dtype=dtype or x.dtype), "dtype")))
+    use = dispatch.select(backend, x, lambda b: kernels_take((x, "x"), (x.new_empty(0, dtype=dtype or x.dtype),
+                                                                      "dtype"))(b) and not forward_ad(mask))
     if use in REFERENCE_BACKENDS or x.dim() == 0 or x.numel() == 0:  # empty: an empty result, as torch
         # "torch" computes fp16/bf16 in fp32, a requested fp16/bf16 dtype too, and rounds once
         cdtype = upcast(use, x.new_empty(0, dtype=dtype)).dtype if dtype is not None else None
         return reference.softmax(upcast(use, x), dim, dtype=cdtype, scale=scale, mask=upcast(use, mask)).to(
             dtype or x.dtype)
     check_kernel_dtype(x, "x", use)
+    if forward_ad(mask):
+        raise NotImplementedError(f"mask: forward-mode AD runs on backend 'torch' only; backend {use!r}'s kernels "
+                                  "carry no tangent")
     out_dtype = dtype or x.dtype
     check_kernel_dtype(x.new_empty(0, dtype=out_dtype), "dtype", use)
     xm = x.movedim(dim, -1) if dim != x.dim() - 1 else x
