@@ -47,7 +47,9 @@ check: build
 	$(PY) -W ignore -m fastattn check
 
 # On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv): build, `gpu` tests,
-# compute-sanitizer, check table, benchmarks. Its parts fit one 10-minute command each on an H200:
+# compute-sanitizer, check table, benchmarks, results under benchmarks/results/<gpu>/ (for a GPU of your own; a
+# lent one, whose commands return only what they write to $OUT and stop at 10 minutes, takes `make gpu-session`).
+# Its parts fit one 10-minute command each on an H200:
 #   make gpu-build gpu-test GPU_TESTS="-k cuda"    (the CUDA C++ backend's tests)
 #   make gpu-sanitize                               (memcheck + racecheck over every CUDA kernel)
 #   make gpu-test GPU_TESTS="-k 'not cuda'"         (the Triton backend's tests, every autotune config)
@@ -82,9 +84,11 @@ gpu-build:
 gpu-test:
 	$(PYTHON) -m pytest tests -q -m gpu -p no:cacheprovider -rf --durations=15 $(XDIST) $(GPU_TESTS)
 
+# memcheck sees past a tensor only if it has an allocation of its own: torch's caching allocator is turned off.
 gpu-sanitize:
 	for tool in memcheck racecheck; do \
-	  compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) tests/gpu_sanitize.py || exit 1; done
+	  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool $$tool --error-exitcode 1 $(PYTHON) \
+	  tests/gpu_sanitize.py || exit 1; done
 
 # Every benchmark, then benchmarks/results/<gpu-name>/SUMMARY.md. BENCH_ARGS: --quick | --full, --autotune, --out DIR.
 # Default grids: about 6-8 minutes on an H200 (each script stops adding rows after its --budget of seconds).

@@ -16,6 +16,7 @@ log a line per finished test (tests/conftest.py), and a resumed stage runs only 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -62,50 +63,83 @@ def sanitize_stage(tool: str):
     return one([sanitizer(), "--tool", tool, "--error-exitcode", "1", PY, "tests/gpu_sanitize.py"])
 
 
+# memcheck sees an access past a tensor only if the tensor has an allocation of its own: torch's caching allocator
+# packs small tensors into shared 2 MiB blocks (a write past q would land in k, unreported).
+NO_CACHING = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
+
+
 def info_cmds(seconds: float, work: Path):
     return [(cmd, seconds / 3) for cmd in (["nvidia-smi"], [PY, "-m", "fastattn", "info"],
                                            [sanitizer(), "--version"])]
 
 
+STARTUP_S = 12  # a benchmark script's start (import torch, fastattn, the environment line) before its budget runs
+
+
+def bench_done(work: Path, name: str) -> bool:
+    """Whether an earlier call's run of bench_<name>.py finished its grid (its JSON is not marked partial)."""
+    try:
+        return json.loads((work / "bench" / f"{name}.json").read_text()).get("partial") is False
+    except (OSError, ValueError):
+        return False
+
+
 def bench_cmds(seconds: float, work: Path):
-    """Each benchmark script with its share of ``seconds`` as --budget (rows stop being added past it) and, as its
-    timeout, that budget plus room for the row in flight; then summary.py. Results go to <work>/bench."""
+    """Each benchmark script not finished by an earlier call, with its share of ``seconds`` (less its start-up)
+    as --budget (rows stop being added past it) and, as its timeout, that budget plus room for the row in flight;
+    then summary.py, which runs even when the scripts used up the stage. Results go to <work>/bench."""
     out, cmds = work / "bench", []
-    for name, share in BENCH_SHARES.items():
-        budget = max(10.0, share * (seconds - 30))
+    todo = {name: share for name, share in BENCH_SHARES.items() if not bench_done(work, name)}
+    total = sum(todo.values())
+    for name, share in todo.items():
+        budget = max(10.0, share / total * (seconds - 30 - STARTUP_S * len(todo)))
         cmds.append(([PY, "-W", "ignore", f"benchmarks/bench_{name}.py", "--out", str(out), "--budget",
                       f"{budget:.0f}"], budget + 45))
-    return cmds + [([PY, "benchmarks/summary.py", "--out", str(out)], 30)]
+    return cmds + [([PY, "benchmarks/summary.py", "--out", str(out)], 30, "always")]
 
 
-def extension_builds() -> bool:
+def source_hash() -> str:
+    """What the extension is built from: csrc/ and setup.py, by content (a copied tree's times say nothing)."""
+    h = hashlib.sha256()
+    for path in sorted([*(ROOT / "csrc").rglob("*"), ROOT / "setup.py"]):
+        if path.is_file():
+            h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def extension_current(session: "Session") -> bool:
+    """fastattn._C imports and was built by this session from today's sources (a warm machine keeps the build of
+    an earlier call, which is stale if csrc/ changed since)."""
+    if session.state.get("built_from") != source_hash():
+        return False
     return subprocess.run([PY, "-c", "import fastattn._C"], cwd=ROOT, capture_output=True).returncode == 0
 
 
 @dataclass
 class Stage:
-    """One step of the session. ``commands(seconds, work)`` gives the (argv, timeout) pairs it runs in order from
-    the repository root, with ``env`` added, in at most ``cap`` seconds (less when the deadline is nearer);
-    ``already`` says when there is nothing to do; ``tests``: a pytest run (FASTATTN_TEST_LOG, tallies, resumed
-    test by test)."""
+    """One step of the session. ``commands(seconds, work)`` gives the (argv, timeout[, "always"]) tuples it runs in
+    order from the repository root, with ``env`` added, in at most ``cap`` seconds (less when the deadline is
+    nearer; an "always" command runs even when the others used them up); ``already(session)`` says when there is
+    nothing to do; ``tests``: a pytest run (FASTATTN_TEST_LOG, tallies, resumed test by test)."""
     name: str
     cap: float
     commands: Callable[[float, Path], list]
     why: str
     env: dict = field(default_factory=dict)
     tests: bool = False
-    already: Callable[[], bool] | None = None
+    already: Callable[["Session"], bool] | None = None
 
 
 STAGES = [
     Stage("build", 240, one([PY, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "-e", "."]),
           "fastattn._C for sm_90 by `pip install --no-deps --no-build-isolation -e .` (the issue's command)",
           {"FASTATTN_CUDA_ARCHS": "90", "FASTATTN_BUILD_EMULATOR": "0", "FASTATTN_BUILD_CUDA": "1"},
-          already=extension_builds),
+          already=extension_current),
     Stage("info", 60, info_cmds, "nvidia-smi, python -m fastattn info, compute-sanitizer --version"),
     Stage("cuda-tests", 180, pytest_stage("-k", "cuda"), "the CUDA C++ backend's gpu tests (it has never run)",
           tests=True),
-    Stage("memcheck", 90, sanitize_stage("memcheck"), "every CUDA kernel once under compute-sanitizer memcheck"),
+    Stage("memcheck", 90, sanitize_stage("memcheck"), "every CUDA kernel once under compute-sanitizer memcheck",
+          NO_CACHING),
     Stage("racecheck", 150, sanitize_stage("racecheck"), "the same under racecheck (shared-memory races)"),
     Stage("triton-tests", 300, pytest_stage("-k", "not cuda and not every_config and not autotuned"),
           "the Triton backend's gpu tests (dK with kv_lens failed on 2026-11-23; fixed blind since)", tests=True),
@@ -122,6 +156,8 @@ class Session:
         self.out, self.deadline = out, deadline
         self.work = Path(tempfile.mkdtemp(prefix="fastattn-gpu-session-"))
         self.t0 = time.monotonic()
+        self.child: subprocess.Popen | None = None
+        self.current: str | None = None  # the stage in flight
         self.state = {"stages": {}, "calls": 0}
         if resume is not None:
             self.state = json.loads((resume / "state.json").read_text())
@@ -138,14 +174,16 @@ class Session:
         with open(log, "a") as f:
             f.write(f"$ {' '.join(map(str, cmd))}   (timeout {timeout:.0f} s)\n")
             f.flush()
-            try:
-                p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+            try:  # its own process group (killed whole at the timeout) in this session: the device tool ends
+                # what a command leaves running unless it started a new session (setsid)
+                p = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, process_group=0,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", **env,
                                           "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get(
                                               "PYTHONPATH"))))})
             except OSError as e:
                 f.write(f"cannot start: {e}\n")
                 return "failed"
+            self.child = p
             try:
                 rc = p.wait(timeout=max(1.0, timeout))
             except subprocess.TimeoutExpired:
@@ -153,13 +191,25 @@ class Session:
                 p.wait()
                 f.write(f"\n*** killed at its time limit ({timeout:.0f} s)\n")
                 return "timed out"
+            finally:
+                self.child = None
             f.write(f"exit status {rc}\n")
-        return "passed" if rc == 0 else "failed"
+        # pytest's 5 (no test collected): a resumed stage whose every test the log already records
+        return "passed" if rc == 0 or (rc == 5 and "FASTATTN_TEST_RESUME" in env) else "failed"
+
+    def stop(self, signum, frame) -> None:
+        """SIGTERM / SIGINT (the command's own time limit): end the stage in flight and keep what finished."""
+        if self.child is not None:
+            os.killpg(self.child.pid, signal.SIGKILL)
+        if self.current is not None:
+            self.state["stages"][self.current].update(outcome="timed out", note="the command was stopped")
+        self.save()
+        sys.exit(128 + signum)
 
     def stage(self, s: Stage) -> None:
         rec = self.state["stages"].setdefault(s.name, {"outcome": "not reached"})
         if s.already is not None:  # asked again in every call: a later call may find a fresh machine
-            if s.already():
+            if s.already(self):
                 if rec["outcome"] in ("not reached", "not selected"):
                     rec.update(outcome="skipped", note="nothing to do")
                 return
@@ -175,17 +225,24 @@ class Session:
             if tlog.exists():  # resumed: only the tests that log does not record
                 env["FASTATTN_TEST_RESUME"] = str(tlog)
         t = time.monotonic()
+        self.current = s.name
         print(f"[{t - self.t0:5.0f} s] {s.name}: {s.why} (at most {left:.0f} s)", flush=True)
         outcome = "passed"
-        for i, (cmd, timeout) in enumerate(s.commands(left, self.work)):
+        for i, (cmd, timeout, *always) in enumerate(s.commands(left, self.work)):
             remaining = left - (time.monotonic() - t)
-            if i and remaining < 5:  # no time for the next command of the stage
+            if always:  # from the reserve if need be (summary.py: a second)
+                o = self.run(cmd, min(timeout, max(remaining, RESERVE_S / 2)), log, env)
+            elif i and remaining < 5:  # no time for the next command of the stage
                 outcome = "timed out"
-                break
-            o = self.run(cmd, min(timeout, remaining), log, env)
+                continue
+            else:
+                o = self.run(cmd, min(timeout, remaining), log, env)
             outcome = o if outcome == "passed" else outcome
+        if s.already is not None and outcome == "passed":  # what extension_current compares with
+            self.state["built_from"] = source_hash()
         rec.update(outcome=outcome, seconds=round(rec.get("seconds", 0) + time.monotonic() - t, 1),
                    calls=rec.get("calls", 0) + 1)
+        self.current = None
         self.save()
 
     def tallies(self, name: str) -> dict:
@@ -256,10 +313,13 @@ def main(argv=None) -> int:
             if s.name in only:
                 print(f"{s.name} (at most {s.cap:.0f} s): {s.why}")
                 env = "".join(f"{k}={v} " for k, v in s.env.items())
-                for cmd, timeout in s.commands(s.cap, Path("<work>")):
-                    print(f"    {env}{' '.join(map(str, cmd))}   (timeout {timeout:.0f} s)")
+                for cmd, timeout, *always in s.commands(s.cap, Path("<work>")):
+                    note = ", always" if always else ""
+                    print(f"    {env}{' '.join(map(str, cmd))}   (timeout {timeout:.0f} s{note})")
         return 0
     session = Session(args.out, args.deadline, args.resume)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, session.stop)
     for s in STAGES:
         if s.name in only:
             session.stage(s)

@@ -65,7 +65,7 @@ def _stages(notes, slow_s):
         return one([PY, "-c", f"open({str(notes)!r}, 'a').write('{name}\\n'); {extra}"])
 
     return [
-        Stage("built", 10, mark("built"), "skipped: already done", already=lambda: True),
+        Stage("built", 10, mark("built"), "skipped: already done", already=lambda session: True),
         Stage("quick", 10, mark("quick"), "passes"),
         Stage("fails", 10, fake("fails", "no"), "a test fails", tests=True),
         Stage("cut", 3, fake("cut", "yes"), "killed after one test", tests=True),
@@ -125,12 +125,63 @@ def test_dry_run_and_bad_arguments(tmp_path, capsys):
     assert "holds no state.json" in capsys.readouterr().err
 
 
-def test_bench_budgets_fit_the_time_given():
-    cmds = gpu_session.bench_cmds(400, Path("w"))
-    budgets = [float(c[c.index("--budget") + 1]) for c, _ in cmds if "--budget" in c]
-    assert len(budgets) == len(gpu_session.BENCH_SHARES) and sum(budgets) <= 400
-    assert cmds[-1][0][-3:] == ["benchmarks/summary.py", "--out", str(Path("w") / "bench")]
-    assert os.path.basename(cmds[0][0][3]) == "bench_attention.py"
+def test_bench_budgets_fit_the_time_given(tmp_path):
+    def budgets(cmds):
+        return {os.path.basename(c[0][3]): float(c[0][c[0].index("--budget") + 1]) for c in cmds if "--budget" in c[0]}
+    cmds = gpu_session.bench_cmds(400, tmp_path)
+    b = budgets(cmds)
+    assert len(b) == len(gpu_session.BENCH_SHARES) and sum(b.values()) + gpu_session.STARTUP_S * len(b) <= 400
+    assert cmds[-1][0][-3:] == ["benchmarks/summary.py", "--out", str(tmp_path / "bench")]
+    assert cmds[-1][2:] == ("always",)  # the summary is written even when the scripts used up the stage
+    assert list(b)[0] == "bench_attention.py"
+    # a resumed stage runs only the scripts whose JSON is missing or partial, with the time they would have had
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "attention.json").write_text(json.dumps({"partial": False}))
+    (tmp_path / "bench" / "softmax.json").write_text(json.dumps({"partial": True}))
+    again = budgets(gpu_session.bench_cmds(400, tmp_path))
+    assert "bench_attention.py" not in again and "bench_softmax.py" in again
+    assert again["bench_softmax.py"] > b["bench_softmax.py"]
+
+
+def test_always_commands_and_stops(tmp_path, monkeypatch):
+    """A stage's "always" command (summary.py) runs after the others used up its time; a resumed pytest stage
+    with nothing left to run (pytest's exit 5) passes; SIGTERM (the command's own limit) kills the stage in flight
+    and still writes the three files; the build is redone when csrc/ changed since it was made."""
+    notes = tmp_path / "notes.txt"
+    mark = f"open({str(notes)!r}, 'a').write('{{}}\\n')"
+    hang = [PY, "-c", "import time; time.sleep(60)"]
+    monkeypatch.setattr(gpu_session, "STAGES", [
+        Stage("spent", 2, lambda sec, work: [(hang, 60), ([PY, "-c", mark.format("after")], 5),
+                                             ([PY, "-c", mark.format("summary")], 5, "always")], "always runs"),
+        Stage("resumed", 10, one([PY, "-c", "import sys; sys.exit(5)"]), "nothing left", tests=True)])
+    out = tmp_path / "out"
+    gpu_session.main(["--out", str(out), "--deadline", "60"])
+    assert notes.read_text().splitlines() == ["summary"]
+    state = json.loads((out / "state.json").read_text())["stages"]
+    assert state["spent"]["outcome"] == "timed out" and state["resumed"]["outcome"] == "failed"  # no resume file
+    (tmp_path / "resumed.tests.log").write_text("passed tests/x.py::a 0.1s\n")
+    session = gpu_session.Session(tmp_path / "out2", 60, None)
+    (session.work / "resumed.tests.log").write_text("passed tests/x.py::a 0.1s\n")
+    session.stage(gpu_session.STAGES[1])
+    assert session.state["stages"]["resumed"]["outcome"] == "passed"
+    assert not gpu_session.extension_current(session)  # built by no call of this session
+    session.state["built_from"] = "an older csrc/"
+    assert not gpu_session.extension_current(session)
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import gpu_session
+gpu_session.STAGES = [gpu_session.Stage("hung", 100, gpu_session.one({hang!r}), "hangs")]
+gpu_session.main(["--out", {str(tmp_path / "out3")!r}, "--deadline", "200"])
+""")
+    p = subprocess.Popen([PY, str(driver)], stdout=subprocess.PIPE, text=True)
+    assert "hung" in p.stdout.readline()  # the stage started
+    time.sleep(1)
+    p.terminate()
+    assert p.wait(timeout=30) == 128 + 15
+    state = json.loads((tmp_path / "out3" / "state.json").read_text())["stages"]
+    assert state["hung"]["outcome"] == "timed out" and "stopped" in state["hung"]["note"]
 
 
 def test_sanitize_script_runs_on_the_emulator():
