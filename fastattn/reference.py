@@ -11,7 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["alibi_slopes", "attention", "attention_varlen", "diagonal", "visible_keys", "softmax", "layer_norm", "add_layer_norm"]
+__all__ = ["alibi_slopes", "attention", "attention_varlen", "attention_varlen_padded", "diagonal", "visible_keys",
+           "softmax", "layer_norm", "add_layer_norm"]
 
 
 def diagonal(B: int, Lq: int, Lk: int, *, device, bottom_right: bool = False,
@@ -129,10 +130,17 @@ def attention(
 
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
                      dropout_mask: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
-                     return_lse: bool = False, **kwargs):
+                     return_lse: bool = False, max_seqlen_q: Optional[int] = None,
+                     max_seqlen_k: Optional[int] = None, **kwargs):
     """:func:`attention` on a packed batch, one sequence at a time: q [total_q, H, D], k/v [total_k, Hkv, D],
     sequence b in rows cu[b] .. cu[b+1]. dropout_mask: [B, H, ≥Lq_b, ≥Lk_b], sequence b uses the top-left
-    corner of mask[b]; alibi_slopes [H] or [B, H]. Returns out [total_q, H, D] (and lse [H, total_q])."""
+    corner of mask[b]; alibi_slopes [H] or [B, H]. Returns out [total_q, H, D] (and lse [H, total_q]).
+    Under torch.compile, given max_seqlen_q/k, the same as one padded batch (:func:`attention_varlen_padded`):
+    the loop's lengths are data, which a whole-graph trace cannot take."""
+    if torch.compiler.is_compiling() and max_seqlen_q is not None and max_seqlen_k is not None:
+        return attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, return_lse=return_lse,
+                                       **kwargs)
     outs, lses = [], []
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     for b in range(len(cq) - 1):
@@ -153,6 +161,40 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
             lses.append(lse[0])
     out = torch.cat(outs, dim=0) if outs else q.new_empty((0, q.shape[1], v.shape[2]))
     return (out, torch.cat(lses, dim=1)) if return_lse else out
+
+
+def attention_varlen_padded(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                            max_seqlen_q: int, max_seqlen_k: int, *, bottom_right: bool = False,
+                            dropout_mask: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
+                            return_lse: bool = False, **kwargs):
+    """:func:`attention_varlen` with no shape that depends on the data: the sequences gathered into one padded
+    batch (keys at the start, with kv_lens; queries at the start, or for bottom-right at the end, so that
+    :func:`attention`'s own diagonal is each sequence's d(i) = i + Lk_b − Lq_b), then the rows gathered back."""
+    B, H, total_q = cu_seqlens_q.shape[0] - 1, q.shape[1], q.shape[0]
+    if total_q == 0 or k.shape[0] == 0:  # nothing to gather from: the loop's answer (zeros), static shapes
+        return attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, bottom_right=bottom_right,
+                                dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, return_lse=return_lse,
+                                **kwargs)
+    cu_q, cu_k = cu_seqlens_q.long(), cu_seqlens_k.long()
+    len_q, len_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+    shift = (max_seqlen_q - len_q) if bottom_right else torch.zeros_like(len_q)  # padded row of query i: i + shift
+    rows, cols = torch.arange(max_seqlen_q, device=q.device), torch.arange(max_seqlen_k, device=q.device)
+    src_q = (cu_q[:-1, None] + rows - shift[:, None]).clamp(0, total_q - 1)  # padding rows read any real row
+    src_k = (cu_k[:-1, None] + cols).clamp(0, k.shape[0] - 1)
+    qp, kp, vp = (t[idx].transpose(1, 2) for t, idx in ((q, src_q), (k, src_k), (v, src_k)))
+    keep = None
+    if dropout_mask is not None:  # sequence b's mask sits in the top-left corner of mask[b]
+        src = (rows - shift[:, None]).clamp(0, max_seqlen_q - 1)
+        keep = torch.gather(dropout_mask[:, :, :max_seqlen_q, :max_seqlen_k], 2,
+                            src.view(B, 1, max_seqlen_q, 1).expand(B, H, max_seqlen_q, max_seqlen_k))
+    slopes = alibi_slopes.reshape(-1, H) if alibi_slopes is not None else None
+    res = attention(qp, kp, vp, kv_lens=len_k, bottom_right=bottom_right, dropout_mask=keep, alibi_slopes=slopes,
+                    return_lse=return_lse, **kwargs)
+    out, lse = res if return_lse else (res, None)
+    t = torch.arange(total_q, device=q.device)
+    b = torch.searchsorted(cu_q[1:].contiguous(), t, right=True)
+    p = t - cu_q[b] + shift[b]
+    return (out[b, :, p], lse[b, :, p].transpose(0, 1)) if return_lse else out[b, :, p]
 
 
 def alibi_slopes(num_heads: int) -> Tensor:

@@ -118,3 +118,52 @@ def test_torch_backend_computes_half_in_fp32(dtype):
     # the error of rounding q, k to the dtype (scores of ~1e4), not of computing in it
     inputs_rounded = reference.attention(*(t.to(dtype).double() for t in (q, k, v)))
     assert (got.double() - inputs_rounded).abs().max() <= 2 * torch.finfo(dtype).eps * v.abs().max()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_varlen_padded_is_the_loop(seed):
+    """attention_varlen_padded (what torch.compile traces: no shape from the data) gives the per-sequence loop's
+    outputs, LSE and gradients: both alignments, windows, ALiBi per batch, dropout masks, GQA, a value head dim
+    that differs, empty sequences and sequences longer on either side."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [(int(a), int(b)) for a, b in torch.randint(0, 9, (4, 2), generator=g)]
+    lens[seed % 4] = (0, 3) if seed % 2 else (5, 0)
+    lq, lk = [a for a, _ in lens], [b for _, b in lens]
+    cu_q, cu_k = (torch.tensor([0] + torch.tensor(n).cumsum(0).tolist(), dtype=torch.int32) for n in (lq, lk))
+    H, Hkv, D, Dv = 4, 2, 8, 8 + 4 * (seed % 2)
+    q = torch.randn(sum(lq), H, D, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(sum(lk), Hkv, D, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(sum(lk), Hkv, Dv, generator=g, dtype=torch.float64, requires_grad=True)
+    kw = dict(causal=seed % 3 == 0, bottom_right=seed % 2 == 0, window_size=((2, 1), (-1, -1), (3, -1))[seed % 3],
+              alibi_slopes=torch.rand(4, H, generator=g) if seed % 2 else None, softcap=2.0 * (seed % 2),
+              return_lse=True)
+    if seed >= 4:
+        kw.update(dropout_p=0.3, dropout_mask=torch.rand(4, H, max(lq), max(lk), generator=g) > 0.3)
+    want = reference.attention_varlen(q, k, v, cu_q, cu_k, **kw)
+    got = reference.attention_varlen_padded(q, k, v, cu_q, cu_k, max(lq), max(lk), **kw)
+    go, gl = torch.randn_like(want[0]), torch.randn_like(want[1]).masked_fill(torch.isinf(want[1]), 0.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    ga = torch.autograd.grad((got[0] * go).sum() + (got[1].masked_fill(torch.isinf(got[1]), 0) * gl).sum(), (q, k, v))
+    gb = torch.autograd.grad((want[0] * go).sum() + (want[1].masked_fill(torch.isinf(want[1]), 0) * gl).sum(),
+                             (q, k, v))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+def test_varlen_on_torch_compiles_whole():
+    """A packed batch on backend "torch" (the CPU's) traces with fullgraph=True and inductor: the padded form,
+    equal to eager's per-sequence loop."""
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    q, k, v = (torch.randn(12, 2, 8, generator=g, requires_grad=True) for _ in range(3))
+
+    def f(q, k, v):
+        out, lse = fastattn.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7, max_seqlen_k=7,
+                                      causal=True, causal_alignment="bottom_right", return_lse=True, backend="torch")
+        return out, lse
+    got, want = torch.compile(f, fullgraph=True)(q, k, v), f(q, k, v)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    gq = torch.autograd.grad(got[0].sum(), q)[0]
+    torch.testing.assert_close(gq, torch.autograd.grad(want[0].sum(), q)[0], rtol=1e-5, atol=1e-5)

@@ -371,7 +371,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
                   return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap)
         qc, kc, vc = (upcast(use, t) for t in (q, k, v))
         if varlen:
-            result = reference.attention_varlen(qc, kc, vc, cu_seqlens_q, cu_seqlens_k, **kw)
+            result = reference.attention_varlen(qc, kc, vc, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Lq,
+                                                max_seqlen_k=Lk, **kw)
         else:
             result = reference.attention(qc, kc, vc, attn_mask=mask, attn_bias=upcast(use, bias), kv_lens=kv_lens,
                                          **kw)
