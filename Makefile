@@ -49,7 +49,7 @@ check: build
 # On a CUDA machine that already has torch, triton, pybind11, pytest (offline, no venv): build, `gpu` tests,
 # compute-sanitizer, check table, benchmarks, results under benchmarks/results/<gpu>/ (for a GPU of your own; a
 # lent one, whose commands return only what they write to $OUT and stop at 10 minutes, takes `make gpu-session`).
-# Its parts fit one 10-minute command each on an H200:
+# Its parts are meant to fit one 10-minute command each on an H200 (an estimate; not yet measured there):
 #   make gpu-build gpu-test GPU_TESTS="-k cuda"    (the CUDA C++ backend's tests)
 #   make gpu-sanitize                               (memcheck + racecheck over every CUDA kernel)
 #   make gpu-test GPU_TESTS="-k 'not cuda'"         (the Triton backend's tests, every autotune config)
@@ -91,7 +91,8 @@ gpu-sanitize:
 	  tests/gpu_sanitize.py || exit 1; done
 
 # Every benchmark, then benchmarks/results/<gpu-name>/SUMMARY.md. BENCH_ARGS: --quick | --full, --autotune, --out DIR.
-# Default grids: about 6-8 minutes on an H200 (each script stops adding rows after its --budget of seconds).
+# Default grids: estimated 6-8 minutes on an H200, never measured (each script stops adding rows after its
+# --budget of seconds).
 BENCH_ARGS ?=
 BENCH_SCRIPTS := attention softmax layer_norm transformer memory context_parallel
 

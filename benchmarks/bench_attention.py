@@ -528,7 +528,8 @@ def plots(rows: list, out_dir, env: dict) -> list:
 
 
 def main(argv=None) -> int:
-    with common.session(__doc__.splitlines()[0], argv, 240, "fastattn, FlexAttention and torch.compile rows are "
+    with common.session(common.first_paragraph(__doc__), argv, 240,
+                        "fastattn, FlexAttention and torch.compile rows are "
                         "skipped (reason in each row); the CPU grid runs the reference and SDPA at toy sizes in "
                         "fp32", rehearse=True) as s:
         args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu

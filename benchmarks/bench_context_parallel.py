@@ -132,7 +132,7 @@ def _worker(rank, world, p, device_kind, warmup, reps, out_path):
 
 
 def main(argv=None) -> int:
-    with common.session(__doc__.splitlines()[0], argv, 600, "peak memory needs a CUDA GPU (CPU rows give the "
+    with common.session(common.first_paragraph(__doc__), argv, 600, "peak memory needs a CUDA GPU (CPU rows give the "
                         "saved-for-backward bytes instead); processes share the CPU cores") as s:
         args, env, out_dir, gpu = s.args, s.env, s.out_dir, s.gpu
         from fastattn.testing import run_distributed

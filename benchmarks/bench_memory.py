@@ -97,7 +97,8 @@ def measure(provider: str, L: int, device: str) -> dict:
 
 
 def main(argv=None) -> int:
-    with common.session(__doc__.splitlines()[0], argv, 40, "fastattn rows are skipped; saved-for-backward bytes of "
+    with common.session(common.first_paragraph(__doc__), argv, 40,
+                        "fastattn rows are skipped; saved-for-backward bytes of "
                         "the reference and SDPA are counted on CPU (no peak-memory counter there)") as s:
         args, env, out_dir, budget, gpu = s.args, s.env, s.out_dir, s.budget, s.gpu
         rows = []

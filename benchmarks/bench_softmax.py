@@ -43,7 +43,7 @@ def make(case, provider: str, device: str, mode: str):
 
 
 def main(argv=None) -> int:
-    return common.rowwise_main(NAME, __doc__.splitlines()[0], argv, 50, grid, make, FAST, OTHERS, NOTES)
+    return common.rowwise_main(NAME, common.first_paragraph(__doc__), argv, 50, grid, make, FAST, OTHERS, NOTES)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def make_transformer(case: Case, provider: str, device: str, weights: dict):
 
 
 def main(argv=None) -> int:
-    with common.session(__doc__.splitlines()[0], argv, 60, "toy sizes in fp32 on CPU; fastattn's modules run "
+    with common.session(common.first_paragraph(__doc__), argv, 60, "toy sizes in fp32 on CPU; fastattn's modules run "
                         "their torch fallback there") as s:
         args, env, out_dir, timer, budget, gpu = s.args, s.env, s.out_dir, s.timer, s.budget, s.gpu
         rows = []

@@ -50,6 +50,12 @@ class Skip(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ options
+def first_paragraph(doc: str) -> str:
+    """A script's docstring's first paragraph as one line (--help's description; its first line may stop
+    mid-sentence)."""
+    return " ".join(doc.split("\n\n")[0].split())
+
+
 def parser(description: str, budget_s: float, rehearse: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     if rehearse:

@@ -57,7 +57,7 @@ def summarize(out_dir: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", type=Path, default=None, help="results folder holding the JSON files")
     args = p.parse_args(list(argv) if argv is not None else None)
     out = args.out or common.default_results_dir("cuda" if torch.cuda.is_available() else "cpu")

@@ -68,7 +68,7 @@ def train(fused: bool, size: str, steps: int, device, state=None):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastattn demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m fastattn demo", description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--size", choices=list(SIZES), default=None,
                    help="model/data size (default: small on CPU, medium on a GPU)")
     p.add_argument("--steps", type=int, default=None)

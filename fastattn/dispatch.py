@@ -72,12 +72,17 @@ def select(backend: str, x: torch.Tensor, takes=None) -> str:
     return backend
 
 
-@torch.compiler.assume_constant_result
 def _cuda_why(device: str) -> str:
     """fastattn.cuda.why_unavailable(device), "" when it can run; a constant under torch.compile, which cannot
     trace the extension's import."""
     from . import cuda
     return cuda.why_unavailable(device) or ""
+
+
+# torch.compiler.assume_constant_result(_cuda_why), which only sets this mark, without its import of torch._dynamo:
+# that imports triton, and a triton imported before TRITON_INTERPRET is set (`python -m fastattn check` sets it
+# after `import fastattn`) runs no kernel on the CPU. tests/test_errors.py checks the mark still works.
+_cuda_why._dynamo_marked_constant = True
 
 
 def kernels(op: str, backend: str):

@@ -294,7 +294,7 @@ class Session:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--out", type=Path, required=True, help="where summary.md, state.json, session.tar.gz go")
     p.add_argument("--deadline", type=float, default=540, help="seconds for the whole command (default 540)")
     p.add_argument("--resume", type=Path, default=None, help="the --out folder of an earlier call")

@@ -1,4 +1,6 @@
 """Bad input gets a ValueError / TypeError naming the argument; empty problems return empty results."""
+import os
+
 import pytest
 import torch
 
@@ -263,3 +265,17 @@ def test_forward_mode_ad_never_meets_the_kernels(monkeypatch):
                 fn(dual, "triton")
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             torch.func.jvp(lambda t: fn(t, "triton"), (primal,), (tangent,))
+
+
+def test_import_leaves_triton_for_later():
+    """`import fastattn` imports neither triton nor torch._dynamo (which imports triton): `python -m fastattn check`
+    sets TRITON_INTERPRET after the package is imported, and a triton imported before that runs no kernel on the
+    CPU (`make check` once failed every Triton row so). The mark that replaces torch.compiler's decorator is still
+    what that decorator sets."""
+    import subprocess
+    import sys
+    code = "import sys, fastattn; print('triton' in sys.modules, 'torch._dynamo' in sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
+    assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)

@@ -305,11 +305,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     torch's CPU generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in
     memory.
     A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
-    log-sum-exp of each row, float32 [B, H, Lq] ([H, total_q] packed), +inf for empty rows. With
-    ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk] that was applied
-    ([B, H, max_seqlen_q, max_seqlen_k] packed, sequence b in the top-left corner of mask[b]).
-    ``dropout_mask`` (tests): apply this bool keep-mask, shaped as returned, instead of drawing one; backend
-    "torch" only (the kernels draw theirs), so a kernel's mask can be replayed on the reference.
+    log-sum-exp of each row, float32 (float64 for float64 inputs) [B, H, Lq] ([H, total_q] packed), +inf for
+    empty rows. With ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk]
+    that was applied ([B, H, max_seqlen_q, max_seqlen_k] packed, sequence b in the top-left corner of mask[b]).
+    ``dropout_mask`` (tests): apply this bool keep-mask, shaped as returned, instead of drawing one; backends
+    "torch" and "reference" only (the kernels draw theirs), so a kernel's mask can be replayed on the reference.
     deterministic: accepted as FlashAttention takes it; every backward here is deterministic (no atomics: the
     same inputs give the same bits), whichever is asked.
     backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
