@@ -279,3 +279,46 @@ def test_import_leaves_triton_for_later():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.stdout.split() == ["False", "False"], out.stdout + out.stderr
     assert getattr(torch.compiler.assume_constant_result(lambda: 0), "_dynamo_marked_constant", False)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_autocast_policy_is_torchs(monkeypatch, compiled):
+    """Under torch.autocast on CUDA (here the CPU, told to follow CUDA's policy) the ops do what torch's do:
+    LayerNorm and softmax in fp32 (softmax's explicit dtype kept; add_layer_norm's sum in x's dtype), attention
+    in the autocast dtype, as SDPA; float64 left alone."""
+    from fastattn.ops import common
+    monkeypatch.setattr(common, "AUTOCAST_DEVICES", ("cuda", "cpu"))
+    g = torch.Generator().manual_seed(0)
+    x, r = (torch.randn(3, 16, generator=g).bfloat16() for _ in range(2))
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g) for _ in range(3))
+
+    def ops(x, r, q, k, v):
+        y, s = fastattn.add_layer_norm(x, r, 16, prenorm=True)
+        return (fastattn.layer_norm(x, 16), fastattn.softmax(x), fastattn.softmax(x, dtype=torch.bfloat16), y, s,
+                fastattn.attention(q, k, v, causal=True), fastattn.attention(q.double(), k.double(), v.double()))
+    fn = torch.compile(ops, backend="aot_eager", fullgraph=True) if compiled else ops
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ln, sm, sm16, y, s, att, att64 = fn(x, r, q, k, v)
+        want = fastattn.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), causal=True)
+    assert [t.dtype for t in (ln, sm, sm16, y, s, att, att64)] == [
+        torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float64]
+    torch.testing.assert_close(ln, torch.nn.functional.layer_norm(x.float(), (16,)))
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm((x + r).float(), (16,)))
+    torch.testing.assert_close(att, want)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_matches_torch():
+    """Under torch.autocast on a GPU: LayerNorm and softmax return fp32 and SDPA the autocast dtype, as torch's."""
+    import fastattn.nn
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 64, generator=g).cuda().half()
+    q, k, v = (torch.randn(2, 4, 33, 64, generator=g).cuda() for _ in range(3))
+    ln, ref_ln = fastattn.nn.LayerNorm(64).cuda(), torch.nn.LayerNorm(64).cuda()
+    with torch.autocast("cuda", dtype=torch.float16):
+        pairs = [(ln(x), ref_ln(x)), (fastattn.softmax(x), torch.softmax(x, -1)),
+                 (fastattn.scaled_dot_product_attention(q, k, v, is_causal=True),
+                  torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))]
+    for got, want in pairs:
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

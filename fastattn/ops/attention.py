@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, masks, reference
-from .common import (REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, empty_like,
-                     kernels_take, lastdim_contiguous, upcast)
+from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_same, check_tensor, empty,
+                     empty_like, kernels_take, lastdim_contiguous, upcast)
 
 MAX_HEAD_DIM = 256
 LN2 = math.log(2.0)
@@ -315,6 +315,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
     "cuda", or "torch" (fastattn.reference; fp16/bf16 computed in fp32).
     """
+    if any(autocast_to(t, "lower") is not None for t in (q, k, v)):  # as SDPA under CUDA autocast: q, k, v and
+        # a float bias cast to the autocast dtype (fp32 would run the fp32 kernels: slower, and unlike torch)
+        q, k, v, attn_bias = (t.to(autocast_to(t, "lower")) if autocast_to(t, "lower") else t
+                              for t in (q, k, v, attn_bias))
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
         B = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,

@@ -67,6 +67,23 @@ def kernel_dtype_problem(t: Tensor, name: str, backend: str) -> str | None:
     return None
 
 
+# Devices whose torch.autocast policy the ops copy: CUDA's runs LayerNorm and softmax in fp32 and SDPA in the
+# autocast dtype (CPU autocast leaves all three alone, as the ops then do). A tuple, so that tests can add "cpu".
+AUTOCAST_DEVICES = ("cuda",)
+
+
+def autocast_to(t: Tensor | None, policy: str) -> torch.dtype | None:
+    """The dtype torch.autocast would cast ``t`` to before an op of ``policy`` ("fp32": LayerNorm, softmax;
+    "lower": attention, as SDPA), or None: autocast off on its device, or ``t`` not a tensor it casts (not
+    floating, float64, or already that dtype)."""
+    if not isinstance(t, Tensor) or t.device.type not in AUTOCAST_DEVICES:
+        return None
+    if not torch.is_autocast_enabled(t.device.type) or not t.is_floating_point() or t.dtype == torch.float64:
+        return None
+    to = torch.float32 if policy == "fp32" else torch.get_autocast_dtype(t.device.type)
+    return to if t.dtype != to else None
+
+
 def forward_ad(t: Tensor | None) -> bool:
     """Whether forward-mode AD sees ``t`` (torch.func.jvp / jacfwd, or a torch.autograd.forward_ad dual tensor).
     torch.library custom ops drop tangents without a word (a zero JVP), so the kernels must not take such calls:

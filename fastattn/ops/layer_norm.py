@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, kernels_take, upcast
+from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_same, check_tensor, empty,
+                     kernels_take, upcast)
 
 
 def _kernels(backend: str):
@@ -186,6 +187,8 @@ def _run(x, residual, shape, weight, bias, eps, backend):
 def layer_norm(x: Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[Tensor] = None,
                bias: Optional[Tensor] = None, eps: float = 1e-5, *, backend: str = "auto") -> Tensor:
     """``torch.nn.functional.layer_norm`` fused: fp32 statistics, deterministic dweight/dbias."""
+    if autocast_to(x, "fp32") is not None:  # as torch's CUDA autocast: x, weight and bias in fp32, an fp32 result
+        x, weight, bias = (t.float() if autocast_to(t, "fp32") else t for t in (x, weight, bias))
     shape = _check(x, normalized_shape, weight, bias, eps=eps)
     return _run(x, None, shape, weight, bias, eps, backend)[0]
 
@@ -200,6 +203,12 @@ def add_layer_norm(x: Tensor, residual: Tensor, normalized_shape: Union[int, Seq
             and x.is_floating_point() and residual.is_floating_point()):
         common = torch.promote_types(x.dtype, residual.dtype)
         x, residual = x.to(common), residual.to(common)
+    if autocast_to(x, "fp32") is not None:  # torch's LayerNorm(x + residual) under CUDA autocast: the sum
+        # rounded to x's dtype (no autocast for an add), then the LayerNorm in fp32; unfused, as there
+        _check(x, normalized_shape, weight, bias, residual, eps)
+        s = x + residual
+        y = layer_norm(s, normalized_shape, weight, bias, eps, backend=backend)
+        return (y, s) if prenorm else y
     shape = _check(x, normalized_shape, weight, bias, residual, eps)
     y, s = _run(x, residual, shape, weight, bias, eps, backend)
     return (y, s) if prenorm else y

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import (REFERENCE_BACKENDS, check_kernel_dtype, check_same, check_tensor, empty, forward_ad,
-                     kernels_take, upcast)
+from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_same, check_tensor, empty,
+                     forward_ad, kernels_take, upcast)
 
 
 def _kernels(backend: str):
@@ -113,6 +113,8 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
     to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN."""
     if isinstance(x, Tensor) and not x.is_floating_point() and dtype is not None and dtype.is_floating_point:
         x = x.to(dtype)  # as torch.softmax: integer x with a floating dtype is converted first
+    if dtype is None and autocast_to(x, "fp32") is not None:  # torch's CUDA autocast: fp32 unless dtype is given
+        x = x.float()
     check_tensor(x, "x")
     if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):  # a 0-d x takes dim 0 or −1, as torch
         raise ValueError(f"dim {dim} is out of range for x with {x.dim()} dims")
