@@ -121,6 +121,8 @@ def _comm_device(group, t: Tensor) -> torch.device:
     """Where the group's backend reads tensors: NCCL needs them on t's GPU; gloo gets CPU copies (so several
     processes can share one GPU over gloo: the transfers are staged through host memory)."""
     backend = str(dist.get_backend(group))
+    if not isinstance(t, Tensor):  # a rank whose arguments failed their checks still joins the exchange
+        return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
     if ":" in backend:  # a per-device mapping such as "cpu:gloo,cuda:nccl": each tensor goes to its own device
         return t.device
     if backend == "nccl":
@@ -330,6 +332,8 @@ def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
 def _triton_block_forward(q, k, v, scale, causal, acc):
     """As :func:`_torch_block_forward`, by the Triton kernel writing an fp32 (un-rounded) output."""
     from .triton import attention as kernels
+    if q.numel() == 0:  # an empty batch or head set: nothing to launch (as attention() returns at once)
+        return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64)
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
     kernels.forward(q, k, v, None, None, None, out, lse2, scale, causal, False)
@@ -339,6 +343,9 @@ def _triton_block_forward(q, k, v, scale, causal, acc):
 def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
     """(dq, dk, dv) in fp32 by the Triton kernels, given the global output and lse2 of these query rows."""
     from .triton import attention as kernels
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch: no row, or no key of this block
+        return (q.new_zeros(q.shape, dtype=torch.float32), k.new_zeros(k.shape, dtype=torch.float32),
+                v.new_zeros(v.shape, dtype=torch.float32))
     dq = empty(q.shape, like=q, dtype=torch.float32)
     dk = empty(k.shape, like=k, dtype=torch.float32)
     dv = empty(v.shape, like=v, dtype=torch.float32)
@@ -483,7 +490,7 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
-                               backend: str = "auto") -> Tensor:
+                               backend: str = "auto", _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
     q: [B, H, L_local, D], k/v: [B, Hkv, L_local, D] (H % Hkv == 0: GQA, K/V travel with Hkv heads): this rank's
@@ -491,12 +498,15 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     in global positions (query i sees keys j <= i). Per block: the Triton kernels with fp32 outputs when
     ``backend`` resolves to "triton" (CUDA tensors), plain torch in fp32 (float64 for float64 inputs) for
     "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
-    input raises the same error on every rank. Every rank of the group must call it.
+    input raises the same error on every rank. Every rank of the group must call it. (``_error``: a caller's own
+    check that failed on this rank, e.g. nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
-    check_tensor(q, "q")
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
-    error, use = None, "torch"
+    error, use = _error, "torch"
     try:
+        if error is not None:
+            raise error
+        check_tensor(q, "q")
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
         if dropout_p > 0.0:
@@ -528,7 +538,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     if error is not None and not (dist.is_available() and dist.is_initialized()):
         raise error  # no group to tell
     rank, N = _group_info(group)
-    device = _comm_device(group, q)
+    try:
+        device = _comm_device(group, q)
+    except ValueError as e:  # NCCL and CPU tensors on this rank: it still joins the exchange
+        error, device = error or e, _comm_device(group, None)
 
     def shape4(t):
         return list(t.shape) if isinstance(t, Tensor) and t.dim() == 4 else [-1, -1, -1, getattr(t, "ndim", 0)]

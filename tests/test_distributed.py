@@ -249,6 +249,14 @@ def case_mha_errors(env):
         mha(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=env.device))
     with pytest.raises(NotImplementedError, match="dropout"):
         mha.train()(x, x, x, need_weights=False)
+    # One rank's own bad argument (only its shard has padding): it raises that error, the others say which rank
+    # failed, nobody waits for it in the exchange of shapes (it once left them waiting till the group's timeout)
+    last = env.rank == env.world - 1
+    kpm = torch.zeros(2, 5, dtype=torch.bool, device=env.device) if last else None
+    with pytest.raises(ValueError if last else RuntimeError,
+                       match="key_padding_mask must be None" if last else rf"rank\(s\) \[{env.world - 1}\]"):
+        mha.eval()(x, x, x, need_weights=False, key_padding_mask=kpm)
+    mha.eval()(x, x, x, need_weights=False)  # the group is still in step
 
 
 def _shards(env, L=20, D=16, Hkv=2, dtype=torch.float32):
@@ -300,7 +308,18 @@ def case_errors(env):
     (g,) = torch.autograd.grad(context_parallel_attention(q, k, v).sum(), k, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
         torch.autograd.grad(g.sum(), q)
+    q, k, v = _shards(env)  # a q that is no float tensor on one rank only: checked inside the guarded checks
+    with pytest.raises(TypeError if r == 1 else RuntimeError, match="q" if r == 1 else r"rank\(s\) \[1\]"):
+        context_parallel_attention(q.long() if r == 1 else q, k, v)
     context_parallel_attention(*_shards(env))  # the group is still in step after the errors
+
+
+def case_empty_batch(env, backend):
+    """B = 0: empty outputs and gradients on every block backend (the Triton blocks once divided by zero)."""
+    q, k, v = (shard(t).requires_grad_() for t in _inputs(0, 2, 1, 13, 8, 0, env.device)[0])
+    out = context_parallel_attention(q, k, v, causal=True, backend=backend)
+    assert out.shape == q.shape
+    assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)))
 
 
 def case_layout_mismatch(env):
@@ -338,7 +357,9 @@ SUITES = {
             dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=7)),
         "triton-contiguous-full-float32": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
-            seed=8))},
+            seed=8)),
+        "empty-batch-triton": (case_empty_batch, dict(backend="triton")),
+        "empty-batch-torch": (case_empty_batch, dict(backend="torch"))},
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
         "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
         "two-groups-of-two": (case_pairs, {}),

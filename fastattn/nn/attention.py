@@ -212,6 +212,20 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         value hold the same positions; ``is_causal=True`` (no attn_mask needed) is causal in global positions."""
         from ..distributed import context_parallel_attention
 
+        try:  # a check failing on one rank joins the ring's exchange of shapes, so no other rank waits for it
+            q, k, v, L, B, E, unbatched = self._context_parallel_inputs(query, key, value, key_padding_mask,
+                                                                        need_weights, attn_mask)
+        except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
+            return context_parallel_attention(None, None, None, self.context_parallel_group, _error=e)
+        out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
+                                         dropout_p=self.dropout if self.training else 0.0)
+        out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
+        if unbatched:
+            return out.squeeze(1), None
+        return (out.transpose(0, 1) if self.batch_first else out), None
+
+    def _context_parallel_inputs(self, query, key, value, key_padding_mask, need_weights, attn_mask):
+        """The checks of :meth:`_context_parallel_forward` and its projected q, k, v [B, H, L, Dh]."""
         if need_weights:
             raise ValueError("need_weights=True is not available with context_parallel_group (the weights span every "
                              "rank's keys): pass need_weights=False")
@@ -237,9 +251,4 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                              f"positions as query {tuple(query.shape)} (self-attention)")
         H, Dh = self.num_heads, self.head_dim
         q, k, v = (x.reshape(L, B, H, Dh).permute(1, 2, 0, 3) for x in self._in_projection(query, key, value))
-        out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
-                                         dropout_p=self.dropout if self.training else 0.0)
-        out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
-        if unbatched:
-            return out.squeeze(1), None
-        return (out.transpose(0, 1) if self.batch_first else out), None
+        return q, k, v, L, B, E, unbatched
