@@ -38,7 +38,7 @@ POINTERS = {"Bias": "*fp32", "Scale": "*fp32", "Mask": "*u8", "KvLens": "*i32", 
             "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32", "OutPart": "*fp32",
             "LsePart": "*fp32"}
 DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
-FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p"}
+FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p", "keep_scale"}
 INT64 = {"seed"}
 # Approximate divisions and square roots (up to 2 ulp), which fp32 outputs would show: fp32 kernels use div_rn / sqrt_rn
 APPROX = ("div.full.f32", "sqrt.approx")

@@ -25,8 +25,12 @@ def assert_case(case, device=DEVICE, backend="triton"):
     dict(Hkv=1, H=4, bias="full", bias_grad=True, lse_grad=True),
     dict(key_padding=True, window=(5, 2), softcap=3.0, D=40),
     dict(Hkv=1, H=4, bias="heads", bias_grad=True, causal=True),
-], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap", "gqa-broadcast-bias"])
+    dict(dropout=0.9, window=(0, 0), Lq=40, Lk=40),
+], ids=["plain", "causal-br-kvlens", "gqa-bias-lse", "padding-window-softcap", "gqa-broadcast-bias",
+        "p0.9-one-key-rows"])
 def test_dropout_matches_reference_with_same_mask(extra, dtype):
+    """p0.9-one-key-rows: 1 − fl32(p) is 2.4e-7 off 1 − p for p = 0.9, which fp32 outputs showed (×3.75 the
+    rule); the kernels take 1 − p rounded once (dropout_keep_scale). Rows of one key: exact zero gradients."""
     kw = dict(B=2, H=2, Lq=33, Lk=47, D=16, dtype=dtype, dropout=0.25, seed=11)
     assert_case(AttentionCase(**{**kw, **extra}))
 
@@ -64,13 +68,14 @@ def test_dropout_backward_reuses_forward_mask():
     torch.testing.assert_close(dv.double(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("dropout", [0.0, 0.3, 0.9])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_with_one_key_have_exactly_zero_gradients(dropout, dtype, kernel_backend):
     """A query row that sees one key has p = 1 on it, so ds = p (dp − D) = 0: its dq and dbias, and the dk of a
     key only such rows see, are exactly 0, as the reference's autograd gives them. With dropout too: the backward
     forms dp through the factor the forward scaled that row's output by, so dp − D cancels exactly (dividing
-    do·v by 1 − p instead left gradients of rounding size, up to 6× the rule's bound in fp32)."""
+    do·v by 1 − p instead left gradients of rounding size, up to 6× the rule's bound in fp32). p = 0.9: the
+    interpreter once formed 1 − p in fp64 where r·v took it in fp32 (the kernels now take it from the host)."""
     conftest.skip_cuda_fp32_attention(kernel_backend, dtype)
     B, H, Lq, Lk, D = 2, 2, 24, 40, 32
     q, k, v = random_qkv(B, H, Lq, Lk, D, dtype=dtype, device=DEVICE)

@@ -325,6 +325,13 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
             _finish(t, written)
 
 
+def dropout_keep_scale(dropout_p: float) -> float:
+    """1 − p as the kernels form it from AttnParams::dropout_p (an fp32 p): 1.f − p in fp32 (their normaliser
+    l·(1 − p)); through 1 / it, the r·v of fastattn.ops.attention._dp_values."""
+    p32 = torch.tensor(float(dropout_p), dtype=torch.float32)
+    return float(torch.ones((), dtype=torch.float32) - p32)
+
+
 def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
     """The bool keep-mask [B, H, Lq, Lk] the CUDA kernels apply for (dropout_p, seed), drawn by their own Philox
     (csrc/attention/philox.h), which is the Triton kernels' bit for bit (tests/test_cuda_philox.py)."""

@@ -77,15 +77,15 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float32 else torch.float32
 
 
-def _dp_values(v: Tensor, dropout_p: float) -> Tensor:
-    """r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the kernels' forward forms it: the V that the kernels'
-    backward forms dp_ij = keep_ij·do_i·(r·v_j) from with dropout (V enters the backward through dp only). The
-    forward's output of a row whose one visible key j gets p = 1 is o_i = r·v_j rounded the same way, and
+def _dp_values(v: Tensor, dropout_p: float, backend: str) -> Tensor:
+    """r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the backend's forward forms it (its
+    dropout_keep_scale): the V that the kernels' backward forms dp_ij = keep_ij·do_i·(r·v_j) from with dropout
+    (V enters the backward through dp only). The forward's output of a row whose one visible key j gets p = 1 is o_i = r·v_j rounded the same way, and
     D_i = do_i·o_i comes out of the same dot as dp_ij, so dp_ij − D_i cancels exactly and the row's gradients
     are exactly 0, as the reference's are (do_i·v_j / (1 − p) rounds differently: rounding-sized gradients where
     none exist, past §5's bound in fp32)."""
-    one = torch.ones((), dtype=torch.float32)
-    r = float(one / (one - torch.tensor(dropout_p, dtype=torch.float32)))  # an fp32 value: exact as a scalar
+    keep = torch.tensor(_kernels(backend).dropout_keep_scale(dropout_p), dtype=torch.float32)
+    r = float(torch.ones((), dtype=torch.float32) / keep)  # an fp32 value: exact as a scalar
     return (v.float() * r).to(v.dtype)
 
 
@@ -103,7 +103,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     by_kernels = bias_grad and bias.shape[-1] != 1
     ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if by_kernels else None
     if dropout_p > 0.0:
-        v = _dp_values(v, dropout_p)
+        v = _dp_values(v, dropout_p, backend)
     # dlse: the kernels index it densely (autograd may hand a strided one, e.g. the gradient of a permuted view)
     dlse = dlse.contiguous() if dlse is not None else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,

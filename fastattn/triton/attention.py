@@ -466,7 +466,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_lb, s_lh,
                 H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                dropout_p, seed, Visits, n_split, s_os, s_ls,
+                dropout_p, keep_scale, seed, Visits, n_split, s_os, s_ls,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -549,7 +549,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     empty = l_i == 0.0
     norm = tl.where(empty, 1.0, l_i)
     if DROPOUT:
-        norm = norm * (1.0 - dropout_p)
+        norm = norm * keep_scale  # 1 − p, rounded once on the host (dropout_keep_scale)
     if DOT_PREC == "ieee":
         # fp32: one correctly rounded division per element, as the reference's p / Σp; lse2 = (m + ln l)·log2(e)
         # in fp64 (m natural), kept whole in the fp64 Lse the op and context parallelism give (an fp32 one would
@@ -643,7 +643,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                      s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                      H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                     dropout_p, seed, Visits,
+                     dropout_p, keep_scale, seed, Visits,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                      BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -706,7 +706,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
             pT_out = pT
             if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
                 keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
-                pT_out = tl.where(keep, _div(pT, 1.0 - dropout_p, DOT_PREC == "ieee"), 0.0)
+                pT_out = tl.where(keep, _div(pT, keep_scale, DOT_PREC == "ieee"), 0.0)
                 dpT = tl.where(keep, dpT, 0.0)
             dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
             dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee")
@@ -732,7 +732,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
                    s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                    s_dqb, s_dqh, s_dqm,
                    H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                   dropout_p, seed, Visits,
+                   dropout_p, keep_scale, seed, Visits,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -827,7 +827,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                       s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                       s_gb, s_gh, s_gm, s_gn, n_batch, slot0,
                       H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                      dropout_p, seed, Visits,
+                      dropout_p, keep_scale, seed, Visits,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                       BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -967,7 +967,7 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
                 Alibi=alibi if alibi is not None else dummy,
                 s_ab=alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
                 win_left=max(left, 0), win_right=max(right, 0), softcap=float(softcap),
-                dropout_p=float(dropout_p), seed=int(seed),
+                dropout_p=_fp32(dropout_p), keep_scale=dropout_keep_scale(dropout_p), seed=int(seed),
                 HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), WIN_LEFT=left >= 0, WIN_RIGHT=right >= 0,
                 BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 HAS_KVLENS=kv_lens is not None, HAS_ALIBI=alibi is not None, HAS_SOFTCAP=softcap > 0.0,
@@ -1203,6 +1203,19 @@ def _bias_grad(q, k, v, ptrs, do, lse, delta, row_scale, dbias, common, B, H, Lq
                                 **config.all_kwargs())
 
 
+def _fp32(x: float) -> float:
+    """``x`` rounded to fp32, as a Python float: the kernels type a float argument fp32 on a GPU, but Triton's
+    interpreter computes with its fp64 value; rounded first, both draw the same keep-mask (rand >= p)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def dropout_keep_scale(dropout_p: float) -> float:
+    """1 − p rounded once to fp32 (1 − fl32(p) in fp32 is up to 2.4e-7 off for p = 0.9, ×2.4 the fp32 rule's
+    allowance in out): the kernels' normaliser l·(1 − p) and dV's p / (1 − p), and through 1 / it the r·v of
+    ops.attention._dp_values, which the backward's exact cancellations rely on."""
+    return _fp32(1.0 - float(dropout_p))
+
+
 def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
     """The bool keep-mask [B, H, Lq, Lk] the kernels apply for (dropout_p, seed); Lq, Lk: max_seqlen for packed
     batches, whose sequence b uses the top-left [len_q(b), len_k(b)] corner of mask[b]."""
@@ -1210,5 +1223,5 @@ def dropout_mask(B, H, Lq, Lk, dropout_p, seed, device):
     with device_ctx(keep):
         for bh0 in range(0, B * H, MAX_GRID_YZ):
             grid = (triton.cdiv(Lq, 32), triton.cdiv(Lk, 32), min(B * H - bh0, MAX_GRID_YZ))
-            _dropout_mask_kernel[grid](keep, int(seed), float(dropout_p), Lq, Lk, bh0, BLOCK_M=32, BLOCK_N=32)
+            _dropout_mask_kernel[grid](keep, int(seed), _fp32(dropout_p), Lq, Lk, bh0, BLOCK_M=32, BLOCK_N=32)
     return keep.view(torch.bool)
