@@ -104,15 +104,16 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        slopes = self._buffers.get("alibi_slopes")
-        # Made afresh wherever the buffer lands (not in the state_dict): fp32 after .half() etc., exact (not
-        # re-rounded), and real values after to_empty() from a meta-device module (which leaves them garbage).
-        if slopes is not None and slopes.device.type != "meta":
-            self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)
+        self._remake_slopes()
         return self
 
     def _reset_parameters(self):
         super()._reset_parameters()
+        self._remake_slopes()
+
+    def _remake_slopes(self):
+        """The ALiBi buffer (not in the state_dict) made afresh wherever it lands: fp32 after .half() etc., exact
+        (not re-rounded), and real values after to_empty() from a meta-device module (which leaves them garbage)."""
         slopes = self._buffers.get("alibi_slopes")
         if slopes is not None and slopes.device.type != "meta":
             self._buffers["alibi_slopes"] = alibi_slopes(self.num_heads).to(slopes.device)

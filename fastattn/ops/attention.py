@@ -315,10 +315,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
     "cuda", or "torch" (fastattn.reference; fp16/bf16 computed in fp32).
     """
-    if any(autocast_to(t, "lower") is not None for t in (q, k, v)):  # as SDPA under CUDA autocast: q, k, v and
-        # a float bias cast to the autocast dtype (fp32 would run the fp32 kernels: slower, and unlike torch)
-        q, k, v, attn_bias = (t.to(autocast_to(t, "lower")) if autocast_to(t, "lower") else t
-                              for t in (q, k, v, attn_bias))
+    casts = [autocast_to(t, "lower") for t in (q, k, v, attn_bias)]
+    if any(casts[:3]):  # as SDPA under CUDA autocast: q, k, v and a float bias cast to the autocast dtype (fp32
+        # would run the fp32 kernels: slower, and unlike torch)
+        q, k, v, attn_bias = (t.to(c) if c else t for t, c in zip((q, k, v, attn_bias), casts))
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
         B = _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_padding_mask,

@@ -108,6 +108,10 @@ def check_kernel_dtype(t: Tensor, name: str, backend: str) -> None:
     why = kernel_dtype_problem(t, name, backend)
     if why:
         raise TypeError(why)
+    check_no_forward_ad(t, name, backend)
+
+
+def check_no_forward_ad(t: Tensor | None, name: str, backend: str) -> None:
     if forward_ad(t):
         raise NotImplementedError(f"{name}: forward-mode AD (torch.func.jvp, forward_ad dual tensors) runs on "
                                   f"backend 'torch' only; backend {backend!r}'s kernels carry no tangent")

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import dispatch, reference
-from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_same, check_tensor, empty,
-                     forward_ad, kernels_take, upcast)
+from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_no_forward_ad, check_same,
+                     check_tensor, empty, forward_ad, kernels_take, upcast)
 
 
 def _kernels(backend: str):
@@ -136,9 +136,7 @@ def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, sc
         return reference.softmax(upcast(use, x), dim, dtype=cdtype, scale=scale, mask=upcast(use, mask)).to(
             dtype or x.dtype)
     check_kernel_dtype(x, "x", use)
-    if forward_ad(mask):
-        raise NotImplementedError(f"mask: forward-mode AD runs on backend 'torch' only; backend {use!r}'s kernels "
-                                  "carry no tangent")
+    check_no_forward_ad(mask, "mask", use)
     out_dtype = dtype or x.dtype
     check_kernel_dtype(x.new_empty(0, dtype=out_dtype), "dtype", use)
     xm = x.movedim(dim, -1) if dim != x.dim() - 1 else x
