@@ -130,6 +130,7 @@ PYBIND11_MODULE(FASTATTN_MODULE, m) {
   pointer_field(cls, "k", &AttnParams::k);
   pointer_field(cls, "v", &AttnParams::v);
   pointer_field(cls, "o", &AttnParams::o);
+  pointer_field(cls, "o_lo", &AttnParams::o_lo);
   pointer_field(cls, "lse", &AttnParams::lse);
   pointer_field(cls, "bias", &AttnParams::bias);
   pointer_field(cls, "mask", &AttnParams::mask);

@@ -10,6 +10,7 @@ output dtype (FlashAttention-3's rule: the rounding error of the dtype at the ou
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,8 @@ class AttentionCase:
     softcap: float = 0.0
     dropout: float = 0.0  # dropout_p: the kernel's keep-mask is replayed on the reference
     varlen: tuple | None = None  # packed batch: ((len_q, len_k), ...) per sequence; B, Lq, Lk then follow from it
+    # > 0: an attention sink, key 0 gets this much more score in every row (p ≈ e^sink / (e^sink + Lk − 1))
+    sink: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -174,6 +177,8 @@ class AttentionCase:
             parts.append(f"softcap{self.softcap:g}")
         if self.dropout:
             parts.append(f"dropout{self.dropout:g}")
+        if self.sink:
+            parts.append(f"sink{self.sink:g}")
         return " ".join(parts)
 
 
@@ -191,6 +196,18 @@ def _packed_qkv(case: AttentionCase, g: torch.Generator, device):
     return q, k, v, kw
 
 
+def _add_sink(q: Tensor, k: Tensor, case: AttentionCase) -> None:
+    """Head-dim column 0 of every query and of key 0 becomes c, of the other keys 0: s_i0 gains
+    c²/sqrt(D) = case.sink (up to c's rounding) and the other scores lose only their column-0 term."""
+    if case.varlen is not None:
+        raise ValueError("sink: not for packed batches")
+    c = math.sqrt(case.sink * math.sqrt(case.D))
+    with torch.no_grad():
+        q[..., 0] = c
+        k[..., 0] = 0.0
+        k[..., 0, 0] = c
+
+
 def _case_inputs(case: AttentionCase, device):
     g = torch.Generator().manual_seed(case.seed)
     kw = dict(causal=case.causal, causal_alignment=case.alignment)
@@ -200,6 +217,8 @@ def _case_inputs(case: AttentionCase, device):
     else:
         q, k, v, packed = _packed_qkv(case, g, device)
         kw.update(packed)
+    if case.sink:
+        _add_sink(q, k, case)
     if tuple(case.window) != (-1, -1):
         kw["window_size"] = tuple(case.window)
     if case.softcap:

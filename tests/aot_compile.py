@@ -37,7 +37,7 @@ POINTERS = {"Bias": "*fp32", "Scale": "*fp32", "Mask": "*u8", "KvLens": "*i32", 
             "DBias": "*fp32", "Alibi": "*fp32", "Visits": "*i32", "CuQ": "*i32", "CuK": "*i32", "Keep": "*u8",
             "Mean": "*fp32", "Rstd": "*fp32", "DWp": "*fp32", "DBp": "*fp32", "DZ": "*fp32", "OutPart": "*fp32",
             "LsePart": "*fp32"}
-DATA = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
+DATA = {"Q", "K", "V", "Out", "OutLo", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
 FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p", "keep_scale"}
 INT64 = {"seed"}
 # Approximate divisions and square roots (up to 2 ulp), which fp32 outputs would show: fp32 kernels use div_rn / sqrt_rn
@@ -103,14 +103,15 @@ def fp64_pointers(dtype):
 def cases():
     full = dict(WIN_LEFT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True, HAS_BIAS=True, HAS_MASK=True, HAS_KVLENS=True,
                 BIAS_GRAD=True, HAS_DLSE=True, HAS_ALIBI=True, HAS_SOFTCAP=True, COUNT_VISITS=False, VARLEN=False,
-                DROPOUT=True, SPLIT=True, PACK_GQA=True)
+                DROPOUT=True, SPLIT=True, PACK_GQA=True, STORE_LO=True, HAS_LO=True)
     plain = dict(WIN_LEFT=False, WIN_RIGHT=False, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False,
                  HAS_KVLENS=False, BIAS_GRAD=False, HAS_DLSE=True, HAS_ALIBI=False, HAS_SOFTCAP=False,
-                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False)
+                 COUNT_VISITS=False, VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False, STORE_LO=False,
+                 HAS_LO=False)
     yield torch.float16, 128, full, True
     yield torch.float32, 256, full, True
     yield torch.bfloat16, 64, plain, False
-    yield torch.float16, 111, dict(plain, WIN_RIGHT=True, HAS_KVLENS=True), False
+    yield torch.float16, 111, dict(plain, WIN_RIGHT=True, HAS_KVLENS=True, STORE_LO=True, HAS_LO=True), False
     yield torch.bfloat16, 256, dict(plain, HAS_MASK=True), True
     yield torch.float16, 64, dict(plain, VARLEN=True, DROPOUT=True, WIN_RIGHT=True, BOTTOM_RIGHT=True), False
 
@@ -165,12 +166,14 @@ def tiles(arch, every):
     causal attention with kv_lens, each element size and head-dim block."""
     flags = dict(WIN_LEFT=False, WIN_RIGHT=True, BOTTOM_RIGHT=False, HAS_BIAS=False, HAS_MASK=False, HAS_KVLENS=True,
                  BIAS_GRAD=False, HAS_DLSE=False, HAS_ALIBI=False, HAS_SOFTCAP=False, COUNT_VISITS=False,
-                 VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False, DELTA_PASS=False)
+                 VARLEN=False, DROPOUT=False, SPLIT=False, PACK_GQA=False, DELTA_PASS=False, STORE_LO=True)
     kernels = {"fwd": A._fwd_kernel, "dkdv": A._bwd_dkdv_kernel, "dq": A._bwd_dq_kernel}
     failures = 0
     for dtype in (torch.float16, torch.float32):
         for bd in (32, 64, 128, 256):
-            consts = dict(flags, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+            # fp16/bf16 training stores the output's rounding residual too
+            consts = dict(flags, HEAD_DIM=bd, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32",
+                          STORE_LO=dtype != torch.float32)
             for name, kernel in dict(kernels, **({"delta": A._bwd_delta_pass_kernel} if dtype == torch.float32
                                                   else {})).items():
                 consts["DELTA_PASS"] = name == "delta"
@@ -213,6 +216,8 @@ def main():
         every = every and not args.first_only
         bd = max(16, triton.next_power_of_2(D))
         consts = dict(flags, HEAD_DIM=D, BLOCK_D=bd, DOT_PREC="ieee" if dtype == torch.float32 else "tf32")
+        if dtype == torch.float32:  # fp32 outputs keep no rounding residual (their D comes from the D pass)
+            consts.update(STORE_LO=False, HAS_LO=False)
         fp32_only = (A._bwd_delta_pass_kernel,) if dtype == torch.float32 else ()
         # every feature on (soft cap, dropout): no approximate division or exponential in fp32 either
         fp32_forbid = APPROX + ("ex2.approx",) if dtype == torch.float32 else ()
@@ -244,7 +249,7 @@ def main():
         for bd in (32, 128, 256):
             failures += report(f"sm_{args.arch} _fwd_combine_kernel {str(dtype)[6:]:<8} d{bd:<4}", A._fwd_combine_kernel,
                                dtype, dict(HEAD_DIM=bd, BLOCK_D=bd, ACCURATE=dtype == torch.float32,
-                                           BLOCK_M=A.COMBINE_BLOCK), None, args.arch, no_spill=True,
+                                           STORE_LO=dtype != torch.float32, BLOCK_M=A.COMBINE_BLOCK), None, args.arch, no_spill=True,
                                forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else (),
                                pointers=fp64_pointers(dtype))
     failures += row_kernels(args.arch)

@@ -683,26 +683,29 @@ def test_custom_op_registration():
     seed = torch.tensor(1 << 40)
     for window, alibi, cap, drop in (((-1, -1), None, 0.0, 0.0), ((5, 0), slopes, 3.0, 0.2)):
         args = (q, k, v, bias, None, None, None, None, 0, 0, 0.25, True, False, *window, alibi, cap, drop, seed,
-                "triton")
+                "triton", True)
         torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # packed varlen: [total, H, D] with cumulative lengths, lse [H, total]
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     qp, kp, vp = (t[0].transpose(0, 1).contiguous().detach().requires_grad_() for t in (q, k[:, :, :20], v[:, :, :20]))
-    args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, "triton")
+    args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, "triton",
+            True)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # the backward of a transposed bias: its gradient comes back contiguous, as the fake says (inductor checks)
     bt = torch.randn(1, 2, 24, 20, device=DEVICE).transpose(2, 3)
     q, k, v = (t.detach() for t in (q, k, v))
-    fwd = (q, k, v, bt, None, None, None, None, 0, 0, 0.25, False, False, -1, -1, None, 0.0, 0.0, None, "triton")
-    out, lse = torch.ops.fastattn.attention_fwd(*fwd)
-    args = (torch.randn_like(out), q, k, v, out, lse, None, *fwd[3:-1], True, "triton")
+    fwd = (q, k, v, bt, None, None, None, None, 0, 0, 0.25, False, False, -1, -1, None, 0.0, 0.0, None, "triton",
+           True)
+    out, lse, lo = torch.ops.fastattn.attention_fwd(*fwd)
+    args = (torch.randn_like(out), q, k, v, out, lo, lse, None, *fwd[3:-2], True, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
     # the raw ops on q / k / v whose last dim is strided (the public function passes them with stride 1): made
     # readable inside, forward and backward, fakes agreeing
     qs, ks, vs = (torch.randn(1, 2, 20, 16, 2, device=DEVICE)[..., 0].requires_grad_() for _ in range(3))
-    raw = (qs, ks, vs, None, None, None, None, None, 0, 0, 0.25, True, False, -1, -1, None, 0.0, 0.0, None, "triton")
+    raw = (qs, ks, vs, None, None, None, None, None, 0, 0, 0.25, True, False, -1, -1, None, 0.0, 0.0, None, "triton",
+           False)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, raw,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = torch.ops.fastattn.attention_fwd(*raw)[0]
@@ -883,3 +886,16 @@ def test_gpu_unaligned_strided_inputs(D, gpu_backend):
     out = fastattn.attention(q, k, v, causal=True, backend=gpu_backend)
     ref = fastattn.attention(q.contiguous(), k.contiguous(), v.contiguous(), causal=True, backend=gpu_backend)
     torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(dropout=0.3), dict(causal=True, kv_lens=True, lse_grad=True)],
+                         ids=["plain", "dropout", "causal+kv_lens+lse_grad"])
+def test_attention_sink_gradients(kernel_backend, extra):
+    """Every query puts p ≈ 0.99 on key 0 (an attention sink, as trained models' heads often do). The fp16
+    backward's D_i = do_i·o_i takes the output whole, with what rounding it to fp16 dropped (the forward's
+    out_lo): from the rounded output alone, ds_ij = p_ij (dp_ij − D_i) passed D's ~2⁻¹¹ error on whole where
+    the reference's softmax backward shrinks its own rounding by 1 − p_ij, and dk missed the rule (×4.2 with
+    causal + kv_lens; ×3.0 and ×1.9 in the others, against 0.1–1.4 now)."""
+    for seed in range(3):
+        assert_case(AttentionCase(B=1, H=2, Lq=64, Lk=64, D=64, sink=9.0, seed=seed, **extra),
+                    backend=kernel_backend)

@@ -61,7 +61,9 @@ def _cuobjdump():
 def test_attention_kernels_do_not_spill(C):
     """Every attention / softmax kernel of fastattn._C keeps its state in registers on every compiled arch (no
     stack: a spill in the inner loop costs local-memory traffic per tile). The broadcast-dbias kernel at head dim
-    256 and the LayerNorm backward may use a few bytes of stack (at most 64)."""
+    256 and the LayerNorm backward may use a few bytes of stack (at most 64), and so may the d64 dQ kernel with
+    a bias or mask, dropout and a soft cap or ALiBi all at once (at most 8: ptxas keeps it at 168 registers on
+    sm_90, and dropout's ds = 0 where p = 1, which keeps rows with one visible key exactly 0, spills a word)."""
     import subprocess
     tool = _cuobjdump()
     if tool is None:
@@ -71,8 +73,10 @@ def test_attention_kernels_do_not_spill(C):
     found = re.findall(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+)", out)
     assert len(found) >= 250 * len(C.compiled_archs()), f"cuobjdump listed {len(found)} kernels:\n{out[-2000:]}"
     stacked = {name: int(stack) for name, _, stack in found if int(stack) > 0}
-    allowed = ("dbias_kernel", "layer_norm_bwd_kernel")
-    assert all(any(a in name for a in allowed) and s <= 64 for name, s in stacked.items()), stacked
+    allowed = {r"dbias_kernel": 64, r"layer_norm_bwd_kernel": 64,
+               r"dq_kernelI\w+Li64ELi4ELi64ELb1ELb1ELb1E": 8}  # <T, d64, 4 warps, 64 keys, bias, dropout, mods>
+    assert all(any(re.search(a, name) and s <= most for a, most in allowed.items()) for name, s in stacked.items()), \
+        stacked
 
 
 @needs_build

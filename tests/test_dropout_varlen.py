@@ -72,10 +72,12 @@ def test_dropout_backward_reuses_forward_mask():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rows_with_one_key_have_exactly_zero_gradients(dropout, dtype, kernel_backend):
     """A query row that sees one key has p = 1 on it, so ds = p (dp − D) = 0: its dq and dbias, and the dk of a
-    key only such rows see, are exactly 0, as the reference's autograd gives them. With dropout too: the backward
-    forms dp through the factor the forward scaled that row's output by, so dp − D cancels exactly (dividing
-    do·v by 1 − p instead left gradients of rounding size, up to 6× the rule's bound in fp32). p = 0.9: the
-    interpreter once formed 1 − p in fp64 where r·v took it in fp32 (the kernels now take it from the host)."""
+    key only such rows see, are exactly 0, as the reference's autograd gives them. With dropout too: the fp32
+    backward forms dp through the factor the forward scaled that row's output by, so dp − D cancels exactly
+    (dividing do·v by 1 − p instead left gradients of rounding size, up to 6× the rule's bound); fp16/bf16, whose
+    D also holds what rounding the output dropped (and dp = r·(do·v) in fp32), give ds = 0 where p = 1 exactly.
+    p = 0.9: the interpreter once formed 1 − p in fp64 where r·v took it in fp32 (the kernels now take it from
+    the host)."""
     conftest.skip_cuda_fp32_attention(kernel_backend, dtype)
     B, H, Lq, Lk, D = 2, 2, 24, 40, 32
     q, k, v = random_qkv(B, H, Lq, Lk, D, dtype=dtype, device=DEVICE)

@@ -10,8 +10,8 @@
 //   4. dbias_kernel, for a bias broadcast over some dims: one CTA per tile of dbias summing dS over them.
 // p_ij = exp2(s_ij·log2 e − lse2_i) (0 where invisible or for an empty row, whose lse2 is +inf),
 // ds_ij = p_ij (dp_ij − D_i). Dropout (keep_ij regenerated from the forward's Philox counters, r = 1 / (1 − p)):
-// dV uses p_ij·keep_ij·r, and dp_ij becomes dp_ij·keep_ij before ds: p.v then holds r·v (fastattn/ops/attention.py,
-// _dp_values), as D_i = do_i·o_i holds the scale.
+// dV uses p_ij·keep_ij·r, and dp_ij becomes keep_ij·r·dp_ij before ds, in fp32, as D_i = do_i·o_i holds the scale
+// (with p.o_lo, D holds o's rounding too: dp from r·v rounded to T would err by as much).
 // Packed batches: CTAs past their sequence's end return at once; D lives in the workspace as [B, H, max_seqlen_q].
 // Local attention: the dK/dV kernel visits the query tiles that meet the window of some key of its block
 // (Window::query_tiles), the dQ kernel the forward's key tiles; with the soft cap, ds (the bias gradient) is
@@ -37,7 +37,10 @@ constexpr size_t delta_smem_bytes() {
 // diagonal of the warp's 16 x 16 tile dO·Oᵀ, formed by gemm_ss as dp_ij = do_i·v_j is in the dQ and dK/dV
 // kernels (the same products summed by the same MMAs in the same k order): a row with one visible key has
 // o_i = v_j bitwise, so dp_ij − D_i is exactly 0, and so are its gradients. (A warp-shuffle dot product here
-// left ~1e-6 in dq and dk of such rows; the CPU emulator showed it.)
+// left ~1e-6 in dq and dk of such rows; the CPU emulator showed it.) With p.o_lo, the diagonal of dO·O_loᵀ is
+// added: from the rounded o alone, D errs by up to ~2⁻¹¹·|do_i|·|o_i| (fp16), which ds_ij = p_ij (dp_ij − D_i)
+// passes on whole where one p_ij dominates the row (an attention sink), while the reference's softmax backward
+// shrinks its own rounding by 1 − p_ij there (README, Numerics). o_lo = 0 in a row with one visible key.
 template <typename T, int D>
 __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParams p, float* delta) {
   constexpr int BM = 16 * kDeltaWarps, NTH = kDeltaWarps * 32, P = D + 8;
@@ -58,6 +61,21 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
   float dd[2][4];
   zero(dd);
   gemm_ss<T, 2, D>(dd, sdO, P, warp * 16, sO, P, warp * 16, lane);
+  if (p.o_lo != nullptr) {
+    __syncthreads();  // every warp has read its rows of O: the tile takes O_lo
+    load_tile_async<T, BM, D, NTH>(sO, static_cast<const T*>(p.o_lo) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl,
+                                   p.o_sl, m0, seq.q_len, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    float lo[2][4];
+    zero(lo);
+    gemm_ss<T, 2, D>(lo, sdO, P, warp * 16, sO, P, warp * 16, lane);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) dd[r][e] += lo[r][e];
+  }
   // The diagonal: (g, g) in n-tile 0 and (g + 8, g + 8) in n-tile 1, each at column 2t + (g & 1) of the thread
   // whose t = g / 2 (g = lane / 4, t = lane % 4).
   const int g = lane >> 2;
@@ -70,6 +88,14 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
     const float dot = (g & 1) ? dd[r][2 * r + 1] : dd[r][2 * r];  // constant indices: dd stays in registers
     delta[bh * p.Lq + row] = p.dlse != nullptr ? dot - kLog2e * p.dlse[lse0 + row] : dot;
   }
+}
+
+// ds = p (dp − D), exactly 0 where p = 0 (even if dp is not finite). With dropout also where p = 1 exactly: there
+// ds_ij = p_ij Σ_{k≠j} p_ik (dp_ij − dp_ik) lies below fp32's resolution, and in a row with one visible key it is
+// exactly 0, but dp − D would keep a rounding (dp = r·(do·v) in fp32, D from o = r·v rounded to T).
+template <bool DROPOUT>
+__device__ __forceinline__ float weight_grad(float pr, float dp, float delta) {
+  return pr != 0.f && !(DROPOUT && pr == 1.f) ? pr * (dp - delta) : 0.f;
 }
 
 // With the soft cap on, each warp keeps the cap's derivative of its 16 x N score tile in shared memory between
@@ -211,11 +237,11 @@ __global__ void __launch_bounds__(NW * 32) dkdv_kernel(const AttnParams p) {
           if constexpr (DROPOUT) {
             const bool kept = (kept_bits >> (nt * 4 + e)) & 1u;
             pv = kept ? pr * keep_scale : 0.f;
-            dpe = kept ? dpe : 0.f;
+            dpe = kept ? dpe * keep_scale : 0.f;
           }
           s[nt][e] = pv;
-          // ds (times the cap's derivative), exactly 0 where p = 0 (even if dp is not finite)
-          float ds = pr != 0.f ? pr * (dpe - delta_s[col]) : 0.f;
+          // ds (times the cap's derivative), exactly 0 where p = 0 (even if dp is not finite); see weight_grad
+          float ds = weight_grad<DROPOUT>(pr, dpe, delta_s[col]);
           if (capped) ds *= dcap[(nt * 4 + e) * 32 + lane];
           dp[nt][e] = ds;
         }
@@ -264,6 +290,7 @@ __device__ __forceinline__ void score_grad(float (&ds)[NTS][4], const Scores<T>&
   }
   zero(ds);
   gemm_ss<T, NTS, D>(ds, sdO, P, warp * 16, sV, P, 0, lane);  // dP
+  const float keep_scale = DROPOUT ? 1.f / (1.f - drop.p) : 1.f;  // r, as the dK/dV kernel's
 #pragma unroll
   for (int nt = 0; nt < NTS; ++nt)
 #pragma unroll
@@ -271,8 +298,8 @@ __device__ __forceinline__ void score_grad(float (&ds)[NTS][4], const Scores<T>&
       const int r = e >> 1;
       const float pr = exp2f(s[nt][e] - lse_r[r]);
       float dpe = ds[nt][e];
-      if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe : 0.f;
-      ds[nt][e] = pr != 0.f ? pr * (dpe - delta_r[r]) : 0.f;
+      if constexpr (DROPOUT) dpe = (kept_bits >> (nt * 4 + e)) & 1u ? dpe * keep_scale : 0.f;
+      ds[nt][e] = weight_grad<DROPOUT>(pr, dpe, delta_r[r]);
     }
 }
 

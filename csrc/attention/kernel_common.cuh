@@ -274,6 +274,34 @@ __device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int co
   }
 }
 
+// store_pair of the pair rounded to T, and of what the rounding dropped (rounded to T) at the same place of lo.
+template <typename T>
+__device__ __forceinline__ void store_pair_split(T* dst, T* lo, float x0, float x1) {
+  const uint32_t hi = Elem<T>::pack(x0, x1);
+  T h[2];
+  memcpy(h, &hi, 4);
+  *reinterpret_cast<uint32_t*>(dst) = hi;
+  *reinterpret_cast<uint32_t*>(lo) = Elem<T>::pack(x0 - Elem<T>::to_float(h[0]), x1 - Elem<T>::to_float(h[1]));
+}
+
+// store_rows of the output, also storing into lo (same layout) what rounding to T dropped when lo is non-null.
+template <typename T, int NT, typename Offset>
+__device__ __forceinline__ void store_out_rows(T* g, T* lo, Offset offset, int row0, int nrows, const float (&c)[NT][4],
+                                               float mul0, float mul1, int lane) {
+  if (lo == nullptr) return store_rows<T, NT>(g, offset, row0, 0, nrows, c, mul0, mul1, lane);
+  const int gr = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = row0 + gr + half * 8;
+    if (row >= nrows) continue;
+    const float mul = half ? mul1 : mul0;
+    const int64_t at = offset(row) + 2 * tq;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+      store_pair_split(g + at + nt * 8, lo + at + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
+  }
+}
+
 // The same into a [*, *] matrix of row stride ld.
 template <typename T, int NT>
 __device__ __forceinline__ void store_c(T* g, int64_t ld, int row0, int col0, int nrows, const float (&c)[NT][4],
@@ -655,9 +683,10 @@ inline const char* check_common(const AttnParams& p) {
   if (!aligned_rows(p.q, p.q_sb, p.q_sh, p.q_sl, nb, p.H, nq) ||
       !aligned_rows(p.k, p.k_sb, p.k_sh, p.k_sl, nb, p.Hkv, nk) ||
       !aligned_rows(p.v, p.v_sb, p.v_sh, p.v_sl, nb, p.Hkv, nk) ||
-      !aligned_rows(p.o, p.o_sb, p.o_sh, p.o_sl, nb, p.H, nq))
-    return "fastattn CUDA attention: q, k, v, o must be non-null, 16-byte aligned, with batch/head/row strides "
-           "that are multiples of 8 elements";
+      !aligned_rows(p.o, p.o_sb, p.o_sh, p.o_sl, nb, p.H, nq) ||
+      (p.o_lo != nullptr && !aligned_rows(p.o_lo, p.o_sb, p.o_sh, p.o_sl, nb, p.H, nq)))
+    return "fastattn CUDA attention: q, k, v, o (and o_lo) must be non-null, 16-byte aligned, with batch/head/row "
+           "strides that are multiples of 8 elements";
   if (p.bias && reinterpret_cast<uintptr_t>(p.bias) % 2 != 0) return "fastattn CUDA attention: bias is misaligned";
   if (p.Lq >= kMaxLen || p.Lk >= kMaxLen) return "fastattn CUDA attention: Lq and Lk must be below 2^28";
   if (p.window_left < -1 || p.window_right < -1)

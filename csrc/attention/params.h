@@ -44,6 +44,9 @@ struct AttnParams {
   const void* v = nullptr; int64_t v_sb = 0, v_sh = 0, v_sl = 0;
   void* o = nullptr;       int64_t o_sb = 0, o_sh = 0, o_sl = 0;
   float* lse = nullptr;                 // [B, H, Lq] contiguous ([H, total_q] packed), base 2 (see above)
+  // Optional, with o's strides: the forward also stores what rounding o to T dropped (fp32 o − o rounded, rounded),
+  // and the backward adds do_i·o_lo_i to D_i = do_i·o_i (an exact D: see the delta kernel). null = off.
+  void* o_lo = nullptr;
 
   // Packed batch (see above): int32 [B + 1] cumulative lengths, both set or both null; total rows of q and k.
   const int32_t* cu_seqlens_q = nullptr;

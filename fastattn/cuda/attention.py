@@ -220,12 +220,13 @@ def _check_local(q, k, window, alibi, softcap, count, varlen=None):
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None):
     """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse
     [B, H, Lq], or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q
     [total_q, H, D], k/v [total_k, Hkv, D] and lse [H, total_q]. ``dropout`` = (p, Philox seed). Last dims must be
     contiguous. ``window`` = (left, right), −1 unbounded; ``alibi``: fp32 [H] or [1|B, H]; ``softcap`` > 0 caps
-    scores. The Triton module's signature (``count`` is not supported)."""
+    scores. ``out_lo`` (like ``out``) receives what rounding the output dropped, for :func:`backward`. The Triton
+    module's signature (``count`` is not supported)."""
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
@@ -236,8 +237,10 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     qp, kp, vp = _input(q, D), _input(k, D), _input(v, D)
     bias, mask = _bias(bias, q), _mask(mask)
     o = _output(out, D)
+    o_lo = _lo_like(out_lo, out, o, copy=False)
     p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen, window, alibi, softcap)
     _set(p, "o", "o", o, varlen)
+    p.o_lo = ptr(o_lo)
     p.lse = lse.data_ptr()
     if pack_gqa(q, k, alibi, dropout[0], bias, mask, varlen):
         p.pack_gqa = p.H // p.Hkv
@@ -248,6 +251,24 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
         p.workspace = ptr(workspace)
         C.attention_fwd(p, stream(q))
         _finish(out, o)
+        if out_lo is not None:
+            _finish(out_lo, o_lo)
+
+
+def _lo_like(out_lo: Optional[torch.Tensor], out: torch.Tensor, o: torch.Tensor,
+             copy: bool) -> Optional[torch.Tensor]:
+    """The kernels index o_lo with o's strides (``o``: where they read or write ``out``): ``out_lo`` itself when
+    it has them, else a copy laid out as o (``copy``: the backward) or scratch (the forward's, copied back by
+    :func:`_finish`)."""
+    if out_lo is None:
+        return None
+    if out_lo.dtype != out.dtype or out_lo.shape[:-1] != out.shape[:-1]:
+        raise ValueError(f"out_lo must be like out ({out.dtype}, {tuple(out.shape)}), got {out_lo.dtype}, "
+                         f"{tuple(out_lo.shape)}")
+    if out_lo.shape == o.shape and out_lo.stride() == o.stride():
+        return out_lo
+    lo = torch.empty_strided(o.shape, o.stride(), dtype=o.dtype, device=o.device)
+    return lo.copy_(F.pad(out_lo, (0, o.shape[-1] - out_lo.shape[-1]))) if copy else lo
 
 
 def _splits(q: torch.Tensor, B: int, H: int, Lq: int, Lk: int, D: int) -> int:
@@ -283,13 +304,12 @@ def pack_gqa(q, k, alibi, dropout_p, bias, mask, varlen) -> bool:
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None):
+             row_scale=None, out_lo=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
-    options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask); with
-    dropout, ``v`` holds r·v (fastattn.ops.attention._dp_values: V enters the backward through dp only).
-    ``delta_from_p`` and ``row_scale`` are the Triton backward's fp32 options; these fp16/bf16 kernels always take
-    D_i = do_i·o_i."""
+    options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask).
+    ``delta_from_p`` and ``row_scale`` are the Triton backward's fp32 options; these fp16/bf16 kernels take
+    D_i = do_i·(o_i + o_lo_i) with the forward's ``out_lo``, do_i·o_i without."""
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
@@ -302,10 +322,12 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     C = extension(q)
     D = padded_head_dim(q.shape[-1], q)
     qp, kp, vp, op, dop = (_input(t, D) for t in (q, k, v, out, do.to(q.dtype)))
+    o_lo = _lo_like(out_lo, out, op, copy=True)
     bias, mask = _bias(bias, q), _mask(mask)
     dqp, dkp, dvp = _output(dq, D), _output(dk, D), _output(dv, D)
     p = _params(qp, kp, vp, bias, mask, kv_lens, scale, causal, bottom_right, dropout, varlen, window, alibi, softcap)
     _set(p, "o", "o", op, varlen)
+    p.o_lo = ptr(o_lo)
     _set(p, "dout", "do", dop, varlen)
     _set(p, "dq", "dq", dqp, varlen)
     _set(p, "dk", "dk", dkp, varlen)

@@ -32,25 +32,29 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
                    kv_lens: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
                    window_left: int, window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
-                   seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    """-> (out, lse2): lse2 = log2 Σ_j exp(s_ij), [B, H, Lq] ([H, total_q] packed), +inf for rows with no visible
-    key; float32, float64 for float32 inputs (_lse_dtype)."""
+                   seed: Optional[Tensor], backend: str, residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """-> (out, lse2, out_lo): lse2 = log2 Σ_j exp(s_ij), [B, H, Lq] ([H, total_q] packed), +inf for rows with no
+    visible key; float32, float64 for float32 inputs (_lse_dtype). With ``residual`` (fp16/bf16 inputs that need a
+    gradient), out_lo = what rounding the output to its dtype dropped, for the backward's D_i = do_i·o_i; else
+    empty."""
     q, k, v = (lastdim_contiguous(t) for t in (q, k, v))  # the kernels index the last dim with stride 1
     out = empty_like(q)
     lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=_lse_dtype(q))
+    out_lo = empty_like(q) if residual else None
     _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
                               **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
-                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
-    return out, lse2
+                                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out_lo=out_lo))
+    return out, lse2, (out_lo if residual else q.new_empty(0))
 
 
 def _lse_shape(q, cu_seqlens_q):
     return (q.shape[1], q.shape[0]) if cu_seqlens_q is not None else q.shape[:3]
 
 
-def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, cu_k, max_q, max_k) -> dict:
+def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, cu_k, max_q, max_k,
+              out_lo=None) -> dict:
     """Keyword arguments of the kernels for the options in use (none: backends without them still run)."""
-    kw = {}
+    kw = {} if out_lo is None else {"out_lo": out_lo}
     if (window_left, window_right) != (-1, -1):
         kw["window"] = (window_left, window_right)
     if alibi is not None:
@@ -66,8 +70,10 @@ def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, 
 
 @_attention_fwd.register_fake
 def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-      bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend):
-    return torch.empty_like(lastdim_contiguous(q)), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q))
+      bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend, residual):
+    out = torch.empty_like(lastdim_contiguous(q))
+    return (out, q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q)),
+            torch.empty_like(out) if residual else q.new_empty(0))
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -78,9 +84,9 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 
 def _dp_values(v: Tensor, dropout_p: float, backend: str) -> Tensor:
-    """r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the backend's forward forms it (its
-    dropout_keep_scale): the V that the kernels' backward forms dp_ij = keep_ij·do_i·(r·v_j) from with dropout
-    (V enters the backward through dp only). The forward's output of a row whose one visible key j gets p = 1 is
+    """fp32 with dropout: r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the backend's forward forms it (its
+    dropout_keep_scale): the V that the kernels' backward forms dp_ij = keep_ij·do_i·(r·v_j) from
+    (V enters the backward through dp only; fp16/bf16 form r·(do_i·v_j), see the Triton kernels' _kept_dp). The forward's output of a row whose one visible key j gets p = 1 is
     o_i = r·v_j rounded the same way, and D_i = do_i·o_i comes out of the same dot as dp_ij, so dp_ij − D_i
     cancels exactly and the row's gradients are exactly 0, as the reference's are (do_i·v_j / (1 − p) rounds
     differently: rounding-sized gradients where none exist, past §5's bound in fp32)."""
@@ -90,7 +96,8 @@ def _dp_values(v: Tensor, dropout_p: float, backend: str) -> Tensor:
 
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
-def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dlse: Optional[Tensor],
+def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Optional[Tensor], lse: Tensor,
+                   dlse: Optional[Tensor],
                    bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                    max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool, window_left: int,
@@ -102,14 +109,15 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse
     # of one key column is the LSE's alone (_row_bias_grad).
     by_kernels = bias_grad and bias.shape[-1] != 1
     ds = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if by_kernels else None
-    if dropout_p > 0.0:
+    if dropout_p > 0.0 and v.dtype == torch.float32:
         v = _dp_values(v, dropout_p, backend)
     # dlse: the kernels index it densely (autograd may hand a strided one, e.g. the gradient of a permuted view)
     dlse = dlse.contiguous() if dlse is not None else None
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
-                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k))
+                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           out_lo=lastdim_contiguous(out_lo) if out_lo is not None else None))
     if bias_grad and not by_kernels:
         return dq, dk, dv, _row_bias_grad(bias, lse, dlse)
     if ds is None:
@@ -130,7 +138,7 @@ def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor]) -> Tenso
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+def _(do, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as the real one
     return tuple(torch.empty_like(lastdim_contiguous(t)) for t in (q, k, v)) + (dbias,)
@@ -138,20 +146,21 @@ def _(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, mask, kv_lens, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left,
-     window_right, alibi, softcap, dropout_p, seed, backend) = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse)
+     window_right, alibi, softcap, dropout_p, seed, backend, _residual) = inputs
+    out, lse, out_lo = output
+    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse,
+                          out_lo if out_lo.numel() else None)
     ctx.params = (max_q, max_k, scale, causal, bottom_right, window_left, window_right)
     ctx.options = (softcap, dropout_p)
     ctx.backend = backend
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse = ctx.saved_tensors
+def _backward(ctx, dout, dlse, _dout_lo):
+    q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse, out_lo = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, lse, dlse, bias, mask, kv_lens, cu_q, cu_k,
+    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_q, cu_k,
                                        *ctx.params, alibi, *ctx.options, seed, bias_grad, ctx.backend)
-    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 16
+    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 17
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -398,9 +407,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     if Dv != D:  # the kernels take one head dim: the narrower side zero-padded (scores and outputs unchanged;
         q, k, v = (F.pad(t, (0, max(D, Dv) - t.shape[-1])) if t.shape[-1] < max(D, Dv) else t  # the extra
                    for t in (q, k, v))  # columns dropped); F.pad by 0 would copy the wider side too
-    out, lse2 = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
-                               kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
-                               scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use)
+    # fp16/bf16 that will be differentiated keep what rounding the output dropped, for an exact D in the backward
+    residual = q.dtype != torch.float32 and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, bias))
+    out, lse2, _ = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
+                                  kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
+                                  scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use,
+                                  residual)
     out = out[..., :Dv].contiguous() if Dv < D else out  # dense, as torch's; not a view keeping D columns alive
     keep = None
     if return_dropout_mask:

@@ -9,7 +9,8 @@ lse2) with no change of base, so a row with one visible key gets p = 1 exactly. 
 (rounding s·log2(e) errs by |s|·2⁻²⁴ in the exponent): p = c_i·exp(s − lse2·ln 2), c_i = 1 / Σ_j exp(s_ij −
 lse2_i·ln 2) from the D pass, so lse2's rounding cancels (see _row_stats). The backward uses
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
-(for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq;
+(fp16/bf16 training: o_i = out_i + out_lo_i, the output and what rounding it dropped, stored by the forward: see
+_bwd_delta_kernel; for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq;
 kept in fp64 and used as two fp32 parts: see _row_stats),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
@@ -252,10 +253,14 @@ def _row_stats(Lse, Delta, Scale, rows, row_ok, ACCURATE: tl.constexpr, SCALED: 
 
 
 @triton.jit
-def _ds(p, dp, delta, delta_lo, ACCURATE: tl.constexpr):
-    """ds = p·(dp − D), D = delta + delta_lo (_row_stats; broadcast like p)."""
+def _ds(p, dp, delta, delta_lo, ACCURATE: tl.constexpr, DROPOUT: tl.constexpr):
+    """ds = p·(dp − D), D = delta + delta_lo (_row_stats; broadcast like p). fp16/bf16 with dropout: 0 where p = 1
+    exactly, where ds_ij = p_ij Σ_{k≠j} p_ik (dp_ij − dp_ik) lies below fp32's resolution; in a row with one visible
+    key it is exactly 0, but dp − D would keep a rounding: dp = r·(do·v) (_kept_dp), D from o = r·v rounded."""
     if ACCURATE:
         return p * ((dp - delta) - delta_lo)
+    elif DROPOUT:
+        return tl.where(p == 1.0, 0.0, p * (dp - delta))
     else:
         return p * (dp - delta)
 
@@ -329,6 +334,18 @@ def _div(a, b, ACCURATE: tl.constexpr):
         return tl.math.div_rn(a, b)
     else:
         return a / b
+
+
+@triton.jit
+def _kept_dp(dp, keep, keep_scale, ACCURATE: tl.constexpr):
+    """dp_ij = keep_ij·r·do_i·v_j with dropout, from do_i·v_j (r = 1 / keep_scale, the forward's). fp32 (ACCURATE):
+    V already holds r·v rounded as the forward rounds its output (fastattn.ops.attention._dp_values), so that a row
+    with one visible key cancels exactly in dp − D with D = do_i·o_i. fp16/bf16: r·(do_i·v_j) in fp32, since their D
+    holds o's rounding (see _bwd_delta_kernel): dp from r·v rounded to fp16/bf16 would err by as much."""
+    if ACCURATE:
+        return tl.where(keep, dp, 0.0)
+    else:
+        return tl.where(keep, dp * tl.math.div_rn(1.0, keep_scale), 0.0)
 
 
 @triton.jit
@@ -462,7 +479,7 @@ def _scores(qk, vis, qi, kj, b, h, Bias, s_bb, s_bh, s_bm, s_bn, Lq, Lk, sm_scal
 @triton.autotune(configs=_configs("fwd"), key=_KEY + ["SPLIT", "PACK_GQA"],
                  prune_configs_by={"early_config_prune": functools.partial(_prune, "fwd")})
 @triton.jit(do_not_specialize=_NOSPEC + ["n_split"])
-def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
+def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_lb, s_lh,
                 H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
@@ -471,7 +488,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
                 HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KVLENS: tl.constexpr, SPLIT: tl.constexpr,
-                PACK_GQA: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                PACK_GQA: tl.constexpr, STORE_LO: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
     # grid (query blocks, heads, batch · splits): CUDA caps the last two at 65535 each, not their product
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(2) % n_split
@@ -563,16 +581,17 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse,
     # A split's empty row gets lse −inf (weight 0 in the combine); a whole row with no visible key, +inf.
     lse2 = tl.where(empty, float("-inf") if SPLIT else float("inf"), lse2)
     tl.store(Lse + b * s_lb + h_row * s_lh + q0 + qi, lse2, mask=row_ok)
-    tl.store(Out + b * s_ob + h_col * s_oh + (q0 + qi[:, None]) * s_om + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    o_offs = b * s_ob + h_col * s_oh + (q0 + qi[:, None]) * s_om + offs_d[None, :]
+    _store_out(Out + o_offs, OutLo + o_offs, out, row_ok[:, None] & d_ok, STORE_LO)
     if COUNT_VISITS:  # key blocks computed by this program (tests of the window's block skipping)
         n_bh = tl.num_programs(1) * (tl.num_programs(2) // n_split)
         tl.store(Visits + (pid_s * n_bh + pid_bh) * tl.num_programs(0) + pid_m, visits)
 
 
 @triton.jit
-def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s_ph, s_pm, s_ob, s_oh, s_om, H, Lq,
-                        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACCURATE: tl.constexpr, BLOCK_M: tl.constexpr):
+def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, OutLo, n_split, s_ps, s_ls, s_pb, s_ph, s_pm, s_ob, s_oh, s_om,
+                        H, Lq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ACCURATE: tl.constexpr,
+                        STORE_LO: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the n_split partial results (o_s normalised, lse2_s; −inf where a split saw no key) of a row:
     lse2 = log2 Σ_s 2^lse2_s,  o = Σ_s 2^(lse2_s − lse2) o_s  (0 and lse2 = +inf where no split saw a key).
     ACCURATE (fp32): the lse2_s arrive in fp64, unrounded, as the unsplit forward forms them (rounded to fp32, at
@@ -608,14 +627,25 @@ def _fwd_combine_kernel(OutPart, LsePart, Out, Lse, n_split, s_ps, s_ls, s_pb, s
         lse2 = m_safe + tl.math.log2(norm)
     lse2 = tl.where(empty, float("inf"), lse2)
     tl.store(Lse + pid_bh * Lq + offs_m, lse2, mask=row_ok)
-    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    o_offs = b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :]
+    _store_out(Out + o_offs, OutLo + o_offs, out, row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), STORE_LO)
+
+
+@triton.jit
+def _store_out(Out, OutLo, out, ok, STORE_LO: tl.constexpr):
+    """Stores the fp32 output rounded to Out's dtype and, with STORE_LO, what the rounding dropped, rounded to
+    OutLo's (the same dtype): o ≈ Out + OutLo to about 2⁻²² relative (bf16: 2⁻¹⁶), for the backward's D_i = do_i·o_i
+    (see _bwd_delta_kernel)."""
+    hi = out.to(Out.dtype.element_ty)
+    tl.store(Out, hi, mask=ok)
+    if STORE_LO:
+        tl.store(OutLo, (out - hi.to(tl.float32)).to(OutLo.dtype.element_ty), mask=ok)
 
 
 # --------------------------------------------------------------------------------------------- backward
 @triton.jit
-def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, H, Lq,
-                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr,
+def _bwd_delta_kernel(Out, OutLo, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, H, Lq,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_LO: tl.constexpr,
                       DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
@@ -629,6 +659,14 @@ def _bwd_delta_kernel(Out, DO, DLse, Delta, s_ob, s_oh, s_om, s_db, s_dh, s_dm, 
     # with one visible key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0).
     dd = tl.dot(do, tl.trans(o.to(do.dtype)), input_precision=DOT_PREC)
     delta = tl.sum(tl.where(offs_m[:, None] == offs_m[None, :], dd, 0.0), 1)
+    if HAS_LO:
+        # fp16/bf16: plus do_i·lo_i, the part of o_i that rounding the output dropped (_store_out). Taken from the
+        # rounded o alone, D errs by up to ~2⁻¹¹·|do_i|·|o_i|, and ds_ij = p_ij (dp_ij − D_i) passes that on whole
+        # where one p_ij dominates a row (an attention sink), where the reference's softmax backward shrinks its
+        # own rounding by 1 − p_ij: dk missed the §5 rule by ×5 at p ≈ 0.99 (README, Numerics). A row with one
+        # visible key and no dropout has lo = 0 and still cancels exactly.
+        lo = _load_rows(OutLo + b * s_ob + h * s_oh, offs_m, s_om, offs_d, Lq, HEAD_DIM)
+        delta += tl.sum(do.to(tl.float32) * lo.to(tl.float32), 1)
     if HAS_DLSE:  # d lse2_i / d s_ij = log2(e) p_ij: folds into ds_ij = p_ij (dp_ij − D_i) through D_i
         dlse2 = tl.load(DLse + pid_bh * Lq + offs_m, mask=offs_m < Lq, other=0.0)
         delta -= dlse2 * 1.4426950408889634
@@ -704,12 +742,12 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                 pT = pT * c[None, :]
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
-            if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv; V already holds the scale for dp
+            if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv, and dp (_kept_dp)
                 keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
                 pT_out = tl.where(keep, _div(pT, keep_scale, DOT_PREC == "ieee"), 0.0)
-                dpT = tl.where(keep, dpT, 0.0)
+                dpT = _kept_dp(dpT, keep, keep_scale, DOT_PREC == "ieee")
             dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
-            dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee")
+            dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee", DROPOUT)
             if BIAS_GRAD:
                 tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
             dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
@@ -792,14 +830,14 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
             keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
-            dp = tl.where(keep, dp, 0.0)
+            dp = _kept_dp(dp, keep, keep_scale, DOT_PREC == "ieee")
         if DELTA_PASS:
             p64 = p.to(tl.float64)
             p_sum += tl.sum(p64, 1)
             pdp_sum += tl.sum(p64 * dp.to(tl.float64), 1)
         else:
             visits += 1
-            ds = _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee") * dcap
+            ds = _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee", DROPOUT) * dcap
             dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     if DELTA_PASS:  # the fp64 Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
@@ -902,8 +940,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
                             keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
-                            dp = tl.where(keep, dp, 0.0)
-                        acc += _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee")
+                            dp = _kept_dp(dp, keep, keep_scale, DOT_PREC == "ieee")
+                        acc += _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee", DROPOUT)
 
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     out_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -982,6 +1020,14 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
     return B, H, Hkv, Lq, Lk, args, ptrs, _bcast_strides(bias) + _bcast_strides(mask), lse_strides
 
 
+def _check_lo(out, out_lo):
+    """The kernels index out_lo with out's strides; fp32 outputs have none (their D comes from the D pass)."""
+    if out_lo is not None and (out_lo.dtype != out.dtype or out_lo.shape != out.shape
+                               or out_lo.stride() != out.stride() or out.dtype == torch.float32):
+        raise ValueError(f"out_lo must be like out ({out.dtype}, {tuple(out.shape)}, strides {out.stride()}; "
+                         f"fp16/bf16), got {out_lo.dtype}, {tuple(out_lo.shape)}, strides {out_lo.stride()}")
+
+
 def _visits(count, key, programs, like):
     """Zeroed int32 counters, one per program (at most ``programs``), stored in ``count[key]``; else a dummy."""
     if count is None:
@@ -995,13 +1041,15 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kerne
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None):
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None):
     """Fill ``out`` like q and ``lse`` (fp32, or fp64 as the op gives for fp32 inputs; contiguous, base 2:
     lse·log2(e)): q [B, H, Lq, D] and lse [B, H, Lq],
     or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q [total_q, H, D],
     k/v [total_k, Hkv, D] and lse [H, total_q]. Last dims must be contiguous. ``window`` = (left, right), −1
     unbounded; ``alibi``: fp32 [1|B, H]; ``softcap`` > 0 caps scores; ``dropout`` = (p, Philox seed).
-    ``count``: a dict that receives the key blocks each program computed ("fwd")."""
+    ``count``: a dict that receives the key blocks each program computed ("fwd"). ``out_lo`` (fp16/bf16, like
+    ``out`` with its strides) receives what rounding the output dropped, for :func:`backward`."""
+    _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     group = H // Hkv
@@ -1019,17 +1067,18 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
                         dtype=torch.float64 if args["DOT_PREC"] == "ieee" else torch.float32)
     o_rows = _rows(o_dst[0] if n_split > 1 else out, varlen)
     with device_ctx(q):
-        _launch(_fwd_kernel, grid, q, k, v, *ptrs, o_dst, lse_dst,
+        lo = out_lo if out_lo is not None else out
+        _launch(_fwd_kernel, grid, q, k, v, *ptrs, o_dst, lse_dst, lo,
                 *_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *o_rows, *lse_strides,
                 Visits=visits, n_split=n_split, s_os=o_dst.stride(0), s_ls=lse_dst.stride(0), SPLIT=n_split > 1,
-                PACK_GQA=pack, **args)
+                PACK_GQA=pack, STORE_LO=out_lo is not None and n_split == 1, **args)
         if n_split > 1:
             # Like the delta kernel, the merge sees a packed batch as one sequence of total_q rows.
             rows_total = q.shape[0] if varlen is not None else Lq
             _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), H, 1 if varlen is not None else B)](
-                o_dst, lse_dst, out, lse, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows, *_rows(out, varlen),
-                H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"],
-                ACCURATE=args["DOT_PREC"] == "ieee", BLOCK_M=COMBINE_BLOCK)
+                o_dst, lse_dst, out, lse, lo, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows,
+                *_rows(out, varlen), H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"],
+                ACCURATE=args["DOT_PREC"] == "ieee", STORE_LO=out_lo is not None, BLOCK_M=COMBINE_BLOCK)
 
 
 # ------------------------------------------------------------------------------- split-KV and packed GQA
@@ -1122,16 +1171,18 @@ def _splits_for(q, heads, rows, Lk, block_d):
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None):
+             row_scale=None, out_lo=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
-    options as :func:`forward`, with the same ``dropout`` seed; with dropout, ``v`` holds r·v
+    options as :func:`forward`, with the same ``dropout`` seed; with dropout, fp32 ``v`` holds r·v
     (fastattn.ops.attention._dp_values: V enters the backward through dp only). ``count`` receives "dkdv"
-    (query blocks per key-block program) and "dq" (key blocks per query-block program). For fp32,
+    (query blocks per key-block program) and "dq" (key blocks per query-block program). fp16/bf16 take
+    D_i = do_i·(out_i + out_lo_i) with the forward's ``out_lo`` (do_i·out_i without it). For fp32,
     D comes from the recomputed p and dp rather than from ``out`` (see _bwd_dq_kernel) unless ``delta_from_p`` is
     False, as a caller whose keys are only part of those ``out`` and ``lse`` saw (context parallelism) passes;
     such a caller may give fp32 ``row_scale`` (like lse) = exp(lse2·ln 2 − lse) for its exact natural LSE
     (e.g. fp64), which the fp32 weights then take as c_i (see _row_stats), as the D pass gives them otherwise."""
+    _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
     # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
@@ -1155,8 +1206,9 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     with device_ctx(q):
         if not recompute:
             _bwd_delta_kernel[(triton.cdiv(rows_total, DELTA_BLOCK), H, 1 if varlen is not None else B)](
-                out, do, dlse if dlse is not None else delta, delta, *_rows(out, varlen), *_rows(do, varlen), H,
-                rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None,
+                out, out_lo if out_lo is not None else out, do, dlse if dlse is not None else delta, delta,
+                *_rows(out, varlen), *_rows(do, varlen), H, rows_total, HEAD_DIM=args["HEAD_DIM"],
+                BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, HAS_LO=out_lo is not None,
                 DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
         common = (*_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(do, varlen),
                   *lse_strides)
