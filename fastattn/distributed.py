@@ -305,9 +305,9 @@ def _torch_block_forward(q, k, v, scale, causal, acc):
     return o.reshape(B, H, Lq, D), lse2.reshape(B, H, Lq)
 
 
-def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
-    """(dq, dk, dv) in ``acc`` of this block's keys, from the global output and lse2 (+inf: empty row) of these
-    query rows, with D_i = do_i·o_i."""
+def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, causal, acc):
+    """(dq, dk, dv) in ``acc`` of this block's keys, from the global output (fp16/bf16: plus ``out_lo``, what
+    rounding it dropped) and lse2 (+inf: empty row) of these query rows, with D_i = do_i·o_i."""
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = H // Hkv
@@ -315,7 +315,7 @@ def _torch_block_backward(do, q, k, v, out, lse2, scale, causal, acc):
     kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     # D_i through the same matmul reduction as dp_ij = do_i·v_j (as the Triton delta kernel does): a row that sees
     # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
-    og = out.to(acc).reshape(B, Hkv, G, Lq, D)
+    og = (out.to(acc) if out_lo is None else out.to(acc) + out_lo.to(acc)).reshape(B, Hkv, G, Lq, D)
     delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
     s = torch.matmul(qg, kk.transpose(-1, -2)) * scale
     if causal:
@@ -340,8 +340,9 @@ def _triton_block_forward(q, k, v, scale, causal, acc):
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
-def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
-    """(dq, dk, dv) in fp32 by the Triton kernels, given the global output and lse2 of these query rows."""
+def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, causal):
+    """(dq, dk, dv) in fp32 by the Triton kernels, given the global output (and ``out_lo``) and lse2 of these
+    query rows."""
     from .triton import attention as kernels
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: no row, or no key of this block
         return (q.new_zeros(q.shape, dtype=torch.float32), k.new_zeros(k.shape, dtype=torch.float32),
@@ -358,7 +359,7 @@ def _triton_block_backward(do, q, k, v, out, lse2, scale, causal):
         r = (lse2.double() * math.log(2.0)).float()
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
     kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, causal,
-                     False, delta_from_p=False, row_scale=row_scale)
+                     False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo)
     return dq, dk, dv
 
 
@@ -395,18 +396,22 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
             if t + 1 < N:
                 kv = pending.wait()
-        out = out.to(q.dtype)
+        merged, out = out, out.to(q.dtype)
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
+        out_lo = None
         if q.dtype in (torch.float16, torch.bfloat16):  # fp32 keeps the fp64 LSE: its backward's p is formed from it
             lse = lse.float()
-        ctx.save_for_backward(q, k, v, out, lse)
+            # what rounding the output dropped: D_i = do_i·(out_i + out_lo_i) in the backward, as the kernels' op
+            # forms it (README, Numerics)
+            out_lo = (merged - out.to(merged.dtype)).to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, out_lo)
         ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend = ring, chunks, scale, causal, backend
         return out
 
     @staticmethod
     @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, out_lo = ctx.saved_tensors
         ring, chunks, scale, causal, backend = ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         r, N = ring.rank, ring.size
@@ -425,7 +430,7 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
             for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
-                        lse[:, :, qa:qb], scale, diag)
+                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, diag)
                 if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
                     g = _triton_block_backward(*rows)
                 else:

@@ -140,8 +140,8 @@ def case_error_vs_ranks(env):
 
 
 def case_saved_bytes(env):
-    """Each rank saves for backward exactly its shards of q, k, v, out and the LSE (fp32 for fp16 inputs): 1/N of
-    N = 1's."""
+    """Each rank saves for backward exactly its shards of q, k, v, out, what rounding out dropped (out_lo, for the
+    backward's D: README, Numerics) and the LSE (fp32 for fp16 inputs): 1/N of N = 1's."""
     B, H, Hkv, L, D = 1, 4, 2, 64, 16
     qkv, do = _inputs(B, H, Hkv, L, D, 6, env.device)
     saved = {}
@@ -158,7 +158,7 @@ def case_saved_bytes(env):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = context_parallel_attention(*shards, group, causal=True)
         Ll = L // n
-        expected = 2 * (2 * B * H * Ll * D + 2 * B * Hkv * Ll * D) + 4 * B * H * Ll  # q, out, k, v fp16; lse fp32
+        expected = 2 * (3 * B * H * Ll * D + 2 * B * Hkv * Ll * D) + 4 * B * H * Ll  # q, out, out_lo, k, v; lse
         saved[n] = sum(seen.values())
         assert saved[n] == expected, f"N={n}: saved {saved[n]} bytes, expected {expected}"
         out.backward(shard(do.half(), group))
