@@ -313,6 +313,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     (as torch; pass 0 in eval; p = 1 gives out = 0). The kernels draw the mask from Philox counters seeded from
     torch's CPU generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in
     memory.
+    For the backward the kernels save q, k, v, the output and its LSE, and for fp16/bf16 also what rounding the
+    output dropped (one more output-sized tensor: the backward's D_i = do_i·o_i then has the unrounded o_i,
+    README Numerics); nothing more is kept when no gradient is needed.
     A query row with no visible key returns 0 (gradients 0). With ``return_lse`` also returns the
     log-sum-exp of each row, float32 (float64 for float64 inputs) [B, H, Lq] ([H, total_q] packed), +inf for
     empty rows. With ``return_dropout_mask`` (debugging, tests) also returns the bool keep-mask [B, H, Lq, Lk]
