@@ -53,28 +53,17 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) delta_kernel(const AttnParam
   if (m0 >= seq.q_len) return;  // past the end of a packed sequence
   load_tile_async<T, BM, D, NTH>(sdO, static_cast<const T*>(p.dout) + b * p.do_sb + h * p.do_sh + seq.q0 * p.do_sl,
                                  p.do_sl, m0, seq.q_len, tid);
-  load_tile_async<T, BM, D, NTH>(sO, static_cast<const T*>(p.o) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl, p.o_sl,
-                                 m0, seq.q_len, tid);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
   float dd[2][4];
   zero(dd);
-  gemm_ss<T, 2, D>(dd, sdO, P, warp * 16, sO, P, warp * 16, lane);
-  if (p.o_lo != nullptr) {
-    __syncthreads();  // every warp has read its rows of O: the tile takes O_lo
-    load_tile_async<T, BM, D, NTH>(sO, static_cast<const T*>(p.o_lo) + b * p.o_sb + h * p.o_sh + seq.q0 * p.o_sl,
-                                   p.o_sl, m0, seq.q_len, tid);
+  // dO·Oᵀ, then dO·O_loᵀ into the same accumulators (O_lo = 0 adds exactly nothing)
+  for (int part = 0; part < (p.o_lo != nullptr ? 2 : 1); ++part) {
+    if (part) __syncthreads();  // every warp has read its rows of O: the tile takes O_lo
+    load_tile_async<T, BM, D, NTH>(sO, static_cast<const T*>(part ? p.o_lo : p.o) + b * p.o_sb + h * p.o_sh +
+                                           seq.q0 * p.o_sl, p.o_sl, m0, seq.q_len, tid);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
-    float lo[2][4];
-    zero(lo);
-    gemm_ss<T, 2, D>(lo, sdO, P, warp * 16, sO, P, warp * 16, lane);
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dd[r][e] += lo[r][e];
+    gemm_ss<T, 2, D>(dd, sdO, P, warp * 16, sO, P, warp * 16, lane);
   }
   // The diagonal: (g, g) in n-tile 0 and (g + 8, g + 8) in n-tile 1, each at column 2t + (g & 1) of the thread
   // whose t = g / 2 (g = lane / 4, t = lane % 4).

@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(NW * 32, (D <= 64 && !DROPOUT) ? 2 : 1) fwd_ke
   } else {
     const int64_t o0 = b * p.o_sb + h0 * p.o_sh + seq.q0 * p.o_sl;
     T* o_lo = p.o_lo != nullptr ? static_cast<T*>(p.o_lo) + o0 : nullptr;
-    store_out_rows<T, NTO>(static_cast<T*>(p.o) + o0, o_lo, [&](int r) { return rows.offset(r, p.o_sh, p.o_sl); },
-                           m0 + warp * 16, n_rows, acc, inv[0], inv[1], lane);
+    store_rows<T, NTO>(static_cast<T*>(p.o) + o0, [&](int r) { return rows.offset(r, p.o_sh, p.o_sl); },
+                       m0 + warp * 16, 0, n_rows, acc, inv[0], inv[1], lane, o_lo);
   }
 }
 

@@ -256,24 +256,6 @@ __device__ __forceinline__ void store_pair<float>(float* dst, float lo, float hi
   *reinterpret_cast<float2*>(dst) = make_float2(lo, hi);
 }
 
-// Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global matrix (row r at
-// g + offset(r) elements, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
-template <typename T, int NT, typename Offset>
-__device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int col0, int nrows,
-                                           const float (&c)[NT][4], float mul0, float mul1, int lane) {
-  const int gr = lane >> 2, tq = lane & 3;
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = row0 + gr + half * 8;
-    if (row >= nrows) continue;
-    const float mul = half ? mul1 : mul0;
-    T* dst = g + offset(row) + col0 + 2 * tq;
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      store_pair(dst + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
-  }
-}
-
 // store_pair of the pair rounded to T, and of what the rounding dropped (rounded to T) at the same place of lo.
 template <typename T>
 __device__ __forceinline__ void store_pair_split(T* dst, T* lo, float x0, float x1) {
@@ -284,21 +266,31 @@ __device__ __forceinline__ void store_pair_split(T* dst, T* lo, float x0, float 
   *reinterpret_cast<uint32_t*>(lo) = Elem<T>::pack(x0 - Elem<T>::to_float(h[0]), x1 - Elem<T>::to_float(h[1]));
 }
 
-// store_rows of the output, also storing into lo (same layout) what rounding to T dropped when lo is non-null.
+// Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global matrix (row r at
+// g + offset(r) elements, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
+// With lo (fp16/bf16 T), also what the rounding dropped, at the same places of lo (store_pair_split).
 template <typename T, int NT, typename Offset>
-__device__ __forceinline__ void store_out_rows(T* g, T* lo, Offset offset, int row0, int nrows, const float (&c)[NT][4],
-                                               float mul0, float mul1, int lane) {
-  if (lo == nullptr) return store_rows<T, NT>(g, offset, row0, 0, nrows, c, mul0, mul1, lane);
+__device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int col0, int nrows,
+                                           const float (&c)[NT][4], float mul0, float mul1, int lane,
+                                           T* lo = nullptr) {
   const int gr = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = row0 + gr + half * 8;
     if (row >= nrows) continue;
     const float mul = half ? mul1 : mul0;
-    const int64_t at = offset(row) + 2 * tq;
+    const int64_t at = offset(row) + col0 + 2 * tq;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      store_pair_split(g + at + nt * 8, lo + at + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
+    for (int nt = 0; nt < NT; ++nt) {
+      const float x0 = c[nt][2 * half] * mul, x1 = c[nt][2 * half + 1] * mul;
+      if constexpr (!std::is_same_v<T, float>) {
+        if (lo != nullptr) {
+          store_pair_split(g + at + nt * 8, lo + at + nt * 8, x0, x1);
+          continue;
+        }
+      }
+      store_pair(g + at + nt * 8, x0, x1);
+    }
   }
 }
 
