@@ -249,7 +249,8 @@ def main():
         for bd in (32, 128, 256):
             failures += report(f"sm_{args.arch} _fwd_combine_kernel {str(dtype)[6:]:<8} d{bd:<4}", A._fwd_combine_kernel,
                                dtype, dict(HEAD_DIM=bd, BLOCK_D=bd, ACCURATE=dtype == torch.float32,
-                                           STORE_LO=dtype != torch.float32, BLOCK_M=A.COMBINE_BLOCK), None, args.arch, no_spill=True,
+                                           STORE_LO=dtype != torch.float32, BLOCK_M=A.COMBINE_BLOCK), None,
+                               args.arch, no_spill=True,
                                forbid=APPROX + ("ex2.approx",) if dtype == torch.float32 else (),
                                pointers=fp64_pointers(dtype))
     failures += row_kernels(args.arch)

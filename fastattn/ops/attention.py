@@ -85,11 +85,12 @@ def _lse_dtype(q: Tensor) -> torch.dtype:
 
 def _dp_values(v: Tensor, dropout_p: float, backend: str) -> Tensor:
     """fp32 with dropout: r·v rounded to v's dtype, r = 1 / (1 − p) in fp32 as the backend's forward forms it (its
-    dropout_keep_scale): the V that the kernels' backward forms dp_ij = keep_ij·do_i·(r·v_j) from
-    (V enters the backward through dp only; fp16/bf16 form r·(do_i·v_j), see the Triton kernels' _kept_dp). The forward's output of a row whose one visible key j gets p = 1 is
-    o_i = r·v_j rounded the same way, and D_i = do_i·o_i comes out of the same dot as dp_ij, so dp_ij − D_i
-    cancels exactly and the row's gradients are exactly 0, as the reference's are (do_i·v_j / (1 − p) rounds
-    differently: rounding-sized gradients where none exist, past §5's bound in fp32)."""
+    dropout_keep_scale): the V that the kernels' backward forms dp_ij = keep_ij·do_i·(r·v_j) from (V enters the
+    backward through dp only; fp16/bf16 form r·(do_i·v_j), see the Triton kernels' _kept_dp). The forward's
+    output of a row whose one visible key j gets p = 1 is o_i = r·v_j rounded the same way, and D_i = do_i·o_i
+    comes out of the same dot as dp_ij, so dp_ij − D_i cancels exactly and the row's gradients are exactly 0, as
+    the reference's are (do_i·v_j / (1 − p) rounds differently: rounding-sized gradients where none exist, past
+    §5's bound in fp32)."""
     keep = torch.tensor(_kernels(backend).dropout_keep_scale(dropout_p), dtype=torch.float32)
     r = float(torch.ones((), dtype=torch.float32) / keep)  # an fp32 value: exact as a scalar
     return (v.float() * r).to(v.dtype)

@@ -10,8 +10,8 @@ lse2) with no change of base, so a row with one visible key gets p = 1 exactly. 
 lse2_i·ln 2) from the D pass, so lse2's rounding cancels (see _row_stats). The backward uses
     D_i = Σ_d do_id·o_id − log2(e)·dlse2_i,   ds_ij = p_ij (do_i·v_j − D_i),
 (fp16/bf16 training: o_i = out_i + out_lo_i, the output and what rounding it dropped, stored by the forward: see
-_bwd_delta_kernel; for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in fp64: see dq;
-kept in fp64 and used as two fp32 parts: see _row_stats),
+_bwd_delta_kernel; for fp32, D_i = Σ_j p_ij dp_ij / Σ_j p_ij − log2(e)·dlse2_i from the recomputed p and dp, in
+fp64: see dq; kept in fp64 and used as two fp32 parts: see _row_stats),
     dv_j = Σ_i p_ij do_i,   dk_j = scale Σ_i ds_ij q_i,   dq_i = scale Σ_j ds_ij k_j,   dbias_ij = ds_ij,
 with one program per key block for dk/dv (looping over the query heads of its GQA group, so no atomics)
 and one program per query block for dq: reruns are bitwise identical. The dk/dv program works on transposed
