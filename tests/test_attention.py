@@ -213,6 +213,25 @@ def test_sdpa_three_dim_inputs_hold_heads():
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
 
 
+def test_sdpa_batch_dims_broadcast(kernel_backend, monkeypatch):
+    """As torch's SDPA: the leading (batch) dims of query, key and value broadcast (one K/V shared by a batch of
+    queries, or the reverse), 4-D and 5-D, and the gradients of a broadcast input are summed over its copies."""
+    monkeypatch.setenv("FASTATTN_BACKEND", kernel_backend)
+    g = torch.Generator().manual_seed(5)
+    for qb, kb in (((3,), (1,)), ((1,), (2,)), ((2, 1), (1, 3))):
+        q = torch.randn(*qb, 2, 6, 16, generator=g).half().to(DEVICE).requires_grad_()
+        k, v = (torch.randn(*kb, 2, 9, 16, generator=g).half().to(DEVICE).requires_grad_() for _ in range(2))
+        got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+        gout = torch.randn(want.shape, generator=g).to(DEVICE)
+        grads = (torch.autograd.grad(out, (q, k, v), gout.to(out.dtype)) for out in (got, want))
+        for a, b in zip(*grads):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a.double(), b.double(), rtol=5e-3, atol=5e-3)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lse_gradient(dtype):
     assert_case(AttentionCase(Lq=50, Lk=40, dtype=dtype, lse_grad=True, kv_lens=True, bias="heads", bias_grad=True))

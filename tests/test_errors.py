@@ -190,7 +190,8 @@ def test_sdpa_errors():
     with pytest.raises(ValueError, match="query must be"):
         fastattn.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
     with pytest.raises(ValueError, match="leading dims"):
-        fastattn.scaled_dot_product_attention(q[None], k[None].expand(2, -1, -1, -1, -1), v[None])
+        fastattn.scaled_dot_product_attention(q[None].expand(3, -1, -1, -1, -1), k[None].expand(2, -1, -1, -1, -1),
+                                              v[None])
     # attn_mask is named as SDPA's caller knows it (attention() calls it attn_bias), also in 5-D
     for mask in ([[True]], torch.ones(8, 8, dtype=torch.int32)):
         for d in (4, 5):

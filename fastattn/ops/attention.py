@@ -442,7 +442,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
     """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` on (B, H, L, D), (B, L, D), (L, D) or, as
-    torch, (N, ..., H, L, D) inputs (the leading dims run as one batch).
+    torch, (N, ..., H, L, D) inputs (the leading dims run as one batch; they broadcast, as torch's).
 
     ``attn_mask``: bool (True = attend) or float (added), broadcastable to (..., H, Lq, Lk); ``is_causal`` is
     top-left. A row with no visible key gives 0 (gradients 0), never NaN.
@@ -464,11 +464,16 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                             scale, enable_gqa)[0]
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True cannot both be given (as in torch)")
+    if query.dim() >= 4:  # the leading (batch) dims broadcast, as torch's: e.g. one K/V for a batch of queries
+        try:
+            lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+        except RuntimeError:
+            raise ValueError(f"the leading dims of query, key and value must broadcast, got {tuple(query.shape)}, "
+                             f"{tuple(key.shape)}, {tuple(value.shape)}") from None
+        query, key, value = (t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:])
+                             for t in (query, key, value))
     if query.dim() > 4:  # (N, ..., H, L, D): the leading dims flattened into one batch, and back
         lead = query.shape[:-3]
-        if key.shape[:-3] != lead or value.shape[:-3] != lead:
-            raise ValueError(f"query, key and value must share their leading dims, got {tuple(query.shape)}, "
-                             f"{tuple(key.shape)}, {tuple(value.shape)}")
         n = math.prod(lead)
         query, key, value = (t.reshape(n, *t.shape[-3:]) for t in (query, key, value))
         if attn_mask is not None and attn_mask.dim() > 3:  # one of 3 dims or fewer broadcasts as it is
