@@ -98,8 +98,7 @@ def _dp_values(v: Tensor, dropout_p: float, backend: str) -> Tensor:
 
 @torch.library.custom_op("fastattn::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out_lo: Optional[Tensor], lse: Tensor,
-                   dlse: Optional[Tensor],
-                   bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor],
+                   dlse: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor], kv_lens: Optional[Tensor],
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                    max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool, window_left: int,
                    window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
@@ -139,8 +138,8 @@ def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor]) -> Tenso
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
+def _(do, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as the real one
     return tuple(torch.empty_like(lastdim_contiguous(t)) for t in (q, k, v)) + (dbias,)
 
