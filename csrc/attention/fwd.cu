@@ -39,8 +39,6 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const AttnP
   const bool empty = l == 0.f;
   const float inv = empty ? 0.f : 1.f / l;
   const int64_t at = b * p.o_sb + h * p.o_sh + static_cast<int64_t>(q.start + row) * p.o_sl;
-  T* o = static_cast<T*>(p.o) + at;
-  T* o_lo = p.o_lo != nullptr ? static_cast<T*>(p.o_lo) + at : nullptr;
   for (int c = 2 * lane; c < D; c += 64) {
     float o0 = 0.f, o1 = 0.f;
     for (int s = 0; s < S; ++s) {
@@ -49,10 +47,7 @@ __global__ void __launch_bounds__(kCombineWarps * 32) combine_kernel(const AttnP
       o0 += w * x.x;
       o1 += w * x.y;
     }
-    if (o_lo != nullptr)
-      store_pair_split(o + c, o_lo + c, o0 * inv, o1 * inv);
-    else
-      store_pair(o + c, o0 * inv, o1 * inv);
+    store_out_pair(static_cast<T*>(p.o), static_cast<T*>(p.o_lo), at + c, o0 * inv, o1 * inv);
   }
   if (lane == 0 && p.lse != nullptr) p.lse[Seq::lse_row0(p, b, h, q.start) + row] = empty ? INFINITY : m_safe + log2f(l);
 }

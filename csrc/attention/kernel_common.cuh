@@ -266,9 +266,18 @@ __device__ __forceinline__ void store_pair_split(T* dst, T* lo, float x0, float 
   *reinterpret_cast<uint32_t*>(lo) = Elem<T>::pack(x0 - Elem<T>::to_float(h[0]), x1 - Elem<T>::to_float(h[1]));
 }
 
+// store_pair at g + at and, with lo (fp16/bf16 T), what the rounding dropped at lo + at (store_pair_split).
+template <typename T>
+__device__ __forceinline__ void store_out_pair(T* g, T* lo, int64_t at, float x0, float x1) {
+  if constexpr (!std::is_same_v<T, float>) {
+    if (lo != nullptr) return store_pair_split(g + at, lo + at, x0, x1);
+  }
+  store_pair(g + at, x0, x1);
+}
+
 // Stores rows [row0, row0 + 16) of a warp's 16 x 8NT fp32 C tile, times mul, as T into a global matrix (row r at
 // g + offset(r) elements, columns from col0), rows >= nrows skipped. Two adjacent columns per store (store_pair).
-// With lo (fp16/bf16 T), also what the rounding dropped, at the same places of lo (store_pair_split).
+// With lo (fp16/bf16 T), also what the rounding dropped, at the same places of lo (store_out_pair).
 template <typename T, int NT, typename Offset>
 __device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int col0, int nrows,
                                            const float (&c)[NT][4], float mul0, float mul1, int lane,
@@ -281,16 +290,8 @@ __device__ __forceinline__ void store_rows(T* g, Offset offset, int row0, int co
     const float mul = half ? mul1 : mul0;
     const int64_t at = offset(row) + col0 + 2 * tq;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      const float x0 = c[nt][2 * half] * mul, x1 = c[nt][2 * half + 1] * mul;
-      if constexpr (!std::is_same_v<T, float>) {
-        if (lo != nullptr) {
-          store_pair_split(g + at + nt * 8, lo + at + nt * 8, x0, x1);
-          continue;
-        }
-      }
-      store_pair(g + at + nt * 8, x0, x1);
-    }
+    for (int nt = 0; nt < NT; ++nt)
+      store_out_pair(g, lo, at + nt * 8, c[nt][2 * half] * mul, c[nt][2 * half + 1] * mul);
   }
 }
 
