@@ -26,20 +26,6 @@ constexpr int kCache = 4;             // packs per thread held in registers; wid
 constexpr int kMaxTeam = 512;         // threads of a block team (register budget: 128 per thread)
 constexpr int kRowsPerWarpBlock = 4;  // warp teams per block
 
-// ------------------------------------------------------------------------------------------------ errors
-// Messages live in a thread-local buffer until the next failing call on the same thread.
-inline const char* fail(const std::string& msg) {
-  thread_local std::string buf;
-  buf = msg;
-  return buf.c_str();
-}
-
-inline const char* launch_error(const char* what) {
-  cudaError_t e = cudaGetLastError();
-  if (e == cudaSuccess) return nullptr;
-  return fail(std::string(what) + ": " + cudaGetErrorName(e) + ": " + cudaGetErrorString(e));
-}
-
 // ------------------------------------------------------------------------------------------------ dtypes
 template <typename T>
 struct Tag {

@@ -114,6 +114,20 @@ MHA_CASES = {
 }
 
 
+def _assert_mha_twins(fast, twin, inputs, causal, monkeypatch):
+    """fast and twin, called alike on inputs (self-attention where key/value are absent; causal: torch's future
+    mask with is_causal), meet the rule in float32, forward and backward."""
+    if causal:
+        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
+
+    def call(m, query, key=None, value=None, **kw):
+        key = query if key is None else key
+        value = query if value is None else value
+        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
+
+    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+
+
 @pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
 @pytest.mark.parametrize("name", list(MHA_CASES))
 def test_multihead_attention_matches_torch(name, batch_first, monkeypatch):
@@ -136,16 +150,7 @@ def test_multihead_attention_matches_torch(name, batch_first, monkeypatch):
         inputs["attn_mask"] = m
     if spec.get("float_mask"):
         inputs["attn_mask"] = _randn(B * HEADS, LQ, Lk, seed=5, requires_grad=False)
-    causal = spec.get("causal", False)
-    if causal:
-        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
-
-    def call(m, query, key=None, value=None, **kw):
-        key = query if key is None else key
-        value = query if value is None else value
-        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
-
-    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+    _assert_mha_twins(fast, twin, inputs, spec.get("causal", False), monkeypatch)
 
 
 def test_multihead_attention_fp16(monkeypatch):
@@ -278,16 +283,7 @@ def test_multihead_attention_local_matches_reference(name, monkeypatch):
         inputs.update(key=_randn(B, Lk, E, seed=2), value=_randn(B, Lk, E, seed=3))
     if spec.get("kpm"):
         inputs["key_padding_mask"] = _kpm(B, Lk)
-    causal = spec.get("causal", False)
-    if causal:
-        inputs["attn_mask"] = nn.Transformer.generate_square_subsequent_mask(LQ)
-
-    def call(m, query, key=None, value=None, **kw):
-        key = query if key is None else key
-        value = query if value is None else value
-        return m(query, key, value, need_weights=False, is_causal=causal, **kw)[0]
-
-    assert_rule(twin_comparisons(fast, twin, call, inputs, torch.float32, monkeypatch))
+    _assert_mha_twins(fast, twin, inputs, spec.get("causal", False), monkeypatch)
 
 
 def test_multihead_attention_local_fp16(monkeypatch):

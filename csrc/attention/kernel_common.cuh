@@ -19,8 +19,8 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
+#include <string>
 #include <type_traits>
 
 #include "../launch.h"
@@ -751,26 +751,15 @@ inline auto pick_kernel(bool bias_mask, bool dropout, bool mods, F&& f) {
 // softcap or ALiBi on: the kernels' MODS flag.
 inline bool score_mods(const AttnParams& p) { return p.softcap > 0.f || p.alibi != nullptr; }
 
-// Error messages that name the kernel live in a thread-local buffer until the next failing call on the thread.
-inline const char* launch_failure(const char* what, const char* detail) {
-  thread_local char buf[320];
-  std::snprintf(buf, sizeof(buf), "fastattn CUDA attention: %s: %s", what, detail);
-  return buf;
-}
-
-inline const char* cuda_failure(const char* what, cudaError_t e) {
-  cudaGetLastError();  // clear it, so that the next launch does not report it again
-  char detail[200];
-  std::snprintf(detail, sizeof(detail), "%s: %s", cudaGetErrorName(e), cudaGetErrorString(e));
-  return launch_failure(what, detail);
-}
+// Errors of the attention launchers name the backend and the kernel.
+inline std::string kernel_name(const char* what) { return std::string("fastattn CUDA attention: ") + what; }
 
 // The dynamic shared memory a block of the current GPU may opt in to.
 inline const char* smem_optin(int& bytes) {
   int dev = 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess) e = cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return e == cudaSuccess ? nullptr : cuda_failure("shared memory limit", e);
+  return e == cudaSuccess ? nullptr : cuda_failure(kernel_name("shared memory limit"), e);
 }
 
 // Whether this GPU takes a kernel's NARROW tiles (FwdCfg, DqCfg): its wide tiles need `wide` bytes of shared
@@ -802,16 +791,15 @@ inline const char* launch(const char* what, Kernel kernel, dim3 grid, int thread
     int optin = 0;
     if (const char* err = smem_optin(optin)) return err;
     if (static_cast<size_t>(optin) < smem)
-      return launch_failure(what, "needs more shared memory per block than this GPU allows (sm_86/sm_89 GPUs, "
-                                  "99 KB: every head dim but the d256 backward runs there; A100/H100-class GPUs "
-                                  "run them all); use backend='triton'");
+      return fail(kernel_name(what) + ": needs more shared memory per block than this GPU allows (sm_86/sm_89 "
+                  "GPUs, 99 KB: every head dim but the d256 backward runs there; A100/H100-class GPUs run them all); "
+                  "use backend='triton'");
     const cudaError_t e =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (e != cudaSuccess) return cuda_failure(what, e);
+    if (e != cudaSuccess) return cuda_failure(kernel_name(what), e);
   }
   FASTATTN_LAUNCH(kernel, grid, threads, smem, stream, args...);
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cuda_failure(what, e);
+  return launch_error(kernel_name(what));
 }
 
 // Fills `ranges` (p.key_ranges: KEYS, blocks of BM query rows of the H heads; p.query_ranges: blocks of BN keys of
