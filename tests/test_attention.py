@@ -214,15 +214,21 @@ def test_sdpa_three_dim_inputs_hold_heads():
 
 
 def test_sdpa_batch_dims_broadcast(kernel_backend, monkeypatch):
-    """As torch's SDPA: the leading (batch) dims of query, key and value broadcast (one K/V shared by a batch of
-    queries, or the reverse), 4-D and 5-D, and the gradients of a broadcast input are summed over its copies."""
+    """As torch's SDPA: every dim of query, key and value but (L, D) broadcasts (one K/V shared by a batch of
+    queries or by every query head, or the reverse), 3-D to 5-D; with enable_gqa the dims before the heads, and K
+    and V may group differently. The gradients of a broadcast input are summed over its copies."""
     monkeypatch.setenv("FASTATTN_BACKEND", kernel_backend)
     g = torch.Generator().manual_seed(5)
-    for qb, kb in (((3,), (1,)), ((1,), (2,)), ((2, 1), (1, 3))):
-        q = torch.randn(*qb, 2, 6, 16, generator=g).half().to(DEVICE).requires_grad_()
-        k, v = (torch.randn(*kb, 2, 9, 16, generator=g).half().to(DEVICE).requires_grad_() for _ in range(2))
-        got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True)
-        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
+    cases = [((3, 2), (1, 2), (1, 2), False), ((1, 2), (2, 2), (2, 2), False), ((2, 1, 2), (1, 3, 2), (1, 3, 2), False),
+             ((2, 3), (2, 1), (2, 1), False), ((1, 1), (2, 3), (2, 3), False), ((3,), (1,), (3,), False),
+             ((2, 4), (1, 2), (1, 1), True), ((6,), (3,), (2,), True)]
+    for qb, kb, vb, gqa in cases:
+        q = torch.randn(*qb, 6, 16, generator=g).half().to(DEVICE).requires_grad_()
+        k = torch.randn(*kb, 9, 16, generator=g).half().to(DEVICE).requires_grad_()
+        v = torch.randn(*vb, 9, 16, generator=g).half().to(DEVICE).requires_grad_()
+        got = fastattn.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                                enable_gqa=gqa)
         assert got.shape == want.shape
         torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
         gout = torch.randn(want.shape, generator=g).to(DEVICE)

@@ -185,8 +185,9 @@ def test_sdpa_errors():
     q, k, v = qkv(requires_grad=False)
     with pytest.raises(ValueError, match="is_causal"):
         fastattn.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool), is_causal=True)
+    k3, v3 = (torch.cat([t, t[:, :1]], 1) for t in (k, v))  # 3 heads against the query's 2: no broadcast
     with pytest.raises(ValueError, match="enable_gqa"):
-        fastattn.scaled_dot_product_attention(q, k[:, :1], v[:, :1])
+        fastattn.scaled_dot_product_attention(q, k3, v3)
     with pytest.raises(ValueError, match="query must be"):
         fastattn.scaled_dot_product_attention(q[0, 0, 0], k[0, 0, 0], v[0, 0, 0])
     with pytest.raises(ValueError, match="leading dims"):

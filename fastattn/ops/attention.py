@@ -437,6 +437,31 @@ def _results(result, return_lse: bool, keep: Optional[Tensor], drop_all: bool = 
     return (*result, keep) if return_lse else (result, keep)
 
 
+def _sdpa_broadcast(query: Tensor, key: Tensor, value: Tensor, enable_gqa: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """query, key and value (3 dims or more) broadcast as torch's SDPA does: every dim but (L, D), e.g. one K/V
+    for a batch of queries or one K/V head for every query head; with ``enable_gqa`` every dim before the heads,
+    whose groups it forms (K and V may then differ in heads: each is repeated to the query's, as torch's)."""
+    keep = 3 if enable_gqa else 2
+    try:
+        lead = torch.broadcast_shapes(*(t.shape[:-keep] for t in (query, key, value)))
+    except RuntimeError:
+        hint = "" if enable_gqa else " (pass enable_gqa=True for GQA)"
+        raise ValueError(f"the leading dims of query, key and value must broadcast, got {tuple(query.shape)}, "
+                         f"{tuple(key.shape)}, {tuple(value.shape)}{hint}") from None
+    kv_lead = lead
+    if not enable_gqa and key.shape[-3] == value.shape[-3] == 1:  # one K/V head for all: GQA's case, read once
+        kv_lead = (*lead[:-1], 1)
+    query = query.expand(*lead, *query.shape[-keep:])
+    key, value = (t.expand(*kv_lead, *t.shape[-keep:]) for t in (key, value))
+    if enable_gqa and key.shape[-3] != value.shape[-3]:
+        H = query.shape[-3]
+        for t, name in ((key, "key"), (value, "value")):
+            if H % t.shape[-3]:
+                raise ValueError(f"query's {H} heads must be a multiple of {name}'s {t.shape[-3]} heads (GQA)")
+        key, value = (t.repeat_interleave(H // t.shape[-3], dim=-3) for t in (key, value))
+    return query, key, value
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
@@ -463,14 +488,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                                             scale, enable_gqa)[0]
     if is_causal and attn_mask is not None:
         raise ValueError("attn_mask and is_causal=True cannot both be given (as in torch)")
-    if query.dim() >= 4:  # the leading (batch) dims broadcast, as torch's: e.g. one K/V for a batch of queries
-        try:
-            lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
-        except RuntimeError:
-            raise ValueError(f"the leading dims of query, key and value must broadcast, got {tuple(query.shape)}, "
-                             f"{tuple(key.shape)}, {tuple(value.shape)}") from None
-        query, key, value = (t if t.shape[:-3] == lead else t.expand(*lead, *t.shape[-3:])
-                             for t in (query, key, value))
+    if query.dim() >= 3:
+        query, key, value = _sdpa_broadcast(query, key, value, enable_gqa)
     if query.dim() > 4:  # (N, ..., H, L, D): the leading dims flattened into one batch, and back
         lead = query.shape[:-3]
         n = math.prod(lead)
@@ -489,8 +508,6 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     squeeze = query.dim() == 3
     if squeeze:  # (H, L, D), as torch reads it (dim -3 holds the heads, which enable_gqa groups)
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    if not enable_gqa and key.shape[1] != query.shape[1]:
-        raise ValueError(f"key has {key.shape[1]} heads and query {query.shape[1]}: pass enable_gqa=True for GQA")
     if attn_mask is not None:  # named as the caller knows it before attention() sees it as attn_bias
         check_same(query, "query", attn_mask, "attn_mask", dtype=False)
         masks.as_4d(attn_mask, "attn_mask", (query.shape[0], query.shape[1], query.shape[2], key.shape[2]))

@@ -110,7 +110,9 @@ def _mask_4d(mask: Tensor, x: Tensor) -> tuple[Tensor, list[int]]:
 def softmax(x: Tensor, dim: int = -1, dtype: Optional[torch.dtype] = None, *, scale: float = 1.0,
             mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
     """``torch.softmax(x, dim, dtype)`` fused, optionally of ``x·scale + mask`` (mask: float, broadcastable
-    to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN."""
+    to x, additive, over the last dim only). fp32 accumulation; a row of −inf gives zeros, not NaN. ``dtype``
+    (the output's): x is read at its own precision and the result rounded once, where torch first casts x to
+    dtype (rounding it too when dtype is narrower: fp32 x to fp16 output, torch errs up to ~4× more)."""
     if isinstance(x, Tensor) and not x.is_floating_point() and dtype is not None and dtype.is_floating_point:
         x = x.to(dtype)  # as torch.softmax: integer x with a floating dtype is converted first
     if dtype is None and autocast_to(x, "fp32") is not None:  # torch's CUDA autocast: fp32 unless dtype is given
