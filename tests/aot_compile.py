@@ -42,6 +42,18 @@ FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p", "keep_scale"}
 INT64 = {"seed"}
 # Approximate divisions and square roots (up to 2 ulp), which fp32 outputs would show: fp32 kernels use div_rn / sqrt_rn
 APPROX = ("div.full.f32", "sqrt.approx")
+# fp32 dots whose accumulator is not a constant 0: Triton folded a running sum into the dot (acc + tl.dot(a, b) ->
+# tl.dot(a, b, acc)), which on a GPU makes the sum over all blocks one chain of fp32 FMAs (_two_sum in the kernels)
+DOT_ACC = re.compile(r"= tt\.dot %[\w.]+, %[\w.]+, (%[\w.]+)")
+ZERO = re.compile(r"(%[\w.]+) = arith\.constant dense<0\.000000e\+00>")
+
+
+def folded_sums(ttgir):
+    """The accumulators of the tt.dot ops in ttgir that are not a constant 0."""
+    zeros = set(ZERO.findall(ttgir))
+    return [acc for acc in DOT_ACC.findall(ttgir) if acc not in zeros]
+
+
 # tt.trans whose operand is in an MMA (dot result) layout: "tt.trans %x ... : tensor<32x128xf16, #mma> -> ..."
 MMA_TRANSPOSE = re.compile(r"tt\.trans .*: tensor<[^>]*#mma\d*> ->")
 
@@ -145,7 +157,8 @@ def first_fitting(kernel, dtype, consts, configs, arch):
 
 def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=(), forbid=()):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
-    where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present); -> 0 or 1."""
+    where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present / fp32: a running sum
+    folded into a dot); -> 0 or 1."""
     try:
         compiled, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
     except Exception as e:  # report every failure, then fail
@@ -154,6 +167,8 @@ def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spi
     smem = compiled.metadata.shared
     wrong = [f"no {r}" for r in require if r not in compiled.asm["ptx"]] + [
         f"{f} expected none" for f in forbid if f in compiled.asm["ptx"]]
+    if dtype == torch.float32:
+        wrong += [f"a running sum folded into a tt.dot ({acc})" for acc in folded_sums(compiled.asm["ttgir"])]
     bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0) or wrong
     print(f"{'FAIL' if bad else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, {stack} B stack"
           f"{' (spills)' if no_spill and stack else ''}{''.join(f' ({r})' for r in wrong)} ({secs:.1f}s)",

@@ -64,9 +64,10 @@ _TILES = {
             64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
             128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
             256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
+        # fp32's second accumulator (_two_sum) made 64x32 spill 16 B at d64, and 32x64 / 16x64 176-248 B at d128
         4: {32: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-            64: [(64, 32, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
-            128: [(32, 64, 8, 2), (16, 64, 4, 2), (16, 16, 2, 2)],
+            64: [(32, 64, 8, 2), (64, 16, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
+            128: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 2, 2)],
             256: [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
     "dkdv": {
@@ -84,10 +85,11 @@ _TILES = {
             64: [(128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)],
             128: [(128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 8, 3), (32, 32, 4, 2)],
             256: [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 2), (32, 16, 4, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
-        # 64x32 with 8 warps spills 24-32 B at d64 / d128 since D is held as two fp32 parts (_row_stats)
+        # 64x32 with 8 warps spills 24-32 B at d64 / d128 since D is held as two fp32 parts (_row_stats); 32x64
+        # 56 B at d128 since dq has a second accumulator (_two_sum)
         4: {32: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
             64: [(64, 16, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
-            128: [(64, 16, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
+            128: [(64, 16, 8, 2), (32, 32, 8, 2), (16, 16, 4, 2)],
             # 32x32 spills 8-9 KB (at 32 registers) with a bool mask and a window; 32x16 in no case measured
             256: [(32, 16, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
@@ -337,6 +339,19 @@ def _div(a, b, ACCURATE: tl.constexpr):
 
 
 @triton.jit
+def _two_sum(acc, acc_lo, x):
+    """(acc + x, acc_lo + the rounding error of that sum) (Knuth's TwoSum, exact in fp32): the fp32 kernels'
+    running sums over blocks (out, dq, dk, dv) err like one block's dot, not like one sequential sum of all the
+    blocks' products. On a GPU Triton folds `acc + tl.dot(a, b)` into the dot's accumulator (its Combine pass; the
+    interpreter never does), and an fp32 dot is a chain of FMAs, so without this dK/dV summed Lq·group products in
+    one fp32 chain and missed the §5 rule by up to 2.5 times (emulated on the CPU, README Numerics). x's second use
+    here also keeps the fold from happening. fp16/bf16 keep the fold: the MMAs' own fp32 accumulators."""
+    s = acc + x
+    x_part = s - acc
+    return s, acc_lo + ((acc - (s - x_part)) + (x - x_part))
+
+
+@triton.jit
 def _kept_dp(dp, keep, keep_scale, ACCURATE: tl.constexpr):
     """dp_ij = keep_ij·r·do_i·v_j with dropout, from do_i·v_j (r = 1 / keep_scale, the forward's). fp32 (ACCURATE):
     V already holds r·v rounded as the forward rounds its output (fastattn.ops.attention._dp_values), so that a row
@@ -542,6 +557,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc_lo = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # fp32: the rounding errors of acc's sums (_two_sum)
     visits = 0
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -561,7 +577,11 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
         if DROPOUT:
             p = tl.where(_keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        if DOT_PREC == "ieee":
+            acc, acc_lo = _two_sum(acc * alpha[:, None], acc_lo * alpha[:, None],
+                                   tl.dot(p, v, input_precision=DOT_PREC))
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
     empty = l_i == 0.0
@@ -572,7 +592,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
         # fp32: one correctly rounded division per element, as the reference's p / Σp; lse2 = (m + ln l)·log2(e)
         # in fp64 (m natural), kept whole in the fp64 Lse the op and context parallelism give (an fp32 one would
         # round it, and overflow for a row whose scores are all near −FLT_MAX: a finfo(float32).min bias)
-        out = tl.math.div_rn(acc, norm[:, None])
+        out = tl.math.div_rn(acc + acc_lo, norm[:, None])
         lse2 = (m_i.to(tl.float64) + tl.math.log(tl.where(empty, 1.0, l_i).to(tl.float64))) * 1.4426950408889634
     else:
         # "/" compiles to div.full.f32 (up to 2 ulp); a correctly rounded reciprocal per row and a product: <= 1 ulp
@@ -709,6 +729,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk_lo = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)  # fp32: the rounding errors of dk's and dv's sums (_two_sum)
+    dv_lo = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     visits = 0
     for g in range(GROUP):
         h = hk * GROUP + g
@@ -746,11 +768,18 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                 keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
                 pT_out = tl.where(keep, _div(pT, keep_scale, DOT_PREC == "ieee"), 0.0)
                 dpT = _kept_dp(dpT, keep, keep_scale, DOT_PREC == "ieee")
-            dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
             dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee", DROPOUT)
             if BIAS_GRAD:
                 tl.store(DBias + bh * Lq * Lk + qi * Lk + kj, dsT, mask=(qi < Lq) & (kj < Lk))
-            dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
+            if DOT_PREC == "ieee":
+                dv, dv_lo = _two_sum(dv, dv_lo, tl.dot(pT_out, do, input_precision=DOT_PREC))
+                dk, dk_lo = _two_sum(dk, dk_lo, tl.dot(dsT * dcapT, q, input_precision=DOT_PREC))
+            else:
+                dv += tl.dot(pT_out.to(do.dtype), do, input_precision=DOT_PREC)
+                dk += tl.dot((dsT * dcapT).to(q.dtype), q, input_precision=DOT_PREC)
+    if DOT_PREC == "ieee":
+        dk += dk_lo
+        dv += dv_lo
 
     # Every key row of the sequence is written (0 for padding keys); in a packed batch, none of the next one's.
     st_ok = (offs_n[:, None] < k_len) & d_ok
@@ -812,6 +841,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
         slope = tl.load(Alibi + b * s_ab + h)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq_lo = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # fp32: the rounding errors of dq's sums (_two_sum)
     visits = 0
     p_sum = tl.zeros([BLOCK_M], tl.float64)
     pdp_sum = tl.zeros([BLOCK_M], tl.float64)
@@ -838,7 +868,10 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
         else:
             visits += 1
             ds = _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee", DROPOUT) * dcap
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+            if DOT_PREC == "ieee":
+                dq, dq_lo = _two_sum(dq, dq_lo, tl.dot(ds, k, input_precision=DOT_PREC))
+            else:
+                dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
 
     if DELTA_PASS:  # the fp64 Delta held −log2(e)·dlse2 (backward); a row with no visible key adds 0
         p_sum = tl.where(p_sum == 0.0, 1.0, p_sum)
@@ -846,6 +879,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
         tl.store(rows, tl.load(rows, mask=row_ok, other=0.0) + pdp_sum / p_sum, mask=row_ok)
         tl.store(Scale + b * s_lb + h * s_lh + q0 + offs_m, (1.0 / p_sum).to(tl.float32), mask=row_ok)
     else:
+        if DOT_PREC == "ieee":
+            dq += dq_lo
         tl.store(DQ + b * s_dqb + h * s_dqh + (q0 + offs_m[:, None]) * s_dqm + offs_d[None, :],
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_ok)
         if COUNT_VISITS:
