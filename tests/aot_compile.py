@@ -54,6 +54,13 @@ def folded_sums(ttgir):
     return [acc for acc in DOT_ACC.findall(ttgir) if acc not in zeros]
 
 
+CONTRACTIBLE = ("mul.f32 ", "add.f32 ", "sub.f32 ")
+
+
+def kernel_module(kernel) -> str:
+    return (kernel.fn if hasattr(kernel, "configs") else kernel).module
+
+
 # tt.trans whose operand is in an MMA (dot result) layout: "tt.trans %x ... : tensor<32x128xf16, #mma> -> ..."
 MMA_TRANSPOSE = re.compile(r"tt\.trans .*: tensor<[^>]*#mma\d*> ->")
 
@@ -77,6 +84,8 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     consts = dict(consts, **(config.kwargs if config else {}))
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     opts = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 2)
+    if dtype == torch.float32 and fn.module == A.__name__:  # as the op launches them (no FMA contraction)
+        opts.update(A.FP32_OPTIONS)
     sig = signature(fn, dtype, consts, pointers)
     # As the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16: every pointer
     # and stride divisible by 16, which is what lets loads vectorise and the loops pipeline (cp.async).
@@ -157,8 +166,8 @@ def first_fitting(kernel, dtype, consts, configs, arch):
 
 def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spill=False, require=(), forbid=()):
     """Compile one kernel, print a line ('ok' or 'FAIL' with the error / shared memory over the limit / a spill
-    where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present / fp32: a running sum
-    folded into a dot); -> 0 or 1."""
+    where no_spill / a PTX instruction of ``require`` missing or one of ``forbid`` present / fp32 attention: a
+    running sum folded into a dot, or arithmetic ptxas may contract into an FMA); -> 0 or 1."""
     try:
         compiled, secs, (regs, stack) = compile_one(kernel, dtype, consts, config, arch, pointers)
     except Exception as e:  # report every failure, then fail
@@ -167,8 +176,10 @@ def report(label, kernel, dtype, consts, config, arch, pointers=POINTERS, no_spi
     smem = compiled.metadata.shared
     wrong = [f"no {r}" for r in require if r not in compiled.asm["ptx"]] + [
         f"{f} expected none" for f in forbid if f in compiled.asm["ptx"]]
-    if dtype == torch.float32:
+    if dtype == torch.float32 and kernel_module(kernel) == A.__name__:
         wrong += [f"a running sum folded into a tt.dot ({acc})" for acc in folded_sums(compiled.asm["ttgir"])]
+        # fp32 arithmetic without .rn, which ptxas may contract into an FMA (A.FP32_OPTIONS turns that off)
+        wrong += [f"{op} expected none" for op in CONTRACTIBLE if op in compiled.asm["ptx"]]
     bad = smem > SMEM_LIMIT[arch] or (no_spill and stack > 0) or wrong
     print(f"{'FAIL' if bad else 'ok  '} {label} shared {smem / 1024:.0f} KiB, {regs} registers, {stack} B stack"
           f"{' (spills)' if no_spill and stack else ''}{''.join(f' ({r})' for r in wrong)} ({secs:.1f}s)",

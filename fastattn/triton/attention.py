@@ -64,10 +64,11 @@ _TILES = {
             64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
             128: [(128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)],
             256: [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2), (16, 32, 4, 2)]},
-        # fp32's second accumulator (_two_sum) made 64x32 spill 16 B at d64, and 32x64 / 16x64 176-248 B at d128
+        # fp32's second accumulator (_two_sum) made 64x32 spill 16 B at d64, and 32x64 / 16x64 176-248 B at d128;
+        # without FMA contraction (FP32_OPTIONS) 32x32 spills 16 B at d128
         4: {32: [(32, 64, 8, 2), (32, 32, 4, 2), (16, 16, 4, 2)],
             64: [(32, 64, 8, 2), (64, 16, 8, 2), (16, 64, 4, 2), (16, 16, 4, 2)],
-            128: [(32, 32, 8, 2), (16, 32, 8, 2), (16, 16, 2, 2)],
+            128: [(32, 16, 8, 2), (16, 32, 8, 2), (64, 16, 8, 2), (16, 16, 2, 2)],
             256: [(32, 16, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)]},
     },
     "dkdv": {
@@ -189,6 +190,20 @@ def _launch(kernel, grid, *args, **kwargs):
             if i == len(configs) - 1:
                 raise
             _TOO_BIG.add(key)
+
+
+# Compile options of the fp32 kernels: Triton contracts x·y + z into one FMA by default (and ptxas does too), which
+# the interpreter never does. The fp32 kernels' numerics were built and checked on separately rounded steps
+# (TwoSum's exact error term in _two_sum, _exp_neg's reduction, D split in two parts), so on a GPU they compile
+# without contraction, and round as the interpreter does except in the dots' own sums. (The H200's one fp32
+# failure of a one-key case, test_gpu_matrix[64-1-1-float32] on 2026-11-23, came from an earlier fp32 path; its
+# cause is unknown.) fp16/bf16, whose rounding dwarfs an FMA's, keep the contraction, for speed.
+FP32_OPTIONS = {"enable_fp_fusion": False}
+
+
+def _options(args: dict) -> dict:
+    """The compile options in a launch's ``args`` (_common's), for a kernel launched with only some of them."""
+    return {k: v for k, v in args.items() if k in FP32_OPTIONS}
 
 
 # Tuned per power-of-two bucket of the lengths (new lengths in a bucket reuse the tuned config), and the
@@ -1045,7 +1060,9 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
                 BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 HAS_KVLENS=kv_lens is not None, HAS_ALIBI=alibi is not None, HAS_SOFTCAP=softcap > 0.0,
                 COUNT_VISITS=count is not None, VARLEN=varlen is not None, DROPOUT=dropout_p > 0.0,
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                # fp32: no contraction of a product and a sum into an FMA, as the interpreter (see FP32_OPTIONS)
+                **(FP32_OPTIONS if q.dtype == torch.float32 else {}))
     ptrs = (bias if bias is not None else dummy,
             mask.view(torch.uint8) if mask is not None else dummy,
             kv_lens if kv_lens is not None else dummy,
@@ -1113,7 +1130,8 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
             _fwd_combine_kernel[(triton.cdiv(rows_total, COMBINE_BLOCK), H, 1 if varlen is not None else B)](
                 o_dst, lse_dst, out, lse, lo, n_split, o_dst.stride(0), lse_dst.stride(0), *o_rows,
                 *_rows(out, varlen), H, rows_total, HEAD_DIM=args["HEAD_DIM"], BLOCK_D=args["BLOCK_D"],
-                ACCURATE=args["DOT_PREC"] == "ieee", STORE_LO=out_lo is not None, BLOCK_M=COMBINE_BLOCK)
+                ACCURATE=args["DOT_PREC"] == "ieee", STORE_LO=out_lo is not None, BLOCK_M=COMBINE_BLOCK,
+                **_options(args))
 
 
 # ------------------------------------------------------------------------------- split-KV and packed GQA
@@ -1244,7 +1262,7 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
                 out, out_lo if out_lo is not None else out, do, dlse if dlse is not None else delta, delta,
                 *_rows(out, varlen), *_rows(do, varlen), H, rows_total, HEAD_DIM=args["HEAD_DIM"],
                 BLOCK_D=args["BLOCK_D"], HAS_DLSE=dlse is not None, HAS_LO=out_lo is not None,
-                DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK)
+                DOT_PREC=args["DOT_PREC"], BLOCK_M=DELTA_BLOCK, **_options(args))
         common = (*_rows(q, varlen), *_rows(k, varlen), *_rows(v, varlen), *bm_strides, *_rows(do, varlen),
                   *lse_strides)
         for kernel in (_bwd_delta_pass_kernel, _bwd_dq_kernel) if recompute else (_bwd_dq_kernel,):
