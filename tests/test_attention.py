@@ -494,6 +494,38 @@ def test_split_kv(name, splits):
         assert_case(AttentionCase(**{"seed": splits, **SPLIT_CASES[name]}))
 
 
+@pytest.mark.skipif(not A.INTERPRET, reason="records the launches of Triton's interpreter")
+def test_fp32_launches_compile_without_contraction(monkeypatch):
+    """Every fp32 attention kernel launch (forward, split-KV merge, D pass, dq, dK/dV, the delta kernel, a broadcast
+    bias's gradient) passes A.FP32_OPTIONS (no FMA contraction: the rounding the kernels were checked with, see
+    tests/aot_compile.py); fp16 launches do not."""
+    from triton.runtime.interpreter import InterpretedFunction
+    launches = []
+    run = InterpretedFunction.run
+
+    def recording(self, *args, **kwargs):
+        launches.append((self.fn.__name__, kwargs.get("enable_fp_fusion", True)))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", recording)
+    for dtype in (torch.float32, torch.float16):
+        launches.clear()
+        q, k, v = random_qkv(2, 2, 20, 40, 16, dtype=dtype, generator=torch.Generator().manual_seed(0))
+        bias = torch.randn(1, 2, 20, 40, dtype=dtype, requires_grad=True)
+        with A.forced_splits(2):
+            out = fastattn.attention(q, k, v, attn_bias=bias, backend="triton")
+        out.sum().backward()
+        dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+        lse = torch.zeros(2, 2, 20, dtype=torch.float64 if dtype == torch.float32 else torch.float32)
+        A.backward(out.detach(), q.detach(), k.detach(), v.detach(), out.detach(), lse, None, None, None, None, dq, dk,
+                   dv, None, 0.25, False, False, delta_from_p=False)
+        names = {name for name, _ in launches}
+        assert {"_fwd_kernel", "_fwd_combine_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_bwd_dbias_kernel",
+                "_bwd_delta_kernel"} <= names, names
+        fused = {name for name, fusion in launches if fusion}
+        assert fused == (set() if dtype == torch.float32 else names), (dtype, fused)
+
+
 def test_split_kv_covers_every_key_block_once():
     """The splits of a query block visit its key blocks exactly once between them: per (head, query block), their
     visit counts add up to the unsplit forward's; empty rows stay 0 with LSE +inf."""
