@@ -309,7 +309,8 @@ def test_fp32_exponentials_within_an_ulp():
     x = torch.cat([torch.rand(n // 2, generator=g) * 128 - 126,  # every exponent 2^x reaches
                    torch.randn(n // 2, generator=g) * 4]).to(torch.float32)
     e2, en = torch.empty_like(x), torch.empty_like(x)
-    _fp32_exponentials_kernel[(1,)](x.to(DEVICE), e2_dev := e2.to(DEVICE), en_dev := en.to(DEVICE), N=n)
+    _fp32_exponentials_kernel[(1,)](x.to(DEVICE), e2_dev := e2.to(DEVICE), en_dev := en.to(DEVICE), N=n,
+                                    **A.FP32_OPTIONS)  # compiled as the fp32 attention kernels are
     for got, want in ((e2_dev.cpu(), torch.exp2(x.double())), (en_dev.cpu(), torch.exp(-x.double().abs()))):
         normal = want >= torch.finfo(torch.float32).tiny * 2
         ulp = torch.exp2(torch.floor(torch.log2(want[normal])) - 23)
