@@ -299,6 +299,28 @@ def _fp32_exponentials_kernel(X, E2, EN, N: tl.constexpr):
     tl.store(EN + tl.arange(0, N), A._exp_neg(-tl.abs(x), True))
 
 
+@triton.jit
+def _two_sum_kernel(Acc, X, S, Lo, N: tl.constexpr):
+    s, lo = A._two_sum(tl.load(Acc + tl.arange(0, N)), tl.zeros([N], tl.float32), tl.load(X + tl.arange(0, N)))
+    tl.store(S + tl.arange(0, N), s)
+    tl.store(Lo + tl.arange(0, N), lo)
+
+
+def test_two_sum_is_exact():
+    """The fp32 kernels' compensated running sums: s + lo = acc + x exactly, s = fl(acc + x), for addends of any
+    relative size and sign (on a GPU: as compiled for the fp32 kernels, without FMA contraction)."""
+    g = torch.Generator().manual_seed(1)
+    n = 4096
+    acc = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 30, (n,), generator=g).float())
+    x = torch.randn(n, generator=g) * torch.exp2(torch.randint(-30, 30, (n,), generator=g).float())
+    x[:64] = -acc[:64]  # exact cancellation
+    s, lo = torch.empty(n, device=DEVICE), torch.empty(n, device=DEVICE)
+    _two_sum_kernel[(1,)](acc.to(DEVICE), x.to(DEVICE), s, lo, N=n, **A.FP32_OPTIONS)
+    s, lo = s.cpu(), lo.cpu()
+    assert torch.equal(s, acc + x)
+    assert torch.equal(s.double() + lo.double(), acc.double() + x.double())
+
+
 def test_fp32_exponentials_within_an_ulp():
     """The fp32 kernels' 2^x (softmax weights) and e^x, x <= 0 (soft cap), against float64: within 1.25 ulp of the
     fp32 result over the arguments that matter, 0 where it is below fp32's normal range (as the kernels expect).
