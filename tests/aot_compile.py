@@ -84,7 +84,7 @@ def compile_one(kernel, dtype, consts, config, arch, pointers=POINTERS):
     consts = dict(consts, **(config.kwargs if config else {}))
     consts = {k: v for k, v in consts.items() if k in fn.arg_names}
     opts = dict(num_warps=config.num_warps if config else 4, num_stages=config.num_stages if config else 2)
-    if dtype == torch.float32 and fn.module == A.__name__:  # as the op launches them (no FMA contraction)
+    if dtype == torch.float32 and kernel_module(kernel) == A.__name__:  # as the op launches them (no contraction)
         opts.update(A.FP32_OPTIONS)
     sig = signature(fn, dtype, consts, pointers)
     # As the JIT specialises a launch on contiguous inputs whose row length is a multiple of 16: every pointer
