@@ -80,6 +80,7 @@ def attention(
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
+    sinks: Optional[Tensor] = None,
 ):
     """out = dropout(softmax(q·kᵀ·scale + bias, masked)) · v, in q's dtype.
 
@@ -89,7 +90,9 @@ def attention(
     window_size (left, right): local attention around the diagonal d(i) (see ``visible_keys``).
     softcap c > 0: the scaled score s becomes c·tanh(s/c) before bias, ALiBi and masks.
     alibi_slopes: [H] or [B, H]; adds −slope·|d(i) − j| to the scores.
-    A row with no visible key gives 0 (its LSE is +inf). LSE (natural log, float32) of the scaled,
+    sinks: [H], one more score per row of head h (after every mask, always visible) that has no value: the
+    softmax runs over [s_i0 .. s_i(Lk−1), sinks[h]] and the sink's weight is dropped (GPT-OSS's learnable sinks).
+    A row with no visible key gives 0 (its LSE is +inf, or sinks[h] with sinks). LSE (natural log, float32) of the scaled,
     biased, masked scores before dropout is returned with return_lse=True.
     """
     B, H, Lq, D = q.shape
@@ -113,10 +116,14 @@ def attention(
                        attn_mask=attn_mask, kv_lens=kv_lens, window_size=window_size)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(s.dtype).view(1, H, 1, 1).expand(*s.shape[:3], 1)], dim=-1)
     # A row with nothing visible (masks, or a bias of -inf) gives 0, never NaN.
     empty = (s == float("-inf")).all(dim=-1, keepdim=True)
     s_safe = s.masked_fill(empty, 0.0)
     p = torch.softmax(s_safe, dim=-1).masked_fill(empty, 0.0)
+    if sinks is not None:
+        p = p[..., :Lk]
     if dropout_mask is not None and dropout_p > 0.0:
         p = p * dropout_mask.to(p.dtype) / (1.0 - dropout_p)
     out = torch.matmul(p, v)

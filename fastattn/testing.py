@@ -147,6 +147,9 @@ class AttentionCase:
     varlen: tuple | None = None  # packed batch: ((len_q, len_k), ...) per sequence; B, Lq, Lk then follow from it
     # > 0: an attention sink, key 0 gets this much more score in every row (p ≈ e^sink / (e^sink + Lk − 1))
     sink: float = 0.0
+    # learnable sinks (the ``sinks`` argument): one logit per head, ln(Lk) + N(0, 2²), so that the sink's weight
+    # ranges over (0, 1) across heads; with its gradient
+    sinks: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -179,6 +182,8 @@ class AttentionCase:
             parts.append(f"dropout{self.dropout:g}")
         if self.sink:
             parts.append(f"sink{self.sink:g}")
+        if self.sinks:
+            parts.append("sinks")
         return " ".join(parts)
 
 
@@ -245,6 +250,9 @@ def _case_inputs(case: AttentionCase, device):
         if case.bool_mask:
             raise ValueError("a case has either a bool mask or a float bias")
         kw["attn_bias"] = bias.requires_grad_(case.bias_grad)
+    if case.sinks:
+        sinks = math.log(max(case.Lk, 1)) + 2.0 * torch.randn(case.H, generator=g)
+        kw["sinks"] = sinks.to(dtype=case.dtype, device=device).requires_grad_()
     do = torch.randn(q.shape, generator=g).to(dtype=case.dtype, device=device)
     lse_shape = (case.B, case.H, case.Lq) if case.varlen is None else (case.H, q.shape[0])
     dlse = torch.randn(lse_shape, generator=g).to(device) if case.lse_grad else None
@@ -284,22 +292,23 @@ def attention_problem(case: AttentionCase, device="cpu"):
 
     (q, k, v), kw, do, dlse = _case_inputs(case, device)
     bias = kw.pop("attn_bias", None)
+    sinks = kw.pop("sinks", None)
     keep = {}  # the kernel runs first (compare_all); the reference then replays its dropout mask
     if case.dropout:
         torch.manual_seed(case.seed)  # the kernel's dropout seed comes from torch's generator: same mask every run
 
-    def fn(q, k, v, attn_bias, backend):
-        extra = {}
+    def fn(q, k, v, attn_bias, sinks, backend):
+        extra = {} if sinks is None else {"sinks": sinks}
         if case.dropout:
-            extra = (dict(dropout_mask=keep["mask"]) if backend in ("torch", "reference")
-                     else dict(return_dropout_mask=True))
+            extra.update(dict(dropout_mask=keep["mask"]) if backend in ("torch", "reference")
+                         else dict(return_dropout_mask=True))
         res = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend,
                                  dropout_p=case.dropout, **extra, **kw)
         if "return_dropout_mask" in extra:
             keep["mask"] = res[2]
         return {"out": res[0], "lse": res[1]}
 
-    return fn, dict(q=q, k=k, v=v, attn_bias=bias), {"out": do, "lse": dlse}
+    return fn, dict(q=q, k=k, v=v, attn_bias=bias, sinks=sinks), {"out": do, "lse": dlse}
 
 
 def run_attention_case(case: AttentionCase, backend: str, device="cpu") -> list[Comparison]:

@@ -761,31 +761,32 @@ def test_custom_op_registration():
     bias = torch.randn(1, 2, 20, 24, device=DEVICE, dtype=q.dtype, requires_grad=True)
     slopes = torch.rand(1, 2, device=DEVICE)
     seed = torch.tensor(1 << 40)
-    for window, alibi, cap, drop in (((-1, -1), None, 0.0, 0.0), ((5, 0), slopes, 3.0, 0.2)):
-        args = (q, k, v, bias, None, None, None, None, 0, 0, 0.25, True, False, *window, alibi, cap, drop, seed,
+    sinks = torch.randn(2, device=DEVICE, requires_grad=True)
+    for window, alibi, cap, drop, sk in (((-1, -1), None, 0.0, 0.0, None), ((5, 0), slopes, 3.0, 0.2, sinks)):
+        args = (q, k, v, bias, None, None, None, None, 0, 0, 0.25, True, False, *window, alibi, cap, drop, seed, sk,
                 "triton", True)
         torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # packed varlen: [total, H, D] with cumulative lengths, lse [H, total]
     cu = torch.tensor([0, 7, 20], dtype=torch.int32, device=DEVICE)
     qp, kp, vp = (t[0].transpose(0, 1).contiguous().detach().requires_grad_() for t in (q, k[:, :, :20], v[:, :, :20]))
-    args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, "triton",
-            True)
+    args = (qp, kp, vp, None, None, None, cu, cu, 13, 13, 0.25, True, True, -1, -1, None, 0.0, 0.1, seed, sinks,
+            "triton", True)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # the backward of a transposed bias: its gradient comes back contiguous, as the fake says (inductor checks)
     bt = torch.randn(1, 2, 24, 20, device=DEVICE).transpose(2, 3)
     q, k, v = (t.detach() for t in (q, k, v))
-    fwd = (q, k, v, bt, None, None, None, None, 0, 0, 0.25, False, False, -1, -1, None, 0.0, 0.0, None, "triton",
-           True)
+    fwd = (q, k, v, bt, None, None, None, None, 0, 0, 0.25, False, False, -1, -1, None, 0.0, 0.0, None, None,
+           "triton", True)
     out, lse, lo = torch.ops.fastattn.attention_fwd(*fwd)
     args = (torch.randn_like(out), q, k, v, out, lo, lse, None, *fwd[3:-2], True, "triton")
     torch.library.opcheck(torch.ops.fastattn.attention_bwd.default, args, test_utils=("test_schema", "test_faketensor"))
     # the raw ops on q / k / v whose last dim is strided (the public function passes them with stride 1): made
     # readable inside, forward and backward, fakes agreeing
     qs, ks, vs = (torch.randn(1, 2, 20, 16, 2, device=DEVICE)[..., 0].requires_grad_() for _ in range(3))
-    raw = (qs, ks, vs, None, None, None, None, None, 0, 0, 0.25, True, False, -1, -1, None, 0.0, 0.0, None, "triton",
-           False)
+    raw = (qs, ks, vs, None, None, None, None, None, 0, 0, 0.25, True, False, -1, -1, None, 0.0, 0.0, None, None,
+           "triton", False)
     torch.library.opcheck(torch.ops.fastattn.attention_fwd.default, raw,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     out = torch.ops.fastattn.attention_fwd(*raw)[0]

@@ -21,7 +21,7 @@ import conftest
 from fastattn.triton.attention import forced_pack_gqa, forced_splits
 from test_attention import MASKS, SHAPES, SPLIT_CASES, assert_bias_grad_allocates_no_score_sized_buffer
 from test_dropout_varlen import VARLEN_CASES
-from test_local_attention import LOCAL_HEAD_DIM_CASES, WINDOWS
+from test_local_attention import LOCAL_HEAD_DIM_CASES, SINK_CASES, WINDOWS
 
 # Skipped where the emulator is not built; never under `make emu-memcheck`, which must run them.
 pytestmark = pytest.mark.skipif(cuda.why_unavailable("cpu") is not None and cuda.emulator_name() == "_C_emu",
@@ -200,6 +200,14 @@ def test_alibi(alibi, extra):
 def test_softcap(cap, logit_scale):
     assert_case(AttentionCase(Lq=50, Lk=80, D=32, dtype=torch.float16, softcap=cap, logit_scale=logit_scale,
                               causal=True, bias="heads", bias_grad=True, seed=1))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("name", list(SINK_CASES))
+def test_sinks(name, dtype):
+    """Learnable sinks: the CUDA kernels' output and LSE rescaled, their backward given the sink-aware ones."""
+    assert_case(AttentionCase(**{**dict(H=4, Lq=60, Lk=70, D=32, dtype=dtype, sinks=True, seed=5),
+                                 **SINK_CASES[name]}))
 
 
 # The features that change the kernels' code paths, per head-dim configuration (test_gpu_local_head_dims, shorter).

@@ -101,6 +101,77 @@ def test_all_together(dtype):
                               alignment="bottom_right", seed=9))
 
 
+# ------------------------------------------------------------------------------------------- learnable sinks
+# Each case leaves some rows with no visible key (they return 0 with LSE = the sink) and draws sink logits whose
+# weight ranges over (0, 1) across heads; "rows"/"head" biases take the exact row-bias gradient path, which the
+# sinks change (a bias of one key column no longer cancels in the softmax).
+SINK_CASES = {
+    "plain": dict(),
+    "causal-kv_lens-lse": dict(causal=True, kv_lens=True, lse_grad=True),
+    "causal-br-gqa": dict(causal=True, alignment="bottom_right", Lq=90, Lk=40, Hkv=2),
+    "mask": dict(bool_mask="full"),
+    "bias-rows-grad-lse": dict(bias="rows", bias_grad=True, lse_grad=True, kv_lens=True),
+    "bias-head-grad": dict(bias="head", bias_grad=True, causal=True),
+    "bias-full-grad-window-alibi-softcap": dict(bias="full", bias_grad=True, window=(10, 4), alibi="heads",
+                                                 softcap=5.0, logit_scale=2.0),
+    "dropout": dict(dropout=0.2, causal=True, kv_lens=True),
+    "varlen": dict(varlen=((30, 50), (0, 7), (12, 0), (41, 41)), causal=True, alignment="bottom_right", Hkv=2,
+                   lse_grad=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(SINK_CASES))
+def test_sinks(name, dtype):
+    assert_case(AttentionCase(**{**dict(H=4, Lq=60, Lk=70, D=32, dtype=dtype, sinks=True, seed=5),
+                                 **SINK_CASES[name]}))
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_sinks_with_split_kv_and_packed_gqa(pack):
+    """Decoding shapes: the sinks rescale the merged result of the split forward (packed or not)."""
+    from fastattn.triton.attention import forced_pack_gqa, forced_splits
+    with forced_splits(3), forced_pack_gqa(pack):
+        assert_case(AttentionCase(H=4, Hkv=2, Lq=3, Lk=150, D=32, kv_lens=True, causal=True,
+                                  alignment="bottom_right", lse_grad=True, sinks=True, seed=2))
+
+
+def test_sinks_on_the_torch_backend():
+    """The CPU default ("torch": the reference with fp16 computed in fp32) takes sinks as the kernels do."""
+    conftest.assert_case(run_attention_case, AttentionCase(H=4, Lq=30, Lk=40, causal=True, kv_lens=True, bias="rows",
+                                                           bias_grad=True, lse_grad=True, sinks=True), "cpu", "torch")
+
+
+def test_sinks_match_gpt_oss_eager_attention(kernel_backend):
+    """The sink as GPT-OSS's eager attention applies it: a logit column appended to the masked scores, the max
+    subtracted, softmax, the column dropped."""
+    B, H, Lq, Lk, D = 2, 4, 9, 12, 16
+    q, k, v = (torch.randn(B, H, L, D, device=DEVICE, dtype=torch.float16) for L in (Lq, Lk, Lk))
+    sinks = torch.randn(H, device=DEVICE) + 2.0
+    mask = torch.rand(B, 1, Lq, Lk, device=DEVICE) > 0.3
+    mask[0, :, 3] = False  # a row that sees no key: its weight all goes to the sink
+    s = (q.double() @ k.double().transpose(-1, -2)) * D ** -0.5
+    s = s.masked_fill(~mask, float("-inf"))
+    logits = torch.cat([s, sinks.double().view(1, H, 1, 1).expand(B, H, Lq, 1)], dim=-1)
+    p = torch.softmax(logits - logits.amax(-1, keepdim=True), dim=-1)[..., :-1]
+    want = p @ v.double()
+    got, lse = fastattn.attention(q, k, v, attn_bias=mask, sinks=sinks, return_lse=True, backend=kernel_backend)
+    torch.testing.assert_close(got.double(), want, atol=2e-3, rtol=0)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), atol=1e-5, rtol=1e-5)
+    assert torch.all(got[0, :, 3] == 0)
+    torch.testing.assert_close(lse[0, :, 3], sinks)  # the empty row's LSE: the sink alone (to lse2's rounding)
+
+
+def test_sinks_of_minus_infinity_change_nothing(kernel_backend):
+    """A sink of −inf takes no weight: the same output and LSE as without sinks, empty rows included (+inf)."""
+    q, k, v = (torch.randn(2, 2, L, 16, device=DEVICE, dtype=torch.float16) for L in (7, 9, 9))
+    kv_lens = torch.tensor([9, 0], dtype=torch.int32, device=DEVICE)
+    sinks = torch.full((2,), float("-inf"), device=DEVICE)
+    a = fastattn.attention(q, k, v, kv_lens=kv_lens, return_lse=True, backend=kernel_backend)
+    b = fastattn.attention(q, k, v, kv_lens=kv_lens, return_lse=True, sinks=sinks, backend=kernel_backend)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
 def test_alibi_slopes_standard():
     torch.testing.assert_close(fastattn.alibi_slopes(8), 2.0 ** (-torch.arange(1, 9, dtype=torch.float32)))
     s12 = fastattn.alibi_slopes(12)  # 8 of the 8-head set, then every other slope of the 16-head set
@@ -158,6 +229,10 @@ def test_window_visits_linear_number_of_blocks():
     (dict(alibi_slopes=torch.ones(2, dtype=torch.float64)), "alibi_slopes"),
     (dict(softcap=-1.0), "softcap"),
     (dict(softcap=float("nan")), "softcap"),
+    (dict(sinks=torch.ones(3)), "sinks"),
+    (dict(sinks=torch.ones(2, 1)), "sinks"),
+    (dict(sinks=torch.ones(2, dtype=torch.int64)), "sinks"),
+    (dict(sinks=[0.0, 1.0]), "sinks"),
 ])
 def test_bad_arguments_are_named(kw, match):
     q = torch.randn(1, 2, 5, 8)
@@ -177,6 +252,16 @@ def test_gpu_local(extra, dtype, gpu_backend):
     for D, (Lq, Lk) in ((64, (1000, 1000)), (128, (700, 1500))):
         conftest.assert_case(run_attention_case, AttentionCase(B=2, H=4, Hkv=2, Lq=Lq, Lk=Lk, D=D, dtype=dtype,
                                                                seed=D, **extra), "cuda", gpu_backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["causal-kv_lens-lse", "bias-rows-grad-lse", "dropout", "varlen"])
+def test_gpu_sinks(name, dtype, gpu_backend):
+    extra = {**dict(H=8, Hkv=2, Lq=700, Lk=900, D=64, sinks=True, seed=11), **SINK_CASES[name], "dtype": dtype}
+    if "varlen" in extra:
+        extra["varlen"] = ((300, 500), (0, 70), (120, 0), (411, 411))
+    conftest.assert_case(run_attention_case, AttentionCase(**extra), "cuda", gpu_backend)
 
 
 # Every head dim's kernel configuration (the CUDA kernels tile differently per head dim: D = 256 splits the dK/dV

@@ -550,10 +550,10 @@ def test_hf_model_attn_implementation(kernels):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
-def test_hf_t5_position_bias_and_sinks(kernels):
+def test_hf_t5_position_bias(kernels):
     """T5 passes its relative position bias as ``position_bias``: added to the scores with its gradient, as eager
-    (it was dropped: logits off by 3e-2, no gradient for the bias table). Attention sinks (GPT-OSS's ``s_aux``)
-    cannot be applied: they raise instead of being ignored."""
+    (it was dropped: logits off by 3e-2, no gradient for the bias table). Inputs that cannot be applied (sparse
+    indices) raise instead of being ignored."""
     import transformers
 
     fnn.register_hf_attention()
@@ -574,8 +574,48 @@ def test_hf_t5_position_bias_and_sinks(kernels):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_g, want_g, atol=1e-6, rtol=1e-4)
     q = torch.randn(1, 2, 3, 8, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="attention sinks"):
-        fnn.hf.attention_forward(nn.Module(), q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(NotImplementedError, match="sparse attention indices"):
+        fnn.hf.attention_forward(nn.Module(), q, q, q, None, indices=torch.zeros(2))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")
+def test_hf_gpt_oss_sinks(kernels):
+    """GPT-OSS passes its learnable per-head sink logits as ``s_aux`` (sliding and full layers, GQA): logits, the
+    sinks' gradients and cached decoding steps as eager's; with the sinks pushed to −30 (no weight) the logits
+    move clearly, so they are not dropped."""
+    import transformers
+
+    fnn.register_hf_attention()
+    cfg = transformers.GptOssConfig(vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                    num_experts_per_tok=2, sliding_window=4, max_position_embeddings=64,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    ids, mask = _hf_inputs(2, 11, padded=True, seed=2)
+    keep = mask.bool()
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(3)) * 2 + 1
+
+    def run(impl, shift=0.0):
+        torch.manual_seed(0)
+        model = transformers.GptOssForCausalLM._from_config(cfg, attn_implementation=impl).to(DEVICE)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.copy_(sinks + shift)
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits[keep].square().mean().backward()
+        grads = torch.stack([layer.self_attn.sinks.grad for layer in model.model.layers])
+        past, steps = transformers.DynamicCache(config=model.config), []
+        with torch.no_grad():
+            for lo, hi in [(0, 6)] + [(t, t + 1) for t in range(6, ids.shape[1])]:
+                out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], past_key_values=past,
+                            use_cache=True)
+                steps.append(out.logits[:, -1])
+        return logits.detach()[keep], grads, torch.stack(steps, 1)
+
+    want, got = run("eager"), run("fastattn")
+    for name, a, b, atol in zip(("logits", "sinks' gradients", "decoding"), got, want, (2e-5, 1e-9, 2e-5)):
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert want[1].abs().min() > 0
+    assert (run("fastattn", shift=-30.0)[0] - want[0]).abs().max() > 1e-2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")

@@ -4,7 +4,8 @@
 SDPA's mask builder, whose bool masks, True = attend, fastattn takes as they are). It runs when fastattn.nn is
 imported after transformers, or call it yourself before ``from_pretrained(..., attn_implementation="fastattn")``.
 
-Models with logit soft-capping (Gemma 2) get it computed in the kernel. A model's ``sliding_window`` is applied
+Models with logit soft-capping (Gemma 2) get it computed in the kernel, and GPT-OSS's learnable attention sinks
+(``s_aux``) join the softmax as in eager (``fastattn.attention(sinks=)``). A model's ``sliding_window`` is applied
 from indices (no mask) when transformers builds no mask; transformers' SDPA mask builder does build one whenever
 the window matters (key length >= window), and that mask, which already holds the window, is then used as is.
 HF's bidirectional sliding mask is |i − j| <= w while its flash-attention path uses w − 1: without a mask fastattn
@@ -22,8 +23,8 @@ NAME = "fastattn"
 
 
 # Keyword arguments some models pass that change the attention result and that attention_forward cannot apply.
-UNSUPPORTED = {"s_aux": "attention sinks", "sinks": "attention sinks", "indices": "sparse attention indices",
-               "block_indices": "block-sparse attention", "cache": "paged attention caches"}
+UNSUPPORTED = {"indices": "sparse attention indices", "block_indices": "block-sparse attention",
+               "cache": "paged attention caches"}
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -38,8 +39,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``sliding_window`` w: key j visible iff |i − j| <= w − 1 around the diagonal (HF flash-attention's
     window_size=(w − 1, w − 1); with causal, i − w < j <= i, the mask HF builds for sliding layers).
     ``position_bias`` (T5's relative position bias, broadcastable to (B, H, Lq, Lk)) is added to the scores, with
-    its gradient, as transformers' SDPA path adds it to the mask. Inputs that would change the result and that
-    this function cannot apply (attention sinks, paged caches) raise, rather than be ignored."""
+    its gradient, as transformers' SDPA path adds it to the mask. ``s_aux`` (GPT-OSS's per-head sink logits, [H])
+    joins each row's softmax with no value (``sinks`` of fastattn.attention), with its gradient. Inputs that would
+    change the result and that this function cannot apply (sparse indices, paged caches) raise, rather than be
+    ignored."""
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='fastattn' returns no attention weights; use 'eager' for them")
     for name in UNSUPPORTED:
@@ -65,6 +68,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # With a mask the mask is exact and already holds the window: it is built from absolute positions (cache
     # offsets, a static cache's fixed-length key buffer, a sliding cache's truncated keys) that this function
     # cannot see, so a window applied from indices here could disagree with it; the mask alone is used.
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        local["sinks"] = sinks
     bias = attention_mask
     if position_bias is not None:
         if attention_mask is None:

@@ -20,6 +20,7 @@ from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_
 
 MAX_HEAD_DIM = 256
 LN2 = math.log(2.0)
+LOG2E = 1.0 / LN2
 
 
 def _kernels(backend: str):
@@ -32,11 +33,12 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
                    kv_lens: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                    max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool,
                    window_left: int, window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
-                   seed: Optional[Tensor], backend: str, residual: bool) -> tuple[Tensor, Tensor, Tensor]:
+                   seed: Optional[Tensor], sinks: Optional[Tensor], backend: str,
+                   residual: bool) -> tuple[Tensor, Tensor, Tensor]:
     """-> (out, lse2, out_lo): lse2 = log2 Σ_j exp(s_ij), [B, H, Lq] ([H, total_q] packed), +inf for rows with no
     visible key; float32, float64 for float32 inputs (_lse_dtype). With ``residual`` (fp16/bf16 inputs that need a
     gradient), out_lo = what rounding the output to its dtype dropped, for the backward's D_i = do_i·o_i; else
-    empty."""
+    empty. ``sinks`` join each row's softmax after the kernels (_apply_sinks)."""
     q, k, v = (lastdim_contiguous(t) for t in (q, k, v))  # the kernels index the last dim with stride 1
     out = empty_like(q)
     lse2 = empty(_lse_shape(q, cu_seqlens_q), like=q, dtype=_lse_dtype(q))
@@ -44,7 +46,41 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
     _kernels(backend).forward(q, k, v, bias, mask, kv_lens, out, lse2, scale, causal, bottom_right,
                               **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
                                           cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out_lo=out_lo))
+    if sinks is not None:
+        _apply_sinks(out, lse2, out_lo, sinks)
     return out, lse2, (out_lo if residual else q.new_empty(0))
+
+
+def _sink_logits2(sinks: Tensor, lse2: Tensor) -> Tensor:
+    """sinks [H] in log2 units, in lse2's dtype, shaped to broadcast against lse2 ([B, H, Lq] or [H, total_q])."""
+    s2 = sinks.to(lse2.dtype) * LOG2E
+    return s2.view(1, -1, 1) if lse2.dim() == 3 else s2.view(-1, 1)
+
+
+def _rows_to_out(x: Tensor, out: Tensor) -> Tensor:
+    """A per-row tensor laid out as lse2 ([B, H, Lq] or [H, total_q]) -> broadcastable against out."""
+    return (x if out.dim() == 4 else x.transpose(0, 1)).unsqueeze(-1)
+
+
+def _apply_sinks(out: Tensor, lse2: Tensor, out_lo: Optional[Tensor], sinks: Tensor) -> None:
+    """In place: each row's softmax gains the term 2^σ (σ = sinks[h]·log2 e), which has no value, so
+    out ← w·out with w = 2^lse2 / (2^lse2 + 2^σ), and lse2 ← log2(2^lse2 + 2^σ) (σ for a row with no visible key;
+    +inf stays when σ = −inf). Exactly the sink-aware softmax's output and LSE, so the kernels' backward, given
+    these, is the sink-aware one (its p_ij = 2^(s_ij − lse2) already carries the sink's share); the sinks' own
+    gradient is _sink_grad's. One pass over the output, in fp32 (fp64 for fp32 outputs: rounded once), from the
+    unrounded output where out_lo holds what rounding dropped."""
+    sink2 = _sink_logits2(sinks, lse2)
+    empty = torch.isposinf(lse2)
+    new = torch.where(empty, torch.where(torch.isneginf(sink2), float("inf"), sink2), torch.logaddexp2(lse2, sink2))
+    w = _rows_to_out(torch.where(empty, 0.0, torch.exp2(lse2 - new)), out)
+    exact = out.double() if out.dtype == torch.float32 else out.float()
+    if out_lo is not None:
+        exact = exact + out_lo.float()
+    scaled = exact * w.to(exact.dtype)
+    out.copy_(scaled)
+    if out_lo is not None:
+        out_lo.copy_(scaled - out.float())
+    lse2.copy_(new)
 
 
 def _lse_shape(q, cu_seqlens_q):
@@ -70,7 +106,7 @@ def _features(window_left, window_right, alibi, softcap, dropout_p, seed, cu_q, 
 
 @_attention_fwd.register_fake
 def _(q, k, v, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal,
-      bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, backend, residual):
+      bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, sinks, backend, residual):
     out = torch.empty_like(lastdim_contiguous(q))
     return (out, q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=_lse_dtype(q)),
             torch.empty_like(out) if residual else q.new_empty(0))
@@ -102,7 +138,9 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out
                    cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], max_seqlen_q: int,
                    max_seqlen_k: int, scale: float, causal: bool, bottom_right: bool, window_left: int,
                    window_right: int, alibi: Optional[Tensor], softcap: float, dropout_p: float,
-                   seed: Optional[Tensor], bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   seed: Optional[Tensor], sinks: Optional[Tensor], bias_grad: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (dq, dk, dv, dbias, dsinks); dbias and dsinks empty when not asked for / without sinks."""
     q, k, v, out = (lastdim_contiguous(t) for t in (q, k, v, out))
     dq, dk, dv = empty_like(q), empty_like(k), empty_like(v)
     # fp32 dbias shaped like the bias (the kernels sum ds over its broadcast dims); skipped blocks stay 0. A bias
@@ -113,42 +151,77 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, out
         v = _dp_values(v, dropout_p, backend)
     # dlse: the kernels index it densely (autograd may hand a strided one, e.g. the gradient of a permuted view)
     dlse = dlse.contiguous() if dlse is not None else None
+    extra = {}
+    if sinks is not None and q.dtype == torch.float32:  # the fp32 D pass counts the sink's weight in Σ_j p_ij
+        extra["sink_weight"] = _sink_weight(sinks, lse)
     _kernels(backend).backward(lastdim_contiguous(do), q, k, v, out, lse, dlse, bias, mask, kv_lens,
                                dq, dk, dv, ds, scale, causal, bottom_right,
                                **_features(window_left, window_right, alibi, softcap, dropout_p, seed,
                                            cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                           out_lo=lastdim_contiguous(out_lo) if out_lo is not None else None))
+                                           out_lo=lastdim_contiguous(out_lo) if out_lo is not None else None),
+                               **extra)
+    row_sink = _sink_row_grad(do, out, out_lo, lse, dlse, sinks) if sinks is not None else None
+    dsinks = q.new_empty(0) if row_sink is None else (
+        row_sink.sum((0, 2) if lse.dim() == 3 else 1).to(sinks.dtype))
     if bias_grad and not by_kernels:
-        return dq, dk, dv, _row_bias_grad(bias, lse, dlse)
-    if ds is None:
-        return dq, dk, dv, q.new_empty(0)
-    return dq, dk, dv, ds.to(bias.dtype)
+        return dq, dk, dv, _row_bias_grad(bias, lse, dlse, row_sink), dsinks
+    return dq, dk, dv, (q.new_empty(0) if ds is None else ds.to(bias.dtype)), dsinks
 
 
-def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor]) -> Tensor:
+def _sink_row_grad(do: Tensor, out: Tensor, out_lo: Optional[Tensor], lse2: Tensor, dlse2: Optional[Tensor],
+                   sinks: Tensor) -> Tensor:
+    """Row i's share of the gradient of its head's sink logit σ: with p_σ = e^(σ − LSE_i) the sink's weight,
+    ∂LSE_i/∂σ = p_σ and ∂o_i/∂σ = −p_σ·o_i, so dσ_i = p_σ·(dLSE_i − D_i), D_i = do_i·o_i (from the unrounded
+    output). float64, laid out as lse2."""
+    exact = out.double() if out_lo is None else out.float() + out_lo.float()
+    d = (do.to(exact.dtype) * exact).sum(-1).double()
+    d = d if out.dim() == 4 else d.transpose(0, 1)
+    p_sink = torch.exp2(_sink_logits2(sinks, lse2).double() - lse2.double())
+    dlse = 0.0 if dlse2 is None else dlse2.double() / LN2
+    return torch.where(p_sink == 0.0, 0.0, p_sink * (dlse - d))
+
+
+def _sink_weight(sinks: Tensor, lse2: Tensor) -> Tensor:
+    """fp32 p_σ = e^(σ − r_i) per row, with r_i = lse2_i·ln 2 rounded to fp32 as the fp32 kernels recompute the
+    weights from it: the sink's weight carries r's rounding as the keys' weights do, so the D pass's
+    normalisation by Σ_j p_ij + p_σ cancels it for all of them alike."""
+    r = (lse2.double() * LN2).float().double()
+    sigma = sinks.double().view(1, -1, 1) if lse2.dim() == 3 else sinks.double().view(-1, 1)
+    return torch.where(torch.isposinf(r), 0.0, torch.exp(sigma - r)).float()
+
+
+def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor], row_sink: Optional[Tensor]) -> Tensor:
     """The gradient of a bias of one key column ([B|1, H|1, Lq|1, 1]): it adds the same to every score of a row,
     which the softmax ignores and the LSE takes whole, so it is the LSE's gradient, dLSE_i = dlse2_i / ln 2 (0 for
     a row without a visible key), summed over the bias's broadcast dims: exact, where Σ_j ds_ij cancels only up to
-    rounding (fp16/bf16 form D from the rounded output: 9 times the reference's error for a scalar bias)."""
-    if dlse2 is None:
+    rounding (fp16/bf16 form D from the rounded output: 9 times the reference's error for a scalar bias). With
+    sinks, which the bias does not shift, minus the sink's share: adding c to every score and to σ changes
+    nothing but the LSE, so Σ_j ds_ij = dLSE_i − dσ_i."""
+    if dlse2 is None and row_sink is None:
         return torch.zeros(bias.shape, device=bias.device, dtype=bias.dtype)
-    g = torch.where(torch.isinf(lse2), 0.0, dlse2.double() / LN2).unsqueeze(-1)
+    g = torch.zeros_like(lse2, dtype=torch.float64) if dlse2 is None else torch.where(
+        torch.isinf(lse2), 0.0, dlse2.double() / LN2)
+    if row_sink is not None:
+        g = g - row_sink
+    g = g.unsqueeze(-1)
     dims = [d for d in range(3) if bias.shape[d] == 1 < g.shape[d]]
     return (g.sum(dims, keepdim=True) if dims else g).to(bias.dtype)
 
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-      max_seqlen_k, scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, bias_grad, backend):
+      max_seqlen_k, scale, causal, bottom_right, window_left, window_right, alibi, softcap, dropout_p, seed, sinks,
+      bias_grad, backend):
     dbias = bias.new_empty(bias.shape) if bias_grad else q.new_empty(0)  # contiguous, as the real one
-    return tuple(torch.empty_like(lastdim_contiguous(t)) for t in (q, k, v)) + (dbias,)
+    dsinks = sinks.new_empty(sinks.shape) if sinks is not None else q.new_empty(0)
+    return tuple(torch.empty_like(lastdim_contiguous(t)) for t in (q, k, v)) + (dbias, dsinks)
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, bias, mask, kv_lens, cu_q, cu_k, max_q, max_k, scale, causal, bottom_right, window_left,
-     window_right, alibi, softcap, dropout_p, seed, backend, _residual) = inputs
+     window_right, alibi, softcap, dropout_p, seed, sinks, backend, _residual) = inputs
     out, lse, out_lo = output
-    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse,
+    ctx.save_for_backward(q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, sinks, out, lse,
                           out_lo if out_lo.numel() else None)
     ctx.params = (max_q, max_k, scale, causal, bottom_right, window_left, window_right)
     ctx.options = (softcap, dropout_p)
@@ -156,11 +229,14 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dout, dlse, _dout_lo):
-    q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, out, lse, out_lo = ctx.saved_tensors
+    q, k, v, bias, mask, kv_lens, cu_q, cu_k, alibi, seed, sinks, out, lse, out_lo = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dbias = _attention_bwd(dout, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_q, cu_k,
-                                       *ctx.params, alibi, *ctx.options, seed, bias_grad, ctx.backend)
-    return (dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 17
+    dq, dk, dv, dbias, dsinks = _attention_bwd(dout, q, k, v, out, out_lo, lse, dlse, bias, mask, kv_lens, cu_q,
+                                               cu_k, *ctx.params, alibi, *ctx.options, seed, sinks, bias_grad,
+                                               ctx.backend)
+    sinks_grad = sinks is not None and ctx.needs_input_grad[19]
+    return ((dq, dk, dv, (dbias if bias_grad else None)) + (None,) * 15 + ((dsinks if sinks_grad else None),)
+            + (None,) * 2)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -289,8 +365,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
               cu_seqlens_q: Optional[Tensor] = None, cu_seqlens_k: Optional[Tensor] = None,
               max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
               attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
-              alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, scale: Optional[float] = None,
-              dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
+              alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
+              scale: Optional[float] = None, dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
               dropout_mask: Optional[Tensor] = None, deterministic: bool = True, backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
@@ -309,6 +385,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     diagonal above; causal=True sets right = 0. Key blocks outside every row's window are skipped.
     alibi_slopes: float32 [H], [1, H] or [B, H]; adds −slope·|d(i) − j| to the scaled score (no gradient).
     softcap: c > 0 maps the scaled score s to c·tanh(s/c) before attn_bias, ALiBi and masks.
+    sinks: float [H], learnable attention sinks (GPT-OSS): each row of query head h gets one more logit, sinks[h]
+    (not scaled, capped, biased or masked), that takes part in the softmax and has no value, so the weights sum to
+    1 − p_sink; it gets its gradient. The kernels run unchanged and the output and LSE are rescaled after them
+    (one pass over the output); the LSE returned includes the sink, and a row with no visible key gives 0 with
+    LSE sinks[h].
     dropout_p: p in (0, 1] drops each attention weight with probability p and scales the kept ones by 1/(1 − p)
     (as torch; pass 0 in eval; p = 1 gives out = 0). The kernels draw the mask from Philox counters seeded from
     torch's CPU generator (``torch.manual_seed`` reproduces it) and the backward regenerates it: no mask in
@@ -353,6 +434,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating-point tensor of shape (H,), got "
+                            f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+        check_same(q, "q", sinks, "sinks", dtype=False)
+        if tuple(sinks.shape) != (H,):
+            raise ValueError(f"sinks must have shape (H,)=({H},), one logit per query head, got "
+                             f"{tuple(sinks.shape)}")
     # |j − d(i)| < Lq + Lk: a wider side is unbounded, and as −1 it cannot overflow the kernels' int32 indices
     left, right = (-1 if w >= Lq + Lk else w for w in (left, right))
     bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
@@ -384,7 +473,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         if dropout_p > 0.0 and keep is None:
             keep = torch.rand((B, H, Lq, Lk), device=q.device) >= dropout_p
         kw = dict(causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
-                  return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap)
+                  return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap,
+                  sinks=upcast(use, sinks))
         qc, kc, vc = (upcast(use, t) for t in (q, k, v))
         if varlen:
             result = reference.attention_varlen(qc, kc, vc, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Lq,
@@ -412,11 +502,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
                    for t in (q, k, v))  # columns dropped); F.pad by 0 would copy the wider side too
     # fp16/bf16 that will be differentiated keep what rounding the output dropped, for an exact D in the backward
     residual = q.dtype != torch.float32 and torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, v, bias))
+        t is not None and t.requires_grad for t in (q, k, v, bias, sinks))
     out, lse2, _ = _attention_fwd(lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v), bias, mask,
                                   kv_lens, cu_seqlens_q, cu_seqlens_k, Lq if varlen else 0, Lk if varlen else 0,
-                                  scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, use,
-                                  residual)
+                                  scale, causal, bottom_right, left, right, alibi, softcap, dropout_p, seed, sinks,
+                                  use, residual)
     out = out[..., :Dv].contiguous() if Dv < D else out  # dense, as torch's; not a view keeping D columns alive
     keep = None
     if return_dropout_mask:

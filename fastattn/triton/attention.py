@@ -824,7 +824,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     """dq_i = scale Σ_j ds_ij k_j. With DELTA_PASS (fp32, launched first) it instead adds Σ_j p_ij dp_ij / Σ_j p_ij
     (in fp64) to D_i, the D that the dq, dK/dV and dbias launches then read. This D, from the p and dp the backward
     uses, rather than do_i·o_i (o carries the forward's own error), normalised by Σ_j p_ij (lse2's rounding moves it
-    off 1 for every j alike), makes Σ_j p_ij (dp_ij − D_i) = 0 hold for these p, as it does in the reference's
+    off 1 for every j alike; Σ starts from Scale's value, a sink's weight), makes Σ_j p_ij (dp_ij − D_i) = 0 hold for these p, as it does in the reference's
     softmax backward (normalised p); with do_i·o_i, fp32 dk and dbias missed the §5 rule (README, Numerics)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
@@ -859,6 +859,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     dq_lo = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # fp32: the rounding errors of dq's sums (_two_sum)
     visits = 0
     p_sum = tl.zeros([BLOCK_M], tl.float64)
+    if DELTA_PASS:  # from the weight of the caller's sink logit, which the row's softmax also holds (0 without)
+        p_sum += tl.load(Scale + b * s_lb + h * s_lh + q0 + offs_m, mask=row_ok, other=0.0).to(tl.float64)
     pdp_sum = tl.zeros([BLOCK_M], tl.float64)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -905,7 +907,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
 # The same kernel with DELTA_PASS, tuned over its own tiles; restore_value: a run adds to Delta, and autotuning
 # runs it once per config.
 _bwd_delta_pass_kernel = triton.autotune(
-    configs=_configs("delta"), key=_KEY, restore_value=["Delta"],
+    configs=_configs("delta"), key=_KEY, restore_value=["Delta", "Scale"],
     prune_configs_by={"early_config_prune": functools.partial(_prune, "delta")})(_bwd_dq_kernel.fn)
 
 
@@ -1224,7 +1226,7 @@ def _splits_for(q, heads, rows, Lk, block_d):
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None, out_lo=None):
+             row_scale=None, out_lo=None, sink_weight=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed; with dropout, fp32 ``v`` holds r·v
@@ -1234,7 +1236,9 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     D comes from the recomputed p and dp rather than from ``out`` (see _bwd_dq_kernel) unless ``delta_from_p`` is
     False, as a caller whose keys are only part of those ``out`` and ``lse`` saw (context parallelism) passes;
     such a caller may give fp32 ``row_scale`` (like lse) = exp(lse2·ln 2 − lse) for its exact natural LSE
-    (e.g. fp64), which the fp32 weights then take as c_i (see _row_stats), as the D pass gives them otherwise."""
+    (e.g. fp64), which the fp32 weights then take as c_i (see _row_stats), as the D pass gives them otherwise.
+    fp32 ``sink_weight`` (like lse): e^(σ − r_i) of each row's logit σ that has no value (a sink, already in lse),
+    r_i = lse2_i·ln 2 rounded to fp32 as _row_stats forms it; the D pass counts it in Σ_j p_ij."""
     _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
@@ -1246,10 +1250,15 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     recompute = fp32 and delta_from_p
     # filled by the delta kernel, or the start the D pass adds to; fp64 for fp32 inputs (see _row_stats)
     delta = torch.empty_like(lse, dtype=torch.float64 if fp32 else torch.float32)
-    # fp32: each row's weight scale c_i (_row_stats), written by the D pass; 1 where D comes from out
-    if not fp32 or recompute or row_scale is None:
-        row_scale = torch.empty_like(lse, dtype=torch.float32) if recompute else (
-            torch.ones_like(lse, dtype=torch.float32) if fp32 else delta)
+    # fp32: each row's weight scale c_i (_row_stats), written by the D pass (its Σ_j p_ij starts from the value
+    # found there); 1 where D comes from out
+    if recompute:
+        row_scale = (torch.zeros_like(lse, dtype=torch.float32) if sink_weight is None
+                     else sink_weight.to(torch.float32, copy=True))
+    elif not fp32:
+        row_scale = delta  # not read
+    elif row_scale is None:
+        row_scale = torch.ones_like(lse, dtype=torch.float32)
     if recompute and dlse is None:
         delta.zero_()
     elif recompute:
