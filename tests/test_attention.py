@@ -725,18 +725,20 @@ def test_sdpa_matches_torch(kind, device, monkeypatch):
 # ------------------------------------------------------------------------------------------- torch.compile
 def test_torch_compile_fullgraph(device):
     """Inductor traces the custom ops (fakes + autograd) in one graph; results equal eager bitwise."""
-    def f(q, k, v, bias, kv_lens):
-        return fastattn.attention(q, k, v, causal=True, attn_bias=bias, kv_lens=kv_lens, backend="triton") * 2
+    def f(q, k, v, bias, kv_lens, sinks):
+        return fastattn.attention(q, k, v, causal=True, attn_bias=bias, kv_lens=kv_lens, sinks=sinks,
+                                  backend="triton") * 2
 
     q, k, v = random_qkv(2, 2, 40, 40, 32, device=device)
     bias = torch.randn(1, 2, 40, 40, device=device, dtype=q.dtype, requires_grad=True)
     kv_lens = torch.tensor([40, 17], dtype=torch.int32, device=device)
+    sinks = torch.randn(2, device=device, requires_grad=True)
     cf = torch.compile(f, fullgraph=True)
-    out = cf(q, k, v, bias, kv_lens)
-    ref = f(q, k, v, bias, kv_lens)
+    out = cf(q, k, v, bias, kv_lens, sinks)
+    ref = f(q, k, v, bias, kv_lens, sinks)
     assert torch.equal(out, ref)
-    g1 = torch.autograd.grad(out.sum(), (q, k, v, bias))
-    g2 = torch.autograd.grad(ref.sum(), (q, k, v, bias))
+    g1 = torch.autograd.grad(out.sum(), (q, k, v, bias, sinks))
+    g2 = torch.autograd.grad(ref.sum(), (q, k, v, bias, sinks))
     for a, b in zip(g1, g2):
         assert torch.equal(a, b)
 

@@ -574,8 +574,9 @@ def test_hf_t5_position_bias(kernels):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got_g, want_g, atol=1e-6, rtol=1e-4)
     q = torch.randn(1, 2, 3, 8, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="sparse attention indices"):
-        fnn.hf.attention_forward(nn.Module(), q, q, q, None, indices=torch.zeros(2))
+    for name, what in (("indices", "sparse attention indices"), ("sinks", "per-row attention sinks")):
+        with pytest.raises(NotImplementedError, match=what):
+            fnn.hf.attention_forward(nn.Module(), q, q, q, None, **{name: torch.zeros(2)})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="transformers is not installed")

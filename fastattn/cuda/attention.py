@@ -304,12 +304,12 @@ def pack_gqa(q, k, alibi, dropout_p, bias, mask, varlen) -> bool:
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None, out_lo=None):
+             row_scale=None, out_lo=None, sink_weight=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask).
-    ``delta_from_p`` and ``row_scale`` are the Triton backward's fp32 options; these fp16/bf16 kernels take
-    D_i = do_i·(o_i + o_lo_i) with the forward's ``out_lo``, do_i·o_i without."""
+    ``delta_from_p``, ``row_scale`` and ``sink_weight`` are the Triton backward's fp32 options; these fp16/bf16
+    kernels take D_i = do_i·(o_i + o_lo_i) with the forward's ``out_lo``, do_i·o_i without."""
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)

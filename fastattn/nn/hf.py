@@ -23,8 +23,9 @@ NAME = "fastattn"
 
 
 # Keyword arguments some models pass that change the attention result and that attention_forward cannot apply.
-UNSUPPORTED = {"indices": "sparse attention indices", "block_indices": "block-sparse attention",
-               "cache": "paged attention caches"}
+# (``s_aux`` is applied; ``sinks``, per-row sink logits such as Inkling2's, is not.)
+UNSUPPORTED = {"sinks": "per-row attention sinks", "indices": "sparse attention indices",
+               "block_indices": "block-sparse attention", "cache": "paged attention caches"}
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -41,8 +42,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     ``position_bias`` (T5's relative position bias, broadcastable to (B, H, Lq, Lk)) is added to the scores, with
     its gradient, as transformers' SDPA path adds it to the mask. ``s_aux`` (GPT-OSS's per-head sink logits, [H])
     joins each row's softmax with no value (``sinks`` of fastattn.attention), with its gradient. Inputs that would
-    change the result and that this function cannot apply (sparse indices, paged caches) raise, rather than be
-    ignored."""
+    change the result and that this function cannot apply (per-row ``sinks``, sparse indices, paged caches)
+    raise, rather than be ignored."""
     if kwargs.get("output_attentions", False):
         raise ValueError("attn_implementation='fastattn' returns no attention weights; use 'eager' for them")
     for name in UNSUPPORTED:
