@@ -64,6 +64,8 @@ def attention_cases(gpu: bool):
         yield AttentionCase(D=64, dtype=dtype, H=4, Hkv=2, causal=True, varlen=((L, L), (1, 1), (L // 3, L // 3)))
         yield AttentionCase(Lq=L, Lk=L, D=64, dtype=dtype, H=4, Hkv=2, causal=True, window=(L // 4, -1),
                             alibi="heads", softcap=20.0, logit_scale=4.0)
+        yield AttentionCase(Lq=L // 2, Lk=L, D=64, dtype=dtype, H=4, Hkv=2, causal=True, kv_lens=True, sinks=True,
+                            lse_grad=True)
 
 
 def softmax_cases(gpu: bool):
