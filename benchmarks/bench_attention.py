@@ -61,6 +61,9 @@ NOTES = [
     "varlen rows: B sequences of lengths spread evenly over [L(1 − 2·pad), L]; fastattn runs the packed batch "
     "(cu_seqlens, no padding); SDPA and the reference the padded batch with the bool key mask [B, 1, 1, L] (and "
     "causal), FlexAttention a block mask from the lengths; FLOPs count only real tokens' pairs Σ n_b²",
+    "sinks rows: learnable per-head sink logits (GPT-OSS: GQA 8 queries per kv head, d64), fp32 [H] with gradient, "
+    "for fastattn (sinks=) and the reference; SDPA and FlexAttention take no sinks (skipped); the gqa row of the "
+    "same shape beside it runs without: the sinks' cost",
     "window table: ns per query token = ms ÷ (B·L) (flat in L = O(L·w) work); ×sdpa-mask = best SDPA-with-mask "
     "time ÷ fastattn time (> 1: fastattn faster); flat = ns/token ÷ ns/token of the same w and pass at the "
     "smallest L",
@@ -69,7 +72,7 @@ NOTES = [
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # sweep | padding | bias | cross | gqa | window | varlen | decode
+    kind: str  # sweep | padding | bias | cross | gqa | window | varlen | decode | sinks
     dtype: torch.dtype
     B: int
     H: int
@@ -82,6 +85,7 @@ class Case:
     bias: bool = False
     compiled: bool = False  # in the default grid's subset of rows with torch.compile baselines
     window: int = 0  # > 0: causal local attention, window (window, 0)
+    sinks: bool = False  # learnable per-head sink logits (fastattn and the reference only)
     gpu_only: bool = False  # sized for a GPU: skipped (with the reason) if run on a CPU
 
     @property
@@ -93,7 +97,7 @@ class Case:
         s += f" pad{int(self.pad * 100)}%" if self.pad else ""
         s += " varlen" if self.kind == "varlen" else ""
         s += f" window{self.window}" if self.window else ""
-        return s + (" bias" if self.bias else "")
+        return s + (" bias" if self.bias else "") + (" sinks" if self.sinks else "")
 
     @property
     def kv_len(self) -> int:
@@ -140,7 +144,8 @@ class Case:
     def to_json(self) -> dict:
         return {"case": self.name, "kind": self.kind, "dtype": common.dtype_name(self.dtype), "B": self.B,
                 "H": self.H, "Hkv": self.Hkv, "Lq": self.Lq, "Lk": self.Lk, "D": self.D, "causal": self.causal,
-                "pad": self.pad, "bias": self.bias, "window": self.window, "flops_fwd": self.flops("fwd"),
+                "pad": self.pad, "bias": self.bias, "window": self.window, "sinks": self.sinks,
+                "flops_fwd": self.flops("fwd"),
                 "kv_bytes": self.kv_bytes}
 
 
@@ -177,7 +182,8 @@ def grid(mode: str, gpu: bool) -> list[Case]:
                 Case("padding", fp16, 2, 2, 2, 64, 64, 32, pad=0.25), Case("gqa", fp16, 1, 4, 2, 64, 64, 32, True),
                 Case("bias", fp16, 1, 2, 2, 48, 48, 32, bias=True), Case("cross", fp16, 1, 2, 2, 40, 96, 32),
                 *(Case("window", fp16, 1, 2, 2, n, n, 32, True, window=16) for n in (64, 128)),
-                Case("varlen", fp16, 3, 2, 2, 48, 48, 32, True, pad=0.5), Case("decode", fp16, 2, 4, 2, 1, 160, 32)]
+                Case("varlen", fp16, 3, 2, 2, 48, 48, 32, True, pad=0.5), Case("decode", fp16, 2, 4, 2, 1, 160, 32),
+                Case("sinks", fp16, 1, 4, 2, 64, 64, 32, True, sinks=True)]
     if not gpu:  # CPU: the reference / SDPA rows at toy sizes, fp32 (CPU half matmuls are slow)
         f32, L = torch.float32, 128
         Ls = (64, 128) if mode == "quick" else (128, 256, 512, 1024)
@@ -186,7 +192,8 @@ def grid(mode: str, gpu: bool) -> list[Case]:
                         Case("bias", f32, 1, 2, 2, L, L, 32, bias=True),
                         Case("window", f32, 1, 2, 2, 2 * L, 2 * L, 32, True, window=32),
                         Case("varlen", f32, 4, 2, 2, L, L, 32, True, pad=0.5),
-                        Case("decode", f32, 2, 4, 2, 1, 4 * L, 32)]
+                        Case("decode", f32, 2, 4, 2, 1, 4 * L, 32),
+                        Case("sinks", f32, 1, 4, 2, L, L, 32, True, sinks=True)]
     if mode == "quick":
         return [square(bf16, L, 128, c) for c in (False, True) for L in (1024, 4096)] + [
             square(bf16, 4096, 128, False, kind="padding", pad=0.5),
@@ -207,12 +214,13 @@ def grid(mode: str, gpu: bool) -> list[Case]:
     varlen = [square(bf16, L, 128, c, kind="varlen", pad=p) for L in ((2048, 8192) if not full else (1024, 4096, 16384))
               for c in (False, True) for p in ((0.5,) if not full else (0.25, 0.5))]
     bias = [square(bf16, L, 128, False, kind="bias", bias=True) for L in ((2048,) if not full else (1024, 2048, 4096))]
+    sinks = [square(bf16, 4096, 64, True, kind=kind, Hkv=4, sinks=kind == "sinks") for kind in ("sinks", "gqa")]
     cross = [Case("cross", bf16, TOKENS // max(lq, lk), 16, 16, lq, lk, 128)
              for lq, lk in (((1024, 8192),) if not full else ((1024, 8192), (8192, 1024), (512, 16384)))]
     # Sliding window after the main sweep: ahead of the rarer kinds when --budget runs out.
     cases += window_rows(bf16, WINDOWS, WINDOW_LENGTHS) + decode_rows(bf16, (1, 8), DECODE_LENGTHS)
     cases += decode_rows(bf16, (8,), (16384,), queries=4)
-    cases += gqa + pads + varlen + bias + cross
+    cases += gqa + pads + varlen + bias + cross + sinks
     if not full:  # a few fp16 rows and the fastattn-only head dim 256
         cases += [square(fp16, 8192, 128, c) for c in (False, True)]
         cases += [square(bf16, 4096, 256, c) for c in (False, True)]
@@ -227,7 +235,10 @@ def inputs(case: Case, device: str) -> dict:
     k = mk(case.B, case.Hkv, case.Lk, case.D).requires_grad_()
     v = mk(case.B, case.Hkv, case.Lk, case.D).requires_grad_()
     x = {"q": q, "k": k, "v": v, "dout": mk(case.B, case.H, case.Lq, case.D),
-         "kv_lens": None, "attend": None, "bias": None}
+         "kv_lens": None, "attend": None, "bias": None, "sinks": None}
+    if case.sinks:  # around ln(Lk): the sinks take a fair share of each row's weight
+        x["sinks"] = (torch.randn(case.H, device=device, generator=g) + float(torch.tensor(case.Lk).log())
+                      ).requires_grad_()
     if case.pad:
         x["kv_lens"] = torch.full((case.B,), case.kv_len, device=device, dtype=torch.int32)
         x["attend"] = (torch.arange(case.Lk, device=device) < case.kv_len).view(1, 1, 1, case.Lk).expand(
@@ -247,7 +258,7 @@ def inputs(case: Case, device: str) -> dict:
 
 
 def leaves(x: dict) -> list:
-    return [x["q"], x["k"], x["v"], x["bias"]]
+    return [x["q"], x["k"], x["v"], x["bias"], x["sinks"]]
 
 
 def _check_unfused(case: Case, name: str) -> None:
@@ -272,7 +283,7 @@ def make_fastattn(case: Case, x: dict, device: str, provider: str):
 
     def fwd():
         return fastattn.attention(x["q"], x["k"], x["v"], causal=case.causal, kv_lens=x["kv_lens"],
-                                  attn_bias=x["bias"], backend=backend, **local)
+                                  attn_bias=x["bias"], sinks=x["sinks"], backend=backend, **local)
     return fwd, x["dout"], leaves(x)
 
 
@@ -305,6 +316,8 @@ def _sdpa_mask(case: Case, x: dict):
 
 def make_sdpa(case: Case, x: dict, device: str, backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
+    if case.sinks:
+        raise Skip("SDPA takes no sink logits")
     if backend == "sdpa-math":
         _check_unfused(case, "sdpa-math")
     which = getattr(SDPBackend, SDPA[backend])
@@ -323,6 +336,8 @@ def make_sdpa(case: Case, x: dict, device: str, backend: str):
 
 
 def make_flex(case: Case, x: dict, device: str, mode: str):
+    if case.sinks:
+        raise Skip("FlexAttention takes no sink logits")
     common.require_compile(device, mode, case.compiled)
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     kv_lens, bias, causal, window = x["kv_lens"], x["bias"], case.causal, case.window
@@ -357,10 +372,11 @@ def make_reference(case: Case, x: dict, device: str, compile_mode: Optional[str]
 
     window = (case.window, 0) if case.window else (-1, -1)
 
-    def ref(q, k, v, bias, kv_lens):
-        return reference.attention(q, k, v, causal=case.causal, attn_bias=bias, kv_lens=kv_lens, window_size=window)
+    def ref(q, k, v, bias, kv_lens, sinks):
+        return reference.attention(q, k, v, causal=case.causal, attn_bias=bias, kv_lens=kv_lens, window_size=window,
+                                   sinks=sinks)
     fn = common.compiled(ref) if compile_mode is not None else ref
-    return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"]), x["dout"], leaves(x)
+    return lambda: fn(x["q"], x["k"], x["v"], x["bias"], x["kv_lens"], x["sinks"]), x["dout"], leaves(x)
 
 
 # Decoding rows also time each backend's forward with one of its decoding heuristics forced off: what each gains.

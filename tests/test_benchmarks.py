@@ -214,7 +214,7 @@ def test_rehearsal_runs_the_fastattn_rows_on_cpu(name, tmp_path, capsys):
             assert all(r and r > 0 for r in ratios.values()), (row["case"], pas, ratios)
     kinds = {r.get("kind") for r in data["rows"]}
     if name == "bench_attention":
-        assert kinds == {"sweep", "padding", "gqa", "bias", "cross", "window", "varlen", "decode"}
+        assert kinds == {"sweep", "padding", "gqa", "bias", "cross", "window", "varlen", "decode", "sinks"}
         assert set(module.ABLATIONS) <= set(next(r for r in data["rows"] if r["kind"] == "decode")["results"])
         assert "split gain" in printed and "ns per query token" in printed
     if importlib.util.find_spec("matplotlib"):
