@@ -4,10 +4,13 @@ Each of the N ranks holds a shard of the sequence (:func:`shard`): its queries, 
 positions. :func:`context_parallel_attention` is ring attention. The K/V shards travel around the ring (rank r
 sends to r + 1 and receives from r − 1, point to point, overlapped with the attention of the shard in hand), so
 after N steps every query has seen every key. Step t gives a partial output o_t, normalised over the keys seen,
-and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float64
-inputs; the LSEs in float64), nothing rounded between steps:
+and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float32
+and float64 inputs, whose output is then rounded once; the LSEs in float64), nothing rounded between steps:
 
     lse = log2 Σ_t 2^lse_t,   o = Σ_t 2^(lse_t − lse) · o_t.
+
+Learnable sinks (``sinks``, one logit per head) join the merged result as in fastattn.attention: o and lse are
+rescaled once after the last merge, and the backward, given those, is the sink-aware one.
 
 The backward takes the global o and lse that the forward saved, D_i = do_i·o_i, and on each step's keys
 p_ij = 2^(s_ij·log2(e) − lse_i):  dv_j += Σ_i p_ij do_i,  ds_ij = p_ij (do_i·v_j − D_i),
@@ -35,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import dispatch
+from .ops.attention import _apply_sinks, _sink_row_grad
 from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
@@ -378,8 +382,10 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 # --------------------------------------------------------------------------------------------- autograd
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring, chunks, scale: float, causal: bool, backend: str):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, causal: bool, backend: str):
+        # fp32 inputs merge (and the torch blocks compute) in fp64: the output is rounded once, as the fp32 kernels'
+        # is, and do_i·o_i (the sinks' gradient) is then as exact as theirs
+        acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
         D = q.shape[3]
         r, N = ring.rank, ring.size
         kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
@@ -396,22 +402,24 @@ class _RingAttention(torch.autograd.Function):
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
             if t + 1 < N:
                 kv = pending.wait()
-        merged, out = out, out.to(q.dtype)
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
+        if sinks is not None:  # on the merged (unrounded) output, as the op does on the kernels'
+            _apply_sinks(out, lse, None, sinks)
+        merged, out = out, out.to(q.dtype)
         out_lo = None
         if q.dtype in (torch.float16, torch.bfloat16):  # fp32 keeps the fp64 LSE: its backward's p is formed from it
             lse = lse.float()
             # what rounding the output dropped: D_i = do_i·(out_i + out_lo_i) in the backward, as the kernels' op
             # forms it (README, Numerics)
             out_lo = (merged - out.to(merged.dtype)).to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, out_lo)
+        ctx.save_for_backward(q, k, v, sinks, out, lse, out_lo)
         ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend = ring, chunks, scale, causal, backend
         return out
 
     @staticmethod
     @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
     def backward(ctx, dout):
-        q, k, v, out, lse, out_lo = ctx.saved_tensors
+        q, k, v, sinks, out, lse, out_lo = ctx.saved_tensors
         ring, chunks, scale, causal, backend = ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         r, N = ring.rank, ring.size
@@ -448,7 +456,10 @@ class _RingAttention(torch.autograd.Function):
                 kv = pending_kv.wait()
         if N > 1:
             home = pending_dkv.wait()
-        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), None, None, None, None, None
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share (as for any replicated weight)
+            dsinks = _sink_row_grad(do, out, out_lo, lse, None, sinks).sum((0, 2)).to(sinks.dtype)
+        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), dsinks, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -495,7 +506,8 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
-                               backend: str = "auto", _error: Optional[Exception] = None) -> Tensor:
+                               sinks: Optional[Tensor] = None, backend: str = "auto",
+                               _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
     q: [B, H, L_local, D], k/v: [B, Hkv, L_local, D] (H % Hkv == 0: GQA, K/V travel with Hkv heads): this rank's
@@ -503,7 +515,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     in global positions (query i sees keys j <= i). Per block: the Triton kernels with fp32 outputs when
     ``backend`` resolves to "triton" (CUDA tensors), plain torch in fp32 (float64 for float64 inputs) for
     "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
-    input raises the same error on every rank. Every rank of the group must call it. (``_error``: a caller's own
+    input raises the same error on every rank. Every rank of the group must call it. ``sinks``: float [H], as
+    fastattn.attention's (the same on every rank); its gradient is this rank's rows' share, summed over the group
+    as any replicated parameter's is. (``_error``: a caller's own
     check that failed on this rank, e.g. nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
@@ -525,6 +539,13 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             raise ValueError(f"scale must be a finite float (None: 1/sqrt(head dim)), got {scale!r}")
         if q.dim() == 4 and q.shape[3] == 0:
             raise ValueError(f"head dim of q must be >= 1, got shape {tuple(q.shape)}")
+        if sinks is not None:
+            if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+                raise TypeError(f"sinks must be a floating-point tensor of shape (H,), got "
+                                f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+            check_same(q, "q", sinks, "sinks", dtype=False)
+            if q.dim() == 4 and tuple(sinks.shape) != (q.shape[1],):
+                raise ValueError(f"sinks must have shape (H,)=({q.shape[1]},), got {tuple(sinks.shape)}")
         if q.dtype not in _DTYPES:
             raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
         # auto: the Triton blocks where they run and take the call, else the torch blocks (as attention() falls
@@ -555,9 +576,11 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     meta = shape4(q) + shape4(k) + shape4(v) + [_DTYPE_CODE.get(getattr(t, "dtype", None), len(_DTYPES))
                                                   for t in (q, k, v)]
     meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
-             int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v)))]
+             int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
+             int(sinks is not None)]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
-    for i, what in ((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)")):
+    for i, what in ((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"),
+                    (20, "sinks (given or not)")):
         values = [m[i] for m in metas]
         if len(set(values)) != 1:
             shown = [("default" if m[17] else struct.unpack("<d", struct.pack("<q", m[18]))[0]) for m in metas] \
@@ -568,4 +591,4 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
-    return _RingAttention.apply(q, k, v, _Ring(group, rank, N, device), chunks, scale, bool(causal), use)
+    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, bool(causal), use)

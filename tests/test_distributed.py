@@ -7,6 +7,7 @@ processes run every case of that size and write one result per case and rank, wh
 after the timeout (the processes are killed). `gpu` tests run the cases with NCCL when two or more GPUs exist.
 """
 import contextlib
+import math
 import copy
 import json
 import traceback
@@ -42,23 +43,32 @@ def _inputs(B, H, Hkv, L, D, seed, device):
     return [x.to(device) for x in t[:3]], t[3].to(device)
 
 
-def _run_cp(group, qkv, do, dtype, **kw):
-    """Context-parallel forward + backward on this rank's shards -> the unsharded out, dq, dk, dv."""
+def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
+    """Context-parallel forward + backward on this rank's shards -> the unsharded out, dq, dk, dv (and dsinks,
+    summed over the group)."""
     layout = kw.get("layout", "zigzag")
     shards = [shard(t.detach().to(dtype), group, layout=layout).requires_grad_() for t in qkv]
+    if sinks is not None:
+        kw["sinks"] = sinks = sinks.detach().to(dtype).requires_grad_()
     out = context_parallel_attention(*shards, group, **kw)
     assert out.dtype == dtype and out.shape == shards[0].shape
     out.backward(shard(do.to(dtype), group, layout=layout))
     names = ("out", "dq", "dk", "dv")
-    return {n: unshard(t.detach(), group, layout=layout) for n, t in zip(names, (out, *[s.grad for s in shards]))}
+    res = {n: unshard(t.detach(), group, layout=layout) for n, t in zip(names, (out, *[s.grad for s in shards]))}
+    if sinks is not None:
+        total = sinks.grad.double()
+        dist.all_reduce(total, group=group)
+        res["dsinks"] = total.to(dtype)
+    return res
 
 
-def _single(qkv, do, dtype, causal, scale=None):
+def _single(qkv, do, dtype, causal, scale=None, sinks=None):
     """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``."""
-    def fn(q, k, v):
-        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, backend="reference")}
+    def fn(q, k, v, sinks):
+        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference")}
     q, k, v = (t.detach().requires_grad_() for t in qkv)
-    return forward_backward(fn, dict(q=q, k=k, v=v), {"out": do}, dtype)
+    sinks = None if sinks is None else sinks.detach().requires_grad_()
+    return forward_backward(fn, dict(q=q, k=k, v=v, sinks=sinks), {"out": do}, dtype)
 
 
 def _assert_rule(got: dict, ref64: dict, low: dict):
@@ -91,17 +101,22 @@ def _count_triton_calls():
 
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
-                        seed=0, group="world"):
+                        seed=0, group="world", sinks=False):
     group = env.groups[group]
     qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
+    # around ln(L): a fair share of each row's weight
+    sinks = (torch.randn(H, generator=torch.Generator().manual_seed(seed)) + math.log(L)).to(env.device) \
+        if sinks else None
     with _count_triton_calls() as calls:
-        got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend)
+        got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
+                      sinks=sinks)
     if backend == "triton" or (backend == "auto" and env.device != "cpu"):
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
         assert calls == {"forward": 0, "backward": 0}, calls
     if dist.get_rank(group) == 0:  # the comparisons once per group
-        _assert_rule(got, _single(qkv, do, torch.float64, causal, scale), _single(qkv, do, dtype, causal, scale))
+        single = [_single(qkv, do, d, causal, scale, sinks) for d in (torch.float64, dtype)]
+        _assert_rule(got, *single)
 
 
 def case_shard_roundtrip(env):
@@ -269,6 +284,11 @@ def case_errors(env):
     r = env.rank
     with pytest.raises(ValueError, match=r"head dims: \[16, 8\]"):
         context_parallel_attention(*_shards(env, D=16 if r == 0 else 8))
+    with pytest.raises(ValueError if r == 0 else RuntimeError, match=r"sinks must have shape" if r == 0
+                       else r"rank\(s\) \[0\]"):
+        context_parallel_attention(*_shards(env), sinks=torch.zeros(3 if r == 0 else 2, device=env.device))
+    with pytest.raises(ValueError, match="different sinks"):
+        context_parallel_attention(*_shards(env), sinks=torch.zeros(2, device=env.device) if r == 0 else None)
     q, k, v = _shards(env)
     if r == 0:  # rank 0 passes the whole sequence instead of its shard
         q, k, v = (torch.cat([t, t], 2) for t in (q, k, v))
@@ -337,6 +357,10 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
                 name = f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-gqa-L37"
                 cases[name] = (case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
                                                          seed=len(cases)))
+    for dtype in dtypes:
+        cases[f"{backend}-zigzag-causal-{str(dtype)[6:]}-gqa-L37-sinks"] = (
+            case_matches_single, dict(dtype=dtype, causal=True, layout="zigzag", backend=backend, sinks=True,
+                                      seed=50 + len(cases)))
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
@@ -358,6 +382,12 @@ SUITES = {
         "triton-contiguous-full-float32": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=8)),
+        "triton-zigzag-causal-float16-sinks": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=10,
+            sinks=True)),
+        "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
+            seed=11, sinks=True)),
         "empty-batch-triton": (case_empty_batch, dict(backend="triton")),
         "empty-batch-torch": (case_empty_batch, dict(backend="torch"))},
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),

@@ -67,13 +67,13 @@ def _apply_sinks(out: Tensor, lse2: Tensor, out_lo: Optional[Tensor], sinks: Ten
     out ← w·out with w = 2^lse2 / (2^lse2 + 2^σ), and lse2 ← log2(2^lse2 + 2^σ) (σ for a row with no visible key;
     +inf stays when σ = −inf). Exactly the sink-aware softmax's output and LSE, so the kernels' backward, given
     these, is the sink-aware one (its p_ij = 2^(s_ij − lse2) already carries the sink's share); the sinks' own
-    gradient is _sink_grad's. One pass over the output, in fp32 (fp64 for fp32 outputs: rounded once), from the
-    unrounded output where out_lo holds what rounding dropped."""
+    gradient is _sink_row_grad's. One pass over the output, in fp32 (fp64 for fp32/fp64 outputs: rounded once),
+    from the unrounded output where out_lo holds what rounding dropped."""
     sink2 = _sink_logits2(sinks, lse2)
     empty = torch.isposinf(lse2)
     new = torch.where(empty, torch.where(torch.isneginf(sink2), float("inf"), sink2), torch.logaddexp2(lse2, sink2))
     w = _rows_to_out(torch.where(empty, 0.0, torch.exp2(lse2 - new)), out)
-    exact = out.double() if out.dtype == torch.float32 else out.float()
+    exact = out.double() if out.dtype in (torch.float32, torch.float64) else out.float()
     if out_lo is not None:
         exact = exact + out_lo.float()
     scaled = exact * w.to(exact.dtype)
