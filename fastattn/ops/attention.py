@@ -51,10 +51,14 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
     return out, lse2, (out_lo if residual else q.new_empty(0))
 
 
+def _per_head(x: Tensor, lse2: Tensor) -> Tensor:
+    """[H] shaped to broadcast against a per-row tensor laid out as lse2 ([B, H, Lq] or [H, total_q])."""
+    return x.view(1, -1, 1) if lse2.dim() == 3 else x.view(-1, 1)
+
+
 def _sink_logits2(sinks: Tensor, lse2: Tensor) -> Tensor:
-    """sinks [H] in log2 units, in lse2's dtype, shaped to broadcast against lse2 ([B, H, Lq] or [H, total_q])."""
-    s2 = sinks.to(lse2.dtype) * LOG2E
-    return s2.view(1, -1, 1) if lse2.dim() == 3 else s2.view(-1, 1)
+    """sinks [H] in log2 units, in lse2's dtype, shaped to broadcast against lse2."""
+    return _per_head(sinks.to(lse2.dtype) * LOG2E, lse2)
 
 
 def _rows_to_out(x: Tensor, out: Tensor) -> Tensor:
@@ -186,8 +190,7 @@ def _sink_weight(sinks: Tensor, lse2: Tensor) -> Tensor:
     weights from it: the sink's weight carries r's rounding as the keys' weights do, so the D pass's
     normalisation by Σ_j p_ij + p_σ cancels it for all of them alike."""
     r = (lse2.double() * LN2).float().double()
-    sigma = sinks.double().view(1, -1, 1) if lse2.dim() == 3 else sinks.double().view(-1, 1)
-    return torch.where(torch.isposinf(r), 0.0, torch.exp(sigma - r)).float()
+    return torch.where(torch.isposinf(r), 0.0, torch.exp(_per_head(sinks.double(), lse2) - r)).float()
 
 
 def _row_bias_grad(bias: Tensor, lse2: Tensor, dlse2: Optional[Tensor], row_sink: Optional[Tensor]) -> Tensor:
@@ -366,8 +369,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
               max_seqlen_q: Optional[int] = None, max_seqlen_k: Optional[int] = None,
               attn_bias: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-              scale: Optional[float] = None, dropout_p: float = 0.0, return_lse: bool = False, return_dropout_mask: bool = False,
-              dropout_mask: Optional[Tensor] = None, deterministic: bool = True, backend: str = "auto"):
+              scale: Optional[float] = None, dropout_p: float = 0.0, return_lse: bool = False,
+              return_dropout_mask: bool = False, dropout_mask: Optional[Tensor] = None, deterministic: bool = True,
+              backend: str = "auto"):
     """Fused attention ``softmax(q·kᵀ·scale + attn_bias) · v`` over the visible keys.
 
     q/k: [B, H|Hkv, Lq|Lk, D], v: [B, Hkv, Lk, Dv] with H % Hkv == 0 (GQA/MQA), D, Dv <= 256 (Dv ≠ D as SDPA

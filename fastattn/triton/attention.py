@@ -824,8 +824,9 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     """dq_i = scale Σ_j ds_ij k_j. With DELTA_PASS (fp32, launched first) it instead adds Σ_j p_ij dp_ij / Σ_j p_ij
     (in fp64) to D_i, the D that the dq, dK/dV and dbias launches then read. This D, from the p and dp the backward
     uses, rather than do_i·o_i (o carries the forward's own error), normalised by Σ_j p_ij (lse2's rounding moves it
-    off 1 for every j alike; Σ starts from Scale's value, a sink's weight), makes Σ_j p_ij (dp_ij − D_i) = 0 hold for these p, as it does in the reference's
-    softmax backward (normalised p); with do_i·o_i, fp32 dk and dbias missed the §5 rule (README, Numerics)."""
+    off 1 for every j alike; the sum starts from Scale's value, a sink's weight), makes Σ_j p_ij (dp_ij − D_i) = 0
+    hold for these p, as it does in the reference's softmax backward (normalised p); with do_i·o_i, fp32 dk and
+    dbias missed the §5 rule (README, Numerics)."""
     pid_m = tl.program_id(0)
     b = tl.program_id(2)
     h = tl.program_id(1)
