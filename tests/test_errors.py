@@ -252,7 +252,10 @@ def test_forward_mode_ad_never_meets_the_kernels(monkeypatch):
     g = torch.Generator().manual_seed(0)
     q, k, v, tq = (torch.randn(1, 2, 6, 8, generator=g).to(DEVICE) for _ in range(4))
     x, tx = (torch.randn(3, 16, generator=g).to(DEVICE) for _ in range(2))
+    sinks, ts = (torch.randn(2, generator=g).to(DEVICE) for _ in range(2))
     ops = {"attention": (lambda q, backend="auto": fastattn.attention(q, k, v, causal=True, backend=backend), q, tq),
+           "attention sinks": (lambda s, backend="auto": fastattn.attention(q, k, v, causal=True, sinks=s,
+                                                                             backend=backend), sinks, ts),
            "softmax": (lambda x, backend="auto": fastattn.softmax(x, -1, backend=backend), x, tx),
            "layer_norm": (lambda x, backend="auto": fastattn.layer_norm(x, 16, backend=backend), x, tx)}
     for name, (fn, primal, tangent) in ops.items():

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import dispatch, masks, reference
-from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_same, check_tensor, empty,
-                     empty_like, kernels_take, lastdim_contiguous, upcast)
+from .common import (REFERENCE_BACKENDS, autocast_to, check_kernel_dtype, check_no_forward_ad, check_same,
+                     check_tensor, empty, empty_like, forward_ad, kernels_take, lastdim_contiguous, upcast)
 
 MAX_HEAD_DIM = 256
 LN2 = math.log(2.0)
@@ -463,7 +463,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
 
     D, Dv = q.shape[-1], v.shape[-1]
     use = dispatch.select(backend, q, lambda b: max(D, Dv) <= MAX_HEAD_DIM and kernels_take(
-        (q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32))
+        (q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32)
+        and not forward_ad(sinks))  # sinks take any float dtype (they never reach the kernels), but no tangent
     if dropout_mask is not None:
         if use not in REFERENCE_BACKENDS:
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
@@ -496,6 +497,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     for t, name in ((q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias")):
         if t is not None:
             check_kernel_dtype(t, name, use)
+    check_no_forward_ad(sinks, "sinks", use)
     seed = None
     if dropout_p > 0.0:
         # From torch's CPU generator: torch.manual_seed reproduces it, and reading it never syncs a GPU. Drawn
