@@ -77,13 +77,13 @@ def _apply_sinks(out: Tensor, lse2: Tensor, out_lo: Optional[Tensor], sinks: Ten
     empty = torch.isposinf(lse2)
     new = torch.where(empty, torch.where(torch.isneginf(sink2), float("inf"), sink2), torch.logaddexp2(lse2, sink2))
     w = _rows_to_out(torch.where(empty, 0.0, torch.exp2(lse2 - new)), out)
-    exact = out.double() if out.dtype in (torch.float32, torch.float64) else out.float()
+    scaled = out.double() if out.dtype in (torch.float32, torch.float64) else out.float()  # one temporary
     if out_lo is not None:
-        exact = exact + out_lo.float()
-    scaled = exact * w.to(exact.dtype)
+        scaled.add_(out_lo)
+    scaled.mul_(w.to(scaled.dtype))
     out.copy_(scaled)
     if out_lo is not None:
-        out_lo.copy_(scaled - out.float())
+        out_lo.copy_(scaled.sub_(out))
     lse2.copy_(new)
 
 
@@ -177,8 +177,8 @@ def _sink_row_grad(do: Tensor, out: Tensor, out_lo: Optional[Tensor], lse2: Tens
     """Row i's share of the gradient of its head's sink logit σ: with p_σ = e^(σ − LSE_i) the sink's weight,
     ∂LSE_i/∂σ = p_σ and ∂o_i/∂σ = −p_σ·o_i, so dσ_i = p_σ·(dLSE_i − D_i), D_i = do_i·o_i (from the unrounded
     output). float64, laid out as lse2."""
-    exact = out.double() if out_lo is None else out.float() + out_lo.float()
-    d = (do.to(exact.dtype) * exact).sum(-1).double()
+    prod = out.double() if out_lo is None else out.float().add_(out_lo)  # one temporary
+    d = prod.mul_(do).sum(-1).double()
     d = d if out.dim() == 4 else d.transpose(0, 1)
     p_sink = torch.exp2(_sink_logits2(sinks, lse2).double() - lse2.double())
     dlse = 0.0 if dlse2 is None else dlse2.double() / LN2
