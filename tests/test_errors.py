@@ -256,6 +256,8 @@ def test_forward_mode_ad_never_meets_the_kernels(monkeypatch):
     ops = {"attention": (lambda q, backend="auto": fastattn.attention(q, k, v, causal=True, backend=backend), q, tq),
            "attention sinks": (lambda s, backend="auto": fastattn.attention(q, k, v, causal=True, sinks=s,
                                                                              backend=backend), sinks, ts),
+           "attention alibi": (lambda a, backend="auto": fastattn.attention(q, k, v, causal=True, alibi_slopes=a,
+                                                                            backend=backend), sinks.abs(), ts),
            "softmax": (lambda x, backend="auto": fastattn.softmax(x, -1, backend=backend), x, tx),
            "layer_norm": (lambda x, backend="auto": fastattn.layer_norm(x, 16, backend=backend), x, tx)}
     for name, (fn, primal, tangent) in ops.items():

@@ -462,9 +462,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     bottom_right = uses_diagonal and causal_alignment == "bottom_right"
 
     D, Dv = q.shape[-1], v.shape[-1]
+    # sinks (any float dtype: they never reach the kernels) and ALiBi's slopes take no forward-mode tangent either
     use = dispatch.select(backend, q, lambda b: max(D, Dv) <= MAX_HEAD_DIM and kernels_take(
         (q, "q"), (k, "k"), (v, "v"), (bias, "attn_bias"))(b) and not (b == "cuda" and q.dtype == torch.float32)
-        and not forward_ad(sinks))  # sinks take any float dtype (they never reach the kernels), but no tangent
+        and not forward_ad(sinks) and not forward_ad(alibi))
     if dropout_mask is not None:
         if use not in REFERENCE_BACKENDS:
             raise ValueError(f"dropout_mask is replayed by backend 'torch' only; backend {use!r} draws its own")
@@ -498,6 +499,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
         if t is not None:
             check_kernel_dtype(t, name, use)
     check_no_forward_ad(sinks, "sinks", use)
+    check_no_forward_ad(alibi, "alibi_slopes", use)
     seed = None
     if dropout_p > 0.0:
         # From torch's CPU generator: torch.manual_seed reproduces it, and reading it never syncs a GPU. Drawn
