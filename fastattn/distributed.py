@@ -38,7 +38,7 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import dispatch
-from .ops.attention import _apply_sinks, _sink_row_grad
+from .ops.attention import _apply_sinks, _sink_row_grad, check_sinks
 from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
@@ -517,8 +517,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
     input raises the same error on every rank. Every rank of the group must call it. ``sinks``: float [H], as
     fastattn.attention's (the same on every rank); its gradient is this rank's rows' share, summed over the group
-    as any replicated parameter's is. (``_error``: a caller's own
-    check that failed on this rank, e.g. nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
+    as any replicated parameter's is. (``_error``: a caller's own check that failed on this rank, e.g.
+    nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
@@ -539,13 +539,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             raise ValueError(f"scale must be a finite float (None: 1/sqrt(head dim)), got {scale!r}")
         if q.dim() == 4 and q.shape[3] == 0:
             raise ValueError(f"head dim of q must be >= 1, got shape {tuple(q.shape)}")
-        if sinks is not None:
-            if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
-                raise TypeError(f"sinks must be a floating-point tensor of shape (H,), got "
-                                f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
-            check_same(q, "q", sinks, "sinks", dtype=False)
-            if q.dim() == 4 and tuple(sinks.shape) != (q.shape[1],):
-                raise ValueError(f"sinks must have shape (H,)=({q.shape[1]},), got {tuple(sinks.shape)}")
+        if q.dim() == 4:
+            check_sinks(sinks, q, q.shape[1])
         if q.dtype not in _DTYPES:
             raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
         # auto: the Triton blocks where they run and take the call, else the torch blocks (as attention() falls

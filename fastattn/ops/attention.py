@@ -51,6 +51,18 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask
     return out, lse2, (out_lo if residual else q.new_empty(0))
 
 
+def check_sinks(sinks: Optional[Tensor], q: Tensor, H: int) -> None:
+    """``sinks``, when given: a floating-point tensor of shape (H,) on q's device."""
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+        raise TypeError(f"sinks must be a floating-point tensor of shape (H,), got "
+                        f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
+    check_same(q, "q", sinks, "sinks", dtype=False)
+    if tuple(sinks.shape) != (H,):
+        raise ValueError(f"sinks must have shape (H,)=({H},), one logit per query head, got {tuple(sinks.shape)}")
+
+
 def _per_head(x: Tensor, lse2: Tensor) -> Tensor:
     """[H] shaped to broadcast against a per-row tensor laid out as lse2 ([B, H, Lq] or [H, total_q])."""
     return x.view(1, -1, 1) if lse2.dim() == 3 else x.view(-1, 1)
@@ -438,14 +450,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     drop_all = dropout_p == 1.0
     dropout_p = 0.0 if drop_all else float(dropout_p)
     left, right, alibi, softcap = _check_features(q, B, H, window_size, alibi_slopes, softcap)
-    if sinks is not None:
-        if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
-            raise TypeError(f"sinks must be a floating-point tensor of shape (H,), got "
-                            f"{getattr(sinks, 'dtype', type(sinks).__name__)}")
-        check_same(q, "q", sinks, "sinks", dtype=False)
-        if tuple(sinks.shape) != (H,):
-            raise ValueError(f"sinks must have shape (H,)=({H},), one logit per query head, got "
-                             f"{tuple(sinks.shape)}")
+    check_sinks(sinks, q, H)
     # |j − d(i)| < Lq + Lk: a wider side is unbounded, and as −1 it cannot overflow the kernels' int32 indices
     left, right = (-1 if w >= Lq + Lk else w for w in (left, right))
     bias, mask, kv_lens = (None, None, None) if varlen else _canonical_masks(q, k, key_padding_mask, kv_lens,
