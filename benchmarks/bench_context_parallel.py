@@ -52,14 +52,77 @@ def _model(p: dict, N: int) -> dict:
     esize = torch.empty(0, dtype=getattr(torch, p["dtype"])).element_size()
     kv = 2 * p["B"] * p["Hkv"] * p["L"] * p["D"] * esize  # |KV| of the whole sequence
     fwd = (N - 1) * kv // N
-    return {"model_fwd": fwd, "model_bwd": 2 * fwd, "exact_bwd": fwd + (kv * 4 // esize if N > 1 else 0)}
+    # a window shorter than a shard (contiguous): the ring stops after one step; dK/dV make two hops
+    win = kv // N if N > 1 else 0
+    return {"model_fwd": fwd, "model_bwd": 2 * fwd, "exact_bwd": fwd + (kv * 4 // esize if N > 1 else 0),
+            "model_fwd_win": win, "model_bwd_win": win + 2 * win * 4 // esize}
 
 
-def _worker(rank, world, p, device_kind, warmup, reps, out_path):
+def window(p: dict) -> int:
+    """The sliding window of the windowed rows: L/8 keys back, shorter than every shard for N <= 4."""
+    return p["L"] // 8
+
+
+def _measure(group, full, device, warmup, reps, kw) -> dict:
+    """Step time, saved bytes, bytes sent and peak memory of context_parallel_attention(**kw) forward + backward on
+    this group's shards of ``full`` (q, k, v, do); the values are the max over the group's ranks (the time rank
+    0's)."""
     import torch.distributed as dist
 
     import fastattn
     from fastattn import distributed as fd
+    layout = kw.get("layout", "zigzag")
+    q, k, v = (fd.shard(t, group, layout=layout).requires_grad_() for t in full[:3])
+    do = fd.shard(full[3], group, layout=layout)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dist.barrier(group)
+
+    def step():
+        fastattn.distributed.context_parallel_attention(q, k, v, group, **kw).backward(do)
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    fd.comm_stats(reset=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fastattn.distributed.context_parallel_attention(q, k, v, group, **kw)
+    sent_fwd = fd.comm_stats(reset=True)["bytes"]
+    out.backward(do)
+    sent_bwd = fd.comm_stats(reset=True)["bytes"]
+    del out
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    mine = {"saved": sum(seen.values()), "sent_fwd": sent_fwd, "sent_bwd": sent_bwd, "peak": peak}
+    every = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    row = {"step_ms": statistics.median(times)}
+    for key in mine:  # the rank that needs most
+        vals = [e[key] for e in every if e[key] is not None]
+        row[key] = max(vals) if vals else None
+    return row
+
+
+def _worker(rank, world, p, device_kind, warmup, reps, out_path):
+    import torch.distributed as dist
 
     device = torch.device("cpu")
     if device_kind == "cuda":
@@ -78,52 +141,9 @@ def _worker(rank, world, p, device_kind, warmup, reps, out_path):
         group = groups[n]
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-        q, k, v = (fd.shard(t, group).requires_grad_() for t in full[:3])
-        do = fd.shard(full[3], group)
-
-        def sync():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            dist.barrier(group)
-
-        def step():
-            fastattn.distributed.context_parallel_attention(q, k, v, group, causal=True).backward(do)
-
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(reps):
-            sync()
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append((time.perf_counter() - t0) * 1e3)
-        row = {"N": n, "step_ms": statistics.median(times)}
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        fd.comm_stats(reset=True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = fastattn.distributed.context_parallel_attention(q, k, v, group, causal=True)
-        sent_fwd = fd.comm_stats(reset=True)["bytes"]
-        out.backward(do)
-        sent_bwd = fd.comm_stats(reset=True)["bytes"]
-        del out
-        peak = None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device) - base
-        mine = {"saved": sum(seen.values()), "sent_fwd": sent_fwd, "sent_bwd": sent_bwd, "peak": peak}
-        every = [None] * n
-        dist.all_gather_object(every, mine, group=group)
-        for key in mine:  # the rank that needs most
-            vals = [e[key] for e in every if e[key] is not None]
-            row[key] = max(vals) if vals else None
+        row = {"N": n, **_measure(group, full, device, warmup, reps, dict(causal=True)),
+               **{f"{key}_win": val for key, val in _measure(group, full, device, warmup, reps, dict(
+                   causal=True, layout="contiguous", window_size=(window(p), -1))).items()}}
         row.update(_model(p, n))
         rows.append(row)
     dist.barrier()
@@ -153,6 +173,13 @@ def main(argv=None) -> int:
         for r in rows:
             t.add(r["N"], common.fmt(r["step_ms"]), mib(r["peak"]), mib(r["saved"]), mib(r["sent_fwd"]),
                   mib(r["model_fwd"]), mib(r["sent_bwd"]), mib(r["model_bwd"]), mib(r["exact_bwd"]))
+        w = common.Table(f"ring attention fwd+bwd, causal sliding window {window(p)} (L/8), contiguous, {backend}: "
+                         "per rank (MiB)", ["N", "step ms", "÷ no window", "peak", "sent fwd", "model fwd", "sent bwd",
+                                            "model bwd"])
+        for r in rows:
+            w.add(r["N"], common.fmt(r["step_ms_win"]), common.fmt(r["step_ms_win"] / r["step_ms"]),
+                  mib(r["peak_win"]), mib(r["sent_fwd_win"]), mib(r["model_fwd_win"]), mib(r["sent_bwd_win"]),
+                  mib(r["model_bwd_win"]))
         pngs = []
         if not args.no_plots:
             series = {label: [(r["N"], r[key] / MiB or None) for r in rows] for key, label in (
@@ -168,11 +195,14 @@ def main(argv=None) -> int:
                  + ("" if nccl or not gpu else " (processes share one GPU: transfers staged through host memory)"),
                  "model: forward 2·(N−1)/N of K's bytes (K/V shards sent N−1 times), backward twice that; exact: "
                  "dK/dV travel in fp32 and make N hops, so backward = forward + |KV|·4/element size",
-                 "sent: bytes counted in fastattn.distributed's send wrapper (comm_stats), max over ranks"]
+                 "sent: bytes counted in fastattn.distributed's send wrapper (comm_stats), max over ranks",
+                 "window rows: the ring stops after the last step some window reaches (here one): the forward sends "
+                 "a rank's K/V shard once, |KV|/N; the backward that again plus dK/dV (fp32) twice, the second time "
+                 "straight home; '÷ no window' is the step time over the causal zigzag row's"]
         if not gpu:
             notes.append("peak: needs a CUDA GPU (torch.cuda.max_memory_allocated); on CPU only saved-for-backward "
                          "bytes")
-        common.report(NAME, args, env, [t], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
+        common.report(NAME, args, env, [t, w], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
     return 0
 
 

@@ -3,9 +3,10 @@
 Each of the N ranks holds a shard of the sequence (:func:`shard`): its queries, keys and values at the same global
 positions. :func:`context_parallel_attention` is ring attention. The K/V shards travel around the ring (rank r
 sends to r + 1 and receives from r − 1, point to point, overlapped with the attention of the shard in hand), so
-after N steps every query has seen every key. Step t gives a partial output o_t, normalised over the keys seen,
-and its log-sum-exp (base 2, as the kernels keep it) lse_t; the partials are merged in fp32 (float64 for float32
-and float64 inputs, whose output is then rounded once; the LSEs in float64), nothing rounded between steps:
+after N steps (with a window, maybe fewer: see below) every query has seen every key it may. Step t gives a
+partial output o_t, normalised over the keys seen, and its log-sum-exp (base 2, as the kernels keep it) lse_t;
+the partials are merged in fp32 (float64 for float32 and float64 inputs, whose output is then rounded once; the
+LSEs in float64), nothing rounded between steps:
 
     lse = log2 Σ_t 2^lse_t,   o = Σ_t 2^(lse_t − lse) · o_t.
 
@@ -21,10 +22,11 @@ Layouts cut the sequence into the chunks of ``torch.tensor_split`` (sizes differ
 works). "zigzag": 2N chunks, rank r holds chunks r and 2N−1−r (every rank gets the same causal work);
 "contiguous": N chunks, rank r holds chunk r.
 
-Causal attention is top-left in global positions (query i sees keys j <= i). Between a query chunk and a key chunk
-a block is "full" (every key before every query), "skip" (every key after every query) or "causal-diagonal" (the
-same chunk: its query and key positions coincide, so its diagonal is top-left whatever the chunk's length).
-Distinct chunks are disjoint ranges, hence only a rank's own shard has diagonal blocks.
+Causal attention is top-left in global positions (query i sees keys j <= i); ``window_size`` (left, right) keeps
+i − left <= j <= i + right (causal: right = 0), as fastattn.attention's. Between a query chunk and a key chunk a
+block is "full" (every pair visible), "skip" (none) or banded: the rows and keys the window reaches, with the
+block's own top-left window (``_band``). Without a window only a rank's own shard has banded (causal-diagonal)
+blocks; with one, the ring stops after the last step whose shard some window reaches, and dK/dV go straight home.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import dispatch
-from .ops.attention import _apply_sinks, _sink_row_grad, check_sinks
+from .ops.attention import _apply_sinks, _check_features, _sink_row_grad, check_sinks
 from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
@@ -219,39 +221,74 @@ def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -
 
 
 # --------------------------------------------------------------------------------------------- ring steps
-def _plan(q_chunks, k_chunks, causal: bool) -> list[tuple[int, int, int, int, bool]]:
-    """The attention blocks of one ring step, (q_lo, q_hi, k_lo, k_hi, causal-diagonal) in local offsets, for a
-    rank holding queries at ``q_chunks`` and keys at ``k_chunks`` ((global start, length), increasing)."""
+def _band(qs: int, ql: int, ks: int, kl: int, left: int, right: int):
+    """The part of the block (query chunk (qs, ql), key chunk (ks, kl)) that the global window
+    ``ks + j − (qs + i) ∈ [−left, right]`` (−1: unbounded) lets through, as (rows [ra, rb), keys [ka, kb), local
+    top-left window (wl, wr)) with j' − i' ∈ [−wl, wr] for i' = i − ra, j' = j − ka, or None where it lets nothing
+    through. Trimming rows and keys to the band's extent makes both bounds of the local window >= 0 (the kernels
+    take no negative window); a bound the block cannot reach becomes −1."""
+    if ql == 0 or kl == 0:
+        return None
+    d = qs - ks  # the global diagonal j = i in local coordinates: j − i = d
+    lo = d - left if left >= 0 else -math.inf  # j − i >= lo
+    hi = d + right if right >= 0 else math.inf  # j − i <= hi
+    ra, rb = max(0, -hi), min(ql, kl - lo)  # rows that see a key: i + hi >= 0 and i + lo <= kl − 1
+    if ra >= rb:
+        return None
+    ra, rb = int(ra), int(rb)
+    ka, kb = int(max(0, lo + ra)), int(min(kl, hi + rb))  # keys those rows see
+    off = ka - ra  # j − i = j' − i' + off
+    wl = -1 if lo == -math.inf or off - lo >= rb - ra - 1 else int(off - lo)
+    wr = -1 if hi == math.inf or hi - off >= kb - ka - 1 else int(hi - off)
+    return ra, rb, ka, kb, wl, wr
+
+
+def _plan(q_chunks, k_chunks, left: int, right: int) -> list[tuple[int, int, int, int, int, int]]:
+    """The attention blocks of one ring step, (q_lo, q_hi, k_lo, k_hi, wl, wr) in local offsets with each block's
+    own top-left window (wl, wr) (−1: unbounded; (−1, −1) a full block, (−1, 0) causal-diagonal), for a rank
+    holding queries at ``q_chunks`` and keys at ``k_chunks`` ((global start, length), increasing) under the global
+    window (left, right) (causal: right = 0)."""
     Lq, Lk = sum(n for _, n in q_chunks), sum(n for _, n in k_chunks)
     if Lq == 0 or Lk == 0:
         return []
-    if not causal:
-        return [(0, Lq, 0, Lk, False)]
-    if q_chunks == k_chunks:
+    if left < 0 and right < 0:
+        return [(0, Lq, 0, Lk, -1, -1)]
+    if left < 0 and right == 0 and q_chunks == k_chunks:
         # The same positions in the same increasing order: local index order is global order, so one top-left
         # causal call covers the diagonal blocks, the full block of the later chunk on the earlier one and the
         # skipped block (the kernels do not visit key blocks past the diagonal).
-        return [(0, Lq, 0, Lk, True)]
+        return [(0, Lq, 0, Lk, -1, 0)]
     blocks, q_off = [], 0
     for qs, ql in q_chunks:
-        ranges, k_off = [], 0  # the key ranges every query of this chunk sees entirely
+        full, k_off = [], 0  # the key ranges every query of this chunk sees entirely, merged where adjacent
         for ks, kl in k_chunks:
-            if ql and kl:
-                if ks + kl <= qs:  # full
-                    if ranges and ranges[-1][1] == k_off:
-                        ranges[-1] = (ranges[-1][0], k_off + kl)
+            band = _band(qs, ql, ks, kl, left, right)
+            if band is not None:
+                ra, rb, ka, kb, wl, wr = band
+                if (ra, rb, ka, kb, wl, wr) == (0, ql, 0, kl, -1, -1):
+                    if full and full[-1][1] == k_off:
+                        full[-1] = (full[-1][0], k_off + kl)
                     else:
-                        ranges.append((k_off, k_off + kl))
-                elif ks < qs + ql:  # distinct chunks of a layout never overlap
-                    raise AssertionError(f"chunks ({qs}, {ql}) and ({ks}, {kl}) overlap")
+                        full.append((k_off, k_off + kl))
+                else:
+                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr))
             k_off += kl
-        for lo, hi in ranges:  # a run of query chunks seeing the same keys is one call
-            if blocks and blocks[-1][1] == q_off and blocks[-1][2:4] == (lo, hi):
-                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, False)
+        for lo, hi in full:  # a run of query chunks seeing the same keys is one call
+            if blocks and blocks[-1][1] == q_off and blocks[-1][2:] == (lo, hi, -1, -1):
+                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, -1, -1)
             else:
-                blocks.append((q_off, q_off + ql, lo, hi, False))
+                blocks.append((q_off, q_off + ql, lo, hi, -1, -1))
         q_off += ql
     return blocks
+
+
+def _last_step(chunks, window: tuple[int, int]) -> int:
+    """The last ring step T at which some rank's queries see keys of the shard in hand (rank r holds shard r − t
+    at step t): the ring stops there, T = N − 1 but for windows that reach fewer shards (every rank knows every
+    shard's chunks, so all agree)."""
+    N = len(chunks)
+    return next((t for t in reversed(range(N)) if any(_plan(chunks[r], chunks[(r - t) % N], *window)
+                                                      for r in range(N))), 0)
 
 
 class _Pending:
@@ -266,85 +303,113 @@ class _Pending:
 
 
 class _Ring:
-    """Point-to-point exchange with the ring neighbours: send to rank + 1, receive from rank − 1 (group ranks)."""
+    """Point-to-point exchange along the ring: send to rank + hop, receive from rank − hop (group ranks)."""
 
     def __init__(self, group, rank: int, size: int, comm_device):
         self.group, self.rank, self.size, self.comm_device = group, rank, size, comm_device
-        self.next, self.prev = (rank + 1) % size, (rank - 1) % size
 
-    def exchange(self, send: Tensor, recv_shape, dtype, tag: int) -> _Pending:
+    def exchange(self, send: Tensor, recv_shape, dtype, tag: int, hop: int = 1) -> _Pending:
         """Start sending ``send`` and receiving a tensor of ``recv_shape``; ``.wait()`` returns the received one."""
+        to, frm = (self.rank + hop) % self.size, (self.rank - hop) % self.size
         send_c = send.to(self.comm_device)
         recv = torch.empty(recv_shape, dtype=dtype, device=self.comm_device)
         ops = []
         # Both ends know every shard's length, so both skip an empty message.
         if send_c.numel():
-            ops.append(dist.P2POp(dist.isend, send_c, group=self.group, group_peer=self.next, tag=tag))
+            ops.append(dist.P2POp(dist.isend, send_c, group=self.group, group_peer=to, tag=tag))
             _SENT["bytes"] += send_c.numel() * send_c.element_size()
             _SENT["messages"] += 1
         if recv.numel():
-            ops.append(dist.P2POp(dist.irecv, recv, group=self.group, group_peer=self.prev, tag=tag))
+            ops.append(dist.P2POp(dist.irecv, recv, group=self.group, group_peer=frm, tag=tag))
         works = dist.batch_isend_irecv(ops) if ops else []
         return _Pending(works, recv, send.device, send_c)
 
 
 # --------------------------------------------------------------------------------------------- block kernels
-def _torch_block_forward(q, k, v, scale, causal, acc):
+def _hidden(Lq: int, Lk: int, window: tuple[int, int], device) -> Optional[Tensor]:
+    """Bool [Lq, Lk], True where the block's top-left window (left, right) hides key j from query i; None: none."""
+    left, right = window
+    if left < 0 and right < 0:
+        return None
+    rel = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # j − i
+    hide = torch.zeros(Lq, Lk, dtype=torch.bool, device=device)
+    if right >= 0:
+        hide |= rel > right
+    if left >= 0:
+        hide |= rel < -left
+    return hide
+
+
+def _torch_scores(q, k, scale, window, softcap):
+    """(s, t): the block's scores s = scale·q·kᵀ (capped: c·tanh(s/c), t = tanh(s/c); else t None) with hidden
+    pairs −inf, q grouped [B, Hkv, G, Lq, D] and k [B, Hkv, 1, Lk, D]."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    t = None
+    if softcap > 0.0:
+        t = torch.tanh(s / softcap)
+        s = softcap * t
+    hide = _hidden(q.shape[-2], k.shape[-2], window, q.device)
+    if hide is not None:
+        s.masked_fill_(hide, float("-inf"))
+    return s, t
+
+
+def _torch_block_forward(q, k, v, scale, window, softcap, acc):
     """(o in dtype ``acc``, lse2 in fp64): o = softmax(s)·v over this block's keys, lse2 = log2 Σ_j e^(s_ij),
-    s = scale·q·kᵀ; causal: key b visible to query a iff b <= a (top-left). −inf lse2, o = 0 for a row without
-    keys. GQA: query head h reads kv head h // (H/Hkv). The scores stay natural (rounding s·log2(e) errs by
-    |s|·2⁻²⁴ in each exponent, which at large scores missed the §5 rule in fp32)."""
+    s = scale·q·kᵀ (capped as ``softcap``); key j visible to query i iff j − i ∈ [−left, right] of ``window``.
+    −inf lse2, o = 0 for a row without keys. GQA: query head h reads kv head h // (H/Hkv). The scores stay
+    natural (rounding s·log2(e) errs by |s|·2⁻²⁴ in each exponent, which at large scores missed the §5 rule in
+    fp32)."""
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     qg = q.to(acc).reshape(B, Hkv, H // Hkv, Lq, D)
-    s = torch.matmul(qg, k.to(acc).unsqueeze(2).transpose(-1, -2)) * scale
-    if causal:
-        s.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    s, _ = _torch_scores(qg, k.to(acc).unsqueeze(2), scale, window, softcap)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row without keys: e^(−inf − 0) = 0, not NaN
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
     o = torch.matmul(p, v.to(acc).unsqueeze(2)) / torch.where(l == 0, 1.0, l)
     lse2 = ((m.double() + torch.log(l.double())) * LOG2E).squeeze(-1)
-    return o.reshape(B, H, Lq, D), lse2.reshape(B, H, Lq)
+    return o.reshape(B, H, Lq, v.shape[3]), lse2.reshape(B, H, Lq)
 
 
-def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, causal, acc):
+def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap, acc):
     """(dq, dk, dv) in ``acc`` of this block's keys, from the global output (fp16/bf16: plus ``out_lo``, what
     rounding it dropped) and lse2 (+inf: empty row) of these query rows, with D_i = do_i·o_i."""
     B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = H // Hkv
-    qg, dog = q.to(acc).reshape(B, Hkv, G, Lq, D), do.to(acc).reshape(B, Hkv, G, Lq, D)
+    Dv = v.shape[3]
+    qg, dog = q.to(acc).reshape(B, Hkv, G, Lq, D), do.to(acc).reshape(B, Hkv, G, Lq, Dv)
     kk, vv = k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2)
     # D_i through the same matmul reduction as dp_ij = do_i·v_j (as the Triton delta kernel does): a row that sees
     # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
-    og = (out.to(acc) if out_lo is None else out.to(acc) + out_lo.to(acc)).reshape(B, Hkv, G, Lq, D)
+    og = (out.to(acc) if out_lo is None else out.to(acc) + out_lo.to(acc)).reshape(B, Hkv, G, Lq, Dv)
     delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    s = torch.matmul(qg, kk.transpose(-1, -2)) * scale
-    if causal:
-        s.masked_fill_(torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).triu_(1), float("-inf"))
+    s, t = _torch_scores(qg, kk, scale, window, softcap)
     # p = e^(s − lse) with the global LSE in fp64 (lse2, base 2, from the merges): no rounding of it in p
     p = torch.exp(s.double() - lse2.double().reshape(B, Hkv, G, Lq, 1) / LOG2E).to(acc)
     dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
     ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta)
+    if t is not None:  # d(c·tanh(s/c))/ds = 1 − tanh²
+        ds = ds * (1.0 - t * t)
     dq = torch.matmul(ds, kk) * scale
     dk = torch.matmul(ds.transpose(-1, -2), qg).sum(2) * scale
     return dq.reshape(B, H, Lq, D), dk, dv
 
 
-def _triton_block_forward(q, k, v, scale, causal, acc):
+def _triton_block_forward(q, k, v, scale, window, softcap, acc):
     """As :func:`_torch_block_forward`, by the Triton kernel writing an fp32 (un-rounded) output."""
     from .triton import attention as kernels
     if q.numel() == 0:  # an empty batch or head set: nothing to launch (as attention() returns at once)
         return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64)
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
-    kernels.forward(q, k, v, None, None, None, out, lse2, scale, causal, False)
+    kernels.forward(q, k, v, None, None, None, out, lse2, scale, False, False, window=window, softcap=softcap)
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
-def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, causal):
+def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap):
     """(dq, dk, dv) in fp32 by the Triton kernels, given the global output (and ``out_lo``) and lse2 of these
     query rows."""
     from .triton import attention as kernels
@@ -362,8 +427,8 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, causal):
     if q.dtype == torch.float32:
         r = (lse2.double() * math.log(2.0)).float()
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
-    kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, causal,
-                     False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo)
+    kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, False, False,
+                     window=window, softcap=softcap, delta_from_p=False, row_scale=row_scale, out_lo=out_lo)
     return dq, dk, dv
 
 
@@ -382,25 +447,27 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 # --------------------------------------------------------------------------------------------- autograd
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, causal: bool, backend: str):
+    def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, window: tuple[int, int], softcap: float,
+                backend: str):
         # fp32 inputs merge (and the torch blocks compute) in fp64: the output is rounded once, as the fp32 kernels'
         # is, and do_i·o_i (the sinks' gradient) is then as exact as theirs
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
         D = q.shape[3]
         r, N = ring.rank, ring.size
+        T = _last_step(chunks, window)
         kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)  # merged in fp64
-        for t in range(N):
+        for t in range(T + 1):
             src = (r - t) % N
-            if t + 1 < N:  # the next shard is on its way while this one is computed
+            if t < T:  # the next shard is on its way while this one is computed
                 nxt = (r - t - 1) % N
                 pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
-            for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
-                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, diag, acc)
+            for qa, qb, ka, kb, wl, wr in _plan(chunks[r], chunks[src], *window):
+                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, (wl, wr), softcap, acc)
                 o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
-            if t + 1 < N:
+            if t < T:
                 kv = pending.wait()
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
         if sinks is not None:  # on the merged (unrounded) output, as the op does on the kernels'
@@ -413,14 +480,16 @@ class _RingAttention(torch.autograd.Function):
             # forms it (README, Numerics)
             out_lo = (merged - out.to(merged.dtype)).to(q.dtype)
         ctx.save_for_backward(q, k, v, sinks, out, lse, out_lo)
-        ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend = ring, chunks, scale, causal, backend
+        ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.softcap, ctx.backend, ctx.T = (ring, chunks, scale, window,
+                                                                                         softcap, backend, T)
         return out
 
     @staticmethod
     @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
     def backward(ctx, dout):
         q, k, v, sinks, out, lse, out_lo = ctx.saved_tensors
-        ring, chunks, scale, causal, backend = ctx.ring, ctx.chunks, ctx.scale, ctx.causal, ctx.backend
+        ring, chunks, scale, window, softcap, backend, T = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.softcap,
+                                                            ctx.backend, ctx.T)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         r, N = ring.rank, ring.size
         D = q.shape[3]
@@ -429,16 +498,16 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         kv = torch.stack([k, v])
         home = None
-        for t in range(N):
+        for t in range(T + 1):
             src = (r - t) % N
-            if t + 1 < N:
+            if t < T:
                 pending_kv = ring.exchange(kv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), kv.dtype, tag=2)
             # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
             # arrive meanwhile and are added below.
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
-            for qa, qb, ka, kb, diag in _plan(chunks[r], chunks[src], causal):
+            for qa, qb, ka, kb, wl, wr in _plan(chunks[r], chunks[src], *window):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
-                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, diag)
+                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, (wl, wr), softcap)
                 if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
                     g = _triton_block_backward(*rows)
                 else:
@@ -448,23 +517,33 @@ class _RingAttention(torch.autograd.Function):
                 dkv[1, :, :, ka:kb] += g[2]
             if t > 0:
                 dkv += pending_dkv.wait()
-            if N > 1:  # to the next rank; after the last step they reach the rank that owns them
+            if t < T:  # to the next rank, which holds this shard at the next step
                 pending_dkv = ring.exchange(dkv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), acc, tag=3)
+            elif T > 0:  # complete: straight to the rank that owns the shard (after N − 1 steps, the next one)
+                pending_dkv = ring.exchange(dkv, (2, *k.shape[:2], kv_len(r), D), acc, tag=3, hop=-T)
             else:
                 home = dkv
-            if t + 1 < N:
+            if t < T:
                 kv = pending_kv.wait()
-        if N > 1:
+        if T > 0:
             home = pending_dkv.wait()
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share (as for any replicated weight)
             dsinks = _sink_row_grad(do, out, out_lo, lse, None, sinks).sum((0, 2)).to(sinks.dtype)
-        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), dsinks, None, None, None, None, None
+        return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), dsinks, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------- public
 def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if code < len(_DTYPES) else "an unsupported dtype"
+
+
+def _bits_f64(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+def _f64_bits(x: float) -> int:  # floats travel in the int64 meta exchange bit for bit
+    return struct.unpack("<q", struct.pack("<d", x))[0]
 
 
 def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
@@ -506,7 +585,8 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
 
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
-                               sinks: Optional[Tensor] = None, backend: str = "auto",
+                               sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
+                               softcap: float = 0.0, backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -517,11 +597,16 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     "torch" (CPU). Every call all-gathers the ranks' shapes (one small collective): any length works and bad
     input raises the same error on every rank. Every rank of the group must call it. ``sinks``: float [H], as
     fastattn.attention's (the same on every rank); its gradient is this rank's rows' share, summed over the group
-    as any replicated parameter's is. (``_error``: a caller's own check that failed on this rank, e.g.
+    as any replicated parameter's is. ``window_size`` (left, right), −1 unbounded: query i sees key j iff
+    i − left <= j <= i + right in global positions (causal: right = 0), as fastattn.attention's; blocks outside
+    every window are skipped and the ring stops after the last step whose keys some window reaches (with the
+    "contiguous" layout and a window shorter than a shard, one step). ``softcap`` c > 0: scores c·tanh(s/c).
+    (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
+    left, right, cap = -1, -1, 0.0
     try:
         if error is not None:
             raise error
@@ -541,6 +626,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             raise ValueError(f"head dim of q must be >= 1, got shape {tuple(q.shape)}")
         if q.dim() == 4:
             check_sinks(sinks, q, q.shape[1])
+        left, right, _, cap = _check_features(q, 1, 1, window_size, None, softcap)
+        if causal:
+            right = 0
         if q.dtype not in _DTYPES:
             raise TypeError(f"q has dtype {q.dtype}; floating dtypes {_DTYPES} are supported")
         # auto: the Triton blocks where they run and take the call, else the torch blocks (as attention() falls
@@ -567,23 +655,27 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     def shape4(t):
         return list(t.shape) if isinstance(t, Tensor) and t.dim() == 4 else [-1, -1, -1, getattr(t, "ndim", 0)]
 
-    scale_bits = struct.unpack("<q", struct.pack("<d", float(scale) if isinstance(scale, (int, float)) else 0.0))[0]
+    scale_bits = _f64_bits(float(scale) if isinstance(scale, (int, float)) else 0.0)
     meta = shape4(q) + shape4(k) + shape4(v) + [_DTYPE_CODE.get(getattr(t, "dtype", None), len(_DTYPES))
                                                   for t in (q, k, v)]
     meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
-             int(sinks is not None)]
+             int(sinks is not None), left, right, _f64_bits(cap)]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
-    for i, what in ((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"),
-                    (20, "sinks (given or not)")):
-        values = [m[i] for m in metas]
-        if len(set(values)) != 1:
-            shown = [("default" if m[17] else struct.unpack("<d", struct.pack("<q", m[18]))[0]) for m in metas] \
-                if what == "scales" else values
-            raise ValueError(f"the ranks pass different {what}: {shown} (ranks 0..{N - 1}): every rank must pass the "
-                             "same options")
+    def same(indices):
+        for i, what in indices:
+            values = [m[i] for m in metas]
+            if len(set(values)) != 1:
+                shown = [("default" if m[17] else _bits_f64(m[18])) for m in metas] if what == "scales" \
+                    else [_bits_f64(x) for x in values] if what == "softcaps" else values
+                raise ValueError(f"the ranks pass different {what}: {shown} (ranks 0..{N - 1}): every rank must "
+                                 "pass the same options")
+
+    same(((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"), (20, "sinks (given or not)")))
     L = _check_shards([m[:17] for m in metas], N, layout)
+    same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps")))
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
-    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, bool(causal), use)
+    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right), cap,
+                                use)

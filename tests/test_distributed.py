@@ -62,10 +62,12 @@ def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
     return res
 
 
-def _single(qkv, do, dtype, causal, scale=None, sinks=None):
-    """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``."""
+def _single(qkv, do, dtype, causal, scale=None, sinks=None, **features):
+    """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``;
+    ``features``: window_size, softcap."""
     def fn(q, k, v, sinks):
-        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference")}
+        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference",
+                                          **features)}
     q, k, v = (t.detach().requires_grad_() for t in qkv)
     sinks = None if sinks is None else sinks.detach().requires_grad_()
     return forward_backward(fn, dict(q=q, k=k, v=v, sinks=sinks), {"out": do}, dtype)
@@ -101,7 +103,7 @@ def _count_triton_calls():
 
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
-                        seed=0, group="world", sinks=False):
+                        seed=0, group="world", sinks=False, **features):
     group = env.groups[group]
     qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
     # around ln(L): a fair share of each row's weight
@@ -109,13 +111,13 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         if sinks else None
     with _count_triton_calls() as calls:
         got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
-                      sinks=sinks)
+                      sinks=sinks, **features)
     if backend == "triton" or (backend == "auto" and env.device != "cpu"):
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
         assert calls == {"forward": 0, "backward": 0}, calls
     if dist.get_rank(group) == 0:  # the comparisons once per group
-        single = [_single(qkv, do, d, causal, scale, sinks) for d in (torch.float64, dtype)]
+        single = [_single(qkv, do, d, causal, scale, sinks, **features) for d in (torch.float64, dtype)]
         _assert_rule(got, *single)
 
 
@@ -194,6 +196,22 @@ def case_comm_bytes(env):
     out.backward(shard(do.half()))
     assert fd.comm_stats(reset=True) == {"bytes": sum(kv_bytes) - kv_bytes[(r + 1) % N] + 2 * sum(kv_bytes),
                                          "messages": 2 * N - 1}
+
+
+def case_comm_bytes_window(env):
+    """A causal window shorter than a shard, contiguous layout: the ring stops after one step. Each rank sends its
+    K/V shard once forward; backward, once more, plus dK/dV twice (its own shard's part to the next rank, and the
+    previous rank's, complete, home). The result matches the single-process one (case_matches_single's cases)."""
+    B, H, Hkv, L, D, N, r = 1, 2, 1, 40, 8, env.world, env.rank
+    qkv, do = _inputs(B, H, Hkv, L, D, 5, env.device)
+    shards = [shard(t.half(), layout="contiguous").requires_grad_() for t in qkv]
+    kv_bytes = [2 * B * Hkv * n * D * 2 for n in fd.shard_lengths(L, N, "contiguous")]
+    fd.comm_stats(reset=True)
+    out = context_parallel_attention(*shards, causal=True, window_size=(L // N - 1, -1), layout="contiguous")
+    assert fd.comm_stats(reset=True) == {"bytes": kv_bytes[r], "messages": 1}
+    out.backward(shard(do.half(), layout="contiguous"))
+    assert fd.comm_stats(reset=True) == {"bytes": kv_bytes[r] + 2 * kv_bytes[r] + 2 * kv_bytes[(r - 1) % N],
+                                         "messages": 3}
 
 
 def case_pairs(env):
@@ -316,6 +334,16 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), layout="zigzag" if r == 0 else "spiral")
     with pytest.raises(ValueError, match="different scales"):
         context_parallel_attention(*_shards(env), scale=0.5 if r == 0 else None)
+    with pytest.raises(ValueError, match=r"different windows \(left\): \[4, 3\]"):
+        context_parallel_attention(*_shards(env), causal=True, window_size=(4 - r, -1))
+    with pytest.raises(ValueError, match=r"different windows \(right; causal: 0\): \[-1, 1\]"):
+        context_parallel_attention(*_shards(env), window_size=(-1, 2 * r - 1))
+    with pytest.raises(ValueError, match=r"different softcaps: \[30.0, 0.0\]"):
+        context_parallel_attention(*_shards(env), softcap=30.0 if r == 0 else 0.0)
+    with pytest.raises(ValueError, match="window_size must be a pair"):
+        context_parallel_attention(*_shards(env), window_size=(-2, 0))
+    with pytest.raises(ValueError, match="softcap must be a finite float"):
+        context_parallel_attention(*_shards(env), softcap=-1.0)
     with pytest.raises(ValueError, match="scale must be a finite float"):
         context_parallel_attention(*_shards(env), scale=float("nan"))
     with pytest.raises(ValueError, match="different grad modes"):
@@ -361,6 +389,15 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[f"{backend}-zigzag-causal-{str(dtype)[6:]}-gqa-L37-sinks"] = (
             case_matches_single, dict(dtype=dtype, causal=True, layout="zigzag", backend=backend, sinks=True,
                                       seed=50 + len(cases)))
+    # Windows (a causal local one shorter than a shard, a band, a right-only one) and a logit cap, both layouts.
+    for layout, causal, window, softcap, dtype in (("contiguous", True, (5, 0), 0.0, torch.float32),
+                                                   ("zigzag", True, (7, 0), 2.0, dtypes[-1]),
+                                                   ("zigzag", False, (4, 3), 0.0, dtypes[-1]),
+                                                   ("contiguous", False, (-1, 4), 2.0, torch.float32)):
+        name = f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-window{window[0]},{window[1]}"
+        cases[name + (f"-softcap{softcap:g}" if softcap else "")] = (case_matches_single, dict(
+            dtype=dtype, causal=causal, layout=layout, backend=backend, window_size=window, softcap=softcap,
+            seed=70 + len(cases)))
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
@@ -385,6 +422,12 @@ SUITES = {
         "triton-zigzag-causal-float16-sinks": (case_matches_single, dict(
             dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=10,
             sinks=True)),
+        "triton-contiguous-causal-float16-window5-softcap2": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="contiguous", B=1, H=2, Hkv=1, L=45, backend="triton", seed=12,
+            window_size=(5, 0), softcap=2.0)),
+        "triton-zigzag-full-float32-window4,3": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="zigzag", B=1, H=2, Hkv=2, L=37, backend="triton", seed=13,
+            window_size=(4, 3))),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
@@ -392,6 +435,7 @@ SUITES = {
         "empty-batch-torch": (case_empty_batch, dict(backend="torch"))},
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
         "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
+        "comm-bytes-window": (case_comm_bytes_window, {}),
         "two-groups-of-two": (case_pairs, {}),
         "layout-mismatch": (case_layout_mismatch, {}),
         "triton-zigzag-causal-float32-gqa": (case_matches_single, dict(
@@ -465,34 +509,49 @@ def test_nccl(tmp_path_factory, world):
 
 
 # ------------------------------------------------------------------------------------------- in this process
-def _causal_step_mask(N, L, layout, r, src):
+def _step_mask(N, L, layout, r, src, left, right):
+    """Global positions of rank r's queries and src's keys, and where the global window lets key j meet query i."""
     q = torch.cat([torch.arange(s, s + n) for s, n in fd._rank_chunks(L, N, r, layout)])
     k = torch.cat([torch.arange(s, s + n) for s, n in fd._rank_chunks(L, N, src, layout)])
-    return q, k, k[None, :] <= q[:, None]
+    rel = k[None, :] - q[:, None]
+    return q, k, (rel >= -left if left >= 0 else True) & (rel <= right if right >= 0 else True) & (rel == rel)
+
+
+WINDOWS = [(-1, 0), (-1, -1), (0, 0), (3, 0), (5, 2), (2, -1), (-1, 4), (0, 7), (9, 9), (40, 0)]
 
 
 @pytest.mark.parametrize("layout", fd.LAYOUTS)
-def test_plan_is_the_causal_mask(layout):
-    """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step
-    (full, or top-left causal-diagonal) cover exactly the global causal mask, with no block twice; zigzag steps
-    away from the diagonal are one block of one chunk's length on either side (the balanced work)."""
+@pytest.mark.parametrize("window", WINDOWS, ids=str)
+def test_plan_is_the_window_mask(layout, window):
+    """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step,
+    each with its own top-left window, cover exactly the global window (causal: (−1, 0)), with no pair twice and
+    no block without a visible pair; a ring step after _last_step has no block. Causal: zigzag steps away from the
+    diagonal are one full block of one chunk's length on either side (the balanced work); no window: one block."""
+    left, right = window
     for N in range(1, 6):
         for L in list(range(0, 2 * N + 3)) + [37, 64]:
+            chunks = [fd._rank_chunks(L, N, r, layout) for r in range(N)]
+            T = fd._last_step(chunks, window)
             for r in range(N):
-                for src in range(N):
-                    q, k, want = _causal_step_mask(N, L, layout, r, src)
+                for t in range(N):
+                    src = (r - t) % N
+                    q, k, want = _step_mask(N, L, layout, r, src, left, right)
                     got = torch.zeros(len(q), len(k), dtype=torch.int32)
-                    blocks = fd._plan(fd._rank_chunks(L, N, r, layout), fd._rank_chunks(L, N, src, layout), True)
-                    for qa, qb, ka, kb, diag in blocks:
-                        block = torch.ones(qb - qa, kb - ka, dtype=torch.int32)
-                        got[qa:qb, ka:kb] += block.tril() if diag else block
-                        assert diag == (src == r)
+                    blocks = fd._plan(chunks[r], chunks[src], left, right)
+                    for qa, qb, ka, kb, wl, wr in blocks:
+                        seen = ~fd._hidden(qb - qa, kb - ka, (wl, wr), "cpu") if (wl, wr) != (-1, -1) \
+                            else torch.ones(qb - qa, kb - ka, dtype=torch.bool)
+                        assert seen.any(dim=1).all() and seen.any(dim=0).all(), (blocks, "a row or key with nothing")
+                        got[qa:qb, ka:kb] += seen.int()
                     assert torch.equal(got, want.int()), (N, L, r, src, blocks)
-                    if layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
-                        assert len(blocks) == 1 and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) \
-                            == len(q) * len(k) // 2
-                    plain = fd._plan(fd._rank_chunks(L, N, r, layout), fd._rank_chunks(L, N, src, layout), False)
-                    assert plain == ([(0, len(q), 0, len(k), False)] if len(q) and len(k) else [])
+                    assert not blocks or t <= T
+                    if window == (-1, 0) and layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
+                        assert len(blocks) == 1 and blocks[0][4:] == (-1, -1) \
+                            and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) == len(q) * len(k) // 2
+                    if window == (-1, -1):
+                        assert blocks == ([(0, len(q), 0, len(k), -1, -1)] if len(q) and len(k) else [])
+            if layout == "contiguous" and window in ((3, 0), (0, 0)) and L >= 4 * N:  # windows within a shard
+                assert T == (0 if window == (0, 0) or N == 1 else 1), (N, L, T)
 
 
 def test_errors_without_process_group():
