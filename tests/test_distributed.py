@@ -390,7 +390,9 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
             case_matches_single, dict(dtype=dtype, causal=True, layout="zigzag", backend=backend, sinks=True,
                                       seed=50 + len(cases)))
     # Windows (a causal local one shorter than a shard, a band, a right-only one) and a logit cap, both layouts.
+    # (15, 0) contiguous: the ring stops after step 1 (N = 2) or 2 (N = 4, shards of 9-10), before N − 1.
     for layout, causal, window, softcap, dtype in (("contiguous", True, (5, 0), 0.0, torch.float32),
+                                                   ("contiguous", True, (15, 0), 0.0, dtypes[-1]),
                                                    ("zigzag", True, (7, 0), 2.0, dtypes[-1]),
                                                    ("zigzag", False, (4, 3), 0.0, dtypes[-1]),
                                                    ("contiguous", False, (-1, 4), 2.0, torch.float32)):
