@@ -400,6 +400,9 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[name + (f"-softcap{softcap:g}" if softcap else "")] = (case_matches_single, dict(
             dtype=dtype, causal=causal, layout=layout, backend=backend, window_size=window, softcap=softcap,
             seed=70 + len(cases)))
+    cases[f"{backend}-contiguous-causal-{str(dtypes[-1])[6:]}-window6,0-softcap2-sinks"] = (case_matches_single, dict(
+        dtype=dtypes[-1], causal=True, layout="contiguous", backend=backend, window_size=(6, 0), softcap=2.0,
+        sinks=True, seed=90))
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
