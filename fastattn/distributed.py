@@ -32,15 +32,15 @@ from __future__ import annotations
 
 import math
 import struct
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from . import dispatch
-from .ops.attention import _apply_sinks, _check_features, _sink_row_grad, check_sinks
+from . import dispatch, masks
+from .ops.attention import _apply_sinks, _check_features, _dp_values, _sink_row_grad, check_sinks
 from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
@@ -223,41 +223,41 @@ def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -
 # --------------------------------------------------------------------------------------------- ring steps
 def _band(qs: int, ql: int, ks: int, kl: int, left: int, right: int):
     """The part of the block (query chunk (qs, ql), key chunk (ks, kl)) that the global window
-    ``ks + j − (qs + i) ∈ [−left, right]`` (−1: unbounded) lets through, as (rows [ra, rb), keys [ka, kb), local
-    top-left window (wl, wr)) with j' − i' ∈ [−wl, wr] for i' = i − ra, j' = j − ka, or None where it lets nothing
-    through. Trimming rows and keys to the band's extent makes both bounds of the local window >= 0 (the kernels
-    take no negative window); a bound the block cannot reach becomes −1."""
+    ``j − i ∈ [−left, right]`` (positions; −1: unbounded) lets through: (rows [ra, rb), keys [ka, kb) of the
+    chunks, (wl, wr)), or None where it lets nothing through. The rows and keys are trimmed to those that see
+    or are seen; (wl, wr) is the global window with −1 for a bound no pair of the trimmed block reaches."""
     if ql == 0 or kl == 0:
         return None
-    d = qs - ks  # the global diagonal j = i in local coordinates: j − i = d
-    lo = d - left if left >= 0 else -math.inf  # j − i >= lo
-    hi = d + right if right >= 0 else math.inf  # j − i <= hi
+    d = qs - ks  # in chunk-local indices: j − i (positions) = j − i (indices) − d
+    lo = d - left if left >= 0 else -math.inf  # index j − i >= lo
+    hi = d + right if right >= 0 else math.inf  # index j − i <= hi
     ra, rb = max(0, -hi), min(ql, kl - lo)  # rows that see a key: i + hi >= 0 and i + lo <= kl − 1
     if ra >= rb:
         return None
     ra, rb = int(ra), int(rb)
     ka, kb = int(max(0, lo + ra)), int(min(kl, hi + rb))  # keys those rows see
-    off = ka - ra  # j − i = j' − i' + off
-    wl = -1 if lo == -math.inf or off - lo >= rb - ra - 1 else int(off - lo)
-    wr = -1 if hi == math.inf or hi - off >= kb - ka - 1 else int(hi - off)
+    wl = -1 if lo == -math.inf or ka - lo >= rb - 1 else left  # the smallest j − i, (ka) − (rb − 1), is allowed
+    wr = -1 if hi == math.inf or kb - 1 - ra <= hi else right  # the largest, (kb − 1) − ra, is allowed
     return ra, rb, ka, kb, wl, wr
 
 
-def _plan(q_chunks, k_chunks, left: int, right: int) -> list[tuple[int, int, int, int, int, int]]:
-    """The attention blocks of one ring step, (q_lo, q_hi, k_lo, k_hi, wl, wr) in local offsets with each block's
-    own top-left window (wl, wr) (−1: unbounded; (−1, −1) a full block, (−1, 0) causal-diagonal), for a rank
-    holding queries at ``q_chunks`` and keys at ``k_chunks`` ((global start, length), increasing) under the global
-    window (left, right) (causal: right = 0)."""
+def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True):
+    """The attention blocks of one ring step for a rank holding queries at ``q_chunks`` and keys at ``k_chunks``
+    ((global start, length), increasing) under the global window (left, right) (causal: right = 0): a list of
+    (q_lo, q_hi, k_lo, k_hi, wl, wr, i0, j0) in local offsets, the block's rows being positions i0, i0 + 1, ... and
+    its keys j0, j0 + 1, ..., and (wl, wr) the window in positions (−1: unbounded). With ``merge``, runs of chunks
+    that one call covers merge into one block (i0 = j0 = None: not consecutive positions, window (−1, −1) or
+    causal (−1, 0), which need only the order): what ALiBi and dropout, which need positions, must not get."""
     Lq, Lk = sum(n for _, n in q_chunks), sum(n for _, n in k_chunks)
     if Lq == 0 or Lk == 0:
         return []
-    if left < 0 and right < 0:
-        return [(0, Lq, 0, Lk, -1, -1)]
-    if left < 0 and right == 0 and q_chunks == k_chunks:
+    if merge and left < 0 and right < 0:
+        return [(0, Lq, 0, Lk, -1, -1, None, None)]
+    if merge and left < 0 and right == 0 and q_chunks == k_chunks:
         # The same positions in the same increasing order: local index order is global order, so one top-left
         # causal call covers the diagonal blocks, the full block of the later chunk on the earlier one and the
         # skipped block (the kernels do not visit key blocks past the diagonal).
-        return [(0, Lq, 0, Lk, -1, 0)]
+        return [(0, Lq, 0, Lk, -1, 0, None, None)]
     blocks, q_off = [], 0
     for qs, ql in q_chunks:
         full, k_off = [], 0  # the key ranges every query of this chunk sees entirely, merged where adjacent
@@ -265,19 +265,19 @@ def _plan(q_chunks, k_chunks, left: int, right: int) -> list[tuple[int, int, int
             band = _band(qs, ql, ks, kl, left, right)
             if band is not None:
                 ra, rb, ka, kb, wl, wr = band
-                if (ra, rb, ka, kb, wl, wr) == (0, ql, 0, kl, -1, -1):
+                if merge and (ra, rb, ka, kb, wl, wr) == (0, ql, 0, kl, -1, -1):
                     if full and full[-1][1] == k_off:
                         full[-1] = (full[-1][0], k_off + kl)
                     else:
                         full.append((k_off, k_off + kl))
                 else:
-                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr))
+                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr, qs + ra, ks + ka))
             k_off += kl
         for lo, hi in full:  # a run of query chunks seeing the same keys is one call
-            if blocks and blocks[-1][1] == q_off and blocks[-1][2:] == (lo, hi, -1, -1):
-                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, -1, -1)
+            if blocks and blocks[-1][1] == q_off and blocks[-1][2:6] == (lo, hi, -1, -1):
+                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, -1, -1, None, None)
             else:
-                blocks.append((q_off, q_off + ql, lo, hi, -1, -1))
+                blocks.append((q_off, q_off + ql, lo, hi, -1, -1, None, None))
         q_off += ql
     return blocks
 
@@ -326,54 +326,80 @@ class _Ring:
 
 
 # --------------------------------------------------------------------------------------------- block kernels
-def _hidden(Lq: int, Lk: int, window: tuple[int, int], device) -> Optional[Tensor]:
-    """Bool [Lq, Lk], True where the block's top-left window (left, right) hides key j from query i; None: none."""
-    left, right = window
-    if left < 0 and right < 0:
-        return None
-    rel = torch.arange(Lk, device=device)[None, :] - torch.arange(Lq, device=device)[:, None]  # j − i
-    hide = torch.zeros(Lq, Lk, dtype=torch.bool, device=device)
-    if right >= 0:
-        hide |= rel > right
-    if left >= 0:
-        hide |= rel < -left
-    return hide
+class _Features(NamedTuple):
+    """What every block of one call shares: softcap (0: off), ALiBi slopes (fp32 [1|B, H] or None), dropout
+    (p, Philox seed; p = 0: off) and the sequence length L (positions 0 .. L − 1, the dropout counters')."""
+    softcap: float
+    alibi: Optional[Tensor]
+    dropout_p: float
+    seed: int
+    L: int
 
 
-def _torch_scores(q, k, scale, window, softcap):
-    """(s, t): the block's scores s = scale·q·kᵀ (capped: c·tanh(s/c), t = tanh(s/c); else t None) with hidden
-    pairs −inf, q grouped [B, Hkv, G, Lq, D] and k [B, Hkv, 1, Lk, D]."""
+def _shift(i0: Optional[int], j0: Optional[int]) -> int:
+    """Position j − i minus index j − i of a block whose rows start at position i0 and keys at j0 (0: a merged
+    block, whose windows need only the order)."""
+    return 0 if i0 is None else i0 - j0
+
+
+def _torch_scores(q, k, scale, blk, feat: _Features):
+    """(s, t, keep) of a block: scores s = scale·q·kᵀ, capped (t = tanh(s/c), else None), minus ALiBi's
+    slope·|i − j| in positions, −inf where the window hides the pair; keep: the dropout keep-mask of these
+    positions (the kernels' Philox), or None. q grouped [B, Hkv, G, Lq, D], k [B, Hkv, 1, Lk, D]."""
+    wl, wr, i0, j0 = blk
+    B, Hkv, G, Lq = q.shape[:4]
+    Lk = k.shape[3]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     t = None
-    if softcap > 0.0:
-        t = torch.tanh(s / softcap)
-        s = softcap * t
-    hide = _hidden(q.shape[-2], k.shape[-2], window, q.device)
+    if feat.softcap > 0.0:
+        t = torch.tanh(s / feat.softcap)
+        s = feat.softcap * t
+    rel = torch.arange(Lk, device=q.device)[None, :] - torch.arange(Lq, device=q.device)[:, None] - _shift(i0, j0)
+    if feat.alibi is not None:  # slopes [1|B, H] -> [1|B, Hkv, G, 1, 1]
+        slopes = feat.alibi.to(s.dtype).reshape(-1, Hkv, G, 1, 1)
+        s = s - slopes * rel.abs().to(s.dtype)
+    hide = None
+    if wr >= 0:
+        hide = rel > wr
+    if wl >= 0:
+        hide = rel < -wl if hide is None else hide | (rel < -wl)
     if hide is not None:
-        s.masked_fill_(hide, float("-inf"))
-    return s, t
+        s = s.masked_fill(hide, float("-inf"))
+    keep = None
+    if feat.dropout_p > 0.0:  # counter ((b·H + h)·L + i)·L + j in positions, as fastattn.attention's kernels
+        bh = torch.arange(B * Hkv * G, device=q.device, dtype=torch.int64).view(B, Hkv, G, 1, 1)
+        i = (i0 + torch.arange(Lq, device=q.device, dtype=torch.int64)).view(Lq, 1)
+        j = (j0 + torch.arange(Lk, device=q.device, dtype=torch.int64)).view(1, Lk)
+        keep = masks.dropout_keep(feat.seed, feat.dropout_p, (bh * feat.L + i) * feat.L + j)
+    return s, t, keep
 
 
-def _torch_block_forward(q, k, v, scale, window, softcap, acc):
-    """(o in dtype ``acc``, lse2 in fp64): o = softmax(s)·v over this block's keys, lse2 = log2 Σ_j e^(s_ij),
-    s = scale·q·kᵀ (capped as ``softcap``); key j visible to query i iff j − i ∈ [−left, right] of ``window``.
-    −inf lse2, o = 0 for a row without keys. GQA: query head h reads kv head h // (H/Hkv). The scores stay
-    natural (rounding s·log2(e) errs by |s|·2⁻²⁴ in each exponent, which at large scores missed the §5 rule in
-    fp32)."""
+def _keep_scale(feat: _Features) -> float:
+    from .triton.attention import dropout_keep_scale
+    return dropout_keep_scale(feat.dropout_p)
+
+
+def _torch_block_forward(q, k, v, scale, blk, feat: _Features, acc):
+    """(o in dtype ``acc``, lse2 in fp64): o = dropout(softmax(s))·v over this block's keys, lse2 = log2 Σ_j
+    e^(s_ij) (before dropout), s as :func:`_torch_scores` forms it. −inf lse2, o = 0 for a row without keys. GQA:
+    query head h reads kv head h // (H/Hkv). The scores stay natural (rounding s·log2(e) errs by |s|·2⁻²⁴ in each
+    exponent, which at large scores missed the §5 rule in fp32)."""
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     qg = q.to(acc).reshape(B, Hkv, H // Hkv, Lq, D)
-    s, _ = _torch_scores(qg, k.to(acc).unsqueeze(2), scale, window, softcap)
+    s, _, keep = _torch_scores(qg, k.to(acc).unsqueeze(2), scale, blk, feat)
     m = s.amax(-1, keepdim=True)
     m = torch.where(m == float("-inf"), 0.0, m)  # a row without keys: e^(−inf − 0) = 0, not NaN
     p = torch.exp(s - m)
     l = p.sum(-1, keepdim=True)
-    o = torch.matmul(p, v.to(acc).unsqueeze(2)) / torch.where(l == 0, 1.0, l)
     lse2 = ((m.double() + torch.log(l.double())) * LOG2E).squeeze(-1)
+    if keep is not None:  # the kernels' normaliser l·(1 − p)
+        p, l = p.masked_fill(~keep, 0.0), l * _keep_scale(feat)
+    o = torch.matmul(p, v.to(acc).unsqueeze(2)) / torch.where(l == 0, 1.0, l)
     return o.reshape(B, H, Lq, v.shape[3]), lse2.reshape(B, H, Lq)
 
 
-def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap, acc):
+def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Features, acc):
     """(dq, dk, dv) in ``acc`` of this block's keys, from the global output (fp16/bf16: plus ``out_lo``, what
     rounding it dropped) and lse2 (+inf: empty row) of these query rows, with D_i = do_i·o_i."""
     B, H, Lq, D = q.shape
@@ -386,11 +412,16 @@ def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap
     # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
     og = (out.to(acc) if out_lo is None else out.to(acc) + out_lo.to(acc)).reshape(B, Hkv, G, Lq, Dv)
     delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
-    s, t = _torch_scores(qg, kk, scale, window, softcap)
+    s, t, keep = _torch_scores(qg, kk, scale, blk, feat)
     # p = e^(s − lse) with the global LSE in fp64 (lse2, base 2, from the merges): no rounding of it in p
     p = torch.exp(s.double() - lse2.double().reshape(B, Hkv, G, Lq, 1) / LOG2E).to(acc)
-    dv = torch.matmul(p.transpose(-1, -2), dog).sum(2)
-    ds = p * (torch.matmul(dog, vv.transpose(-1, -2)) - delta)
+    dp = torch.matmul(dog, vv.transpose(-1, -2))
+    p_out = p
+    if keep is not None:  # o used keep·p/(1 − p): so do dv and dp
+        r = 1.0 / _keep_scale(feat)
+        p_out, dp = (p * r).masked_fill(~keep, 0.0), (dp * r).masked_fill(~keep, 0.0)
+    dv = torch.matmul(p_out.transpose(-1, -2), dog).sum(2)
+    ds = p * (dp - delta)
     if t is not None:  # d(c·tanh(s/c))/ds = 1 − tanh²
         ds = ds * (1.0 - t * t)
     dq = torch.matmul(ds, kk) * scale
@@ -398,18 +429,27 @@ def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap
     return dq.reshape(B, H, Lq, D), dk, dv
 
 
-def _triton_block_forward(q, k, v, scale, window, softcap, acc):
+def _kernel_features(blk, feat: _Features) -> dict:
+    """The Triton launchers' keywords for a block: its window and, for a block at known positions, its origin
+    (the windows, diagonal, ALiBi and dropout counters then in positions)."""
+    wl, wr, i0, j0 = blk
+    return dict(window=(wl, wr), softcap=feat.softcap, alibi=feat.alibi,
+                dropout=(feat.dropout_p, feat.seed) if feat.dropout_p > 0.0 else (0.0, 0),
+                origin=None if i0 is None else (i0, j0, feat.L, feat.L))
+
+
+def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
     """As :func:`_torch_block_forward`, by the Triton kernel writing an fp32 (un-rounded) output."""
     from .triton import attention as kernels
     if q.numel() == 0:  # an empty batch or head set: nothing to launch (as attention() returns at once)
         return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64)
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
-    kernels.forward(q, k, v, None, None, None, out, lse2, scale, False, False, window=window, softcap=softcap)
+    kernels.forward(q, k, v, None, None, None, out, lse2, scale, False, False, **_kernel_features(blk, feat))
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
-def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softcap):
+def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Features):
     """(dq, dk, dv) in fp32 by the Triton kernels, given the global output (and ``out_lo``) and lse2 of these
     query rows."""
     from .triton import attention as kernels
@@ -427,8 +467,10 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, window, softca
     if q.dtype == torch.float32:
         r = (lse2.double() * math.log(2.0)).float()
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
+        if feat.dropout_p > 0.0:  # fp32 with dropout: V holds r·v (as fastattn.attention's backward passes it)
+            v = _dp_values(v, feat.dropout_p, "triton")
     kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, False, False,
-                     window=window, softcap=softcap, delta_from_p=False, row_scale=row_scale, out_lo=out_lo)
+                     delta_from_p=False, row_scale=row_scale, out_lo=out_lo, **_kernel_features(blk, feat))
     return dq, dk, dv
 
 
@@ -445,9 +487,14 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------- autograd
+def _mergeable(feat: _Features) -> bool:
+    """Whether blocks may span chunks that are not consecutive positions: not for ALiBi and dropout (by position)."""
+    return feat.alibi is None and feat.dropout_p == 0.0
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, window: tuple[int, int], softcap: float,
+    def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, window: tuple[int, int], feat: _Features,
                 backend: str):
         # fp32 inputs merge (and the torch blocks compute) in fp64: the output is rounded once, as the fp32 kernels'
         # is, and do_i·o_i (the sinks' gradient) is then as exact as theirs
@@ -463,8 +510,8 @@ class _RingAttention(torch.autograd.Function):
             if t < T:  # the next shard is on its way while this one is computed
                 nxt = (r - t - 1) % N
                 pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
-            for qa, qb, ka, kb, wl, wr in _plan(chunks[r], chunks[src], *window):
-                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, (wl, wr), softcap, acc)
+            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat)):
+                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, blk, feat, acc)
                 o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
             if t < T:
@@ -480,16 +527,16 @@ class _RingAttention(torch.autograd.Function):
             # forms it (README, Numerics)
             out_lo = (merged - out.to(merged.dtype)).to(q.dtype)
         ctx.save_for_backward(q, k, v, sinks, out, lse, out_lo)
-        ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.softcap, ctx.backend, ctx.T = (ring, chunks, scale, window,
-                                                                                         softcap, backend, T)
+        ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat, ctx.backend, ctx.T = (ring, chunks, scale, window,
+                                                                                      feat, backend, T)
         return out
 
     @staticmethod
     @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
     def backward(ctx, dout):
         q, k, v, sinks, out, lse, out_lo = ctx.saved_tensors
-        ring, chunks, scale, window, softcap, backend, T = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.softcap,
-                                                            ctx.backend, ctx.T)
+        ring, chunks, scale, window, feat, backend, T = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat,
+                                                         ctx.backend, ctx.T)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         r, N = ring.rank, ring.size
         D = q.shape[3]
@@ -505,9 +552,9 @@ class _RingAttention(torch.autograd.Function):
             # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
             # arrive meanwhile and are added below.
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
-            for qa, qb, ka, kb, wl, wr in _plan(chunks[r], chunks[src], *window):
+            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat)):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
-                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, (wl, wr), softcap)
+                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, blk, feat)
                 if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
                     g = _triton_block_backward(*rows)
                 else:
@@ -586,7 +633,7 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
-                               softcap: float = 0.0, backend: str = "auto",
+                               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -600,21 +647,23 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     as any replicated parameter's is. ``window_size`` (left, right), −1 unbounded: query i sees key j iff
     i − left <= j <= i + right in global positions (causal: right = 0), as fastattn.attention's; blocks outside
     every window are skipped and the ring stops after the last step whose keys some window reaches (with the
-    "contiguous" layout and a window shorter than a shard, one step). ``softcap`` c > 0: scores c·tanh(s/c).
+    "contiguous" layout and a window shorter than a shard, one step). ``alibi_slopes`` (fp32 [H] or [B, H], the
+    same on every rank; no gradient) and ``softcap`` c > 0 (scores c·tanh(s/c)) as fastattn.attention's, in
+    global positions. ``dropout_p``: dropout of the attention weights, with the mask that fastattn.attention's
+    kernels draw for the whole sequence from the same seed (rank 0's draw from torch's CPU generator): the same
+    result as one process running fastattn.attention(backend="triton") after the same torch.manual_seed.
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
-    left, right, cap = -1, -1, 0.0
+    left, right, cap, slopes, seed = -1, -1, 0.0, None, 0
     try:
         if error is not None:
             raise error
         check_tensor(q, "q")
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
-        if dropout_p > 0.0:
-            raise NotImplementedError("context_parallel_attention does not support dropout_p > 0 yet")
         _check_layout(layout)
         for t, n in ((k, "k"), (v, "v")):
             check_tensor(t, n)
@@ -626,7 +675,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             raise ValueError(f"head dim of q must be >= 1, got shape {tuple(q.shape)}")
         if q.dim() == 4:
             check_sinks(sinks, q, q.shape[1])
-        left, right, _, cap = _check_features(q, 1, 1, window_size, None, softcap)
+        left, right, slopes, cap = _check_features(q, *(q.shape[:2] if q.dim() == 4 else (1, 1)), window_size,
+                                                   alibi_slopes, softcap)
+        if dropout_p > 0.0:  # as fastattn.attention draws it; rank 0's is used
+            seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
         if causal:
             right = 0
         if q.dtype not in _DTYPES:
@@ -660,22 +712,27 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                                   for t in (q, k, v)]
     meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
-             int(sinks is not None), left, right, _f64_bits(cap)]
+             int(sinks is not None), left, right, _f64_bits(cap),
+             _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), int(slopes is not None),
+             seed]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
+
     def same(indices):
         for i, what in indices:
             values = [m[i] for m in metas]
             if len(set(values)) != 1:
                 shown = [("default" if m[17] else _bits_f64(m[18])) for m in metas] if what == "scales" \
-                    else [_bits_f64(x) for x in values] if what == "softcaps" else values
+                    else [_bits_f64(x) for x in values] if what in ("softcaps", "dropout probabilities") else values
                 raise ValueError(f"the ranks pass different {what}: {shown} (ranks 0..{N - 1}): every rank must "
                                  "pass the same options")
 
     same(((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"), (20, "sinks (given or not)")))
     L = _check_shards([m[:17] for m in metas], N, layout)
-    same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps")))
+    same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
+          (25, "ALiBi slopes (given or not)")))
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
-    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right), cap,
+    feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L)
+    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right), feat,
                                 use)

@@ -91,3 +91,41 @@ def pad(x_packed: Tensor, indices: Tensor, batch: int, seqlen: int) -> Tensor:
             raise ValueError("indices must be distinct (each packed row goes to its own padded position)")
     out = x_packed.new_zeros((batch * seqlen, *x_packed.shape[1:]))
     return out.index_copy(0, indices, x_packed).view(batch, seqlen, *x_packed.shape[1:])
+
+
+# Philox-4x32-10, as Triton's tl.rand draws it: one uniform per 64-bit counter, key = the 64-bit seed
+_M32 = 0xFFFFFFFF
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+
+
+def _mulhilo(a: Tensor, b: int) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of a·b for a in [0, 2^32) (int64 tensor) and a 32-bit constant b, in int64 pieces
+    that cannot overflow (16-bit halves)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    b_hi, b_lo = b >> 16, b & 0xFFFF
+    t = ((a_hi * b_lo + a_lo * b_hi) << 16) + a_lo * b_lo  # < 2^50
+    return a_hi * b_hi + (t >> 32), t & _M32
+
+
+def philox_uniform(seed: int, counters: Tensor) -> Tensor:
+    """fp32 uniforms in [0, 1) for int64 ``counters`` (>= 0), bit for bit what ``tl.rand(seed, counters)`` gives
+    in the Triton kernels (and the CUDA backend's Philox): the dropout mask of the torch code paths that must draw
+    the kernels' mask (context parallelism's torch blocks)."""
+    c = counters.to(torch.int64)
+    c0, c1 = c & _M32, (c >> 32) & _M32
+    c2 = c3 = torch.zeros_like(c0)
+    k0, k1 = int(seed) & _M32, (int(seed) >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(c2, _PHILOX_ROUND_B)
+        hi_a, lo_a = _mulhilo(c0, _PHILOX_ROUND_A)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # as int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32)
+
+
+def dropout_keep(seed: int, dropout_p: float, counters: Tensor) -> Tensor:
+    """The kernels' keep-mask at ``counters``: philox_uniform >= p, p rounded to fp32 as the kernels take it."""
+    return philox_uniform(seed, counters) >= torch.tensor(dropout_p, dtype=torch.float32)

@@ -39,7 +39,7 @@ POINTERS = {"Bias": "*fp32", "Scale": "*fp32", "Mask": "*u8", "KvLens": "*i32", 
             "LsePart": "*fp32"}
 DATA = {"Q", "K", "V", "Out", "OutLo", "DO", "DQ", "DK", "DV", "X", "Y", "DY", "DX", "Res", "W", "B", "S", "DSum"}
 FLOATS = {"sm_scale", "scale", "eps", "softcap", "dropout_p", "keep_scale"}
-INT64 = {"seed"}
+INT64 = {"seed", "drop_base"}
 # Approximate divisions and square roots (up to 2 ulp), which fp32 outputs would show: fp32 kernels use div_rn / sqrt_rn
 APPROX = ("div.full.f32", "sqrt.approx")
 # fp32 dots whose accumulator is not a constant 0: Triton folded a running sum into the dot (acc + tl.dot(a, b) ->

@@ -1,6 +1,7 @@
 """The CUDA kernels' dropout random numbers (csrc/attention/philox.h) equal Triton's tl.rand bit for bit, so both
 backends drop the same attention weights and the mask of ``return_dropout_mask`` (drawn by the Triton
-_dropout_mask_kernel) is the one the CUDA kernels applied. No GPU needed: tests/philox_host.cpp runs the header's
+_dropout_mask_kernel) is the one the CUDA kernels applied; so does the torch version (fastattn.masks.philox_uniform,
+context parallelism's torch blocks). No GPU needed: tests/philox_host.cpp runs the header's
 functions on the CPU (built with the host C++ compiler, and with nvcc as CUDA source where nvcc is found) and is
 compared with the Triton kernels under the interpreter (compiled Triton on a GPU machine)."""
 from pathlib import Path
@@ -13,6 +14,7 @@ import triton.language as tl
 
 import conftest
 from conftest import DEVICE
+from fastattn.masks import dropout_keep, philox_uniform
 from fastattn.triton.attention import _keep, dropout_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +42,7 @@ def _keep_window_kernel(Keep, seed, dropout_p, bh, Lq, Lk, i0, j0, BLOCK_M: tl.c
     """Rows i0.., columns j0.. of (b·H + h) = bh's keep-mask, through the attention kernels' own _keep."""
     rm = tl.arange(0, BLOCK_M)
     rn = tl.arange(0, BLOCK_N)
-    keep = _keep(seed, dropout_p, bh, (i0 + rm)[:, None], (j0 + rn)[None, :], Lq, Lk)
+    keep = _keep(seed, dropout_p, bh, (i0 + rm)[:, None], (j0 + rn)[None, :], Lq, Lk, 0)
     tl.store(Keep + rm[:, None] * BLOCK_N + rn[None, :], keep.to(tl.uint8))
 
 
@@ -89,3 +91,18 @@ def test_keep_mask_at_counters_past_2_32(driver, seed):
     got = torch.tensor([c == "1" for c in driver([f"m {seed} 0.25 {H} {Lq} {Lk} {b} {h} {i0} 32 {j0} 64"])[0]])
     assert ((b * H + h) * Lq + i0) * Lk + j0 > 2**40
     assert torch.equal(got, want), f"{(got != want).sum().item()} of {want.numel()} keep bits differ"
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_torch_philox_matches_triton(seed):
+    """fastattn.masks.philox_uniform equals tl.rand at every counter width, and dropout_keep the kernels' mask."""
+    counters = _counters()
+    c = torch.tensor(counters, dtype=torch.int64, device=DEVICE)
+    out = torch.empty(len(counters), dtype=torch.float32, device=DEVICE)
+    _uniform_kernel[(triton.cdiv(len(counters), 128),)](out, c, seed, len(counters), BLOCK=128)
+    got = philox_uniform(seed, c.cpu())
+    assert torch.equal(got.view(torch.int32), out.cpu().view(torch.int32)), \
+        f"{(got != out.cpu()).sum().item()} of {len(counters)} uniforms differ"
+    B, H, Lq, Lk = 2, 3, 37, 45
+    want = dropout_mask(B, H, Lq, Lk, 0.3, seed, DEVICE).cpu()
+    assert torch.equal(dropout_keep(seed, 0.3, torch.arange(B * H * Lq * Lk).view(B, H, Lq, Lk)), want)

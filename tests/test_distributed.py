@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import fastattn
 import fastattn.nn
+from fastattn import masks
 from fastattn import distributed as fd
 from fastattn.distributed import context_parallel_attention, shard, unshard
 from fastattn.testing import BACKWARD_FACTOR, FORWARD_FACTOR, compare, forward_backward, run_distributed
@@ -64,7 +65,7 @@ def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
 
 def _single(qkv, do, dtype, causal, scale=None, sinks=None, **features):
     """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``;
-    ``features``: window_size, softcap."""
+    ``features``: window_size, alibi_slopes, softcap, dropout_p with dropout_mask."""
     def fn(q, k, v, sinks):
         return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference",
                                           **features)}
@@ -103,9 +104,16 @@ def _count_triton_calls():
 
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
-                        seed=0, group="world", sinks=False, **features):
+                        seed=0, group="world", sinks=False, alibi=False, **features):
+    """CP forward + backward against the float64 reference on the full sequence (§5). ``alibi``: the paper's
+    slopes; ``features`` (window_size, softcap, dropout_p) as fastattn.attention's. With dropout every rank seeds
+    torch's CPU generator alike, and the reference replays the mask that fastattn.attention's kernels draw for the
+    whole sequence from rank 0's seed (so one process's Triton run drops the same weights)."""
     group = env.groups[group]
     qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
+    if alibi:
+        features["alibi_slopes"] = fastattn.alibi_slopes(H).to(env.device)
+    torch.manual_seed(1000 + seed)
     # around ln(L): a fair share of each row's weight
     sinks = (torch.randn(H, generator=torch.Generator().manual_seed(seed)) + math.log(L)).to(env.device) \
         if sinks else None
@@ -116,9 +124,25 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
         assert calls == {"forward": 0, "backward": 0}, calls
-    if dist.get_rank(group) == 0:  # the comparisons once per group
-        single = [_single(qkv, do, d, causal, scale, sinks, **features) for d in (torch.float64, dtype)]
-        _assert_rule(got, *single)
+    if dist.get_rank(group) != 0:  # the comparisons once per group
+        return
+    p = features.get("dropout_p", 0.0)
+    if p:
+        torch.manual_seed(1000 + seed)  # the seed fastattn.attention and rank 0 drew
+        drawn = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
+        Lg = qkv[0].shape[2]
+        keep = masks.dropout_keep(drawn, p, torch.arange(B * H * Lg * Lg, device=env.device).view(
+            B, H, Lg, Lg))
+        assert 0.5 * p < 1 - keep.float().mean().item() < 1.5 * p
+        features["dropout_mask"] = keep
+        if backend == "triton":  # one process, the Triton kernels, the same torch seed: the same mask
+            torch.manual_seed(1000 + seed)
+            kw = {n: x for n, x in features.items() if n != "dropout_mask"}
+            _, mask1 = fastattn.attention(*[t.to(dtype) for t in qkv], causal=causal, scale=scale,
+                                          return_dropout_mask=True, backend="triton", **kw)
+            assert torch.equal(mask1, keep)
+    single = [_single(qkv, do, d, causal, scale, sinks, **features) for d in (torch.float64, dtype)]
+    _assert_rule(got, *single)
 
 
 def case_shard_roundtrip(env):
@@ -253,11 +277,12 @@ def _module_case(env, make, call, seq_dim, causal):
     _assert_rule(got, run(torch.float64), run(torch.float32))
 
 
-def case_mha(env, *, causal):
-    """fastattn.nn.MultiheadAttention(context_parallel_group=...) on (L, B, E) shards (sequence first)."""
+def case_mha(env, *, causal, **options):
+    """fastattn.nn.MultiheadAttention(context_parallel_group=...) on (L, B, E) shards (sequence first);
+    ``options``: its window_size / alibi."""
     def call(m, x, mask, causal):
         return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
-    _module_case(env, lambda: fastattn.nn.MultiheadAttention(32, 4), call, 0, causal)
+    _module_case(env, lambda: fastattn.nn.MultiheadAttention(32, 4, **options), call, 0, causal)
 
 
 def case_encoder_layer(env, *, causal):
@@ -271,7 +296,7 @@ def case_encoder_layer(env, *, causal):
 
 
 def case_mha_errors(env):
-    """Masks other than causal, need_weights and dropout get clear errors (raised before any communication)."""
+    """Masks other than causal and need_weights get clear errors (raised before any communication)."""
     mha = fastattn.nn.MultiheadAttention(16, 2, dropout=0.1, context_parallel_group=dist.group.WORLD).to(env.device)
     x = torch.randn(5, 2, 16, device=env.device)
     with pytest.raises(ValueError, match="need_weights"):
@@ -280,8 +305,7 @@ def case_mha_errors(env):
         mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device=env.device))
     with pytest.raises(ValueError, match="attn_mask and key_padding_mask must be None"):
         mha(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=env.device))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        mha.train()(x, x, x, need_weights=False)
+    assert mha.train()(x, x, x, need_weights=False)[0].shape == x.shape  # dropout (case_matches_single checks it)
     # One rank's own bad argument (only its shard has padding): it raises that error, the others say which rank
     # failed, nobody waits for it in the exchange of shapes (it once left them waiting till the group's timeout)
     last = env.rank == env.world - 1
@@ -321,15 +345,19 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), causal=r == 0)
     with pytest.raises(ValueError, match="multiple of k/v's 3 heads"):
         context_parallel_attention(*_shards(env, Hkv=3))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        context_parallel_attention(*_shards(env), dropout_p=0.1)
+    with pytest.raises(ValueError, match=r"different dropout probabilities: \[0.1, 0.0\]"):
+        context_parallel_attention(*_shards(env), dropout_p=0.1 if r == 0 else 0.0)
+    with pytest.raises(ValueError, match=r"different ALiBi slopes \(given or not\): \[1, 0\]"):
+        context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(2) if r == 0 else None)
+    with pytest.raises(ValueError, match="alibi_slopes must have shape"):
+        context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(3))
     with pytest.raises(ValueError, match="agree in every dim but dim 2"):
         unshard(torch.zeros(2, 3 + r, 5, device=env.device))
     with pytest.raises(ValueError, match="not sharded with this group"):
         unshard(torch.zeros(2, 3, 7 if r == 0 else 3, device=env.device))
     # One rank's own argument error: it raises that error, the others say which rank failed (nobody waits on it)
-    with pytest.raises(NotImplementedError if r == 0 else RuntimeError, match="dropout" if r == 0 else r"rank\(s\) \[0\]"):
-        context_parallel_attention(*_shards(env), dropout_p=0.1 if r == 0 else 0.0)
+    with pytest.raises(ValueError if r == 0 else RuntimeError, match="dropout_p" if r == 0 else r"rank\(s\) \[0\]"):
+        context_parallel_attention(*_shards(env), dropout_p=1.5 if r == 0 else 0.0)
     with pytest.raises(ValueError if r == 1 else RuntimeError, match="layout" if r == 1 else r"rank\(s\) \[1\]"):
         context_parallel_attention(*_shards(env), layout="zigzag" if r == 0 else "spiral")
     with pytest.raises(ValueError, match="different scales"):
@@ -403,6 +431,16 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
     cases[f"{backend}-contiguous-causal-{str(dtypes[-1])[6:]}-window6,0-softcap2-sinks"] = (case_matches_single, dict(
         dtype=dtypes[-1], causal=True, layout="contiguous", backend=backend, window_size=(6, 0), softcap=2.0,
         sinks=True, seed=90))
+    # Dropout (the whole sequence's Philox mask) and ALiBi (in positions): merged blocks split per chunk pair.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(dropout_p=0.2), torch.float32),
+                                         ("zigzag", True, dict(dropout_p=0.3), dtypes[-1]),
+                                         ("contiguous", False, dict(alibi=True, window_size=(6, 6)), torch.float32),
+                                         ("zigzag", True, dict(alibi=True, dropout_p=0.1), dtypes[-1]),
+                                         ("zigzag", False, dict(alibi=True), dtypes[-1])):
+        name = "-".join(f"{n}{v}" if not isinstance(v, bool) else n for n, v in extra.items()).replace(" ", "")
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
+                                      seed=110 + len(cases), **extra))
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
@@ -413,6 +451,7 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
 
 
 MODULES = {"mha-seq-first-causal": (case_mha, dict(causal=True)), "mha-seq-first-full": (case_mha, dict(causal=False)),
+           "mha-window-alibi": (case_mha, dict(causal=True, window_size=(5, 0), alibi=True)),
            "encoder-layer-causal": (case_encoder_layer, dict(causal=True)),
            "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {})}
 
@@ -433,6 +472,12 @@ SUITES = {
         "triton-zigzag-full-float32-window4,3": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="zigzag", B=1, H=2, Hkv=2, L=37, backend="triton", seed=13,
             window_size=(4, 3))),
+        "triton-zigzag-causal-float16-dropout-alibi-window9": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=14,
+            dropout_p=0.2, alibi=True, window_size=(9, 0))),
+        "triton-contiguous-full-float32-dropout": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=15,
+            dropout_p=0.25)),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
@@ -444,7 +489,10 @@ SUITES = {
         "two-groups-of-two": (case_pairs, {}),
         "layout-mismatch": (case_layout_mismatch, {}),
         "triton-zigzag-causal-float32-gqa": (case_matches_single, dict(
-            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=9))},
+            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=9)),
+        "triton-zigzag-causal-float32-dropout-alibi": (case_matches_single, dict(
+            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=16,
+            dropout_p=0.15, alibi=True))},
 }
 # With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
 SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
@@ -525,13 +573,28 @@ def _step_mask(N, L, layout, r, src, left, right):
 WINDOWS = [(-1, 0), (-1, -1), (0, 0), (3, 0), (5, 2), (2, -1), (-1, 4), (0, 7), (9, 9), (40, 0)]
 
 
+def _block_seen(qb, kb, wl, wr, shift):
+    """Bool [qb, kb]: the pairs of a block that its window (wl, wr) in positions lets through, position j − i
+    being index j − i − shift (shift = i0 − j0, as the kernels take it)."""
+    rel = torch.arange(kb)[None, :] - torch.arange(qb)[:, None] - shift
+    seen = torch.ones(qb, kb, dtype=torch.bool)
+    if wr >= 0:
+        seen &= rel <= wr
+    if wl >= 0:
+        seen &= rel >= -wl
+    return seen
+
+
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "by-position"])
 @pytest.mark.parametrize("layout", fd.LAYOUTS)
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
-def test_plan_is_the_window_mask(layout, window):
+def test_plan_is_the_window_mask(layout, window, merge):
     """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step,
-    each with its own top-left window, cover exactly the global window (causal: (−1, 0)), with no pair twice and
-    no block without a visible pair; a ring step after _last_step has no block. Causal: zigzag steps away from the
-    diagonal are one full block of one chunk's length on either side (the balanced work); no window: one block."""
+    each with its window taken from its diagonal shift i0 − j0 (0 for merged blocks), cover exactly the global
+    window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; a ring step
+    after _last_step has no block. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
+    Causal: zigzag steps away from the diagonal are one full block of one chunk's length on either side (the
+    balanced work); no window: one block."""
     left, right = window
     for N in range(1, 6):
         for L in list(range(0, 2 * N + 3)) + [37, 64]:
@@ -542,19 +605,20 @@ def test_plan_is_the_window_mask(layout, window):
                     src = (r - t) % N
                     q, k, want = _step_mask(N, L, layout, r, src, left, right)
                     got = torch.zeros(len(q), len(k), dtype=torch.int32)
-                    blocks = fd._plan(chunks[r], chunks[src], left, right)
-                    for qa, qb, ka, kb, wl, wr in blocks:
-                        seen = ~fd._hidden(qb - qa, kb - ka, (wl, wr), "cpu") if (wl, wr) != (-1, -1) \
-                            else torch.ones(qb - qa, kb - ka, dtype=torch.bool)
+                    blocks = fd._plan(chunks[r], chunks[src], left, right, merge=merge)
+                    for qa, qb, ka, kb, wl, wr, i0, j0 in blocks:
+                        assert merge or (i0 is not None and torch.equal(q[qa:qb], i0 + torch.arange(qb - qa))
+                                         and torch.equal(k[ka:kb], j0 + torch.arange(kb - ka))), blocks
+                        seen = _block_seen(qb - qa, kb - ka, wl, wr, 0 if i0 is None else i0 - j0)
                         assert seen.any(dim=1).all() and seen.any(dim=0).all(), (blocks, "a row or key with nothing")
                         got[qa:qb, ka:kb] += seen.int()
                     assert torch.equal(got, want.int()), (N, L, r, src, blocks)
                     assert not blocks or t <= T
-                    if window == (-1, 0) and layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
-                        assert len(blocks) == 1 and blocks[0][4:] == (-1, -1) \
+                    if merge and window == (-1, 0) and layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
+                        assert len(blocks) == 1 and blocks[0][4:6] == (-1, -1) \
                             and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) == len(q) * len(k) // 2
-                    if window == (-1, -1):
-                        assert blocks == ([(0, len(q), 0, len(k), -1, -1)] if len(q) and len(k) else [])
+                    if merge and window == (-1, -1):
+                        assert blocks == ([(0, len(q), 0, len(k), -1, -1, None, None)] if len(q) and len(k) else [])
             if layout == "contiguous" and window in ((3, 0), (0, 0)) and L >= 4 * N:  # windows within a shard
                 assert T == (0 if window == (0, 0) or N == 1 else 1), (N, L, T)
 
@@ -568,8 +632,6 @@ def test_errors_without_process_group():
         shard(q)
     with pytest.raises(ValueError, match="layout must be one of"):
         context_parallel_attention(q, q, q, layout="ring")
-    with pytest.raises(NotImplementedError, match="dropout"):
-        context_parallel_attention(q, q, q, dropout_p=0.5)
     with pytest.raises(ValueError, match=r"dropout_p must be in \[0, 1\)"):
         context_parallel_attention(q, q, q, dropout_p=1.5)
 

@@ -219,7 +219,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
             return context_parallel_attention(None, None, None, self.context_parallel_group, _error=e)
         out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
-                                         dropout_p=self.dropout if self.training else 0.0)
+                                         dropout_p=self.dropout if self.training else 0.0,
+                                         window_size=self.window_size or (-1, -1),
+                                         alibi_slopes=self._buffers.get("alibi_slopes"))
         out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
             return out.squeeze(1), None
@@ -235,8 +237,6 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                              "none: attn_mask and key_padding_mask must be None")
         if self.bias_k is not None or self.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported with context_parallel_group")
-        if self.window_size is not None or self.alibi:
-            raise ValueError("window_size and alibi are not supported with context_parallel_group yet")
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (L, 1, E)
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)

@@ -210,15 +210,17 @@ def _options(args: dict) -> dict:
 # lengths are not specialised on, so a new length compiles nothing.
 _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "WIN_LEFT", "WIN_RIGHT", "HAS_BIAS", "HAS_MASK", "GROUP", "VARLEN",
         "DROPOUT"]
-_NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET", "seed"]
+_NOSPEC = ["Lq", "Lk", "Q_BUCKET", "K_BUCKET", "seed", "drop_Lq", "drop_Lk", "drop_base", "shift0"]
 
 
 # --------------------------------------------------------------------------------------------- shared pieces
 @triton.jit
-def _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN: tl.constexpr, HAS_KVLENS: tl.constexpr,
+def _extent(CuQ, CuK, KvLens, b, Lq, Lk, shift0, VARLEN: tl.constexpr, HAS_KVLENS: tl.constexpr,
             BOTTOM_RIGHT: tl.constexpr):
     """Sequence b's (first query row, first key row, query rows, key rows, valid keys, diagonal shift d(i) − i).
-    Packed varlen: rows cu[b] .. cu[b+1] of the packed tensors; else the whole [Lq] / [Lk] of batch b."""
+    Packed varlen: rows cu[b] .. cu[b+1] of the packed tensors; else the whole [Lq] / [Lk] of batch b. ``shift0``
+    (0 but for a block of a larger problem, context parallelism: its first row's position minus its first key's)
+    moves the top-left diagonal."""
     if VARLEN:
         q0 = tl.load(CuQ + b)
         q_len = tl.load(CuQ + b + 1) - q0
@@ -232,9 +234,9 @@ def _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN: tl.constexpr, HAS_KVLENS: tl.co
     kv_len = k_len
     if HAS_KVLENS:
         kv_len = tl.minimum(tl.load(KvLens + b), k_len)
-    shift = 0
+    shift = shift0
     if BOTTOM_RIGHT:
-        shift = kv_len - q_len
+        shift += kv_len - q_len
     return q0, k0, q_len, k_len, kv_len, shift
 
 
@@ -379,11 +381,13 @@ def _kept_dp(dp, keep, keep_scale, ACCURATE: tl.constexpr):
 
 
 @triton.jit
-def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk):
+def _keep(seed, dropout_p, bh, qi, kj, Lq, Lk, base):
     """Dropout keep-mask of the tile: Philox uniform u(seed, counter) >= p, one counter per (b, h, i, j)
     (Lq, Lk: the padded extents, max_seqlen for packed batches), so every pass regenerates the same mask.
-    qi, kj: query and key indices as broadcastable 2-d tiles ([M, 1] and [1, N], or transposed)."""
-    counter = (bh.to(tl.int64) * Lq + qi) * Lk + kj
+    qi, kj: query and key indices as broadcastable 2-d tiles ([M, 1] and [1, N], or transposed). ``base``
+    (i0·Lk + j0) places a block of a larger problem at its rows i0 and keys j0 (context parallelism), whose mask
+    is then the whole problem's."""
+    counter = (bh.to(tl.int64) * Lq + qi) * Lk + kj + base
     return tl.rand(seed, counter) >= dropout_p
 
 
@@ -513,7 +517,7 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
                 s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                 s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_ob, s_oh, s_om, s_lb, s_lh,
                 H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                dropout_p, keep_scale, seed, Visits, n_split, s_os, s_ls,
+                dropout_p, keep_scale, seed, drop_Lq, drop_Lk, drop_base, shift0, Visits, n_split, s_os, s_ls,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                 BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -543,7 +547,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
         qi = offs_m
         q_first = pid_m * BLOCK_M
         q_last = q_first + BLOCK_M - 1
-    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, shift0, VARLEN, HAS_KVLENS,
+                                                  BOTTOM_RIGHT)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
     row_ok = qi < q_len
@@ -591,7 +596,8 @@ def _fwd_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, Out, Lse, OutLo,
         alpha = _exp_scores(m_i - m_safe, DOT_PREC == "ieee")
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped weights too
         if DROPOUT:
-            p = tl.where(_keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], Lq, Lk), p, 0.0)
+            keep = _keep(seed, dropout_p, b * H + h_col, qi[:, None], offs_n[None, :], drop_Lq, drop_Lk, drop_base)
+            p = tl.where(keep, p, 0.0)
         if DOT_PREC == "ieee":
             acc, acc_lo = _two_sum(acc * alpha[:, None], acc_lo * alpha[:, None],
                                    tl.dot(p, v, input_precision=DOT_PREC))
@@ -716,7 +722,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
                      s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                      s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
                      H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                     dropout_p, keep_scale, seed, Visits,
+                     dropout_p, keep_scale, seed, drop_Lq, drop_Lk, drop_base, shift0, Visits,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                      BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -728,7 +734,8 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
     b = tl.program_id(2)
     hk = tl.program_id(1)
     pid_bhk = b * HKV + hk
-    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, shift0, VARLEN, HAS_KVLENS,
+                                                  BOTTOM_RIGHT)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -780,7 +787,7 @@ def _bwd_dkdv_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scal
             dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
             pT_out = pT
             if DROPOUT:  # out used p·keep/(1 − p_drop): so does dv, and dp (_kept_dp)
-                keep = _keep(seed, dropout_p, bh, qi, kj, Lq, Lk)
+                keep = _keep(seed, dropout_p, bh, qi, kj, drop_Lq, drop_Lk, drop_base)
                 pT_out = tl.where(keep, _div(pT, keep_scale, DOT_PREC == "ieee"), 0.0)
                 dpT = _kept_dp(dpT, keep, keep_scale, DOT_PREC == "ieee")
             dsT = _ds(pT, dpT, delta[None, :], delta_lo[None, :], DOT_PREC == "ieee", DROPOUT)
@@ -814,7 +821,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
                    s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                    s_dqb, s_dqh, s_dqm,
                    H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                   dropout_p, keep_scale, seed, Visits,
+                   dropout_p, keep_scale, seed, drop_Lq, drop_Lk, drop_base, shift0, Visits,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                    BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -832,7 +839,8 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
     h = tl.program_id(1)
     pid_bh = b * H + h
     hk = h // GROUP
-    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS, BOTTOM_RIGHT)
+    q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, shift0, VARLEN, HAS_KVLENS,
+                                                  BOTTOM_RIGHT)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -877,7 +885,7 @@ def _bwd_dq_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Scale,
             p = p * c[:, None]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if DROPOUT:
-            keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
+            keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], drop_Lq, drop_Lk, drop_base)
             dp = _kept_dp(dp, keep, keep_scale, DOT_PREC == "ieee")
         if DELTA_PASS:
             p64 = p.to(tl.float64)
@@ -918,7 +926,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                       s_bb, s_bh, s_bm, s_bn, s_mb, s_mh, s_mm, s_mn, s_db, s_dh, s_dm, s_lb, s_lh,
                       s_gb, s_gh, s_gm, s_gn, n_batch, slot0,
                       H, GROUP, Lq, Lk, sm_scale, Q_BUCKET, K_BUCKET, Alibi, s_ab, win_left, win_right, softcap,
-                      dropout_p, keep_scale, seed, Visits,
+                      dropout_p, keep_scale, seed, drop_Lq, drop_Lk, drop_base, shift0, Visits,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, WIN_LEFT: tl.constexpr, WIN_RIGHT: tl.constexpr,
                       BOTTOM_RIGHT: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                       COUNT_VISITS: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr,
@@ -964,7 +972,7 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for b in range(b_lo, b_hi):
-        q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, VARLEN, HAS_KVLENS,
+        q0, k0, q_len, k_len, kv_len, shift = _extent(CuQ, CuK, KvLens, b, Lq, Lk, shift0, VARLEN, HAS_KVLENS,
                                                       BOTTOM_RIGHT)
         for h in range(h_lo, h_hi):
             hk = h // GROUP
@@ -992,7 +1000,8 @@ def _bwd_dbias_kernel(Q, K, V, Bias, Mask, KvLens, CuQ, CuK, DO, Lse, Delta, Sca
                             p = p * c[:, None]
                         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
                         if DROPOUT:
-                            keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], Lq, Lk)
+                            keep = _keep(seed, dropout_p, b * H + h, offs_m[:, None], offs_n[None, :], drop_Lq,
+                                         drop_Lk, drop_base)
                             dp = _kept_dp(dp, keep, keep_scale, DOT_PREC == "ieee")
                         acc += _ds(p, dp, delta[:, None], delta_lo[:, None], DOT_PREC == "ieee", DROPOUT)
 
@@ -1020,7 +1029,7 @@ def _dropout_mask_kernel(Keep, seed, dropout_p, Lq, Lk, bh0, BLOCK_M: tl.constex
     pid_bh = bh0 + tl.program_id(2)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk)
+    keep = _keep(seed, dropout_p, pid_bh, offs_m[:, None], offs_n[None, :], Lq, Lk, 0)
     tl.store(Keep + (pid_bh.to(tl.int64) * Lq + offs_m[:, None]) * Lk + offs_n[None, :], keep.to(tl.uint8),
              mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk))
 
@@ -1039,7 +1048,8 @@ def _rows(t, varlen):
     return (0, t.stride(1), t.stride(0)) if varlen is not None else tuple(t.stride()[:3])
 
 
-def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen):
+def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen,
+            origin=None):
     H, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]  # [B, H, L, D] or packed [total, H, D]
     if varlen is not None:  # (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         B, Lq, Lk = varlen[0].shape[0] - 1, varlen[2], varlen[3]
@@ -1052,6 +1062,10 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
     if causal:
         right = 0
     dropout_p, seed = dropout
+    # origin (i0, j0, Lq', Lk'): these rows and keys start at i0 and j0 of a [Lq', Lk'] problem (one block of
+    # context parallelism): windows, causal and ALiBi take global positions, and the dropout mask is that problem's
+    i0, j0, drop_Lq, drop_Lk = origin if origin is not None else (0, 0, Lq, Lk)
+    shift0, drop_base = i0 - j0, i0 * drop_Lk + j0
     dummy = q  # pointer for absent optional tensors; never dereferenced
     args = dict(H=H, GROUP=H // Hkv, Lq=Lq, Lk=Lk, sm_scale=scale,
                 Q_BUCKET=triton.next_power_of_2(Lq), K_BUCKET=triton.next_power_of_2(Lk),
@@ -1059,6 +1073,7 @@ def _common(q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alib
                 s_ab=alibi.stride(0) if alibi is not None and alibi.shape[0] > 1 else 0,
                 win_left=max(left, 0), win_right=max(right, 0), softcap=float(softcap),
                 dropout_p=_fp32(dropout_p), keep_scale=dropout_keep_scale(dropout_p), seed=int(seed),
+                drop_Lq=drop_Lq, drop_Lk=drop_Lk, drop_base=drop_base, shift0=shift0,
                 HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), WIN_LEFT=left >= 0, WIN_RIGHT=right >= 0,
                 BOTTOM_RIGHT=bottom_right, HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 HAS_KVLENS=kv_lens is not None, HAS_ALIBI=alibi is not None, HAS_SOFTCAP=softcap > 0.0,
@@ -1096,17 +1111,19 @@ MAX_GRID_YZ = 65535  # CUDA's limit on a grid's y and z extents, where the kerne
 
 
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None):
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None, origin=None):
     """Fill ``out`` like q and ``lse`` (fp32, or fp64 as the op gives for fp32 inputs; contiguous, base 2:
     lse·log2(e)): q [B, H, Lq, D] and lse [B, H, Lq],
     or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q [total_q, H, D],
     k/v [total_k, Hkv, D] and lse [H, total_q]. Last dims must be contiguous. ``window`` = (left, right), −1
     unbounded; ``alibi``: fp32 [1|B, H]; ``softcap`` > 0 caps scores; ``dropout`` = (p, Philox seed).
     ``count``: a dict that receives the key blocks each program computed ("fwd"). ``out_lo`` (fp16/bf16, like
-    ``out`` with its strides) receives what rounding the output dropped, for :func:`backward`."""
+    ``out`` with its strides) receives what rounding the output dropped, for :func:`backward`. ``origin`` =
+    (i0, j0, Lq', Lk'): q's rows and k's keys are positions i0.. and j0.. of a [Lq', Lk'] problem (context
+    parallelism's blocks): the window, causal diagonal (top-left), ALiBi and dropout mask are that problem's."""
     _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
-        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
+        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen, origin)
     group = H // Hkv
     pack = _pack_for(q, group, Lq, args["BLOCK_D"])
     heads, rows = (Hkv, Lq * group) if pack else (H, Lq)  # a packed program's rows: its kv head's query heads
@@ -1227,7 +1244,7 @@ def _splits_for(q, heads, rows, Lk, block_d):
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None, out_lo=None, sink_weight=None):
+             row_scale=None, out_lo=None, sink_weight=None, origin=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed; with dropout, fp32 ``v`` holds r·v
@@ -1242,7 +1259,7 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     r_i = lse2_i·ln 2 rounded to fp32 as _row_stats forms it; the D pass counts it in Σ_j p_ij."""
     _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
-        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen)
+        q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen, origin)
     # A full-size bias gets ds stored by the dK/dV kernel; a broadcast one its own reduction kernel.
     bcast = dbias is not None and tuple(dbias.shape) != (B, H, Lq, Lk)
     # fp32: a first launch of the dq kernel (DELTA_PASS) adds Σ_j p_ij dp_ij / Σ_j p_ij to −log2(e)·dlse2_i;
