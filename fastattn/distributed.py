@@ -24,9 +24,12 @@ works). "zigzag": 2N chunks, rank r holds chunks r and 2N−1−r (every rank ge
 
 Causal attention is top-left in global positions (query i sees keys j <= i); ``window_size`` (left, right) keeps
 i − left <= j <= i + right (causal: right = 0), as fastattn.attention's. Between a query chunk and a key chunk a
-block is "full" (every pair visible), "skip" (none) or banded: the rows and keys the window reaches, with the
-block's own top-left window (``_band``). Without a window only a rank's own shard has banded (causal-diagonal)
+block is "full" (every pair visible), "skip" (none) or banded: the rows and keys the window reaches, the window
+taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a rank's own shard has banded (causal-diagonal)
 blocks; with one, the ring stops after the last step whose shard some window reaches, and dK/dV go straight home.
+ALiBi and dropout need each block's positions: their blocks cover one chunk pair each, and the kernels take the
+block's origin (its first row's and key's positions), so the slopes' distances and the dropout mask's Philox
+counters are the whole sequence's (the mask equals one process's for the same seed).
 """
 from __future__ import annotations
 

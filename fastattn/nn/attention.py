@@ -210,7 +210,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     def _context_parallel_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         """Self-attention of this rank's shards over ``context_parallel_group`` (ring attention): query, key and
-        value hold the same positions; ``is_causal=True`` (no attn_mask needed) is causal in global positions."""
+        value hold the same positions; ``is_causal=True`` (no attn_mask needed), ``window_size`` and ALiBi are in
+        global positions; dropout draws the whole sequence's mask (fastattn.distributed)."""
         from ..distributed import context_parallel_attention
 
         try:  # a check failing on one rank joins the ring's exchange of shapes, so no other rank waits for it
