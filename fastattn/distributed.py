@@ -33,8 +33,10 @@ counters are the whole sequence's (the mask equals one process's for the same se
 """
 from __future__ import annotations
 
+import bisect
 import math
 import struct
+import zlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -244,23 +246,39 @@ def _band(qs: int, ql: int, ks: int, kl: int, left: int, right: int):
     return ra, rb, ka, kb, wl, wr
 
 
-def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True):
+def _doc_trim(i0: int, i1: int, j0: int, j1: int, docs: list[int]):
+    """Rows [i0, i1) and keys [j0, j1) (positions) cut to those whose document (``docs``: boundaries, cu_seqlens)
+    the other side also holds, and whether they span more than one document (then a pair is visible only within
+    one: the block needs the document mask); None where they share none."""
+    doc = lambda pos: bisect.bisect_right(docs, pos) - 1  # noqa: E731
+    dq0, dq1, dk0, dk1 = doc(i0), doc(i1 - 1), doc(j0), doc(j1 - 1)
+    if dq1 < dk0 or dk1 < dq0:
+        return None
+    i0, i1 = max(i0, docs[dk0]), min(i1, docs[dk1 + 1])
+    j0, j1 = max(j0, docs[dq0]), min(j1, docs[dq1 + 1])
+    return i0, i1, j0, j1, not doc(i0) == doc(i1 - 1) == doc(j0) == doc(j1 - 1)
+
+
+def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: Optional[list[int]] = None):
     """The attention blocks of one ring step for a rank holding queries at ``q_chunks`` and keys at ``k_chunks``
     ((global start, length), increasing) under the global window (left, right) (causal: right = 0): a list of
-    (q_lo, q_hi, k_lo, k_hi, wl, wr, i0, j0) in local offsets, the block's rows being positions i0, i0 + 1, ... and
-    its keys j0, j0 + 1, ..., and (wl, wr) the window in positions (−1: unbounded). With ``merge``, runs of chunks
-    that one call covers merge into one block (i0 = j0 = None: not consecutive positions, window (−1, −1) or
-    causal (−1, 0), which need only the order): what ALiBi and dropout, which need positions, must not get."""
+    (q_lo, q_hi, k_lo, k_hi, wl, wr, i0, j0, doc_mask) in local offsets, the block's rows being positions i0,
+    i0 + 1, ... and its keys j0, j0 + 1, ..., (wl, wr) the window in positions (−1: unbounded) and doc_mask whether
+    it spans several of the documents ``docs`` (boundaries; None: one document). With ``merge`` (not with docs),
+    runs of chunks that one call covers merge into one block (i0 = j0 = None: not consecutive positions, window
+    (−1, −1) or causal (−1, 0), which need only the order): what ALiBi and dropout, which need positions, must not
+    get."""
     Lq, Lk = sum(n for _, n in q_chunks), sum(n for _, n in k_chunks)
     if Lq == 0 or Lk == 0:
         return []
+    merge = merge and docs is None
     if merge and left < 0 and right < 0:
-        return [(0, Lq, 0, Lk, -1, -1, None, None)]
+        return [(0, Lq, 0, Lk, -1, -1, None, None, False)]
     if merge and left < 0 and right == 0 and q_chunks == k_chunks:
         # The same positions in the same increasing order: local index order is global order, so one top-left
         # causal call covers the diagonal blocks, the full block of the later chunk on the earlier one and the
         # skipped block (the kernels do not visit key blocks past the diagonal).
-        return [(0, Lq, 0, Lk, -1, 0, None, None)]
+        return [(0, Lq, 0, Lk, -1, 0, None, None, False)]
     blocks, q_off = [], 0
     for qs, ql in q_chunks:
         full, k_off = [], 0  # the key ranges every query of this chunk sees entirely, merged where adjacent
@@ -273,24 +291,28 @@ def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True):
                         full[-1] = (full[-1][0], k_off + kl)
                     else:
                         full.append((k_off, k_off + kl))
-                else:
-                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr, qs + ra, ks + ka))
+                elif docs is None:
+                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr, qs + ra, ks + ka, False))
+                elif (cut := _doc_trim(qs + ra, qs + rb, ks + ka, ks + kb, docs)) is not None:
+                    i0, i1, j0, j1, doc_mask = cut
+                    blocks.append((q_off + i0 - qs, q_off + i1 - qs, k_off + j0 - ks, k_off + j1 - ks, wl, wr, i0, j0,
+                                   doc_mask))
             k_off += kl
         for lo, hi in full:  # a run of query chunks seeing the same keys is one call
             if blocks and blocks[-1][1] == q_off and blocks[-1][2:6] == (lo, hi, -1, -1):
-                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, -1, -1, None, None)
+                blocks[-1] = (blocks[-1][0], q_off + ql, lo, hi, -1, -1, None, None, False)
             else:
-                blocks.append((q_off, q_off + ql, lo, hi, -1, -1, None, None))
+                blocks.append((q_off, q_off + ql, lo, hi, -1, -1, None, None, False))
         q_off += ql
     return blocks
 
 
-def _last_step(chunks, window: tuple[int, int]) -> int:
+def _last_step(chunks, window: tuple[int, int], docs: Optional[list[int]] = None) -> int:
     """The last ring step T at which some rank's queries see keys of the shard in hand (rank r holds shard r − t
     at step t): the ring stops there, T = N − 1 but for windows that reach fewer shards (every rank knows every
     shard's chunks, so all agree)."""
     N = len(chunks)
-    return next((t for t in reversed(range(N)) if any(_plan(chunks[r], chunks[(r - t) % N], *window)
+    return next((t for t in reversed(range(N)) if any(_plan(chunks[r], chunks[(r - t) % N], *window, docs=docs)
                                                       for r in range(N))), 0)
 
 
@@ -331,17 +353,28 @@ class _Ring:
 # --------------------------------------------------------------------------------------------- block kernels
 class _Features(NamedTuple):
     """What every block of one call shares: softcap (0: off), ALiBi slopes (fp32 [1|B, H] or None), dropout
-    (p, Philox seed; p = 0: off) and the sequence length L (positions 0 .. L − 1, the dropout counters')."""
+    (p, Philox seed; p = 0: off), the sequence length L (positions 0 .. L − 1, the dropout counters'), and the
+    documents: boundaries ``docs`` (cu_seqlens, or None) and each position's document ``doc_of`` (int32 [L])."""
     softcap: float
     alibi: Optional[Tensor]
     dropout_p: float
     seed: int
     L: int
+    docs: Optional[list[int]] = None
+    doc_of: Optional[Tensor] = None
+
+
+def _doc_mask(blk, lq: int, lk: int, feat: _Features) -> Optional[Tensor]:
+    """Bool [lq, lk]: True where row and key of the block lie in the same document; None where it needs none."""
+    _, _, i0, j0, doc_mask = blk
+    if not doc_mask:
+        return None
+    return feat.doc_of[i0:i0 + lq, None] == feat.doc_of[None, j0:j0 + lk]
 
 
 def _shift(i0: Optional[int], j0: Optional[int]) -> int:
-    """Position j − i minus index j − i of a block whose rows start at position i0 and keys at j0 (0: a merged
-    block, whose windows need only the order)."""
+    """Index j − i minus position j − i in a block whose rows start at position i0 and keys at j0: the kernels'
+    diagonal shift (0 for a merged block, whose windows need only the order)."""
     return 0 if i0 is None else i0 - j0
 
 
@@ -349,7 +382,7 @@ def _torch_scores(q, k, scale, blk, feat: _Features):
     """(s, t, keep) of a block: scores s = scale·q·kᵀ, capped (t = tanh(s/c), else None), minus ALiBi's
     slope·|i − j| in positions, −inf where the window hides the pair; keep: the dropout keep-mask of these
     positions (the kernels' Philox), or None. q grouped [B, Hkv, G, Lq, D], k [B, Hkv, 1, Lk, D]."""
-    wl, wr, i0, j0 = blk
+    wl, wr, i0, j0, _ = blk
     B, Hkv, G, Lq = q.shape[:4]
     Lk = k.shape[3]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -366,6 +399,9 @@ def _torch_scores(q, k, scale, blk, feat: _Features):
         hide = rel > wr
     if wl >= 0:
         hide = rel < -wl if hide is None else hide | (rel < -wl)
+    same_doc = _doc_mask(blk, Lq, Lk, feat)
+    if same_doc is not None:
+        hide = ~same_doc if hide is None else hide | ~same_doc
     if hide is not None:
         s = s.masked_fill(hide, float("-inf"))
     keep = None
@@ -435,7 +471,7 @@ def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Fea
 def _kernel_features(blk, feat: _Features) -> dict:
     """The Triton launchers' keywords for a block: its window and, for a block at known positions, its origin
     (the windows, diagonal, ALiBi and dropout counters then in positions)."""
-    wl, wr, i0, j0 = blk
+    wl, wr, i0, j0, _ = blk
     return dict(window=(wl, wr), softcap=feat.softcap, alibi=feat.alibi,
                 dropout=(feat.dropout_p, feat.seed) if feat.dropout_p > 0.0 else (0.0, 0),
                 origin=None if i0 is None else (i0, j0, feat.L, feat.L))
@@ -448,7 +484,9 @@ def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
         return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64)
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
-    kernels.forward(q, k, v, None, None, None, out, lse2, scale, False, False, **_kernel_features(blk, feat))
+    mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
+    kernels.forward(q, k, v, None, None if mask is None else mask[None, None], None, out, lse2, scale, False, False,
+                    **_kernel_features(blk, feat))
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
@@ -472,8 +510,10 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Fe
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
         if feat.dropout_p > 0.0:  # fp32 with dropout: V holds r·v (as fastattn.attention's backward passes it)
             v = _dp_values(v, feat.dropout_p, "triton")
-    kernels.backward(do, q, k, v, out, lse2, None, None, None, None, dq, dk, dv, None, scale, False, False,
-                     delta_from_p=False, row_scale=row_scale, out_lo=out_lo, **_kernel_features(blk, feat))
+    mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
+    kernels.backward(do, q, k, v, out, lse2, None, None, None if mask is None else mask[None, None], None, dq, dk, dv,
+                     None, scale, False, False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo,
+                     **_kernel_features(blk, feat))
     return dq, dk, dv
 
 
@@ -491,8 +531,9 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 
 # --------------------------------------------------------------------------------------------- autograd
 def _mergeable(feat: _Features) -> bool:
-    """Whether blocks may span chunks that are not consecutive positions: not for ALiBi and dropout (by position)."""
-    return feat.alibi is None and feat.dropout_p == 0.0
+    """Whether blocks may span chunks that are not consecutive positions: not for ALiBi, dropout and documents
+    (by position)."""
+    return feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -504,7 +545,7 @@ class _RingAttention(torch.autograd.Function):
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
         D = q.shape[3]
         r, N = ring.rank, ring.size
-        T = _last_step(chunks, window)
+        T = _last_step(chunks, window, feat.docs)
         kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)  # merged in fp64
@@ -513,7 +554,7 @@ class _RingAttention(torch.autograd.Function):
             if t < T:  # the next shard is on its way while this one is computed
                 nxt = (r - t - 1) % N
                 pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
-            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat)):
+            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat), docs=feat.docs):
                 args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, blk, feat, acc)
                 o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
@@ -555,7 +596,7 @@ class _RingAttention(torch.autograd.Function):
             # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
             # arrive meanwhile and are added below.
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
-            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat)):
+            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat), docs=feat.docs):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
                         None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, blk, feat)
                 if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
@@ -586,6 +627,21 @@ class _RingAttention(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------- public
 def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if code < len(_DTYPES) else "an unsupported dtype"
+
+
+def _docs_list(cu_seqlens) -> Optional[list[int]]:
+    """cu_seqlens (None, ints, or a 1-d int tensor) as a list of ints (one host sync for a GPU tensor)."""
+    if cu_seqlens is None:
+        return None
+    if isinstance(cu_seqlens, Tensor):
+        if cu_seqlens.dim() != 1 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"cu_seqlens must be a 1-d int32/int64 tensor or a list of ints, got "
+                            f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+        cu_seqlens = cu_seqlens.tolist()
+    if (not isinstance(cu_seqlens, (list, tuple)) or len(cu_seqlens) < 2
+            or not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens)):
+        raise TypeError(f"cu_seqlens must be a list of at least 2 ints (or a 1-d int tensor), got {cu_seqlens!r}")
+    return [int(x) for x in cu_seqlens]
 
 
 def _bits_f64(bits: int) -> float:
@@ -636,7 +692,8 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
-                               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, backend: str = "auto",
+                               alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, cu_seqlens=None,
+                               backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -655,12 +712,16 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     global positions. ``dropout_p``: dropout of the attention weights, with the mask that fastattn.attention's
     kernels draw for the whole sequence from the same seed (rank 0's draw from torch's CPU generator): the same
     result as one process running fastattn.attention(backend="triton") after the same torch.manual_seed.
+    ``cu_seqlens`` (ints, a list or an int tensor, the same on every rank): documents packed in the sequence, at
+    global positions cu[d] .. cu[d + 1] (cu[0] = 0, cu[−1] = L), for every batch entry: a query sees keys of its
+    own document only (as fastattn.attention with cu_seqlens_q = cu_seqlens_k = cu on the packed sequence; with
+    dropout, the mask is the whole sequence's, not the per-document one of fastattn.attention's packed path).
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
-    left, right, cap, slopes, seed = -1, -1, 0.0, None, 0
+    left, right, cap, slopes, seed, docs = -1, -1, 0.0, None, 0, None
     try:
         if error is not None:
             raise error
@@ -680,6 +741,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             check_sinks(sinks, q, q.shape[1])
         left, right, slopes, cap = _check_features(q, *(q.shape[:2] if q.dim() == 4 else (1, 1)), window_size,
                                                    alibi_slopes, softcap)
+        docs = _docs_list(cu_seqlens)
         if dropout_p > 0.0:  # as fastattn.attention draws it; rank 0's is used
             seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
         if causal:
@@ -717,7 +779,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
              int(sinks is not None), left, right, _f64_bits(cap),
              _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), int(slopes is not None),
-             seed]
+             seed, -1 if docs is None else len(docs),
+             -1 if docs is None else zlib.crc32(struct.pack(f"<{len(docs)}q", *docs))]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
 
     def same(indices):
@@ -732,10 +795,14 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"), (20, "sinks (given or not)")))
     L = _check_shards([m[:17] for m in metas], N, layout)
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
-          (25, "ALiBi slopes (given or not)")))
+          (25, "ALiBi slopes (given or not)"), (27, "cu_seqlens (lengths)"), (28, "cu_seqlens (values' CRC-32)")))
+    if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
+        raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
-    feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L)
+    doc_of = None if docs is None else (torch.searchsorted(torch.tensor(docs, device=q.device),
+                                                           torch.arange(L, device=q.device), right=True) - 1).int()
+    feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of)
     return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right), feat,
                                 use)

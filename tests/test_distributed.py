@@ -65,7 +65,14 @@ def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
 
 def _single(qkv, do, dtype, causal, scale=None, sinks=None, **features):
     """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``;
-    ``features``: window_size, alibi_slopes, softcap, dropout_p with dropout_mask."""
+    ``features``: window_size, alibi_slopes, softcap, dropout_p with dropout_mask, cu_seqlens (as the bool mask
+    of same-document pairs)."""
+    cu = features.pop("cu_seqlens", None)
+    if cu is not None:
+        L = qkv[0].shape[2]
+        doc = torch.searchsorted(torch.tensor(cu), torch.arange(L), right=True).to(qkv[0].device)
+        features["attn_bias"] = doc[:, None] == doc[None, :]
+
     def fn(q, k, v, sinks):
         return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference",
                                           **features)}
@@ -137,7 +144,7 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         features["dropout_mask"] = keep
         if backend == "triton":  # one process, the Triton kernels, the same torch seed: the same mask
             torch.manual_seed(1000 + seed)
-            kw = {n: x for n, x in features.items() if n != "dropout_mask"}
+            kw = {n: x for n, x in features.items() if n not in ("dropout_mask", "cu_seqlens")}
             _, mask1 = fastattn.attention(*[t.to(dtype) for t in qkv], causal=causal, scale=scale,
                                           return_dropout_mask=True, backend="triton", **kw)
             assert torch.equal(mask1, keep)
@@ -349,6 +356,12 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), dropout_p=0.1 if r == 0 else 0.0)
     with pytest.raises(ValueError, match=r"different ALiBi slopes \(given or not\): \[1, 0\]"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(2) if r == 0 else None)
+    with pytest.raises(ValueError, match=r"different cu_seqlens \(values' CRC-32\)"):
+        context_parallel_attention(*_shards(env), cu_seqlens=[0, 10 + r, 20])
+    with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the sequence length 20"):
+        context_parallel_attention(*_shards(env), cu_seqlens=[0, 10, 21])
+    with pytest.raises(TypeError, match="cu_seqlens must be a 1-d int32/int64 tensor"):
+        context_parallel_attention(*_shards(env), cu_seqlens=torch.tensor([0.0, 20.0]))
     with pytest.raises(ValueError, match="alibi_slopes must have shape"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(3))
     with pytest.raises(ValueError, match="agree in every dim but dim 2"):
@@ -431,6 +444,16 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
     cases[f"{backend}-contiguous-causal-{str(dtypes[-1])[6:]}-window6,0-softcap2-sinks"] = (case_matches_single, dict(
         dtype=dtypes[-1], causal=True, layout="contiguous", backend=backend, window_size=(6, 0), softcap=2.0,
         sinks=True, seed=90))
+    # Documents (cu_seqlens; one of length 1), alone and with causal, a window, dropout and ALiBi.
+    docs = [0, 5, 6, 20, 37]
+    for layout, causal, extra, dtype in (("zigzag", True, dict(), torch.float32),
+                                         ("contiguous", False, dict(window_size=(4, 4)), dtypes[-1]),
+                                         ("zigzag", False, dict(), dtypes[-1]),
+                                         ("contiguous", True, dict(dropout_p=0.2, alibi=True), torch.float32)):
+        name = "-".join(f"{n}{v}" if not isinstance(v, bool) else n for n, v in extra.items()).replace(" ", "")
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-docs{name and '-' + name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend, cu_seqlens=docs,
+                                      seed=130 + len(cases), **extra))
     # Dropout (the whole sequence's Philox mask) and ALiBi (in positions): merged blocks split per chunk pair.
     for layout, causal, extra, dtype in (("zigzag", True, dict(dropout_p=0.2), torch.float32),
                                          ("zigzag", True, dict(dropout_p=0.3), dtypes[-1]),
@@ -478,6 +501,12 @@ SUITES = {
         "triton-contiguous-full-float32-dropout": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=15,
             dropout_p=0.25)),
+        "triton-zigzag-causal-float16-docs": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=17,
+            cu_seqlens=torch.tensor([0, 13, 14, 30, 45]))),
+        "triton-contiguous-full-float32-docs-window5,5": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=18,
+            cu_seqlens=[0, 9, 10, 23, 37], window_size=(5, 5))),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
@@ -585,32 +614,50 @@ def _block_seen(qb, kb, wl, wr, shift):
     return seen
 
 
-@pytest.mark.parametrize("merge", [True, False], ids=["merged", "by-position"])
+def _docs(L):
+    """Document boundaries for a length-L sequence: three documents, one of length 1 where L allows."""
+    return sorted({0, L // 3, min(L, L // 3 + 1), L})
+
+
+@pytest.mark.parametrize("mode", ["merged", "by-position", "docs"])
 @pytest.mark.parametrize("layout", fd.LAYOUTS)
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
-def test_plan_is_the_window_mask(layout, window, merge):
+def test_plan_is_the_window_mask(layout, window, mode):
     """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step,
     each with its window taken from its diagonal shift i0 − j0 (0 for merged blocks), cover exactly the global
     window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; a ring step
     after _last_step has no block. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
+    With documents (cu_seqlens) the pairs of the same document only, a block spanning several flagged (doc_mask)
+    and rows and keys trimmed to the documents the other side holds.
     Causal: zigzag steps away from the diagonal are one full block of one chunk's length on either side (the
     balanced work); no window: one block."""
     left, right = window
+    merge = mode == "merged"
     for N in range(1, 6):
         for L in list(range(0, 2 * N + 3)) + [37, 64]:
             chunks = [fd._rank_chunks(L, N, r, layout) for r in range(N)]
-            T = fd._last_step(chunks, window)
+            docs = _docs(L) if mode == "docs" and L else None
+            T = fd._last_step(chunks, window, docs)
             for r in range(N):
                 for t in range(N):
                     src = (r - t) % N
                     q, k, want = _step_mask(N, L, layout, r, src, left, right)
+                    if docs is not None:
+                        doc = torch.searchsorted(torch.tensor(docs), torch.arange(L), right=True)
+                        want = want & (doc[q][:, None] == doc[k][None, :])
                     got = torch.zeros(len(q), len(k), dtype=torch.int32)
-                    blocks = fd._plan(chunks[r], chunks[src], left, right, merge=merge)
-                    for qa, qb, ka, kb, wl, wr, i0, j0 in blocks:
+                    blocks = fd._plan(chunks[r], chunks[src], left, right, merge=merge, docs=docs)
+                    for qa, qb, ka, kb, wl, wr, i0, j0, doc_mask in blocks:
                         assert merge or (i0 is not None and torch.equal(q[qa:qb], i0 + torch.arange(qb - qa))
                                          and torch.equal(k[ka:kb], j0 + torch.arange(kb - ka))), blocks
                         seen = _block_seen(qb - qa, kb - ka, wl, wr, 0 if i0 is None else i0 - j0)
-                        assert seen.any(dim=1).all() and seen.any(dim=0).all(), (blocks, "a row or key with nothing")
+                        if docs is None:
+                            assert not doc_mask
+                            assert seen.any(dim=1).all() and seen.any(dim=0).all(), (blocks, "a row or key sees none")
+                        else:
+                            same = doc[q[qa:qb]][:, None] == doc[k[ka:kb]][None, :]
+                            assert doc_mask == (not same.all()) and same.any(dim=1).all() and same.any(dim=0).all()
+                            seen &= same
                         got[qa:qb, ka:kb] += seen.int()
                     assert torch.equal(got, want.int()), (N, L, r, src, blocks)
                     assert not blocks or t <= T
@@ -618,8 +665,9 @@ def test_plan_is_the_window_mask(layout, window, merge):
                         assert len(blocks) == 1 and blocks[0][4:6] == (-1, -1) \
                             and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) == len(q) * len(k) // 2
                     if merge and window == (-1, -1):
-                        assert blocks == ([(0, len(q), 0, len(k), -1, -1, None, None)] if len(q) and len(k) else [])
-            if layout == "contiguous" and window in ((3, 0), (0, 0)) and L >= 4 * N:  # windows within a shard
+                        assert blocks == ([(0, len(q), 0, len(k), -1, -1, None, None, False)] if len(q) and len(k)
+                                          else [])
+            if layout == "contiguous" and window in ((3, 0), (0, 0)) and L >= 4 * N and docs is None:
                 assert T == (0 if window == (0, 0) or N == 1 else 1), (N, L, T)
 
 
