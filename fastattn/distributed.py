@@ -291,12 +291,13 @@ def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: O
                         full[-1] = (full[-1][0], k_off + kl)
                     else:
                         full.append((k_off, k_off + kl))
-                elif docs is None:
-                    blocks.append((q_off + ra, q_off + rb, k_off + ka, k_off + kb, wl, wr, qs + ra, ks + ka, False))
-                elif (cut := _doc_trim(qs + ra, qs + rb, ks + ka, ks + kb, docs)) is not None:
-                    i0, i1, j0, j1, doc_mask = cut
-                    blocks.append((q_off + i0 - qs, q_off + i1 - qs, k_off + j0 - ks, k_off + j1 - ks, wl, wr, i0, j0,
-                                   doc_mask))
+                else:  # in positions: rows i0 .. i1, keys j0 .. j1
+                    cut = (qs + ra, qs + rb, ks + ka, ks + kb, False) if docs is None else \
+                        _doc_trim(qs + ra, qs + rb, ks + ka, ks + kb, docs)
+                    if cut is not None:
+                        i0, i1, j0, j1, doc_mask = cut
+                        blocks.append((q_off + i0 - qs, q_off + i1 - qs, k_off + j0 - ks, k_off + j1 - ks, wl, wr,
+                                       i0, j0, doc_mask))
             k_off += kl
         for lo, hi in full:  # a run of query chunks seeing the same keys is one call
             if blocks and blocks[-1][1] == q_off and blocks[-1][2:6] == (lo, hi, -1, -1):
