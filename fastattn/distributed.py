@@ -439,9 +439,10 @@ def _torch_block_forward(q, k, v, scale, blk, feat: _Features, acc):
     return o.reshape(B, H, Lq, v.shape[3]), lse2.reshape(B, H, Lq)
 
 
-def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Features, acc):
+def _torch_block_backward(do, q, k, v, out, out_lo, lse2, dlse2, scale, blk, feat: _Features, acc):
     """(dq, dk, dv) in ``acc`` of this block's keys, from the global output (fp16/bf16: plus ``out_lo``, what
-    rounding it dropped) and lse2 (+inf: empty row) of these query rows, with D_i = do_i·o_i."""
+    rounding it dropped), lse2 (+inf: empty row) and its gradient dlse2 (or None) of these query rows, with
+    D_i = do_i·o_i − dLSE_i."""
     B, H, Lq, D = q.shape
     Hkv = k.shape[1]
     G = H // Hkv
@@ -452,6 +453,8 @@ def _torch_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Fea
     # one key has o_i = v_j bitwise, and then dp − D cancels exactly (its gradient is exactly 0, as the reference's).
     og = (out.to(acc) if out_lo is None else out.to(acc) + out_lo.to(acc)).reshape(B, Hkv, G, Lq, Dv)
     delta = torch.matmul(dog, og.transpose(-1, -2)).diagonal(dim1=-2, dim2=-1).unsqueeze(-1)
+    if dlse2 is not None:  # ∂LSE_i/∂s_ij = p_ij: dLSE joins ds_ij = p_ij (dp_ij − D_i + dLSE_i) through D_i
+        delta = delta - (dlse2.to(acc) * LOG2E).reshape(B, Hkv, G, Lq, 1)
     s, t, keep = _torch_scores(qg, kk, scale, blk, feat)
     # p = e^(s − lse) with the global LSE in fp64 (lse2, base 2, from the merges): no rounding of it in p
     p = torch.exp(s.double() - lse2.double().reshape(B, Hkv, G, Lq, 1) / LOG2E).to(acc)
@@ -491,9 +494,9 @@ def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
-def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Features):
-    """(dq, dk, dv) in fp32 by the Triton kernels, given the global output (and ``out_lo``) and lse2 of these
-    query rows."""
+def _triton_block_backward(do, q, k, v, out, out_lo, lse2, dlse2, scale, blk, feat: _Features):
+    """(dq, dk, dv) in fp32 by the Triton kernels, given the global output (and ``out_lo``), lse2 and its gradient
+    dlse2 (or None) of these query rows."""
     from .triton import attention as kernels
     if q.numel() == 0 or k.numel() == 0:  # nothing to launch: no row, or no key of this block
         return (q.new_zeros(q.shape, dtype=torch.float32), k.new_zeros(k.shape, dtype=torch.float32),
@@ -512,7 +515,8 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, scale, blk, feat: _Fe
         if feat.dropout_p > 0.0:  # fp32 with dropout: V holds r·v (as fastattn.attention's backward passes it)
             v = _dp_values(v, feat.dropout_p, "triton")
     mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
-    kernels.backward(do, q, k, v, out, lse2, None, None, None if mask is None else mask[None, None], None, dq, dk, dv,
+    dlse2 = None if dlse2 is None else dlse2.contiguous()
+    kernels.backward(do, q, k, v, out, lse2, dlse2, None, None if mask is None else mask[None, None], None, dq, dk, dv,
                      None, scale, False, False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo,
                      **_kernel_features(blk, feat))
     return dq, dk, dv
@@ -572,14 +576,21 @@ class _RingAttention(torch.autograd.Function):
             # forms it (README, Numerics)
             out_lo = (merged - out.to(merged.dtype)).to(q.dtype)
         ctx.save_for_backward(q, k, v, sinks, out, lse, out_lo)
+        ctx.set_materialize_grads(False)
+        # the returned LSE in natural units (fastattn.attention's return_lse), converted in fp64, rounded once
+        lse_out = (lse.double() * math.log(2.0)).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
         ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat, ctx.backend, ctx.T = (ring, chunks, scale, window,
                                                                                       feat, backend, T)
-        return out
+        return out, lse_out
 
     @staticmethod
     @once_differentiable  # the ring's transfers are not differentiable: double backward raises, never miscomputes
-    def backward(ctx, dout):
+    def backward(ctx, dout, dlse):
         q, k, v, sinks, out, lse, out_lo = ctx.saved_tensors
+        if dout is None:  # only the LSE was differentiated
+            dout = torch.zeros_like(out)
+        # dlse2, the gradient of lse2 = LSE·log2(e) (the kernels' dlse), as lse; the torch blocks take dLSE
+        dlse2 = None if dlse is None else (dlse.double() * math.log(2.0)).to(lse.dtype)
         ring, chunks, scale, window, feat, backend, T = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat,
                                                          ctx.backend, ctx.T)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -599,7 +610,8 @@ class _RingAttention(torch.autograd.Function):
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
             for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat), docs=feat.docs):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
-                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb], scale, blk, feat)
+                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb],
+                        None if dlse2 is None else dlse2[:, :, qa:qb], scale, blk, feat)
                 if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
                     g = _triton_block_backward(*rows)
                 else:
@@ -621,7 +633,7 @@ class _RingAttention(torch.autograd.Function):
             home = pending_dkv.wait()
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share (as for any replicated weight)
-            dsinks = _sink_row_grad(do, out, out_lo, lse, None, sinks).sum((0, 2)).to(sinks.dtype)
+            dsinks = _sink_row_grad(do, out, out_lo, lse, dlse2, sinks).sum((0, 2)).to(sinks.dtype)
         return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), dsinks, None, None, None, None, None, None
 
 
@@ -694,7 +706,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
                                alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, cu_seqlens=None,
-                               backend: str = "auto",
+                               return_lse: bool = False, backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -717,6 +729,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     global positions cu[d] .. cu[d + 1] (cu[0] = 0, cu[−1] = L), for every batch entry: a query sees keys of its
     own document only (as fastattn.attention with cu_seqlens_q = cu_seqlens_k = cu on the packed sequence; with
     dropout, the mask is the whole sequence's, not the per-document one of fastattn.attention's packed path).
+    ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included,
+    +inf for a row that sees no key; fp32, fp64 for fp64 inputs), differentiable, as fastattn.attention's.
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
@@ -805,5 +819,6 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     doc_of = None if docs is None else (torch.searchsorted(torch.tensor(docs, device=q.device),
                                                            torch.arange(L, device=q.device), right=True) - 1).int()
     feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of)
-    return _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right), feat,
-                                use)
+    out, lse = _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right),
+                                    feat, use)
+    return (out, lse) if return_lse else out

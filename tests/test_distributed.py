@@ -44,18 +44,27 @@ def _inputs(B, H, Hkv, L, D, seed, device):
     return [x.to(device) for x in t[:3]], t[3].to(device)
 
 
-def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
+def _run_cp(group, qkv, do, dtype, sinks=None, dlse=None, **kw):
     """Context-parallel forward + backward on this rank's shards -> the unsharded out, dq, dk, dv (and dsinks,
-    summed over the group)."""
+    summed over the group; with ``dlse``, the LSE too, differentiated against it)."""
     layout = kw.get("layout", "zigzag")
     shards = [shard(t.detach().to(dtype), group, layout=layout).requires_grad_() for t in qkv]
     if sinks is not None:
         kw["sinks"] = sinks = sinks.detach().to(dtype).requires_grad_()
-    out = context_parallel_attention(*shards, group, **kw)
+    out = context_parallel_attention(*shards, group, return_lse=dlse is not None, **kw)
+    if dlse is not None:
+        out, lse = out
+        assert lse.shape == shards[0].shape[:3] and lse.dtype == (torch.float64 if dtype == torch.float64
+                                                                   else torch.float32)
+        torch.autograd.backward([out, lse], [shard(do.to(dtype), group, layout=layout),
+                                             shard(dlse.to(lse.dtype), group, layout=layout)])
+    else:
+        out.backward(shard(do.to(dtype), group, layout=layout))
     assert out.dtype == dtype and out.shape == shards[0].shape
-    out.backward(shard(do.to(dtype), group, layout=layout))
     names = ("out", "dq", "dk", "dv")
     res = {n: unshard(t.detach(), group, layout=layout) for n, t in zip(names, (out, *[s.grad for s in shards]))}
+    if dlse is not None:
+        res["lse"] = unshard(lse.detach(), group, layout=layout)
     if sinks is not None:
         total = sinks.grad.double()
         dist.all_reduce(total, group=group)
@@ -63,7 +72,7 @@ def _run_cp(group, qkv, do, dtype, sinks=None, **kw):
     return res
 
 
-def _single(qkv, do, dtype, causal, scale=None, sinks=None, **features):
+def _single(qkv, do, dtype, causal, scale=None, sinks=None, dlse=None, **features):
     """Single-process fastattn on the full sequence (backend "reference": fastattn.reference) in ``dtype``;
     ``features``: window_size, alibi_slopes, softcap, dropout_p with dropout_mask, cu_seqlens (as the bool mask
     of same-document pairs)."""
@@ -74,11 +83,12 @@ def _single(qkv, do, dtype, causal, scale=None, sinks=None, **features):
         features["attn_bias"] = doc[:, None] == doc[None, :]
 
     def fn(q, k, v, sinks):
-        return {"out": fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference",
-                                          **features)}
+        res = fastattn.attention(q, k, v, causal=causal, scale=scale, sinks=sinks, backend="reference",
+                                 return_lse=dlse is not None, **features)
+        return {"out": res} if dlse is None else {"out": res[0], "lse": res[1]}
     q, k, v = (t.detach().requires_grad_() for t in qkv)
     sinks = None if sinks is None else sinks.detach().requires_grad_()
-    return forward_backward(fn, dict(q=q, k=k, v=v, sinks=sinks), {"out": do}, dtype)
+    return forward_backward(fn, dict(q=q, k=k, v=v, sinks=sinks), {"out": do, "lse": dlse}, dtype)
 
 
 def _assert_rule(got: dict, ref64: dict, low: dict):
@@ -111,7 +121,7 @@ def _count_triton_calls():
 
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
-                        seed=0, group="world", sinks=False, alibi=False, **features):
+                        seed=0, group="world", sinks=False, alibi=False, lse=False, **features):
     """CP forward + backward against the float64 reference on the full sequence (§5). ``alibi``: the paper's
     slopes; ``features`` (window_size, softcap, dropout_p) as fastattn.attention's. With dropout every rank seeds
     torch's CPU generator alike, and the reference replays the mask that fastattn.attention's kernels draw for the
@@ -124,9 +134,11 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
     # around ln(L): a fair share of each row's weight
     sinks = (torch.randn(H, generator=torch.Generator().manual_seed(seed)) + math.log(L)).to(env.device) \
         if sinks else None
+    dlse = torch.randn(qkv[0].shape[:3], generator=torch.Generator().manual_seed(seed + 7)).to(env.device) \
+        if lse else None
     with _count_triton_calls() as calls:
         got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
-                      sinks=sinks, **features)
+                      sinks=sinks, dlse=dlse, **features)
     if backend == "triton" or (backend == "auto" and env.device != "cpu"):
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
@@ -148,7 +160,7 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
             _, mask1 = fastattn.attention(*[t.to(dtype) for t in qkv], causal=causal, scale=scale,
                                           return_dropout_mask=True, backend="triton", **kw)
             assert torch.equal(mask1, keep)
-    single = [_single(qkv, do, d, causal, scale, sinks, **features) for d in (torch.float64, dtype)]
+    single = [_single(qkv, do, d, causal, scale, sinks, dlse, **features) for d in (torch.float64, dtype)]
     _assert_rule(got, *single)
 
 
@@ -464,6 +476,13 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}"] = (
             case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
                                       seed=110 + len(cases), **extra))
+    # The LSE returned and differentiated, with sinks, a window and documents.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(sinks=True), torch.float32),
+                                         ("contiguous", False, dict(window_size=(5, 5), cu_seqlens=docs), dtypes[-1])):
+        name = "-".join(n for n in extra)
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-lse-{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend, lse=True,
+                                      seed=150 + len(cases), **extra))
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
@@ -507,6 +526,12 @@ SUITES = {
         "triton-contiguous-full-float32-docs-window5,5": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=18,
             cu_seqlens=[0, 9, 10, 23, 37], window_size=(5, 5))),
+        "triton-zigzag-causal-float16-lse-sinks-docs": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=19,
+            lse=True, sinks=True, cu_seqlens=[0, 20, 45])),
+        "triton-contiguous-full-float32-lse": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=20,
+            lse=True)),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
