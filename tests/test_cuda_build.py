@@ -161,6 +161,11 @@ def test_kernel_modules_share_signatures():
         tri, cu = dispatch.kernels(op, "triton"), dispatch.kernels(op, "cuda")
         for fn in ("forward", "backward") + (("num_partials",) if op == "layer_norm" else ()):
             assert inspect.signature(getattr(tri, fn)) == inspect.signature(getattr(cu, fn)), (op, fn)
+    cu = dispatch.kernels("attention", "cuda")  # the one Triton option the CUDA kernels do not take: named
+    with pytest.raises(NotImplementedError, match="origin .* not supported by the CUDA C.. kernels"):
+        cu.forward(*[None] * 11, origin=(0, 0, 1, 1))
+    with pytest.raises(NotImplementedError, match="origin .* not supported by the CUDA C.. kernels"):
+        cu.backward(*[None] * 17, origin=(0, 0, 1, 1))
 
 
 @needs_build

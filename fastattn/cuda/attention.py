@@ -219,14 +219,23 @@ def _check_local(q, k, window, alibi, softcap, count, varlen=None):
         check_cuda(("q", q), ("alibi_slopes", alibi))
 
 
+def _check_origin(origin):
+    """The Triton launchers' ``origin`` (a block of a larger problem: context parallelism's blocks) has no CUDA
+    counterpart (context parallelism runs the Triton or torch blocks)."""
+    if origin is not None:
+        raise NotImplementedError("origin (a block at given positions of a larger problem) is not supported by the "
+                                  "CUDA C++ kernels; use backend='triton'")
+
+
 def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right, window=(-1, -1), alibi=None,
-            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None):
+            softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, out_lo=None, origin=None):
     """Fill ``out`` like q and ``lse`` (fp32, contiguous, base 2: lse·log2(e)): q [B, H, Lq, D] and lse
     [B, H, Lq], or with ``varlen`` = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) packed q
     [total_q, H, D], k/v [total_k, Hkv, D] and lse [H, total_q]. ``dropout`` = (p, Philox seed). Last dims must be
     contiguous. ``window`` = (left, right), −1 unbounded; ``alibi``: fp32 [H] or [1|B, H]; ``softcap`` > 0 caps
     scores. ``out_lo`` (like ``out``) receives what rounding the output dropped, for :func:`backward`. The Triton
-    module's signature (``count`` is not supported)."""
+    module's signature (``count`` and ``origin`` are not supported)."""
+    _check_origin(origin)
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
@@ -304,12 +313,13 @@ def pack_gqa(q, k, alibi, dropout_p, bias, mask, varlen) -> bool:
 
 def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias, scale, causal, bottom_right,
              window=(-1, -1), alibi=None, softcap=0.0, count=None, dropout=(0.0, 0), varlen=None, delta_from_p=True,
-             row_scale=None, out_lo=None, sink_weight=None):
+             row_scale=None, out_lo=None, sink_weight=None, origin=None):
     """Fill dq, dk, dv (like q, k, v) and, when ``dbias`` is given, dbias (fp32, contiguous, shaped like the
     canonical bias, zero-initialised by the caller) with ds summed over the bias's broadcast dims. Layouts and
     options as :func:`forward`, with the same ``dropout`` seed (the backward regenerates the forward's mask).
     ``delta_from_p``, ``row_scale`` and ``sink_weight`` are the Triton backward's fp32 options; these fp16/bf16
     kernels take D_i = do_i·(o_i + o_lo_i) with the forward's ``out_lo``, do_i·o_i without."""
+    _check_origin(origin)
     _check(q, k, v, bias, mask, kv_lens, varlen)
     _check_local(q, k, window, alibi, softcap, count, varlen)
     _check_varlen(q, k, varlen)
