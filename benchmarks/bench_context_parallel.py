@@ -58,6 +58,12 @@ def _model(p: dict, N: int) -> dict:
             "model_fwd_win": win, "model_bwd_win": win + 2 * win * 4 // esize}
 
 
+def documents(p: dict) -> list[int]:
+    """The packed documents of the document rows (cu_seqlens): 5 of unequal lengths, 3/16 to 4/16 of L, whose
+    boundaries fall inside the shards' chunks."""
+    return [p["L"] * d // 16 for d in (0, 3, 7, 9, 13, 16)]
+
+
 def window(p: dict) -> int:
     """The sliding window of the windowed rows: L/8 keys back, shorter than every shard for N <= 4."""
     return p["L"] // 8
@@ -141,9 +147,10 @@ def _worker(rank, world, p, device_kind, warmup, reps, out_path):
         group = groups[n]
         if device.type == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
-        row = {"N": n, **_measure(group, full, device, warmup, reps, dict(causal=True)),
-               **{f"{key}_win": val for key, val in _measure(group, full, device, warmup, reps, dict(
-                   causal=True, layout="contiguous", window_size=(window(p), -1))).items()}}
+        row = {"N": n, **_measure(group, full, device, warmup, reps, dict(causal=True))}
+        for suffix, kw in (("_win", dict(causal=True, layout="contiguous", window_size=(window(p), -1))),
+                           ("_docs", dict(causal=True, cu_seqlens=documents(p)))):
+            row.update({key + suffix: val for key, val in _measure(group, full, device, warmup, reps, kw).items()})
         row.update(_model(p, n))
         rows.append(row)
     dist.barrier()
@@ -180,6 +187,11 @@ def main(argv=None) -> int:
             w.add(r["N"], common.fmt(r["step_ms_win"]), common.fmt(r["step_ms_win"] / r["step_ms"]),
                   mib(r["peak_win"]), mib(r["sent_fwd_win"]), mib(r["model_fwd_win"]), mib(r["sent_bwd_win"]),
                   mib(r["model_bwd_win"]))
+        d = common.Table(f"ring attention fwd+bwd, causal, 5 packed documents (cu_seqlens), zigzag, {backend}: per "
+                         "rank (MiB)", ["N", "step ms", "÷ one document", "peak", "sent fwd", "sent bwd"])
+        for r in rows:
+            d.add(r["N"], common.fmt(r["step_ms_docs"]), common.fmt(r["step_ms_docs"] / r["step_ms"]),
+                  mib(r["peak_docs"]), mib(r["sent_fwd_docs"]), mib(r["sent_bwd_docs"]))
         pngs = []
         if not args.no_plots:
             series = {label: [(r["N"], r[key] / MiB or None) for r in rows] for key, label in (
@@ -198,11 +210,13 @@ def main(argv=None) -> int:
                  "sent: bytes counted in fastattn.distributed's send wrapper (comm_stats), max over ranks",
                  "window rows: the ring stops after the last step some window reaches (here one): the forward sends "
                  "a rank's K/V shard once, |KV|/N; the backward that again plus dK/dV (fp32) twice, the second time "
-                 "straight home; '÷ no window' is the step time over the causal zigzag row's"]
+                 "straight home; '÷ no window' is the step time over the causal zigzag row's",
+                 "document rows: blocks between different documents are skipped and blocks spanning several get a "
+                 "same-document mask; '÷ one document' is the step time over the causal zigzag row's"]
         if not gpu:
             notes.append("peak: needs a CUDA GPU (torch.cuda.max_memory_allocated); on CPU only saved-for-backward "
                          "bytes")
-        common.report(NAME, args, env, [t, w], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
+        common.report(NAME, args, env, [t, w, d], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
     return 0
 
 
