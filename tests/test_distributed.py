@@ -714,3 +714,27 @@ def test_swapped_modules_have_no_group():
     m = fastattn.nn.swap_modules(torch.nn.Sequential(torch.nn.MultiheadAttention(8, 2)))[0]
     assert type(m) is fastattn.nn.MultiheadAttention and m.context_parallel_group is None
     assert fastattn.nn.MultiheadAttention(8, 2).context_parallel_group is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter's fixed tiles (a GPU autotunes its tiles)")
+def test_document_mask_skips_tiles():
+    """A block's same-document mask costs no compute on the tiles it hides: a row block's documents are
+    consecutive, so the hidden key tiles lie at either end of its range, which the kernels skip (forward: key
+    tiles per query tile; backward: query tiles per key tile). Visited = tiles holding a same-document pair."""
+    from fastattn.triton import attention as kernels
+    L, T = 256, kernels.INTERPRET_BLOCK
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, 1, L, 32, generator=g) for _ in range(4))
+    docs = [0, 40, 90, 180, 256]
+    doc = torch.searchsorted(torch.tensor(docs), torch.arange(L), right=True)
+    mask = (doc[:, None] == doc[None, :])[None, None]
+    tiles = mask[0, 0].reshape(L // T, T, L // T, T).any(3).any(1)  # [query tile, key tile] holds a pair
+    count = {}
+    out, lse = torch.empty(1, 1, L, 32), torch.empty(1, 1, L, dtype=torch.float64)
+    kernels.forward(q, k, v, None, mask, None, out, lse, 0.2, False, False, count=count)
+    assert count["fwd"][:L // T].tolist() == tiles.sum(1).tolist()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    kernels.backward(do, q, k, v, out, lse, None, None, mask, None, dq, dk, dv, None, 0.2, False, False, count=count)
+    assert count["dkdv"][:L // T].tolist() == tiles.sum(0).tolist()
+    assert count["dq"][:L // T].tolist() == tiles.sum(1).tolist()
+    assert tiles.sum() < tiles.numel() // 2
