@@ -363,6 +363,14 @@ class _Features(NamedTuple):
     L: int
     docs: Optional[list[int]] = None
     doc_of: Optional[Tensor] = None
+    kv_lens: Optional[Tensor] = None  # int32 [B]: keys at positions >= kv_lens[b] are padding
+
+
+def _block_kv_lens(blk, lk: int, feat: _Features) -> Optional[Tensor]:
+    """int32 [B]: how many of a block's lk keys (from position j0) lie before kv_lens[b]; None without kv_lens."""
+    if feat.kv_lens is None:
+        return None
+    return (feat.kv_lens - blk[3]).clamp(0, lk).to(torch.int32).contiguous()
 
 
 def _doc_mask(blk, lq: int, lk: int, feat: _Features) -> Optional[Tensor]:
@@ -403,6 +411,10 @@ def _torch_scores(q, k, scale, blk, feat: _Features):
     same_doc = _doc_mask(blk, Lq, Lk, feat)
     if same_doc is not None:
         hide = ~same_doc if hide is None else hide | ~same_doc
+    kv = _block_kv_lens(blk, Lk, feat)
+    if kv is not None:  # [B, 1, 1, 1, Lk]: the padding keys of each batch entry
+        pad = torch.arange(Lk, device=q.device) >= kv.view(B, 1, 1, 1, 1)
+        hide = pad if hide is None else hide | pad
     if hide is not None:
         s = s.masked_fill(hide, float("-inf"))
     keep = None
@@ -489,8 +501,8 @@ def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
     mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
-    kernels.forward(q, k, v, None, None if mask is None else mask[None, None], None, out, lse2, scale, False, False,
-                    **_kernel_features(blk, feat))
+    kernels.forward(q, k, v, None, None if mask is None else mask[None, None], _block_kv_lens(blk, k.shape[2], feat),
+                    out, lse2, scale, False, False, **_kernel_features(blk, feat))
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
@@ -516,7 +528,8 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, dlse2, scale, blk, fe
             v = _dp_values(v, feat.dropout_p, "triton")
     mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
     dlse2 = None if dlse2 is None else dlse2.contiguous()
-    kernels.backward(do, q, k, v, out, lse2, dlse2, None, None if mask is None else mask[None, None], None, dq, dk, dv,
+    kernels.backward(do, q, k, v, out, lse2, dlse2, None, None if mask is None else mask[None, None],
+                     _block_kv_lens(blk, k.shape[2], feat), dq, dk, dv,
                      None, scale, False, False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo,
                      **_kernel_features(blk, feat))
     return dq, dk, dv
@@ -538,7 +551,7 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 def _mergeable(feat: _Features) -> bool:
     """Whether blocks may span chunks that are not consecutive positions: not for ALiBi, dropout and documents
     (by position)."""
-    return feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None
+    return feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None and feat.kv_lens is None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -657,6 +670,11 @@ def _docs_list(cu_seqlens) -> Optional[list[int]]:
     return [int(x) for x in cu_seqlens]
 
 
+def _crc(values: Optional[list[int]]) -> int:
+    """CRC-32 of a list of ints (−1 for None): lists that must agree across ranks travel as it."""
+    return -1 if values is None else zlib.crc32(struct.pack(f"<{len(values)}q", *values))
+
+
 def _bits_f64(bits: int) -> float:
     return struct.unpack("<d", struct.pack("<q", bits))[0]
 
@@ -706,7 +724,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
                                alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, cu_seqlens=None,
-                               return_lse: bool = False, backend: str = "auto",
+                               kv_lens: Optional[Tensor] = None, return_lse: bool = False, backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -729,6 +747,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     global positions cu[d] .. cu[d + 1] (cu[0] = 0, cu[−1] = L), for every batch entry: a query sees keys of its
     own document only (as fastattn.attention with cu_seqlens_q = cu_seqlens_k = cu on the packed sequence; with
     dropout, the mask is the whole sequence's, not the per-document one of fastattn.attention's packed path).
+    ``kv_lens`` (int [B], the same on every rank): keys at global positions >= kv_lens[b] are padding, as
+    fastattn.attention's kv_lens (rows past it still attend to the keys before it).
     ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included,
     +inf for a row that sees no key; fp32, fp64 for fp64 inputs), differentiable, as fastattn.attention's.
     (``_error``: a caller's own check that failed on this rank, e.g.
@@ -736,7 +756,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
-    left, right, cap, slopes, seed, docs = -1, -1, 0.0, None, 0, None
+    left, right, cap, slopes, seed, docs, kv_list = -1, -1, 0.0, None, 0, None, None
     try:
         if error is not None:
             raise error
@@ -757,6 +777,13 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         left, right, slopes, cap = _check_features(q, *(q.shape[:2] if q.dim() == 4 else (1, 1)), window_size,
                                                    alibi_slopes, softcap)
         docs = _docs_list(cu_seqlens)
+        if kv_lens is not None:
+            if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
+                raise TypeError("kv_lens must be an int32 (or int64) tensor of shape (B,)")
+            check_same(q, "q", kv_lens, "kv_lens", dtype=False)
+            if q.dim() == 4 and tuple(kv_lens.shape) != (q.shape[0],):
+                raise ValueError(f"kv_lens must have shape (B,)=({q.shape[0]},), got {tuple(kv_lens.shape)}")
+            kv_list = kv_lens.tolist()  # a host sync: checked across ranks and against L below
         if dropout_p > 0.0:  # as fastattn.attention draws it; rank 0's is used
             seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
         if causal:
@@ -794,8 +821,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
              int(sinks is not None), left, right, _f64_bits(cap),
              _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), int(slopes is not None),
-             seed, -1 if docs is None else len(docs),
-             -1 if docs is None else zlib.crc32(struct.pack(f"<{len(docs)}q", *docs))]
+             seed, -1 if docs is None else len(docs), _crc(docs), _crc(kv_list), min(kv_list or [0]),
+             max(kv_list or [0])]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
 
     def same(indices):
@@ -810,7 +837,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"), (20, "sinks (given or not)")))
     L = _check_shards([m[:17] for m in metas], N, layout)
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
-          (25, "ALiBi slopes (given or not)"), (27, "cu_seqlens (lengths)"), (28, "cu_seqlens (values' CRC-32)")))
+          (25, "ALiBi slopes (given or not)"), (27, "cu_seqlens (lengths)"), (28, "cu_seqlens (values' CRC-32)"),
+          (29, "kv_lens (values' CRC-32)")))
     if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
@@ -818,7 +846,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     q, k, v = lastdim_contiguous(q), lastdim_contiguous(k), lastdim_contiguous(v)
     doc_of = None if docs is None else (torch.searchsorted(torch.tensor(docs, device=q.device),
                                                            torch.arange(L, device=q.device), right=True) - 1).int()
-    feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of)
+    if kv_list and (metas[0][30] < 0 or metas[0][31] > L):  # the same on every rank: the same kv_lens and L
+        raise ValueError(f"kv_lens must lie in [0, L={L}], got values in [{metas[0][30]}, {metas[0][31]}]")
+    feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of,
+                     None if kv_lens is None else kv_lens.to(torch.int32))
     out, lse = _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right),
                                     feat, use)
     return (out, lse) if return_lse else out

@@ -130,6 +130,8 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
     qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
     if alibi:
         features["alibi_slopes"] = fastattn.alibi_slopes(H).to(env.device)
+    if "kv_lens" in features:
+        features["kv_lens"] = torch.tensor(features["kv_lens"], dtype=torch.int32, device=env.device)
     torch.manual_seed(1000 + seed)
     # around ln(L): a fair share of each row's weight
     sinks = (torch.randn(H, generator=torch.Generator().manual_seed(seed)) + math.log(L)).to(env.device) \
@@ -374,6 +376,13 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), cu_seqlens=[0, 10, 21])
     with pytest.raises(TypeError, match="cu_seqlens must be a 1-d int32/int64 tensor"):
         context_parallel_attention(*_shards(env), cu_seqlens=torch.tensor([0.0, 20.0]))
+    kv = torch.tensor([7 + r], dtype=torch.int32, device=env.device)
+    with pytest.raises(ValueError, match=r"different kv_lens \(values' CRC-32\)"):
+        context_parallel_attention(*_shards(env), kv_lens=kv)
+    with pytest.raises(ValueError, match=r"kv_lens must lie in \[0, L=20\], got values in \[21, 21\]"):
+        context_parallel_attention(*_shards(env), kv_lens=torch.tensor([21], device=env.device))
+    with pytest.raises(ValueError, match=r"kv_lens must have shape \(B,\)=\(1,\)"):
+        context_parallel_attention(*_shards(env), kv_lens=torch.tensor([3, 4], device=env.device))
     with pytest.raises(ValueError, match="alibi_slopes must have shape"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(3))
     with pytest.raises(ValueError, match="agree in every dim but dim 2"):
@@ -476,6 +485,15 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}"] = (
             case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
                                       seed=110 + len(cases), **extra))
+    # Right padding of the keys (kv_lens, global positions; a batch entry with none valid), with causal, a window
+    # and the LSE.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(kv_lens=[37, 20]), torch.float32),
+                                         ("contiguous", False, dict(kv_lens=[0, 29], lse=True), dtypes[-1]),
+                                         ("zigzag", True, dict(kv_lens=[11, 30], window_size=(6, 0)), dtypes[-1])):
+        name = "-".join(n for n in extra)
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
+                                      seed=170 + len(cases), **extra))
     # The LSE returned and differentiated, with sinks, a window and documents.
     for layout, causal, extra, dtype in (("zigzag", True, dict(sinks=True), torch.float32),
                                          ("contiguous", False, dict(window_size=(5, 5), cu_seqlens=docs), dtypes[-1])):
@@ -532,6 +550,12 @@ SUITES = {
         "triton-contiguous-full-float32-lse": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton", seed=20,
             lse=True)),
+        "triton-zigzag-causal-float16-kv_lens": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=2, H=2, Hkv=1, L=45, backend="triton", seed=21,
+            kv_lens=[45, 17])),
+        "triton-contiguous-full-float32-kv_lens-window": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=2, H=2, Hkv=2, L=37, backend="triton",
+            seed=22, kv_lens=[0, 25], window_size=(4, 6))),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
