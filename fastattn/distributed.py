@@ -25,11 +25,13 @@ works). "zigzag": 2N chunks, rank r holds chunks r and 2N−1−r (every rank ge
 Causal attention is top-left in global positions (query i sees keys j <= i); ``window_size`` (left, right) keeps
 i − left <= j <= i + right (causal: right = 0), as fastattn.attention's. Between a query chunk and a key chunk a
 block is "full" (every pair visible), "skip" (none) or banded: the rows and keys the window reaches, the window
-taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a rank's own shard has banded (causal-diagonal)
-blocks; with one, the ring stops after the last step whose shard some window reaches, and dK/dV go straight home.
-ALiBi and dropout need each block's positions: their blocks cover one chunk pair each, and the kernels take the
-block's origin (its first row's and key's positions), so the slopes' distances and the dropout mask's Philox
-counters are the whole sequence's (the mask equals one process's for the same seed).
+taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a
+rank's own shard has banded (causal-diagonal) blocks; with one, the ring stops after the last step whose shard some
+window reaches, and dK/dV go straight home. Packed documents (cu_seqlens) cut each block to the documents both
+sides hold, with a same-document mask where it spans several; key padding (kv_lens) gives each block its count.
+ALiBi, dropout, documents and padding need each block's positions: their blocks cover one chunk pair each, and the
+kernels take the block's origin (its first row's and key's positions), so the slopes' distances and the dropout
+mask's Philox counters are the whole sequence's (the mask equals one process's for the same seed).
 """
 from __future__ import annotations
 
@@ -548,10 +550,11 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 
 
 # --------------------------------------------------------------------------------------------- autograd
-def _mergeable(feat: _Features) -> bool:
-    """Whether blocks may span chunks that are not consecutive positions: not for ALiBi, dropout and documents
-    (by position)."""
-    return feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None and feat.kv_lens is None
+def _blocks(q_chunks, k_chunks, window, feat: _Features):
+    """The step's blocks (_plan), merged across chunks where nothing needs positions (ALiBi, dropout, documents
+    and key padding do)."""
+    merge = feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None and feat.kv_lens is None
+    return _plan(q_chunks, k_chunks, *window, merge=merge, docs=feat.docs)
 
 
 class _RingAttention(torch.autograd.Function):
@@ -572,7 +575,7 @@ class _RingAttention(torch.autograd.Function):
             if t < T:  # the next shard is on its way while this one is computed
                 nxt = (r - t - 1) % N
                 pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
-            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat), docs=feat.docs):
+            for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[src], window, feat):
                 args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, blk, feat, acc)
                 o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
                 _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
@@ -621,7 +624,7 @@ class _RingAttention(torch.autograd.Function):
             # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
             # arrive meanwhile and are added below.
             dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
-            for qa, qb, ka, kb, *blk in _plan(chunks[r], chunks[src], *window, merge=_mergeable(feat), docs=feat.docs):
+            for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[src], window, feat):
                 rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
                         None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb],
                         None if dlse2 is None else dlse2[:, :, qa:qb], scale, blk, feat)
