@@ -1256,7 +1256,8 @@ def backward(do, q, k, v, out, lse, dlse, bias, mask, kv_lens, dq, dk, dv, dbias
     such a caller may give fp32 ``row_scale`` (like lse) = exp(lse2·ln 2 − lse) for its exact natural LSE
     (e.g. fp64), which the fp32 weights then take as c_i (see _row_stats), as the D pass gives them otherwise.
     fp32 ``sink_weight`` (like lse): e^(σ − r_i) of each row's logit σ that has no value (a sink, already in lse),
-    r_i = lse2_i·ln 2 rounded to fp32 as _row_stats forms it; the D pass counts it in Σ_j p_ij."""
+    r_i = lse2_i·ln 2 rounded to fp32 as _row_stats forms it; the D pass counts it in Σ_j p_ij. ``origin``: as
+    :func:`forward`'s."""
     _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen, origin)
