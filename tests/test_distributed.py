@@ -762,3 +762,44 @@ def test_document_mask_skips_tiles():
     assert count["dkdv"][:L // T].tolist() == tiles.sum(0).tolist()
     assert count["dq"][:L // T].tolist() == tiles.sum(1).tolist()
     assert tiles.sum() < tiles.numel() // 2
+
+
+@pytest.mark.parametrize("where", ["here", pytest.param("gpu", marks=pytest.mark.gpu)])  # gpu: in the gpu session
+@pytest.mark.parametrize("layout", fd.LAYOUTS)
+def test_blocks_at_their_origins_rebuild_one_process(layout, where):
+    """In one process (no group): the ring's blocks of N = 3 virtual ranks, each run by the Triton kernels at its
+    origin (window, ALiBi, softcap, dropout mask and documents in global positions) and merged, give the output and
+    LSE of one fastattn.attention call on the whole sequence with the same seed: the kernels' origin path, which
+    the `gpu` session exercises on a single GPU (the NCCL tests need several)."""
+    from conftest import DEVICE
+    B, H, Hkv, L, D, N, p = 2, 4, 2, 50, 16, 3, 0.2
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, h, L, D, generator=g).to(DEVICE) for h in (H, Hkv, Hkv))
+    slopes = fastattn.alibi_slopes(H).to(DEVICE)
+    docs = [0, 17, 18, 41, 50]
+    kw = dict(causal=True, window_size=(12, 0), alibi_slopes=slopes, softcap=3.0, dropout_p=p)
+    torch.manual_seed(5)
+    seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
+    doc_of = (torch.searchsorted(torch.tensor(docs), torch.arange(L), right=True) - 1).int().to(DEVICE)
+    feat = fd._Features(3.0, slopes.reshape(1, H), p, seed, L, docs, doc_of)
+    chunks = [fd._rank_chunks(L, N, r, layout) for r in range(N)]
+    pos = [torch.cat([torch.arange(s, s + n) for s, n in chunks[r]]) for r in range(N)]
+    out = torch.zeros(B, H, L, D, dtype=torch.float32, device=DEVICE)
+    lse = torch.full((B, H, L), float("-inf"), dtype=torch.float64, device=DEVICE)
+    for r in range(N):
+        o_r = torch.zeros(B, H, len(pos[r]), D, dtype=torch.float32, device=DEVICE)
+        l_r = torch.full((B, H, len(pos[r])), float("-inf"), dtype=torch.float64, device=DEVICE)
+        for src in range(N):
+            for qa, qb, ka, kb, *blk in fd._blocks(chunks[r], chunks[src], (12, 0), feat):
+                qs, ks = pos[r][qa:qb].to(DEVICE), pos[src][ka:kb].to(DEVICE)
+                o, l2 = fd._triton_block_forward(q[:, :, qs], k[:, :, ks], v[:, :, ks], D ** -0.5, blk, feat,
+                                                 torch.float32)
+                fd._merge(o_r[:, :, qa:qb], l_r[:, :, qa:qb], o, l2)
+        out[:, :, pos[r].to(DEVICE)], lse[:, :, pos[r].to(DEVICE)] = o_r, l_r
+    torch.manual_seed(5)
+    doc = doc_of.long()
+    want, want_lse = fastattn.attention(q, k, v, attn_bias=doc[:, None] == doc[None, :], return_lse=True,
+                                        backend="triton", **kw)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    lse = torch.where(torch.isinf(lse), float("inf"), lse)  # the op's convention for a row without keys
+    torch.testing.assert_close((lse * math.log(2.0)).float(), want_lse, atol=2e-5, rtol=2e-5)
