@@ -16,7 +16,7 @@ rescaled once after the last merge, and the backward, given those, is the sink-a
 The backward takes the global o and lse that the forward saved, D_i = do_i·o_i, and on each step's keys
 p_ij = 2^(s_ij·log2(e) − lse_i):  dv_j += Σ_i p_ij do_i,  ds_ij = p_ij (do_i·v_j − D_i),
 dq_i += scale Σ_j ds_ij k_j,  dk_j += scale Σ_i ds_ij q_i. dK/dV (fp32) travel around the ring with their K/V and
-come home after N hops.
+come home: after N hops, or with a window that stops the ring at step T, T hops and one straight home.
 
 Layouts cut the sequence into the chunks of ``torch.tensor_split`` (sizes differ by at most one: any length
 works). "zigzag": 2N chunks, rank r holds chunks r and 2N−1−r (every rank gets the same causal work);
@@ -670,6 +670,8 @@ def _docs_list(cu_seqlens) -> Optional[list[int]]:
     if (not isinstance(cu_seqlens, (list, tuple)) or len(cu_seqlens) < 2
             or not all(isinstance(x, int) and not isinstance(x, bool) for x in cu_seqlens)):
         raise TypeError(f"cu_seqlens must be a list of at least 2 ints (or a 1-d int tensor), got {cu_seqlens!r}")
+    if not all(0 <= x < 1 << 62 for x in cu_seqlens):  # (before the exchange, which carries them as int64)
+        raise ValueError(f"cu_seqlens must hold positions >= 0, got {cu_seqlens}")
     return [int(x) for x in cu_seqlens]
 
 
@@ -741,25 +743,28 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     as any replicated parameter's is. ``window_size`` (left, right), −1 unbounded: query i sees key j iff
     i − left <= j <= i + right in global positions (causal: right = 0), as fastattn.attention's; blocks outside
     every window are skipped and the ring stops after the last step whose keys some window reaches (with the
-    "contiguous" layout and a window shorter than a shard, one step). ``alibi_slopes`` (fp32 [H] or [B, H], the
-    same on every rank; no gradient) and ``softcap`` c > 0 (scores c·tanh(s/c)) as fastattn.attention's, in
-    global positions. ``dropout_p``: dropout of the attention weights, with the mask that fastattn.attention's
-    kernels draw for the whole sequence from the same seed (rank 0's draw from torch's CPU generator): the same
-    result as one process running fastattn.attention(backend="triton") after the same torch.manual_seed.
+    "contiguous" layout and a causal or left-only window shorter than a shard, one step; the ring only runs
+    forward, so a window reaching right needs the next shard, N − 1 steps away). ``alibi_slopes`` (fp32 [H] or
+    [B, H], the same on every rank, checked; no gradient) and ``softcap`` c > 0 (scores c·tanh(s/c)) as
+    fastattn.attention's, in global positions. ``dropout_p`` in [0, 1): dropout of the attention weights, with the
+    mask that fastattn.attention's kernels draw for the whole sequence from the same seed (rank 0's draw from
+    torch's CPU generator): the same result as one process running fastattn.attention(backend="triton") after the
+    same torch.manual_seed.
     ``cu_seqlens`` (ints, a list or an int tensor, the same on every rank): documents packed in the sequence, at
     global positions cu[d] .. cu[d + 1] (cu[0] = 0, cu[−1] = L), for every batch entry: a query sees keys of its
     own document only (as fastattn.attention with cu_seqlens_q = cu_seqlens_k = cu on the packed sequence; with
     dropout, the mask is the whole sequence's, not the per-document one of fastattn.attention's packed path).
     ``kv_lens`` (int [B], the same on every rank): keys at global positions >= kv_lens[b] are padding, as
     fastattn.attention's kv_lens (rows past it still attend to the keys before it).
-    ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included,
-    +inf for a row that sees no key; fp32, fp64 for fp64 inputs), differentiable, as fastattn.attention's.
+    ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included:
+    a row that sees no key gives its sink, +inf without sinks; fp32, fp64 for fp64 inputs), differentiable, as
+    fastattn.attention's.
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
     # This rank's own checks run before the exchange of shapes; a failure joins it, flagged (_gather_checked).
     error, use = _error, "torch"
-    left, right, cap, slopes, seed, docs, kv_list = -1, -1, 0.0, None, 0, None, None
+    left, right, cap, slopes, seed, docs, kv_list, slopes_bits = -1, -1, 0.0, None, 0, None, None, None
     try:
         if error is not None:
             raise error
@@ -779,6 +784,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
             check_sinks(sinks, q, q.shape[1])
         left, right, slopes, cap = _check_features(q, *(q.shape[:2] if q.dim() == 4 else (1, 1)), window_size,
                                                    alibi_slopes, softcap)
+        # any bound past every length is unbounded (and fits the int64 exchange of options)
+        left, right = (-1 if w >= 1 << 62 else w for w in (left, right))
+        # the slopes' bits, compared across ranks by CRC (a host sync of H values)
+        slopes_bits = None if slopes is None else slopes.detach().cpu().view(torch.int32).flatten().tolist()
         docs = _docs_list(cu_seqlens)
         if kv_lens is not None:
             if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
@@ -823,7 +832,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     meta += [int(bool(causal)), LAYOUTS.index(layout) if layout in LAYOUTS else 0, scale is None, scale_bits,
              int(torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in (q, k, v, sinks))),
              int(sinks is not None), left, right, _f64_bits(cap),
-             _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), int(slopes is not None),
+             _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), _crc(slopes_bits),
              seed, -1 if docs is None else len(docs), _crc(docs), _crc(kv_list), min(kv_list or [0]),
              max(kv_list or [0])]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
@@ -840,7 +849,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((17, "scales"), (18, "scales"), (19, "grad modes (inputs that require grad)"), (20, "sinks (given or not)")))
     L = _check_shards([m[:17] for m in metas], N, layout)
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
-          (25, "ALiBi slopes (given or not)"), (27, "cu_seqlens (lengths)"), (28, "cu_seqlens (values' CRC-32)"),
+          (25, "ALiBi slopes (values' CRC-32; −1: none)"), (27, "cu_seqlens (lengths)"),
+          (28, "cu_seqlens (values' CRC-32)"),
           (29, "kv_lens (values' CRC-32)")))
     if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")

@@ -368,8 +368,15 @@ def case_errors(env):
         context_parallel_attention(*_shards(env, Hkv=3))
     with pytest.raises(ValueError, match=r"different dropout probabilities: \[0.1, 0.0\]"):
         context_parallel_attention(*_shards(env), dropout_p=0.1 if r == 0 else 0.0)
-    with pytest.raises(ValueError, match=r"different ALiBi slopes \(given or not\): \[1, 0\]"):
+    with pytest.raises(ValueError, match=r"different ALiBi slopes \(values' CRC-32; −1: none\): \[\d+, -1\]"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(2) if r == 0 else None)
+    with pytest.raises(ValueError, match=r"different ALiBi slopes"):
+        context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(2) * (1 + r))
+    with pytest.raises(ValueError, match=r"cu_seqlens must hold positions >= 0"):
+        context_parallel_attention(*_shards(env), cu_seqlens=[0, -3, 20])
+    # a window bound past every length is unbounded (it once overflowed the int64 exchange of options)
+    torch.testing.assert_close(context_parallel_attention(*_shards(env), causal=True, window_size=(1 << 70, 0)),
+                               context_parallel_attention(*_shards(env), causal=True), atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"different cu_seqlens \(values' CRC-32\)"):
         context_parallel_attention(*_shards(env), cu_seqlens=[0, 10 + r, 20])
     with pytest.raises(ValueError, match=r"cu_seqlens must rise from 0 to the sequence length 20"):

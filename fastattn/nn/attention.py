@@ -222,7 +222,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
                                          dropout_p=self.dropout if self.training else 0.0,
                                          window_size=self.window_size or (-1, -1),
-                                         alibi_slopes=self._buffers.get("alibi_slopes"))
+                                         alibi_slopes=self._buffers.get("alibi_slopes") if self.alibi else None)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
             return out.squeeze(1), None

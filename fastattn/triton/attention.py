@@ -1120,7 +1120,8 @@ def forward(q, k, v, bias, mask, kv_lens, out, lse, scale, causal, bottom_right,
     ``count``: a dict that receives the key blocks each program computed ("fwd"). ``out_lo`` (fp16/bf16, like
     ``out`` with its strides) receives what rounding the output dropped, for :func:`backward`. ``origin`` =
     (i0, j0, Lq', Lk'): q's rows and k's keys are positions i0.. and j0.. of a [Lq', Lk'] problem (context
-    parallelism's blocks): the window, causal diagonal (top-left), ALiBi and dropout mask are that problem's."""
+    parallelism's blocks): the window, top-left causal diagonal, ALiBi and dropout mask are that problem's. (The
+    counter base i0·Lk' + j0 is typed int32 by Triton until it passes 2^31: blocks past it compile once more.)"""
     _check_lo(out, out_lo)
     B, H, Hkv, Lq, Lk, args, ptrs, bm_strides, lse_strides = _common(
         q, k, bias, mask, kv_lens, scale, causal, bottom_right, window, alibi, softcap, count, dropout, varlen, origin)
