@@ -47,7 +47,7 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from . import dispatch, masks
-from .ops.attention import _apply_sinks, _check_features, _dp_values, _sink_row_grad, check_sinks
+from .ops.attention import _apply_sinks, _check_features, _dp_values, _sink_row_grad, check_kv_lens, check_sinks
 from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, kernels_take, lastdim_contiguous
 
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
@@ -790,11 +790,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         slopes_bits = None if slopes is None else slopes.detach().cpu().view(torch.int32).flatten().tolist()
         docs = _docs_list(cu_seqlens)
         if kv_lens is not None:
-            if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
-                raise TypeError("kv_lens must be an int32 (or int64) tensor of shape (B,)")
-            check_same(q, "q", kv_lens, "kv_lens", dtype=False)
-            if q.dim() == 4 and tuple(kv_lens.shape) != (q.shape[0],):
-                raise ValueError(f"kv_lens must have shape (B,)=({q.shape[0]},), got {tuple(kv_lens.shape)}")
+            check_kv_lens(kv_lens, q, q.shape[0] if q.dim() == 4 else None)
             kv_list = kv_lens.tolist()  # a host sync: checked across ranks and against L below
         if dropout_p > 0.0:  # as fastattn.attention draws it; rank 0's is used
             seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))

@@ -278,6 +278,16 @@ def _check_inputs(q, k, v):
         raise ValueError(f"q's {H} heads must be a multiple of k/v's {k.shape[1]} heads (GQA)")
 
 
+def check_kv_lens(kv_lens, q: Tensor, B: Optional[int]) -> None:
+    """kv_lens: an int32/int64 tensor [B] (B None: any 1-d) on q's device (its values are the caller's to check
+    against Lk)."""
+    if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError("kv_lens must be an int32 (or int64) tensor of shape (B,)")
+    check_same(q, "q", kv_lens, "kv_lens", dtype=False)
+    if kv_lens.dim() != 1 or (B is not None and kv_lens.shape[0] != B):
+        raise ValueError(f"kv_lens must have shape (B,){'' if B is None else f'=({B},)'}, got {tuple(kv_lens.shape)}")
+
+
 def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
     """-> (bias, mask, kv_lens) in fastattn.masks' canonical form."""
     B, H, Lq, _ = q.shape
@@ -300,11 +310,7 @@ def _canonical_masks(q, k, key_padding_mask, kv_lens, attn_bias):
         else:
             raise TypeError(f"attn_bias must be a bool mask or a floating-point bias, got {attn_bias.dtype}")
     if kv_lens is not None:
-        if not isinstance(kv_lens, Tensor) or kv_lens.dtype not in (torch.int32, torch.int64):
-            raise TypeError("kv_lens must be an int32 (or int64) tensor of shape (B,)")
-        check_same(q, "q", kv_lens, "kv_lens", dtype=False)
-        if tuple(kv_lens.shape) != (B,):
-            raise ValueError(f"kv_lens must have shape (B,)=({B},), got {tuple(kv_lens.shape)}")
+        check_kv_lens(kv_lens, q, B)
         if not torch.compiler.is_compiling() and B > 0:  # a host sync; skipped while tracing
             lo, hi = torch.stack(torch.aminmax(kv_lens)).tolist()
             if lo < 0 or hi > Lk:
