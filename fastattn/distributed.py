@@ -28,7 +28,8 @@ block is "full" (every pair visible), "skip" (none) or banded: the rows and keys
 taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a
 rank's own shard has banded (causal-diagonal) blocks; with one, the ring stops after the last step whose shard some
 window reaches, and dK/dV go straight home. Packed documents (cu_seqlens) cut each block to the documents both
-sides hold, with a same-document mask where it spans several; key padding (kv_lens) gives each block its count.
+sides hold, with a same-document mask where it spans several; key padding gives each block its count (kv_lens)
+or its slice of the whole sequence's mask (key_padding_mask, all-gathered once per call).
 ALiBi, dropout, documents and padding need each block's positions: their blocks cover one chunk pair each, and the
 kernels take the block's origin (its first row's and key's positions), so the slopes' distances and the dropout
 mask's Philox counters are the whole sequence's (the mask equals one process's for the same seed).
@@ -208,9 +209,16 @@ def unshard(x_local: Tensor, group=None, dim: int = 2, layout: str = "zigzag") -
                              f"{tuple(mine[1:])}: they must agree in every dim but dim {dim}")
     lengths = [s[1 + dim] for s in shapes]
     _check_lengths(lengths, N, layout, "unshard")
+    return _gather_shards(x_local.detach(), lengths, dim, layout, group, device)
+
+
+def _gather_shards(x_local: Tensor, lengths: list[int], dim: int, layout: str, group, device) -> Tensor:
+    """The whole sequence from every rank's shard of it along ``dim``, the ranks' shard ``lengths`` known (every
+    rank must call it, with the same lengths)."""
+    N = len(lengths)
     # all_gather moves equal shapes: pad every shard to the longest, cut the padding off afterwards.
     longest = max(lengths)
-    x = x_local.detach().to(device)
+    x = x_local.to(device)
     if x.shape[dim] < longest:
         pad = list(x.shape)
         pad[dim] = longest - x.shape[dim]
@@ -366,6 +374,7 @@ class _Features(NamedTuple):
     docs: Optional[list[int]] = None
     doc_of: Optional[Tensor] = None
     kv_lens: Optional[Tensor] = None  # int32 [B]: keys at positions >= kv_lens[b] are padding
+    key_pad: Optional[Tensor] = None  # bool [B, L]: True where the key at that position is padding
 
 
 def _block_kv_lens(blk, lk: int, feat: _Features) -> Optional[Tensor]:
@@ -373,6 +382,20 @@ def _block_kv_lens(blk, lk: int, feat: _Features) -> Optional[Tensor]:
     if feat.kv_lens is None:
         return None
     return (feat.kv_lens - blk[3]).clamp(0, lk).to(torch.int32).contiguous()
+
+
+def _block_key_pad(blk, lk: int, feat: _Features) -> Optional[Tensor]:
+    """Bool [B, lk]: True where a block's key (from position j0) is padding; None without key_padding_mask."""
+    return None if feat.key_pad is None else feat.key_pad[:, blk[3]:blk[3] + lk]
+
+
+def _kernel_mask(blk, lq: int, lk: int, feat: _Features) -> Optional[Tensor]:
+    """The kernels' bool mask of a block (True = attend), [1|B, 1, 1|lq, lk]: same document and not padding."""
+    same_doc, pad = _doc_mask(blk, lq, lk, feat), _block_key_pad(blk, lk, feat)
+    if pad is None:
+        return None if same_doc is None else same_doc[None, None]
+    keep = ~pad[:, None, None, :]
+    return keep if same_doc is None else keep & same_doc
 
 
 def _doc_mask(blk, lq: int, lk: int, feat: _Features) -> Optional[Tensor]:
@@ -416,6 +439,10 @@ def _torch_scores(q, k, scale, blk, feat: _Features):
     kv = _block_kv_lens(blk, Lk, feat)
     if kv is not None:  # [B, 1, 1, 1, Lk]: the padding keys of each batch entry
         pad = torch.arange(Lk, device=q.device) >= kv.view(B, 1, 1, 1, 1)
+        hide = pad if hide is None else hide | pad
+    key_pad = _block_key_pad(blk, Lk, feat)
+    if key_pad is not None:  # [B, 1, 1, 1, Lk]
+        pad = key_pad.view(B, 1, 1, 1, Lk)
         hide = pad if hide is None else hide | pad
     if hide is not None:
         s = s.masked_fill(hide, float("-inf"))
@@ -502,9 +529,8 @@ def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
         return q.new_zeros(q.shape, dtype=torch.float32), q.new_full(q.shape[:3], float("-inf"), dtype=torch.float64)
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
-    mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
-    kernels.forward(q, k, v, None, None if mask is None else mask[None, None], _block_kv_lens(blk, k.shape[2], feat),
-                    out, lse2, scale, False, False, **_kernel_features(blk, feat))
+    kernels.forward(q, k, v, None, _kernel_mask(blk, q.shape[2], k.shape[2], feat),
+                    _block_kv_lens(blk, k.shape[2], feat), out, lse2, scale, False, False, **_kernel_features(blk, feat))
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
@@ -528,9 +554,8 @@ def _triton_block_backward(do, q, k, v, out, out_lo, lse2, dlse2, scale, blk, fe
         row_scale = torch.where(torch.isinf(lse2), 1.0, torch.exp(r.double() - lse2 / LOG2E)).float().contiguous()
         if feat.dropout_p > 0.0:  # fp32 with dropout: V holds r·v (as fastattn.attention's backward passes it)
             v = _dp_values(v, feat.dropout_p, "triton")
-    mask = _doc_mask(blk, q.shape[2], k.shape[2], feat)
     dlse2 = None if dlse2 is None else dlse2.contiguous()
-    kernels.backward(do, q, k, v, out, lse2, dlse2, None, None if mask is None else mask[None, None],
+    kernels.backward(do, q, k, v, out, lse2, dlse2, None, _kernel_mask(blk, q.shape[2], k.shape[2], feat),
                      _block_kv_lens(blk, k.shape[2], feat), dq, dk, dv,
                      None, scale, False, False, delta_from_p=False, row_scale=row_scale, out_lo=out_lo,
                      **_kernel_features(blk, feat))
@@ -552,8 +577,9 @@ def _merge(acc_out: Tensor, acc_lse: Tensor, o: Tensor, lse: Tensor) -> None:
 # --------------------------------------------------------------------------------------------- autograd
 def _blocks(q_chunks, k_chunks, window, feat: _Features):
     """The step's blocks (_plan), merged across chunks where nothing needs positions (ALiBi, dropout, documents
-    and key padding do)."""
-    merge = feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None and feat.kv_lens is None
+    and key padding (kv_lens, key_padding_mask) do)."""
+    merge = (feat.alibi is None and feat.dropout_p == 0.0 and feat.docs is None and feat.kv_lens is None
+             and feat.key_pad is None)
     return _plan(q_chunks, k_chunks, *window, merge=merge, docs=feat.docs)
 
 
@@ -729,7 +755,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
                                alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, cu_seqlens=None,
-                               kv_lens: Optional[Tensor] = None, return_lse: bool = False, backend: str = "auto",
+                               kv_lens: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
+                               return_lse: bool = False, backend: str = "auto",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -756,6 +783,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     dropout, the mask is the whole sequence's, not the per-document one of fastattn.attention's packed path).
     ``kv_lens`` (int [B], the same on every rank): keys at global positions >= kv_lens[b] are padding, as
     fastattn.attention's kv_lens (rows past it still attend to the keys before it).
+    ``key_padding_mask`` (bool [B, L_local], True = padding, nn.MultiheadAttention's convention): this rank's
+    shard of a key padding mask of the whole sequence (``shard(mask, group, dim=1)``), padding anywhere; it is
+    all-gathered once per call (B·L bytes). A row that sees no key gives 0.
     ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included:
     a row that sees no key gives its sink, +inf without sinks; fp32, fp64 for fp64 inputs), differentiable, as
     fastattn.attention's.
@@ -792,6 +822,14 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         if kv_lens is not None:
             check_kv_lens(kv_lens, q, q.shape[0] if q.dim() == 4 else None)
             kv_list = kv_lens.tolist()  # a host sync: checked across ranks and against L below
+        if key_padding_mask is not None:
+            if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+                raise TypeError(f"key_padding_mask must be a bool tensor (B, L_local), True = padding, got "
+                                f"{getattr(key_padding_mask, 'dtype', type(key_padding_mask).__name__)}")
+            check_same(q, "q", key_padding_mask, "key_padding_mask", dtype=False)
+            if q.dim() == 4 and tuple(key_padding_mask.shape) != (q.shape[0], q.shape[2]):
+                raise ValueError(f"key_padding_mask must be this rank's shard (B, L_local)=({q.shape[0]}, "
+                                 f"{q.shape[2]}) of the mask, got shape {tuple(key_padding_mask.shape)}")
         if dropout_p > 0.0:  # as fastattn.attention draws it; rank 0's is used
             seed = int(torch.randint(1 << 31, 1 << 62, (), dtype=torch.int64))
         if causal:
@@ -830,7 +868,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
              int(sinks is not None), left, right, _f64_bits(cap),
              _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), _crc(slopes_bits),
              seed, -1 if docs is None else len(docs), _crc(docs), _crc(kv_list), min(kv_list or [0]),
-             max(kv_list or [0])]
+             max(kv_list or [0]), int(key_padding_mask is not None)]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
 
     def same(indices):
@@ -847,7 +885,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
           (25, "ALiBi slopes (values' CRC-32; −1: none)"), (27, "cu_seqlens (lengths)"),
           (28, "cu_seqlens (values' CRC-32)"),
-          (29, "kv_lens (values' CRC-32)")))
+          (29, "kv_lens (values' CRC-32)"), (32, "key_padding_mask (given or not)")))
     if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
@@ -857,8 +895,12 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                                            torch.arange(L, device=q.device), right=True) - 1).int()
     if kv_list and (metas[0][30] < 0 or metas[0][31] > L):  # the same on every rank: the same kv_lens and L
         raise ValueError(f"kv_lens must lie in [0, L={L}], got values in [{metas[0][30]}, {metas[0][31]}]")
+    key_pad = None
+    if key_padding_mask is not None:  # the whole sequence's [B, L] on every rank (uint8: as every backend moves)
+        key_pad = _gather_shards(key_padding_mask.to(torch.uint8), [m[2] for m in metas], 1, layout, group,
+                                 device).bool()
     feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of,
-                     None if kv_lens is None else kv_lens.to(torch.int32))
+                     None if kv_lens is None else kv_lens.to(torch.int32), key_pad)
     out, lse = _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right),
                                     feat, use)
     return (out, lse) if return_lse else out

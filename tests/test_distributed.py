@@ -49,6 +49,8 @@ def _run_cp(group, qkv, do, dtype, sinks=None, dlse=None, **kw):
     summed over the group; with ``dlse``, the LSE too, differentiated against it)."""
     layout = kw.get("layout", "zigzag")
     shards = [shard(t.detach().to(dtype), group, layout=layout).requires_grad_() for t in qkv]
+    if kw.get("key_padding_mask") is not None:  # [B, L]: this rank's keys' part
+        kw["key_padding_mask"] = shard(kw["key_padding_mask"], group, dim=1, layout=layout)
     if sinks is not None:
         kw["sinks"] = sinks = sinks.detach().to(dtype).requires_grad_()
     out = context_parallel_attention(*shards, group, return_lse=dlse is not None, **kw)
@@ -132,6 +134,11 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         features["alibi_slopes"] = fastattn.alibi_slopes(H).to(env.device)
     if "kv_lens" in features:
         features["kv_lens"] = torch.tensor(features["kv_lens"], dtype=torch.int32, device=env.device)
+    if features.get("key_padding_mask"):  # random padding, and the last batch entry's first L/4 keys (left
+        # padding: with causal, its first rows see no key)
+        pad = torch.rand(B, L, generator=torch.Generator().manual_seed(seed + 3)) < 0.3
+        pad[-1, :L // 4] = True
+        features["key_padding_mask"] = pad.to(env.device)
     torch.manual_seed(1000 + seed)
     # around ln(L): a fair share of each row's weight
     sinks = (torch.randn(H, generator=torch.Generator().manual_seed(seed)) + math.log(L)).to(env.device) \
@@ -265,20 +272,27 @@ def case_pairs(env):
                         seed=10 + env.rank % 2)
 
 
-def _module_case(env, make, call, seq_dim, causal):
+def _module_case(env, make, call, seq_dim, causal, padding=None):
     """A module on this rank's shards (its attention over the world group) against the same module unsharded, single
-    process: output, input gradient and every parameter gradient (summed over the ranks) under §5."""
+    process: output, input gradient and every parameter gradient (summed over the ranks) under §5. ``padding``
+    "bool" / "float": a key padding mask [B, L] of that kind (float: 0 and −inf), this rank's shard of it."""
     torch.manual_seed(1)
     module = make()
     shape = [2, 2, 32]
     shape[seq_dim] = 37
     g = torch.Generator().manual_seed(2)
     x, dy = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    kpm = None
+    if padding:  # key 0 kept: every causal row sees a key
+        pad = torch.rand(2, 37, generator=g) < 0.3
+        pad[1, 5:15], pad[:, 0] = True, False
+        kpm = pad if padding == "bool" else torch.zeros(pad.shape).masked_fill(pad, float("-inf"))
+        kpm = kpm.to(env.device)
     cp = copy.deepcopy(module).to(env.device)
     cp_mha = cp.self_attn if hasattr(cp, "self_attn") else cp
     cp_mha.context_parallel_group = dist.group.WORLD
     xs = shard(x.to(env.device), dim=seq_dim).requires_grad_()
-    y = call(cp, xs, None, causal)
+    y = call(cp, xs, None, causal, None if kpm is None else shard(kpm, dim=1))
     y.backward(shard(dy.to(env.device), dim=seq_dim))
     got = {"out": unshard(y.detach(), dim=seq_dim), "dx": unshard(xs.grad, dim=seq_dim)}
     for name, p in cp.named_parameters():
@@ -292,47 +306,58 @@ def _module_case(env, make, call, seq_dim, causal):
     def run(dtype):
         m = copy.deepcopy(module).to(device=env.device, dtype=dtype)
         xx = x.to(device=env.device, dtype=dtype).requires_grad_()
-        out = call(m, xx, mask, causal)
+        out = call(m, xx, mask, causal, None if kpm is None else kpm.to(dtype) if padding == "float" else kpm)
         out.backward(dy.to(device=env.device, dtype=dtype))
         return {"out": out.detach(), "dx": xx.grad, **{"d." + n: p.grad for n, p in m.named_parameters()}}
     _assert_rule(got, run(torch.float64), run(torch.float32))
 
 
-def case_mha(env, *, causal, **options):
+def case_mha(env, *, causal, padding=None, **options):
     """fastattn.nn.MultiheadAttention(context_parallel_group=...) on (L, B, E) shards (sequence first);
     ``options``: its window_size / alibi."""
-    def call(m, x, mask, causal):
-        return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal)[0]
-    _module_case(env, lambda: fastattn.nn.MultiheadAttention(32, 4, **options), call, 0, causal)
+    def call(m, x, mask, causal, kpm):
+        return m(x, x, x, need_weights=False, attn_mask=mask, is_causal=causal, key_padding_mask=kpm)[0]
+    _module_case(env, lambda: fastattn.nn.MultiheadAttention(32, 4, **options), call, 0, causal, padding)
 
 
-def case_encoder_layer(env, *, causal):
+def case_encoder_layer(env, *, causal, padding=None):
     """fastattn.nn.TransformerEncoderLayer (batch_first) with its self-attention over the group (README example)."""
     def make():
         return fastattn.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
 
-    def call(m, x, mask, causal):
-        return m(x, src_mask=mask, is_causal=causal)
-    _module_case(env, make, call, 1, causal)
+    def call(m, x, mask, causal, kpm):
+        return m(x, src_mask=mask, is_causal=causal, src_key_padding_mask=kpm)
+    _module_case(env, make, call, 1, causal, padding)
 
 
 def case_mha_errors(env):
-    """Masks other than causal and need_weights get clear errors (raised before any communication)."""
+    """Masks other than causal and key padding, and need_weights, get clear errors (raised before any
+    communication)."""
     mha = fastattn.nn.MultiheadAttention(16, 2, dropout=0.1, context_parallel_group=dist.group.WORLD).to(env.device)
     x = torch.randn(5, 2, 16, device=env.device)
     with pytest.raises(ValueError, match="need_weights"):
         mha(x, x, x)
-    with pytest.raises(ValueError, match="attn_mask and key_padding_mask must be None"):
-        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.bool, device=env.device))
-    with pytest.raises(ValueError, match="attn_mask and key_padding_mask must be None"):
+    with pytest.raises(ValueError, match="attn_mask must be None"):
         mha(x, x, x, need_weights=False, attn_mask=torch.zeros(5, 5, dtype=torch.bool, device=env.device))
+    bias = torch.zeros(2, 5, device=env.device)
+    bias[1, 2] = -1.0
+    with pytest.raises(ValueError, match="only 0 .attend. and -inf"):
+        mha(x, x, x, need_weights=False, key_padding_mask=bias)
+    with pytest.raises(TypeError, match="key_padding_mask must be a bool or floating-point"):
+        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 5, dtype=torch.int32, device=env.device))
+    with pytest.raises(ValueError, match=r"key_padding_mask must be this rank's shard \(B, L_local\)=\(2, 5\)"):
+        mha(x, x, x, need_weights=False, key_padding_mask=torch.zeros(5, 2, dtype=torch.bool, device=env.device))
     assert mha.train()(x, x, x, need_weights=False)[0].shape == x.shape  # dropout (case_matches_single checks it)
-    # One rank's own bad argument (only its shard has padding): it raises that error, the others say which rank
+    # One rank's own bad argument (only its call has an attn_mask): it raises that error, the others say which rank
     # failed, nobody waits for it in the exchange of shapes (it once left them waiting till the group's timeout)
     last = env.rank == env.world - 1
-    kpm = torch.zeros(2, 5, dtype=torch.bool, device=env.device) if last else None
+    mask = torch.zeros(5, 5, dtype=torch.bool, device=env.device) if last else None
     with pytest.raises(ValueError if last else RuntimeError,
-                       match="key_padding_mask must be None" if last else rf"rank\(s\) \[{env.world - 1}\]"):
+                       match="attn_mask must be None" if last else rf"rank\(s\) \[{env.world - 1}\]"):
+        mha.eval()(x, x, x, need_weights=False, attn_mask=mask)
+    # A key padding mask on one rank only: every rank raises the same error
+    kpm = torch.zeros(2, 5, dtype=torch.bool, device=env.device) if last else None
+    with pytest.raises(ValueError, match=r"different key_padding_mask \(given or not\)"):
         mha.eval()(x, x, x, need_weights=False, key_padding_mask=kpm)
     mha.eval()(x, x, x, need_weights=False)  # the group is still in step
 
@@ -392,6 +417,14 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), kv_lens=torch.tensor([3, 4], device=env.device))
     with pytest.raises(ValueError, match="alibi_slopes must have shape"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(3))
+    q = _shards(env)[0]
+    kpm = torch.zeros(1, q.shape[2], dtype=torch.bool, device=env.device)
+    with pytest.raises(ValueError, match=r"different key_padding_mask \(given or not\): \[1, 0"):
+        context_parallel_attention(*_shards(env), key_padding_mask=kpm if r == 0 else None)
+    with pytest.raises(TypeError, match=r"key_padding_mask must be a bool tensor \(B, L_local\)"):
+        context_parallel_attention(*_shards(env), key_padding_mask=kpm.float())
+    with pytest.raises(ValueError, match=r"key_padding_mask must be this rank's shard \(B, L_local\)"):
+        context_parallel_attention(*_shards(env), key_padding_mask=kpm[:, 1:])
     with pytest.raises(ValueError, match="agree in every dim but dim 2"):
         unshard(torch.zeros(2, 3 + r, 5, device=env.device))
     with pytest.raises(ValueError, match="not sharded with this group"):
@@ -501,6 +534,16 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}"] = (
             case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
                                       seed=170 + len(cases), **extra))
+    # A key padding mask (padding anywhere; left padding leaves a causal row's first rows without keys): alone,
+    # with documents and a window (one mask of both), with kv_lens, dropout and the LSE.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(), torch.float32),
+                                         ("contiguous", False, dict(cu_seqlens=docs, window_size=(6, 6)), dtypes[-1]),
+                                         ("zigzag", True, dict(kv_lens=[30, 37], dropout_p=0.2, lse=True),
+                                          dtypes[-1])):
+        name = "".join("-" + n for n in extra)
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-key_padding_mask{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
+                                      key_padding_mask=True, seed=190 + len(cases), **extra))
     # The LSE returned and differentiated, with sinks, a window and documents.
     for layout, causal, extra, dtype in (("zigzag", True, dict(sinks=True), torch.float32),
                                          ("contiguous", False, dict(window_size=(5, 5), cu_seqlens=docs), dtypes[-1])):
@@ -520,7 +563,9 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
 MODULES = {"mha-seq-first-causal": (case_mha, dict(causal=True)), "mha-seq-first-full": (case_mha, dict(causal=False)),
            "mha-window-alibi": (case_mha, dict(causal=True, window_size=(5, 0), alibi=True)),
            "encoder-layer-causal": (case_encoder_layer, dict(causal=True)),
-           "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {})}
+           "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {}),
+           "mha-causal-key-padding": (case_mha, dict(causal=True, padding="bool")),
+           "encoder-layer-key-padding-float": (case_encoder_layer, dict(causal=False, padding="float"))}
 
 SUITES = {
     2: {**_match(2), "shard-roundtrip": (case_shard_roundtrip, {}), **MODULES, "errors": (case_errors, {}),
@@ -563,6 +608,12 @@ SUITES = {
         "triton-contiguous-full-float32-kv_lens-window": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=2, H=2, Hkv=2, L=37, backend="triton",
             seed=22, kv_lens=[0, 25], window_size=(4, 6))),
+        "triton-zigzag-causal-float16-key_padding_mask": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=2, H=2, Hkv=1, L=45, backend="triton", seed=23,
+            key_padding_mask=True)),
+        "triton-contiguous-full-float32-key_padding_mask-docs-dropout": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=2, H=2, Hkv=2, L=37, backend="triton",
+            seed=24, key_padding_mask=True, cu_seqlens=[0, 9, 10, 23, 37], dropout_p=0.2)),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),

@@ -32,6 +32,18 @@ def _bool_or_float(mask: Optional[Tensor], name: str) -> Optional[Tensor]:
     raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
 
 
+def _padding_bool(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """A key padding mask as bool, True = padding: a float one must hold 0 (attend) and −inf (padding) only, as
+    torch's conversion of a bool mask gives (one host sync); other values would be a bias."""
+    if key_padding_mask is None or key_padding_mask.dtype == torch.bool:
+        return key_padding_mask
+    pad = torch.isneginf(key_padding_mask)
+    if not bool(((key_padding_mask == 0) | pad).all()):
+        raise ValueError("a float key_padding_mask with context_parallel_group must hold only 0 (attend) and -inf "
+                         "(padding): an additive bias is not supported; pass a bool mask")
+    return pad
+
+
 def _merge_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], B: int, H: int, Lq: int,
                  Lk: int):
     """torch-module masks -> (attn_bias for fastattn.attention, key_padding_mask True = ignore).
@@ -211,17 +223,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
     def _context_parallel_forward(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal):
         """Self-attention of this rank's shards over ``context_parallel_group`` (ring attention): query, key and
         value hold the same positions; ``is_causal=True`` (no attn_mask needed), ``window_size`` and ALiBi are in
-        global positions; dropout draws the whole sequence's mask (fastattn.distributed)."""
+        global positions; dropout draws the whole sequence's mask (fastattn.distributed); ``key_padding_mask``
+        (B, L_local) is this rank's shard of the keys' padding (bool True, or float −inf, = padding)."""
         from ..distributed import context_parallel_attention
 
         try:  # a check failing on one rank joins the ring's exchange of shapes, so no other rank waits for it
-            q, k, v, L, B, E, unbatched = self._context_parallel_inputs(query, key, value, key_padding_mask,
-                                                                        need_weights, attn_mask)
+            q, k, v, kpm, L, B, E, unbatched = self._context_parallel_inputs(query, key, value, key_padding_mask,
+                                                                             need_weights, attn_mask)
         except (TypeError, ValueError, NotImplementedError, RuntimeError) as e:
             return context_parallel_attention(None, None, None, self.context_parallel_group, _error=e)
         out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
                                          dropout_p=self.dropout if self.training else 0.0,
-                                         window_size=self.window_size or (-1, -1),
+                                         window_size=self.window_size or (-1, -1), key_padding_mask=kpm,
                                          alibi_slopes=self._buffers.get("alibi_slopes") if self.alibi else None)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
@@ -233,14 +246,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if need_weights:
             raise ValueError("need_weights=True is not available with context_parallel_group (the weights span every "
                              "rank's keys): pass need_weights=False")
-        if attn_mask is not None or key_padding_mask is not None:
-            raise ValueError("with context_parallel_group the only masks are causal (is_causal=True, no attn_mask) or "
-                             "none: attn_mask and key_padding_mask must be None")
+        if attn_mask is not None:
+            raise ValueError("with context_parallel_group the masks are causal (is_causal=True, no attn_mask) and "
+                             "key_padding_mask: attn_mask must be None")
+        key_padding_mask = _padding_bool(_bool_or_float(key_padding_mask, "key_padding_mask"))
         if self.bias_k is not None or self.add_zero_attn:
             raise ValueError("add_bias_kv and add_zero_attn are not supported with context_parallel_group")
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (L, 1, E)
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
         elif query.dim() != 3:
             raise ValueError(f"query must be 2-d (unbatched) or 3-d, got shape {tuple(query.shape)}")
         elif self.batch_first:
@@ -253,4 +269,4 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                              f"positions as query {tuple(query.shape)} (self-attention)")
         H, Dh = self.num_heads, self.head_dim
         q, k, v = (x.reshape(L, B, H, Dh).permute(1, 2, 0, 3) for x in self._in_projection(query, key, value))
-        return q, k, v, L, B, E, unbatched
+        return q, k, v, key_padding_mask, L, B, E, unbatched
