@@ -530,7 +530,8 @@ def _triton_block_forward(q, k, v, scale, blk, feat: _Features, acc):
     out = empty(q.shape, like=q, dtype=torch.float32)
     lse2 = empty(q.shape[:3], like=q, dtype=torch.float64)  # fp32 inputs: the kernel's fp64 LSE, unrounded
     kernels.forward(q, k, v, None, _kernel_mask(blk, q.shape[2], k.shape[2], feat),
-                    _block_kv_lens(blk, k.shape[2], feat), out, lse2, scale, False, False, **_kernel_features(blk, feat))
+                    _block_kv_lens(blk, k.shape[2], feat), out, lse2, scale, False, False,
+                    **_kernel_features(blk, feat))
     return out, torch.where(lse2 == float("inf"), float("-inf"), lse2)  # the kernel marks empty rows +inf
 
 
