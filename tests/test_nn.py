@@ -106,6 +106,8 @@ MHA_CASES = {
     "self-kpm": dict(kpm=True),
     "self-causal": dict(causal=True),
     "self-causal-kpm": dict(causal=True, kpm=True),
+    # appended keys: torch's mask leaves them visible, so the hint does not replace it
+    "self-causal-kpm-bias-kv-zero-attn": dict(causal=True, kpm=True, ctor=dict(add_bias_kv=True, add_zero_attn=True)),
     "cross-bool-mask": dict(cross=True, bool_mask=True),
     "cross-float-mask-kpm": dict(cross=True, float_mask=True, kpm=True),
     "cross-kdim-vdim": dict(cross=True, ctor=dict(kdim=12, vdim=20), kpm=True),
@@ -151,6 +153,28 @@ def test_multihead_attention_matches_torch(name, batch_first, monkeypatch):
     if spec.get("float_mask"):
         inputs["attn_mask"] = _randn(B * HEADS, LQ, Lk, seed=5, requires_grad=False)
     _assert_mha_twins(fast, twin, inputs, spec.get("causal", False), monkeypatch)
+
+
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_multihead_attention_causal_hint_with_padding_builds_no_square_mask(batch_first, monkeypatch):
+    """is_causal with a key-padding mask (a decoder's self-attention over a padded batch): the kernels get
+    causal=True and the [B, L] padding, no [B, 1, L, L] mask (torch reads its mask there: SDPA takes a mask or
+    is_causal), and the result is torch's (test_multihead_attention_matches_torch[self-causal-kpm])."""
+    import fastattn.nn.attention as module_code
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return fastattn.attention(*args, **kwargs)
+    monkeypatch.setattr(module_code, "attention", spy)
+    m = fnn.MultiheadAttention(E, HEADS, batch_first=batch_first)
+    x = _tensors(batch_first, B, LQ, E, 1)
+    kpm = _kpm(B, LQ)
+    m(x, x, x, need_weights=False, key_padding_mask=kpm, is_causal=True,
+      attn_mask=nn.Transformer.generate_square_subsequent_mask(LQ))
+    (kw,) = calls
+    assert kw["causal"] is True and kw["attn_bias"] is None
+    assert torch.equal(kw["key_padding_mask"], kpm)
 
 
 def test_multihead_attention_fp16(monkeypatch):

@@ -155,11 +155,17 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         key_padding_mask = _bool_or_float(key_padding_mask, "key_padding_mask")
         attn_mask = _bool_or_float(attn_mask, "attn_mask")
 
-        # torch's rule: with no key-padding mask the is_causal hint replaces attn_mask (the kernel builds the
-        # causal mask from indices); otherwise attn_mask itself is used.
-        causal = is_causal and key_padding_mask is None
         if attn_mask is not None and attn_mask.dim() not in (2, 3):  # checked before the hint drops it
             raise ValueError(f"attn_mask must be 2-d or 3-d, got {attn_mask.dim()} dims")
+        # The is_causal hint promises that attn_mask is the causal mask, so the kernel builds it from indices.
+        # torch uses the hint only without a key-padding mask (SDPA takes a mask or is_causal, not both); the
+        # kernels take both, so a square self-attention also keeps the hint with one (the padding stays a
+        # [B, 1, 1, L] mask, no [B, 1, L, L] one is built, and the blocks above the diagonal are skipped). Keys
+        # appended by add_bias_kv / add_zero_attn, which torch's mask leaves visible, keep torch's rule.
+        seq = 1 if query.dim() == 3 and self.batch_first else 0
+        square = (query.dim() == key.dim() and query.shape[seq] == key.shape[seq] and self.bias_k is None
+                  and not self.add_zero_attn)
+        causal = is_causal and (key_padding_mask is None or square)
         if causal:
             attn_mask = None
 
