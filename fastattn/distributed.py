@@ -28,8 +28,9 @@ block is "full" (every pair visible), "skip" (none) or banded: the rows and keys
 taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a
 rank's own shard has banded (causal-diagonal) blocks; with one, the ring stops after the last step whose shard some
 window reaches, and dK/dV go straight home. Packed documents (cu_seqlens) cut each block to the documents both
-sides hold, with a same-document mask where it spans several; key padding gives each block its count (kv_lens)
-or its slice of the whole sequence's mask (key_padding_mask, all-gathered once per call).
+sides hold, in blocks of whole documents, with a same-document mask (of at most _DOC_MASK_ELEMS pairs) where one
+spans several; key padding gives each block its count (kv_lens) or its slice of the whole sequence's mask
+(key_padding_mask, all-gathered once per call).
 ALiBi, dropout, documents and padding need each block's positions: their blocks cover one chunk pair each, and the
 kernels take the block's origin (its first row's and key's positions), so the slopes' distances and the dropout
 mask's Philox counters are the whole sequence's (the mask equals one process's for the same seed).
@@ -57,6 +58,9 @@ LAYOUTS = ("zigzag", "contiguous")
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _MAX_DIMS = 8  # dims of a tensor whose shape unshard can gather
+# The largest same-document mask of a block (rows × keys, bool): documents that would need more are cut into
+# blocks of their own (4 MB; the kernels skip the tiles a mask hides, so a smaller one would only add launches).
+_DOC_MASK_ELEMS = 1 << 22
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}  # exchanged between ranks; len(_DTYPES): any other
 
@@ -256,25 +260,32 @@ def _band(qs: int, ql: int, ks: int, kl: int, left: int, right: int):
     return ra, rb, ka, kb, wl, wr
 
 
-def _doc_trim(i0: int, i1: int, j0: int, j1: int, docs: list[int]):
-    """Rows [i0, i1) and keys [j0, j1) (positions) cut to those whose document (``docs``: boundaries, cu_seqlens)
-    the other side also holds, and whether they span more than one document (then a pair is visible only within
-    one: the block needs the document mask); None where they share none."""
+def _doc_split(i0: int, i1: int, j0: int, j1: int, docs: list[int], mask_elems: int):
+    """Rows [i0, i1) and keys [j0, j1) (positions) cut into blocks of the documents (``docs``: boundaries,
+    cu_seqlens) that both sides hold: a list of (i0, i1, j0, j1, doc_mask). Consecutive documents share a block,
+    which then needs the same-document mask (doc_mask True), while its rows × keys stay within ``mask_elems``; a
+    larger document is a block of its own, without a mask: no block's mask is quadratic in the shard's length."""
     doc = lambda pos: bisect.bisect_right(docs, pos) - 1  # noqa: E731
-    dq0, dq1, dk0, dk1 = doc(i0), doc(i1 - 1), doc(j0), doc(j1 - 1)
-    if dq1 < dk0 or dk1 < dq0:
-        return None
-    i0, i1 = max(i0, docs[dk0]), min(i1, docs[dk1 + 1])
-    j0, j1 = max(j0, docs[dq0]), min(j1, docs[dq1 + 1])
-    return i0, i1, j0, j1, not doc(i0) == doc(i1 - 1) == doc(j0) == doc(j1 - 1)
+    blocks = []
+    for d in range(max(doc(i0), doc(j0)), min(doc(i1 - 1), doc(j1 - 1)) + 1):
+        a, b, c, e = max(i0, docs[d]), min(i1, docs[d + 1]), max(j0, docs[d]), min(j1, docs[d + 1])
+        if a >= b or c >= e:  # an empty document
+            continue
+        if blocks and (b - blocks[-1][0]) * (e - blocks[-1][2]) <= mask_elems:
+            blocks[-1] = (blocks[-1][0], b, blocks[-1][2], e, True)
+        else:
+            blocks.append((a, b, c, e, False))
+    return blocks
 
 
-def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: Optional[list[int]] = None):
+def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: Optional[list[int]] = None,
+          mask_elems: Optional[int] = None):
     """The attention blocks of one ring step for a rank holding queries at ``q_chunks`` and keys at ``k_chunks``
     ((global start, length), increasing) under the global window (left, right) (causal: right = 0): a list of
     (q_lo, q_hi, k_lo, k_hi, wl, wr, i0, j0, doc_mask) in local offsets, the block's rows being positions i0,
     i0 + 1, ... and its keys j0, j0 + 1, ..., (wl, wr) the window in positions (−1: unbounded) and doc_mask whether
-    it spans several of the documents ``docs`` (boundaries; None: one document). With ``merge`` (not with docs),
+    it spans several of the documents ``docs`` (boundaries; None: one document; blocks of whole documents, a
+    mask of at most ``mask_elems`` pairs, default _DOC_MASK_ELEMS: :func:`_doc_split`). With ``merge`` (not with docs),
     runs of chunks that one call covers merge into one block (i0 = j0 = None: not consecutive positions, window
     (−1, −1) or causal (−1, 0), which need only the order): what ALiBi and dropout, which need positions, must not
     get."""
@@ -302,10 +313,9 @@ def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: O
                     else:
                         full.append((k_off, k_off + kl))
                 else:  # in positions: rows i0 .. i1, keys j0 .. j1
-                    cut = (qs + ra, qs + rb, ks + ka, ks + kb, False) if docs is None else \
-                        _doc_trim(qs + ra, qs + rb, ks + ka, ks + kb, docs)
-                    if cut is not None:
-                        i0, i1, j0, j1, doc_mask = cut
+                    cuts = [(qs + ra, qs + rb, ks + ka, ks + kb, False)] if docs is None else _doc_split(
+                        qs + ra, qs + rb, ks + ka, ks + kb, docs, _DOC_MASK_ELEMS if mask_elems is None else mask_elems)
+                    for i0, i1, j0, j1, doc_mask in cuts:
                         blocks.append((q_off + i0 - qs, q_off + i1 - qs, k_off + j0 - ks, k_off + j1 - ks, wl, wr,
                                        i0, j0, doc_mask))
             k_off += kl

@@ -121,11 +121,20 @@ def _count_triton_calls():
             setattr(kernels, n, f)
 
 
+def _docs(L, many=False):
+    """Document boundaries for a length-L sequence: three documents, one of length 1 where L allows; ``many``: also
+    one every 5 positions and an empty one (position 7 twice)."""
+    cuts = {0, L // 3, min(L, L // 3 + 1), L}
+    return sorted([*cuts, *range(5, L, 5), min(L, 7), min(L, 7)]) if many else sorted(cuts)
+
+
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
-                        seed=0, group="world", sinks=False, alibi=False, lse=False, **features):
+                        seed=0, group="world", sinks=False, alibi=False, lse=False, doc_mask_elems=None,
+                        **features):
     """CP forward + backward against the float64 reference on the full sequence (§5). ``alibi``: the paper's
-    slopes; ``features`` (window_size, softcap, dropout_p) as fastattn.attention's. With dropout every rank seeds
+    slopes; ``features`` (window_size, softcap, dropout_p) as fastattn.attention's; ``doc_mask_elems``: the
+    largest same-document mask of a block (documents past it get blocks of their own). With dropout every rank seeds
     torch's CPU generator alike, and the reference replays the mask that fastattn.attention's kernels draw for the
     whole sequence from rank 0's seed (so one process's Triton run drops the same weights)."""
     group = env.groups[group]
@@ -145,9 +154,14 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         if sinks else None
     dlse = torch.randn(qkv[0].shape[:3], generator=torch.Generator().manual_seed(seed + 7)).to(env.device) \
         if lse else None
-    with _count_triton_calls() as calls:
-        got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
-                      sinks=sinks, dlse=dlse, **features)
+    saved_elems = fd._DOC_MASK_ELEMS
+    try:
+        fd._DOC_MASK_ELEMS = doc_mask_elems or saved_elems
+        with _count_triton_calls() as calls:
+            got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
+                          sinks=sinks, dlse=dlse, **features)
+    finally:
+        fd._DOC_MASK_ELEMS = saved_elems
     if backend == "triton" or (backend == "auto" and env.device != "cpu"):
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
@@ -515,6 +529,14 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-docs{name and '-' + name}"] = (
             case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend, cu_seqlens=docs,
                                       seed=130 + len(cases), **extra))
+    # Many documents (an empty one too) and masks of at most 30 pairs: blocks of one document and of several.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(dropout_p=0.2, alibi=True), torch.float32),
+                                         ("contiguous", False, dict(window_size=(6, 3), lse=True), dtypes[-1])):
+        name = "".join("-" + n for n in extra)
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-docs-split{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend,
+                                      cu_seqlens=_docs(37, many=True), doc_mask_elems=30, seed=210 + len(cases),
+                                      **extra))
     # Dropout (the whole sequence's Philox mask) and ALiBi (in positions): merged blocks split per chunk pair.
     for layout, causal, extra, dtype in (("zigzag", True, dict(dropout_p=0.2), torch.float32),
                                          ("zigzag", True, dict(dropout_p=0.3), dtypes[-1]),
@@ -614,6 +636,9 @@ SUITES = {
         "triton-contiguous-full-float32-key_padding_mask-docs-dropout": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=2, H=2, Hkv=2, L=37, backend="triton",
             seed=24, key_padding_mask=True, cu_seqlens=[0, 9, 10, 23, 37], dropout_p=0.2)),
+        "triton-zigzag-causal-float16-docs-split-key_padding_mask": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=2, H=2, Hkv=1, L=45, backend="triton", seed=25,
+            cu_seqlens=_docs(45, many=True), doc_mask_elems=30, key_padding_mask=True)),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
@@ -721,12 +746,7 @@ def _block_seen(qb, kb, wl, wr, shift):
     return seen
 
 
-def _docs(L):
-    """Document boundaries for a length-L sequence: three documents, one of length 1 where L allows."""
-    return sorted({0, L // 3, min(L, L // 3 + 1), L})
-
-
-@pytest.mark.parametrize("mode", ["merged", "by-position", "docs"])
+@pytest.mark.parametrize("mode", ["merged", "by-position", "docs", "docs-split"])
 @pytest.mark.parametrize("layout", fd.LAYOUTS)
 @pytest.mark.parametrize("window", WINDOWS, ids=str)
 def test_plan_is_the_window_mask(layout, window, mode):
@@ -735,7 +755,8 @@ def test_plan_is_the_window_mask(layout, window, mode):
     window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; a ring step
     after _last_step has no block. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
     With documents (cu_seqlens) the pairs of the same document only, a block spanning several flagged (doc_mask)
-    and rows and keys trimmed to the documents the other side holds.
+    and rows and keys trimmed to the documents the other side holds; "docs-split": many documents and masks of at
+    most 30 pairs, so blocks of one document (no mask) and of several.
     Causal: zigzag steps away from the diagonal are one full block of one chunk's length on either side (the
     balanced work); no window: one block."""
     left, right = window
@@ -743,7 +764,8 @@ def test_plan_is_the_window_mask(layout, window, mode):
     for N in range(1, 6):
         for L in list(range(0, 2 * N + 3)) + [37, 64]:
             chunks = [fd._rank_chunks(L, N, r, layout) for r in range(N)]
-            docs = _docs(L) if mode == "docs" and L else None
+            docs = _docs(L, many=mode == "docs-split") if mode.startswith("docs") and L else None
+            mask_elems = 30 if mode == "docs-split" else None
             T = fd._last_step(chunks, window, docs)
             for r in range(N):
                 for t in range(N):
@@ -753,7 +775,8 @@ def test_plan_is_the_window_mask(layout, window, mode):
                         doc = torch.searchsorted(torch.tensor(docs), torch.arange(L), right=True)
                         want = want & (doc[q][:, None] == doc[k][None, :])
                     got = torch.zeros(len(q), len(k), dtype=torch.int32)
-                    blocks = fd._plan(chunks[r], chunks[src], left, right, merge=merge, docs=docs)
+                    blocks = fd._plan(chunks[r], chunks[src], left, right, merge=merge, docs=docs,
+                                      mask_elems=mask_elems)
                     for qa, qb, ka, kb, wl, wr, i0, j0, doc_mask in blocks:
                         assert merge or (i0 is not None and torch.equal(q[qa:qb], i0 + torch.arange(qb - qa))
                                          and torch.equal(k[ka:kb], j0 + torch.arange(kb - ka))), blocks
@@ -764,6 +787,7 @@ def test_plan_is_the_window_mask(layout, window, mode):
                         else:
                             same = doc[q[qa:qb]][:, None] == doc[k[ka:kb]][None, :]
                             assert doc_mask == (not same.all()) and same.any(dim=1).all() and same.any(dim=0).all()
+                            assert not doc_mask or (qb - qa) * (kb - ka) <= (mask_elems or fd._DOC_MASK_ELEMS)
                             seen &= same
                         got[qa:qb, ka:kb] += seen.int()
                     assert torch.equal(got, want.int()), (N, L, r, src, blocks)
