@@ -27,7 +27,9 @@ i − left <= j <= i + right (causal: right = 0), as fastattn.attention's. Betwe
 block is "full" (every pair visible), "skip" (none) or banded: the rows and keys the window reaches, the window
 taken in positions (``_band``; the kernels shift their diagonal by the block's i0 − j0). Without a window only a
 rank's own shard has banded (causal-diagonal) blocks; with one, the ring stops after the last step whose shard some
-window reaches, and dK/dV go straight home. Packed documents (cu_seqlens) cut each block to the documents both
+window reaches, and dK/dV go straight home. A window reaching right also gets the shards after a rank's own from
+a second ring that runs backward (rank r sends to r − 1), where that takes fewer messages (``_ring_steps``: a
+window reaching one shard both ways over contiguous shards, one step each way, whatever N). Packed documents (cu_seqlens) cut each block to the documents both
 sides hold, in blocks of whole documents, with a same-document mask (of at most _DOC_MASK_ELEMS pairs) where one
 spans several; key padding gives each block its count (kv_lens) or its slice of the whole sequence's mask
 (key_padding_mask, all-gathered once per call).
@@ -328,13 +330,20 @@ def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: O
     return blocks
 
 
-def _last_step(chunks, window: tuple[int, int], docs: Optional[list[int]] = None) -> int:
-    """The last ring step T at which some rank's queries see keys of the shard in hand (rank r holds shard r − t
-    at step t): the ring stops there, T = N − 1 but for windows that reach fewer shards (every rank knows every
-    shard's chunks, so all agree)."""
+def _ring_steps(chunks, window: tuple[int, int], docs: Optional[list[int]] = None) -> tuple[int, int]:
+    """(TL, TR): rank r gets shard r − t at steps t = 0 .. TL (the K/V passed forward, to r + 1) and shard r + t at
+    steps t = 1 .. TR (passed backward, to r − 1), TL + TR <= N − 1 so that no shard comes twice, covering every
+    shard whose keys some window lets rank r's queries see (every rank knows every shard's chunks: all agree). Of
+    those pairs, the one with the fewest messages, the forward ring alone on a tie: (N − 1, 0) without a window,
+    (T, 0) for a causal one that reaches T shards back, (1, 1) for a window reaching one shard both ways."""
     N = len(chunks)
-    return next((t for t in reversed(range(N)) if any(_plan(chunks[r], chunks[(r - t) % N], *window, docs=docs)
-                                                      for r in range(N))), 0)
+    needed = {d for d in range(1, N) for r in range(N) if _plan(chunks[r], chunks[(r + d) % N], *window, docs=docs)}
+    best = (N - 1, 0)
+    for TL in range(N):  # shard r + d comes at forward step N − d or at backward step d
+        TR = max((d for d in needed if d < N - TL), default=0)
+        if (TL + TR, TR) < (sum(best), best[1]):
+            best = (TL, TR)
+    return best
 
 
 class _Pending:
@@ -594,6 +603,11 @@ def _blocks(q_chunks, k_chunks, window, feat: _Features):
     return _plan(q_chunks, k_chunks, *window, merge=merge, docs=feat.docs)
 
 
+def _directions(steps: tuple[int, int]):
+    """(hop, last step) of the forward ring (K/V sent to rank + 1) and of the backward one (to rank − 1)."""
+    return (1, steps[0]), (-1, steps[1])
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, ring: _Ring, chunks, scale: float, window: tuple[int, int], feat: _Features,
@@ -601,23 +615,27 @@ class _RingAttention(torch.autograd.Function):
         # fp32 inputs merge (and the torch blocks compute) in fp64: the output is rounded once, as the fp32 kernels'
         # is, and do_i·o_i (the sinks' gradient) is then as exact as theirs
         acc = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else torch.float64
-        D = q.shape[3]
         r, N = ring.rank, ring.size
-        T = _last_step(chunks, window, feat.docs)
-        kv = torch.stack([k, v])  # one message per step: [2, B, Hkv, L, D]
+        steps = _ring_steps(chunks, window, feat.docs)
+        kv_shape = lambda rank: (2, *k.shape[:2], sum(n for _, n in chunks[rank % N]), q.shape[3])  # noqa: E731
+        kvs = [torch.stack([k, v])] * 2  # one message per step and ring: [2, B, Hkv, L, D]
         out = torch.zeros(q.shape, dtype=acc, device=q.device)
         lse = torch.full(q.shape[:3], float("-inf"), dtype=torch.float64, device=q.device)  # merged in fp64
-        for t in range(T + 1):
-            src = (r - t) % N
-            if t < T:  # the next shard is on its way while this one is computed
-                nxt = (r - t - 1) % N
-                pending = ring.exchange(kv, (2, *k.shape[:2], sum(n for _, n in chunks[nxt]), D), kv.dtype, tag=1)
-            for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[src], window, feat):
-                args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, blk, feat, acc)
-                o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
-                _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
-            if t < T:
-                kv = pending.wait()
+        for t in range(max(steps) + 1):
+            pending = [None, None]
+            for i, (hop, T) in enumerate(_directions(steps)):
+                if t < T:  # the next shard is on its way while this one is computed
+                    pending[i] = ring.exchange(kvs[i], kv_shape(r - hop * (t + 1)), kvs[i].dtype, tag=1 + 3 * i,
+                                               hop=hop)
+            for i, (hop, T) in enumerate(_directions(steps)):
+                if not i <= t <= T:  # (the backward ring's first shard comes at step 1)
+                    continue
+                kv = kvs[i]
+                for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[(r - hop * t) % N], window, feat):
+                    args = (q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], scale, blk, feat, acc)
+                    o, l2 = (_triton_block_forward if backend == "triton" else _torch_block_forward)(*args)
+                    _merge(out[:, :, qa:qb], lse[:, :, qa:qb], o, l2)
+            kvs = [kv if p is None else p.wait() for kv, p in zip(kvs, pending)]
         lse = torch.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: the kernels' convention
         if sinks is not None:  # on the merged (unrounded) output, as the op does on the kernels'
             _apply_sinks(out, lse, None, sinks)
@@ -632,8 +650,8 @@ class _RingAttention(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         # the returned LSE in natural units (fastattn.attention's return_lse), converted in fp64, rounded once
         lse_out = (lse.double() * math.log(2.0)).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-        ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat, ctx.backend, ctx.T = (ring, chunks, scale, window,
-                                                                                      feat, backend, T)
+        ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat, ctx.backend, ctx.steps = (ring, chunks, scale, window,
+                                                                                          feat, backend, steps)
         return out, lse_out
 
     @staticmethod
@@ -644,46 +662,50 @@ class _RingAttention(torch.autograd.Function):
             dout = torch.zeros_like(out)
         # dlse2, the gradient of lse2 = LSE·log2(e) (the kernels' dlse), as lse; the torch blocks take dLSE
         dlse2 = None if dlse is None else (dlse.double() * math.log(2.0)).to(lse.dtype)
-        ring, chunks, scale, window, feat, backend, T = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat,
-                                                         ctx.backend, ctx.T)
+        ring, chunks, scale, window, feat, backend, steps = (ctx.ring, ctx.chunks, ctx.scale, ctx.window, ctx.feat,
+                                                             ctx.backend, ctx.steps)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         r, N = ring.rank, ring.size
-        D = q.shape[3]
         do = lastdim_contiguous(dout)
-        kv_len = lambda rank: sum(n for _, n in chunks[rank])  # noqa: E731
+        kv_shape = lambda rank: (2, *k.shape[:2], sum(n for _, n in chunks[rank % N]), q.shape[3])  # noqa: E731
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
-        kv = torch.stack([k, v])
-        home = None
-        for t in range(T + 1):
-            src = (r - t) % N
-            if t < T:
-                pending_kv = ring.exchange(kv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), kv.dtype, tag=2)
-            # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks it visited before
-            # arrive meanwhile and are added below.
-            dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
-            for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[src], window, feat):
-                rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb], out[:, :, qa:qb],
-                        None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb],
-                        None if dlse2 is None else dlse2[:, :, qa:qb], scale, blk, feat)
-                if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
-                    g = _triton_block_backward(*rows)
-                else:
-                    g = _torch_block_backward(*rows, acc)
-                dq[:, :, qa:qb] += g[0]
-                dkv[0, :, :, ka:kb] += g[1]
-                dkv[1, :, :, ka:kb] += g[2]
-            if t > 0:
-                dkv += pending_dkv.wait()
-            if t < T:  # to the next rank, which holds this shard at the next step
-                pending_dkv = ring.exchange(dkv, (2, *k.shape[:2], kv_len((r - t - 1) % N), D), acc, tag=3)
-            elif T > 0:  # complete: straight to the rank that owns the shard (after N − 1 steps, the next one)
-                pending_dkv = ring.exchange(dkv, (2, *k.shape[:2], kv_len(r), D), acc, tag=3, hop=-T)
-            else:
-                home = dkv
-            if t < T:
-                kv = pending_kv.wait()
-        if T > 0:
-            home = pending_dkv.wait()
+        kvs = [torch.stack([k, v])] * 2
+        homes, pending_dkv = [], [None, None]
+        for t in range(max(steps) + 1):
+            pending_kv = [None, None]
+            for i, (hop, T) in enumerate(_directions(steps)):
+                if t < T:
+                    pending_kv[i] = ring.exchange(kvs[i], kv_shape(r - hop * (t + 1)), kvs[i].dtype, tag=2 + 3 * i,
+                                                  hop=hop)
+            for i, (hop, T) in enumerate(_directions(steps)):
+                if not i <= t <= T:
+                    continue
+                kv = kvs[i]
+                # dK/dV of the shard in hand from this rank's queries; the contributions of the ranks that held it
+                # before arrive meanwhile and are added below.
+                dkv = torch.zeros((2, *kv.shape[1:]), dtype=acc, device=q.device)
+                for qa, qb, ka, kb, *blk in _blocks(chunks[r], chunks[(r - hop * t) % N], window, feat):
+                    rows = (do[:, :, qa:qb], q[:, :, qa:qb], kv[0, :, :, ka:kb], kv[1, :, :, ka:kb],
+                            out[:, :, qa:qb], None if out_lo is None else out_lo[:, :, qa:qb], lse[:, :, qa:qb],
+                            None if dlse2 is None else dlse2[:, :, qa:qb], scale, blk, feat)
+                    if backend == "triton":  # D_i from the global out, formed by the kernels' own delta pass
+                        g = _triton_block_backward(*rows)
+                    else:
+                        g = _torch_block_backward(*rows, acc)
+                    dq[:, :, qa:qb] += g[0]
+                    dkv[0, :, :, ka:kb] += g[1]
+                    dkv[1, :, :, ka:kb] += g[2]
+                if t > i:
+                    dkv += pending_dkv[i].wait()
+                if t < T:  # to the next rank of this ring, which holds this shard at the next step
+                    pending_dkv[i] = ring.exchange(dkv, kv_shape(r - hop * (t + 1)), acc, tag=3 + 3 * i, hop=hop)
+                elif T > 0:  # complete: straight to the rank that owns the shard
+                    pending_dkv[i] = ring.exchange(dkv, kv_shape(r), acc, tag=3 + 3 * i, hop=-hop * T)
+                else:  # the forward ring's step 0 only: this rank's own shard
+                    homes.append(dkv)
+            kvs = [kv if p is None else p.wait() for kv, p in zip(kvs, pending_kv)]
+        homes += [pending_dkv[i].wait() for i, (_, T) in enumerate(_directions(steps)) if T > 0]
+        home = homes[0] if len(homes) == 1 else homes[0] + homes[1]
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:  # this rank's rows' share (as for any replicated weight)
             dsinks = _sink_row_grad(do, out, out_lo, lse, dlse2, sinks).sum((0, 2)).to(sinks.dtype)
@@ -781,8 +803,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     as any replicated parameter's is. ``window_size`` (left, right), −1 unbounded: query i sees key j iff
     i − left <= j <= i + right in global positions (causal: right = 0), as fastattn.attention's; blocks outside
     every window are skipped and the ring stops after the last step whose keys some window reaches (with the
-    "contiguous" layout and a causal or left-only window shorter than a shard, one step; the ring only runs
-    forward, so a window reaching right needs the next shard, N − 1 steps away). ``alibi_slopes`` (fp32 [H] or
+    "contiguous" layout and a causal or left-only window shorter than a shard, one step; a window reaching right
+    gets the next shards from a second ring running backward, where that sends fewer messages: a window shorter
+    than a shard both ways, one step each way). ``alibi_slopes`` (fp32 [H] or
     [B, H], the same on every rank, checked; no gradient) and ``softcap`` c > 0 (scores c·tanh(s/c)) as
     fastattn.attention's, in global positions. ``dropout_p`` in [0, 1): dropout of the attention weights, with the
     mask that fastattn.attention's kernels draw for the whole sequence from the same seed (rank 0's draw from

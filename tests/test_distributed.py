@@ -280,6 +280,23 @@ def case_comm_bytes_window(env):
                                          "messages": 3}
 
 
+def case_comm_bytes_window_both_ways(env):
+    """A window reaching one shard both ways, contiguous layout, 4 ranks: one step of each ring. Each rank sends
+    its K/V shard once each way; backward, as often again, plus dK/dV three times (its own shard's part to the
+    next rank, and the neighbours' shards, complete, home). The result matches the reference (case_matches_single)."""
+    B, H, Hkv, L, D, N, r = 1, 2, 1, 40, 8, env.world, env.rank
+    qkv, do = _inputs(B, H, Hkv, L, D, 6, env.device)
+    shards = [shard(t.half(), layout="contiguous").requires_grad_() for t in qkv]
+    kv_bytes = [2 * B * Hkv * n * D * 2 for n in fd.shard_lengths(L, N, "contiguous")]
+    fd.comm_stats(reset=True)
+    out = context_parallel_attention(*shards, window_size=(L // N - 1, L // N - 1), layout="contiguous")
+    assert fd.comm_stats(reset=True) == {"bytes": 2 * kv_bytes[r], "messages": 2}
+    out.backward(shard(do.half(), layout="contiguous"))
+    dkv = 2 * (kv_bytes[r] + kv_bytes[(r - 1) % N] + kv_bytes[(r + 1) % N])  # fp32
+    got = fd.comm_stats(reset=True)
+    assert got == {"bytes": 2 * kv_bytes[r] + dkv, "messages": 5}, (got, kv_bytes)
+
+
 def case_pairs(env):
     """Two groups at once, of non-adjacent global ranks ([0, 2] and [1, 3]): ring neighbours are group ranks."""
     case_matches_single(env, dtype=torch.float32, causal=True, layout="zigzag", L=29, group="pair",
@@ -511,7 +528,12 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
                                                    ("contiguous", True, (15, 0), 0.0, dtypes[-1]),
                                                    ("zigzag", True, (7, 0), 2.0, dtypes[-1]),
                                                    ("zigzag", False, (4, 3), 0.0, dtypes[-1]),
-                                                   ("contiguous", False, (-1, 4), 2.0, torch.float32)):
+                                                   ("contiguous", False, (-1, 4), 2.0, torch.float32),
+                                                   # both ways, shorter than a shard: with 4 ranks both rings
+                                                   ("contiguous", False, (5, 5), 0.0, dtypes[-1]),
+                                                   ("contiguous", False, (8, 2), 2.0, torch.float32),
+                                                   # two shards right: with 4 ranks two backward steps
+                                                   ("contiguous", False, (0, 15), 0.0, torch.float32)):
         name = f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-window{window[0]},{window[1]}"
         cases[name + (f"-softcap{softcap:g}" if softcap else "")] = (case_matches_single, dict(
             dtype=dtype, causal=causal, layout=layout, backend=backend, window_size=window, softcap=softcap,
@@ -647,6 +669,13 @@ SUITES = {
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
         "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
         "comm-bytes-window": (case_comm_bytes_window, {}),
+        "comm-bytes-window-both-ways": (case_comm_bytes_window_both_ways, {}),
+        "triton-contiguous-full-float16-window6,4-alibi-dropout-lse": (case_matches_single, dict(
+            dtype=torch.float16, causal=False, layout="contiguous", B=1, H=2, Hkv=1, L=45, backend="triton",
+            seed=26, window_size=(6, 4), alibi=True, dropout_p=0.2, lse=True)),
+        "triton-contiguous-full-float32-window5,5-docs-key_padding_mask": (case_matches_single, dict(
+            dtype=torch.float32, causal=False, layout="contiguous", B=2, H=2, Hkv=2, L=37, backend="triton",
+            seed=27, window_size=(5, 5), cu_seqlens=_docs(37, many=True), key_padding_mask=True)),
         "two-groups-of-two": (case_pairs, {}),
         "layout-mismatch": (case_layout_mismatch, {}),
         "triton-zigzag-causal-float32-gqa": (case_matches_single, dict(
@@ -752,8 +781,8 @@ def _block_seen(qb, kb, wl, wr, shift):
 def test_plan_is_the_window_mask(layout, window, mode):
     """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step,
     each with its window taken from its diagonal shift i0 − j0 (0 for merged blocks), cover exactly the global
-    window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; a ring step
-    after _last_step has no block. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
+    window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; the steps of
+    the two rings (_ring_steps) reach every shard with a block, none twice. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
     With documents (cu_seqlens) the pairs of the same document only, a block spanning several flagged (doc_mask)
     and rows and keys trimmed to the documents the other side holds; "docs-split": many documents and masks of at
     most 30 pairs, so blocks of one document (no mask) and of several.
@@ -766,7 +795,8 @@ def test_plan_is_the_window_mask(layout, window, mode):
             chunks = [fd._rank_chunks(L, N, r, layout) for r in range(N)]
             docs = _docs(L, many=mode == "docs-split") if mode.startswith("docs") and L else None
             mask_elems = 30 if mode == "docs-split" else None
-            T = fd._last_step(chunks, window, docs)
+            TL, TR = fd._ring_steps(chunks, window, docs)
+            assert TL + TR <= max(N - 1, 0)
             for r in range(N):
                 for t in range(N):
                     src = (r - t) % N
@@ -791,7 +821,7 @@ def test_plan_is_the_window_mask(layout, window, mode):
                             seen &= same
                         got[qa:qb, ka:kb] += seen.int()
                     assert torch.equal(got, want.int()), (N, L, r, src, blocks)
-                    assert not blocks or t <= T
+                    assert not blocks or t <= TL or N - t <= TR  # forward ring's step t, or backward's N − t
                     if merge and window == (-1, 0) and layout == "zigzag" and src != r and L % (2 * N) == 0 and L:
                         assert len(blocks) == 1 and blocks[0][4:6] == (-1, -1) \
                             and (blocks[0][1] - blocks[0][0]) * (blocks[0][3] - blocks[0][2]) == len(q) * len(k) // 2
@@ -799,7 +829,12 @@ def test_plan_is_the_window_mask(layout, window, mode):
                         assert blocks == ([(0, len(q), 0, len(k), -1, -1, None, None, False)] if len(q) and len(k)
                                           else [])
             if layout == "contiguous" and window in ((3, 0), (0, 0)) and L >= 4 * N and docs is None:
-                assert T == (0 if window == (0, 0) or N == 1 else 1), (N, L, T)
+                assert (TL, TR) == (0 if window == (0, 0) or N == 1 else 1, 0), (N, L, TL, TR)
+            if layout == "contiguous" and window in ((5, 2), (0, 7), (9, 9)) and L >= 10 * N and docs is None:
+                # one shard each way (N = 3: two steps forward, as few messages); right-only: one step backward
+                want = (0, 0) if N == 1 else (1, 0) if N == 2 else (2, 0) if N == 3 and window != (0, 7) else \
+                    (0, 1) if window == (0, 7) else (1, 1)
+                assert (TL, TR) == want, (N, L, window, TL, TR)
 
 
 def test_errors_without_process_group():
