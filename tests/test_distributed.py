@@ -782,7 +782,8 @@ def test_plan_is_the_window_mask(layout, window, mode):
     """For every N, length (uneven, shorter than the chunks) and (rank, source) pair, the blocks of a ring step,
     each with its window taken from its diagonal shift i0 − j0 (0 for merged blocks), cover exactly the global
     window (causal: (−1, 0)), with no pair twice and no row or key of a block without a visible pair; the steps of
-    the two rings (_ring_steps) reach every shard with a block, none twice. Unmerged blocks (ALiBi, dropout) are consecutive positions from (i0, j0).
+    the two rings (_ring_steps) reach every shard with a block, none twice. Unmerged blocks (ALiBi, dropout) are
+    consecutive positions from (i0, j0).
     With documents (cu_seqlens) the pairs of the same document only, a block spanning several flagged (doc_mask)
     and rows and keys trimmed to the documents the other side holds; "docs-split": many documents and masks of at
     most 30 pairs, so blocks of one document (no mask) and of several.
