@@ -54,8 +54,14 @@ def _model(p: dict, N: int) -> dict:
     fwd = (N - 1) * kv // N
     # a window shorter than a shard (contiguous): the ring stops after one step; dK/dV make two hops
     win = kv // N if N > 1 else 0
+    # a window shorter than a shard both ways: TL steps of the forward ring and TR of the backward one; dK/dV make
+    # TL + 1 hops (the last straight home) and TR
+    from fastattn import distributed as fd
+    TL, TR = fd._ring_steps([fd._rank_chunks(p["L"], N, r, "contiguous") for r in range(N)], (window(p), window(p)))
+    hops = (TL + 1 if TL else 0) + TR
     return {"model_fwd": fwd, "model_bwd": 2 * fwd, "exact_bwd": fwd + (kv * 4 // esize if N > 1 else 0),
-            "model_fwd_win": win, "model_bwd_win": win + 2 * win * 4 // esize}
+            "model_fwd_win": win, "model_bwd_win": win + 2 * win * 4 // esize,
+            "model_fwd_both": (TL + TR) * kv // N, "model_bwd_both": (TL + TR) * kv // N + hops * kv // N * 4 // esize}
 
 
 def documents(p: dict) -> list[int]:
@@ -149,6 +155,7 @@ def _worker(rank, world, p, device_kind, warmup, reps, out_path):
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
         row = {"N": n, **_measure(group, full, device, warmup, reps, dict(causal=True))}
         for suffix, kw in (("_win", dict(causal=True, layout="contiguous", window_size=(window(p), -1))),
+                           ("_both", dict(layout="contiguous", window_size=(window(p), window(p)))),
                            ("_docs", dict(causal=True, cu_seqlens=documents(p)))):
             row.update({key + suffix: val for key, val in _measure(group, full, device, warmup, reps, kw).items()})
         row.update(_model(p, n))
@@ -187,6 +194,13 @@ def main(argv=None) -> int:
             w.add(r["N"], common.fmt(r["step_ms_win"]), common.fmt(r["step_ms_win"] / r["step_ms"]),
                   mib(r["peak_win"]), mib(r["sent_fwd_win"]), mib(r["model_fwd_win"]), mib(r["sent_bwd_win"]),
                   mib(r["model_bwd_win"]))
+        b = common.Table(f"ring attention fwd+bwd, sliding window {window(p)} both ways, contiguous, {backend}: per "
+                         "rank (MiB)", ["N", "step ms", "÷ causal no window", "peak", "sent fwd", "model fwd",
+                                        "sent bwd", "model bwd"])
+        for r in rows:
+            b.add(r["N"], common.fmt(r["step_ms_both"]), common.fmt(r["step_ms_both"] / r["step_ms"]),
+                  mib(r["peak_both"]), mib(r["sent_fwd_both"]), mib(r["model_fwd_both"]), mib(r["sent_bwd_both"]),
+                  mib(r["model_bwd_both"]))
         d = common.Table(f"ring attention fwd+bwd, causal, 5 packed documents (cu_seqlens), zigzag, {backend}: per "
                          "rank (MiB)", ["N", "step ms", "÷ one document", "peak", "sent fwd", "sent bwd"])
         for r in rows:
@@ -211,12 +225,16 @@ def main(argv=None) -> int:
                  "window rows: the ring stops after the last step some window reaches (here one): the forward sends "
                  "a rank's K/V shard once, |KV|/N; the backward that again plus dK/dV (fp32) twice, the second time "
                  "straight home; '÷ no window' is the step time over the causal zigzag row's",
-                 "document rows: blocks between different documents are skipped and blocks spanning several get a "
-                 "same-document mask; '÷ one document' is the step time over the causal zigzag row's"]
+                 "both-ways window rows: shards after a rank's own come from a second ring running backward (from "
+                 "N = 4: one step each way): the forward sends a rank's K/V shard twice; the backward that again "
+                 "plus dK/dV (fp32) three times",
+                 "document rows: blocks between different documents are skipped, the others cut into blocks of "
+                 "whole documents (a same-document mask only for runs of short ones); '÷ one document' is the step "
+                 "time over the causal zigzag row's"]
         if not gpu:
             notes.append("peak: needs a CUDA GPU (torch.cuda.max_memory_allocated); on CPU only saved-for-backward "
                          "bytes")
-        common.report(NAME, args, env, [t, w, d], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
+        common.report(NAME, args, env, [t, w, b, d], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
     return 0
 
 
