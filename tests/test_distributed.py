@@ -688,9 +688,25 @@ SUITES = {
 SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
                   "errors": (case_errors, {})}
 
+# Four processes sharing one GPU over gloo (transfers staged through host memory): the Triton blocks on a GPU, bf16
+# included, and both rings, on a machine with one GPU.
+SUITES["one-gpu"] = {
+    f"{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}": (case_matches_single, dict(
+        dtype=dtype, causal=causal, layout=layout, B=2, H=4, Hkv=2, L=61, seed=300 + i, **extra))
+    for i, (layout, causal, dtype, name, extra) in enumerate((
+        ("zigzag", True, torch.bfloat16, "gqa", {}),
+        ("contiguous", False, torch.float32, "plain", {}),
+        ("contiguous", False, torch.float16, "window7,7", dict(window_size=(7, 7))),  # one step each way
+        ("contiguous", False, torch.bfloat16, "window0,25", dict(window_size=(0, 25))),  # two steps backward
+        ("zigzag", True, torch.bfloat16, "dropout-alibi-softcap", dict(dropout_p=0.2, alibi=True, softcap=5.0)),
+        ("contiguous", True, torch.float16, "docs-split-key_padding_mask", dict(
+            cu_seqlens=_docs(61, many=True), doc_mask_elems=30, key_padding_mask=True)),
+        ("zigzag", True, torch.bfloat16, "lse-sinks-kv_lens", dict(lse=True, sinks=True, kv_lens=[61, 23])),
+    ))}
+
 
 def _suite_worker(rank, world, suite, out_dir):
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" or suite == "one-gpu" else "cpu"
     groups = {"world": None}
     for n in (1, 2, 4):  # new_group is collective: every rank creates every group, in the same order
         if n <= world:
@@ -709,9 +725,9 @@ def _suite_worker(rank, world, suite, out_dir):
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
 
 
-def _run_suite(tmp_path_factory, suite, world, backend="gloo"):
+def _run_suite(tmp_path_factory, suite, world, backend="gloo", timeout=TIMEOUT):
     out = tmp_path_factory.mktemp(f"cp_{suite}_{world}")
-    run_distributed(_suite_worker, world, suite, str(out), backend=backend, timeout=TIMEOUT)
+    run_distributed(_suite_worker, world, suite, str(out), backend=backend, timeout=timeout)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -738,6 +754,18 @@ def test_two_ranks(two_ranks, name):
 @pytest.mark.parametrize("name", list(SUITES[4]))
 def test_four_ranks(four_ranks, name):
     _check(four_ranks, name)
+
+
+@pytest.mark.gpu
+def test_four_processes_on_one_gpu(tmp_path_factory):
+    """The ring with Triton blocks on a GPU (bf16 too) where the machine has one GPU: four processes share it over
+    gloo."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    results = _run_suite(tmp_path_factory, "one-gpu", 4, timeout=2 * TIMEOUT)  # (each process compiles its kernels)
+    failed = [f"{name}: {[r for r, res in enumerate(results) if res.get(name) != 'ok']}\n{results[0].get(name)}"
+              for name in SUITES["one-gpu"] if any(res.get(name) != "ok" for res in results)]
+    assert not failed, "\n".join(failed)
 
 
 @pytest.mark.gpu
