@@ -784,6 +784,7 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
     return _check_lengths([m[2] for m in metas], N, layout, "context_parallel_attention")
 
 
+@torch.compiler.disable  # under torch.compile: a graph break, run eagerly (host-driven ring and exchanges)
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),

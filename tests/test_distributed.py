@@ -361,6 +361,26 @@ def case_encoder_layer(env, *, causal, padding=None):
     _module_case(env, make, call, 1, causal, padding)
 
 
+def case_compiled(env):
+    """A context-parallel module under torch.compile: the ring runs eagerly (a graph break at
+    context_parallel_attention), the projections in the graph; output and input gradient as eager."""
+    torch.manual_seed(3)
+    mha = fastattn.nn.MultiheadAttention(32, 4, batch_first=True, context_parallel_group=dist.group.WORLD)
+    mha = mha.to(env.device)
+    x = shard(torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(4)).to(env.device), dim=1)
+
+    def step(fn):
+        xs = x.clone().requires_grad_()
+        y = fn(xs)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xs.grad
+
+    def f(t):
+        return mha(t, t, t, need_weights=False, is_causal=True)[0]
+    for got, want in zip(step(torch.compile(f, backend="aot_eager")), step(f)):
+        torch.testing.assert_close(got, want)
+
+
 def case_mha_errors(env):
     """Masks other than causal and key padding, and need_weights, get clear errors (raised before any
     communication)."""
@@ -608,6 +628,7 @@ MODULES = {"mha-seq-first-causal": (case_mha, dict(causal=True)), "mha-seq-first
            "mha-window-alibi": (case_mha, dict(causal=True, window_size=(5, 0), alibi=True)),
            "encoder-layer-causal": (case_encoder_layer, dict(causal=True)),
            "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {}),
+           "compiled": (case_compiled, {}),
            "mha-causal-key-padding": (case_mha, dict(causal=True, padding="bool")),
            "encoder-layer-key-padding-float": (case_encoder_layer, dict(causal=False, padding="float"))}
 
