@@ -40,6 +40,7 @@ mask's Philox counters are the whole sequence's (the mask equals one process's f
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 import struct
 import zlib
@@ -330,20 +331,48 @@ def _plan(q_chunks, k_chunks, left: int, right: int, merge: bool = True, docs: O
     return blocks
 
 
+def _needed_offsets(chunks, window: tuple[int, int], docs: Optional[list[int]] = None) -> set[int]:
+    """The d in 1 .. N − 1 for which some rank r's queries see keys of shard r + d, i.e. _plan gives a block: some
+    chunk pair's band (_band) is not empty and, with documents, its rows and keys share one. For every (rank,
+    shard, chunk pair) at once (tensor ops: no N² Python loop)."""
+    N, C = len(chunks), max(len(c) for c in chunks)
+    padded = [list(cs) + [(0, 0)] * (C - len(cs)) for cs in chunks]  # (start, length) [N, C, 2]
+    start, length = torch.tensor(padded, dtype=torch.int64).unbind(2)
+    big = 4 * (int((start + length).max()) + 1)  # "unbounded": past every position
+    qs, ql, ks, kl = start.view(N, 1, C, 1), length.view(N, 1, C, 1), start.view(1, N, 1, C), length.view(1, N, 1, C)
+    d = qs - ks  # as _band: index j − i >= lo and <= hi
+    lo = d - window[0] if window[0] >= 0 else torch.full_like(d, -big)
+    hi = d + window[1] if window[1] >= 0 else torch.full_like(d, big)
+    ra, rb = (-hi).clamp(min=0), torch.minimum(ql, kl - lo)
+    seen = (ra < rb) & (ql > 0) & (kl > 0)
+    if docs is not None:  # the band's rows and keys hold a common document (_doc_split then gives a block)
+        ka, kb = (lo + ra).clamp(min=0), torch.minimum(kl, hi + rb)
+        bounds = torch.tensor(docs, dtype=torch.int64)
+        doc = lambda pos: torch.searchsorted(bounds, pos, right=True) - 1  # noqa: E731
+        seen &= torch.maximum(doc(qs + ra), doc(ks + ka)) <= torch.minimum(doc(qs + rb - 1), doc(ks + kb - 1))
+    r, src = seen.any(3).any(2).nonzero(as_tuple=True)
+    return set(((src - r) % N).tolist()) - {0}
+
+
 def _ring_steps(chunks, window: tuple[int, int], docs: Optional[list[int]] = None) -> tuple[int, int]:
     """(TL, TR): rank r gets shard r − t at steps t = 0 .. TL (the K/V passed forward, to r + 1) and shard r + t at
     steps t = 1 .. TR (passed backward, to r − 1), TL + TR <= N − 1 so that no shard comes twice, covering every
     shard whose keys some window lets rank r's queries see (every rank knows every shard's chunks: all agree). Of
     those pairs, the one with the fewest messages, the forward ring alone on a tie: (N − 1, 0) without a window,
-    (T, 0) for a causal one that reaches T shards back, (1, 1) for a window reaching one shard both ways."""
+    (T, 0) for a causal one that reaches T shards back, (1, 1) for a window reaching one shard both ways (N >= 4).
+    Cached: a training loop asks the same question every layer."""
+    return _ring_steps_of(tuple(tuple(c) for c in chunks), tuple(window), None if docs is None else tuple(docs))
+
+
+@functools.lru_cache(maxsize=64)
+def _ring_steps_of(chunks, window, docs) -> tuple[int, int]:
     N = len(chunks)
-    needed = {d for d in range(1, N) for r in range(N) if _plan(chunks[r], chunks[(r + d) % N], *window, docs=docs)}
-    best = (N - 1, 0)
-    for TL in range(N):  # shard r + d comes at forward step N − d or at backward step d
-        TR = max((d for d in needed if d < N - TL), default=0)
-        if (TL + TR, TR) < (sum(best), best[1]):
-            best = (TL, TR)
-    return best
+    needed = _needed_offsets(chunks, window, docs)
+    below = [0] * (N + 1)  # below[k]: the largest needed d < k (0: none)
+    for k in range(1, N + 1):
+        below[k] = k - 1 if k - 1 in needed else below[k - 1]
+    # shard r + d comes at forward step N − d (d >= N − TL) or at backward step d (d <= TR)
+    return min(((TL, below[N - TL]) for TL in range(N)), key=lambda p: (p[0] + p[1], p[1]))
 
 
 class _Pending:

@@ -705,6 +705,22 @@ SUITES = {
             dtype=torch.float32, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=37, backend="triton", seed=16,
             dropout_p=0.15, alibi=True))},
 }
+# An odd N: windows that take the forward ring alone ((5, 5), and (0, 15), which reaches two shards right: two
+# steps of either ring, the forward one on the tie) or the backward one alone ((0, 5): one step).
+SUITES[3] = {
+    f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}": (case_matches_single, dict(
+        dtype=dtype, causal=causal, layout=layout, backend=backend, seed=400 + i, **extra))
+    for i, (backend, layout, causal, dtype, name, extra) in enumerate((
+        ("auto", "zigzag", True, torch.float32, "gqa", {}),
+        ("auto", "contiguous", False, torch.float16, "window5,5", dict(window_size=(5, 5))),
+        ("auto", "contiguous", False, torch.float32, "window0,5", dict(window_size=(0, 5))),
+        ("auto", "contiguous", False, torch.float32, "window0,15-alibi-dropout", dict(
+            window_size=(0, 15), alibi=True, dropout_p=0.2)),
+        ("auto", "zigzag", True, torch.float16, "docs-key_padding_mask", dict(
+            cu_seqlens=_docs(37, many=True), key_padding_mask=True)),
+        ("triton", "contiguous", False, torch.float16, "window0,15-lse", dict(
+            window_size=(0, 15), lse=True, B=1, H=2, Hkv=1)),
+    ))}
 # With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
 SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
                   "errors": (case_errors, {})}
@@ -763,6 +779,11 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return _run_suite(tmp_path_factory, 3, 3)
+
+
+@pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     return _run_suite(tmp_path_factory, 4, 4)
 
@@ -770,6 +791,11 @@ def four_ranks(tmp_path_factory):
 @pytest.mark.parametrize("name", list(SUITES[2]))
 def test_two_ranks(two_ranks, name):
     _check(two_ranks, name)
+
+
+@pytest.mark.parametrize("name", list(SUITES[3]))
+def test_three_ranks(three_ranks, name):
+    _check(three_ranks, name)
 
 
 @pytest.mark.parametrize("name", list(SUITES[4]))
@@ -847,6 +873,9 @@ def test_plan_is_the_window_mask(layout, window, mode):
             mask_elems = 30 if mode == "docs-split" else None
             TL, TR = fd._ring_steps(chunks, window, docs)
             assert TL + TR <= max(N - 1, 0)
+            assert fd._needed_offsets(chunks, window, docs) == {  # its tensor form, against _plan one pair at a time
+                d for d in range(1, N) if any(fd._plan(chunks[r], chunks[(r + d) % N], left, right, docs=docs)
+                                              for r in range(N))}
             for r in range(N):
                 for t in range(N):
                     src = (r - t) % N

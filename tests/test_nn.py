@@ -175,6 +175,8 @@ def test_multihead_attention_causal_hint_with_padding_builds_no_square_mask(batc
     (kw,) = calls
     assert kw["causal"] is True and kw["attn_bias"] is None
     assert torch.equal(kw["key_padding_mask"], kpm)
+    with pytest.raises(ValueError, match="attn_mask of shape"):  # the mask the hint replaces is checked, as torch
+        m(x, x, x, need_weights=False, key_padding_mask=kpm, is_causal=True, attn_mask=torch.zeros(LQ, LQ + 1))
 
 
 def test_multihead_attention_fp16(monkeypatch):

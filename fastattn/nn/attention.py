@@ -166,8 +166,9 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         square = (query.dim() == key.dim() and query.shape[seq] == key.shape[seq] and self.bias_k is None
                   and not self.add_zero_attn)
         causal = is_causal and (key_padding_mask is None or square)
+        hinted = None  # a mask the hint replaces where torch reads it: checked as torch checks it
         if causal:
-            attn_mask = None
+            attn_mask, hinted = None, attn_mask if key_padding_mask is not None else None
 
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (L, 1, E)
@@ -200,6 +201,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if extra:
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, extra))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, extra))
+        if hinted is not None:
+            _merge_masks(hinted, None, B, H, Lq, Lk)
         bias, kpm = _merge_masks(attn_mask, key_padding_mask, B, H, Lq, Lk)
         local = {}
         if self.window_size is not None:
