@@ -61,7 +61,9 @@ def _model(p: dict, N: int) -> dict:
     hops = (TL + 1 if TL else 0) + TR
     return {"model_fwd": fwd, "model_bwd": 2 * fwd, "exact_bwd": fwd + (kv * 4 // esize if N > 1 else 0),
             "model_fwd_win": win, "model_bwd_win": win + 2 * win * 4 // esize,
-            "model_fwd_both": (TL + TR) * kv // N, "model_bwd_both": (TL + TR) * kv // N + hops * kv // N * 4 // esize}
+            "model_fwd_both": (TL + TR) * kv // N, "model_bwd_both": (TL + TR) * kv // N + hops * kv // N * 4 // esize,
+            # Ulysses: q, k, v and the output (backward: their gradients) each send (N − 1)/N of their shard
+            "model_uly": (N - 1) * (kv + 2 * p["B"] * p["H"] * p["L"] * p["D"] * esize) // N // N}
 
 
 def documents(p: dict) -> list[int]:
@@ -156,6 +158,7 @@ def _worker(rank, world, p, device_kind, warmup, reps, out_path):
         row = {"N": n, **_measure(group, full, device, warmup, reps, dict(causal=True))}
         for suffix, kw in (("_win", dict(causal=True, layout="contiguous", window_size=(window(p), -1))),
                            ("_both", dict(layout="contiguous", window_size=(window(p), window(p)))),
+                           ("_uly", dict(causal=True, strategy="ulysses")),
                            ("_docs", dict(causal=True, cu_seqlens=documents(p)))):
             row.update({key + suffix: val for key, val in _measure(group, full, device, warmup, reps, kw).items()})
         row.update(_model(p, n))
@@ -201,6 +204,11 @@ def main(argv=None) -> int:
             b.add(r["N"], common.fmt(r["step_ms_both"]), common.fmt(r["step_ms_both"] / r["step_ms"]),
                   mib(r["peak_both"]), mib(r["sent_fwd_both"]), mib(r["model_fwd_both"]), mib(r["sent_bwd_both"]),
                   mib(r["model_bwd_both"]))
+        u = common.Table(f"Ulysses (all-to-all) attention fwd+bwd, causal, zigzag, {backend}: per rank (MiB)",
+                         ["N", "step ms", "÷ ring", "peak", "sent fwd", "sent bwd", "model fwd = bwd"])
+        for r in rows:
+            u.add(r["N"], common.fmt(r["step_ms_uly"]), common.fmt(r["step_ms_uly"] / r["step_ms"]),
+                  mib(r["peak_uly"]), mib(r["sent_fwd_uly"]), mib(r["sent_bwd_uly"]), mib(r["model_uly"]))
         d = common.Table(f"ring attention fwd+bwd, causal, 5 packed documents (cu_seqlens), zigzag, {backend}: per "
                          "rank (MiB)", ["N", "step ms", "÷ one document", "peak", "sent fwd", "sent bwd"])
         for r in rows:
@@ -228,13 +236,15 @@ def main(argv=None) -> int:
                  "both-ways window rows: shards after a rank's own come from a second ring running backward (from "
                  "N = 4: one step each way): the forward sends a rank's K/V shard twice; the backward that again "
                  "plus dK/dV (fp32) three times",
+                 "Ulysses rows (strategy='ulysses'): all-to-alls give each rank the whole sequence of H/N heads and "
+                 "one fastattn.attention call; '÷ ring' is the step time over the ring's causal zigzag row's",
                  "document rows: blocks between different documents are skipped, the others cut into blocks of "
                  "whole documents (a same-document mask only for runs of short ones); '÷ one document' is the step "
                  "time over the causal zigzag row's"]
         if not gpu:
             notes.append("peak: needs a CUDA GPU (torch.cuda.max_memory_allocated); on CPU only saved-for-backward "
                          "bytes")
-        common.report(NAME, args, env, [t, w, b, d], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
+        common.report(NAME, args, env, [t, w, b, u, d], notes, rows, pngs, out_dir, {"problem": p, "backend": backend})
     return 0
 
 

@@ -36,6 +36,9 @@ or its slice of the whole sequence's mask (key_padding_mask, all-gathered once p
 ALiBi, dropout, documents and padding need each block's positions: their blocks cover one chunk pair each, and the
 kernels take the block's origin (its first row's and key's positions), so the slopes' distances and the dropout
 mask's Philox counters are the whole sequence's (the mask equals one process's for the same seed).
+
+``strategy="ulysses"`` (DeepSpeed-Ulysses) splits heads instead: all-to-alls give each rank the whole sequence of
+H/N heads, one fastattn.attention call computes them, and an all-to-all returns the output (:func:`_ulysses`).
 """
 from __future__ import annotations
 
@@ -58,6 +61,7 @@ from .ops.common import check_kernel_dtype, check_same, check_tensor, empty, ker
 __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "comm_stats"]
 
 LAYOUTS = ("zigzag", "contiguous")
+STRATEGIES = ("ring", "ulysses")
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _MAX_DIMS = 8  # dims of a tensor whose shape unshard can gather
@@ -67,12 +71,14 @@ _DOC_MASK_ELEMS = 1 << 22
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DTYPE_CODE = {d: i for i, d in enumerate(_DTYPES)}  # exchanged between ranks; len(_DTYPES): any other
 
-# Point-to-point traffic of this process (every ring call): what the benchmark compares with its model.
+# Traffic of this process (the ring's point-to-point messages, Ulysses' all-to-all pieces to other ranks): what
+# the benchmark compares with its model.
 _SENT = {"bytes": 0, "messages": 0}
 
 
 def comm_stats(reset: bool = False) -> dict:
-    """{"bytes", "messages"} this process has sent through the ring's point-to-point operations so far."""
+    """{"bytes", "messages"} this process has sent to other ranks so far: the ring's point-to-point operations and
+    Ulysses' all-to-all pieces (padded to the longest shard)."""
     out = dict(_SENT)
     if reset:
         _SENT.update(bytes=0, messages=0)
@@ -741,6 +747,104 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), home[0].to(k.dtype), home[1].to(v.dtype), dsinks, None, None, None, None, None, None
 
 
+# --------------------------------------------------------------------------------------------- Ulysses
+def _all_to_all(send: list, lengths: list[int], ring: _Ring) -> list:
+    """send[s] [B, h, n_s, ...] to rank s; -> what each rank s sent here, [B, h, lengths[s], ...]. Pieces travel
+    padded to the longest along dim 2 (gloo's all-to-all moves equal shapes)."""
+    longest = max(max(lengths), max(t.shape[2] for t in send))
+    pad = lambda t: t if t.shape[2] == longest else torch.cat(  # noqa: E731
+        [t, t.new_zeros((*t.shape[:2], longest - t.shape[2], *t.shape[3:]))], 2)
+    send = [pad(t.to(ring.comm_device)).contiguous() for t in send]
+    recv = [torch.empty_like(send[0]) for _ in send]
+    dist.all_to_all(recv, send, group=ring.group)
+    _SENT["bytes"] += sum(t.numel() * t.element_size() for s, t in enumerate(send) if s != ring.rank)
+    _SENT["messages"] += ring.size - 1
+    return [t.narrow(2, 0, n) for t, n in zip(recv, lengths)]
+
+
+def _seq_to_heads(x: Tensor, ring: _Ring, chunks) -> Tensor:
+    """This rank's shard [B, Hx, L_local, ...] of every head -> the whole sequence [B, Hx/N, L, ...] (global order)
+    of this rank's head group (rank r: heads r·Hx/N ..), by one all-to-all."""
+    N, h = ring.size, x.shape[1] // ring.size
+    recv = _all_to_all([x[:, s * h:(s + 1) * h] for s in range(N)],
+                       [sum(n for _, n in chunks[s]) for s in range(N)], ring)
+    parts = []  # (position, piece): each rank's chunks to their places
+    for s, t in enumerate(recv):
+        offset = 0
+        for start, n in chunks[s]:
+            if n:
+                parts.append((start, t.narrow(2, offset, n)))
+            offset += n
+    return torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], 2).to(x.device)
+
+
+def _heads_to_seq(y: Tensor, ring: _Ring, chunks) -> Tensor:
+    """The inverse of :func:`_seq_to_heads`: [B, h, L, ...] of this rank's heads -> its shard
+    [B, h·N, L_local, ...]."""
+    N, mine = ring.size, sum(n for _, n in chunks[ring.rank])
+    recv = _all_to_all([torch.cat([y.narrow(2, start, n) for start, n in chunks[s]], 2) for s in range(N)],
+                       [mine] * N, ring)
+    return torch.cat(recv, 1).to(y.device)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """:func:`_seq_to_heads`, whose adjoint (a permutation's) is :func:`_heads_to_seq`."""
+    @staticmethod
+    def forward(ctx, x, ring, chunks):
+        ctx.ring, ctx.chunks = ring, chunks
+        return _seq_to_heads(x, ring, chunks)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return _heads_to_seq(g, ctx.ring, ctx.chunks), None, None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, ring, chunks):
+        ctx.ring, ctx.chunks = ring, chunks
+        return _heads_to_seq(y, ring, chunks)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        return _seq_to_heads(g, ctx.ring, ctx.chunks), None, None
+
+
+def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, sinks, docs, kv_lens, key_pad,
+             return_lse, backend):
+    """strategy="ulysses": the whole sequence of H/N heads on each rank, one fastattn.attention call, back."""
+    from .ops.attention import attention
+    N, r = ring.size, ring.rank
+    B, H, _, D = q.shape
+    if H % N:
+        raise ValueError(f"strategy='ulysses' needs the query heads ({H}) to be a multiple of the ranks ({N}): "
+                         "use strategy='ring'")
+    if k.shape[1] % N:  # each rank's query heads need whole K/V heads of their own: repeated to H
+        k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    qh, kh, vh = (_SeqToHeads.apply(t, ring, chunks) for t in (q, k, v))
+    heads = slice(r * (H // N), (r + 1) * (H // N))
+    kw = dict(causal=causal, scale=scale, window_size=window, softcap=cap, return_lse=return_lse, backend=backend,
+              alibi_slopes=None if slopes is None else slopes[:, heads].contiguous(),
+              sinks=None if sinks is None else sinks[heads])
+    if docs is None:
+        res = attention(qh, kh, vh, kv_lens=kv_lens, key_padding_mask=key_pad, **kw)
+    else:  # packed documents: each batch entry's, one after another (fastattn.attention's varlen path)
+        L = qh.shape[2]
+        cu = torch.tensor(sorted({b * L + d for b in range(B) for d in docs}), dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(docs, docs[1:]))
+        packed = [t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (qh, kh, vh)]
+        res = attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                        kv_lens=kv_lens, key_padding_mask=key_pad, **kw)
+        unpack = lambda o: o.reshape(B, L, o.shape[1], D).transpose(1, 2)  # noqa: E731
+        res = (unpack(res[0]), res[1].reshape(-1, B, L).transpose(0, 1)) if return_lse else unpack(res)
+    if not return_lse:
+        return _HeadsToSeq.apply(res, ring, chunks)
+    out, lse = res
+    return _HeadsToSeq.apply(out, ring, chunks), _HeadsToSeq.apply(lse.unsqueeze(-1), ring, chunks).squeeze(-1)
+
+
 # --------------------------------------------------------------------------------------------- public
 def _dtype_name(code: int) -> str:
     return str(_DTYPES[code]) if code < len(_DTYPES) else "an unsupported dtype"
@@ -819,7 +923,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
                                alibi_slopes: Optional[Tensor] = None, softcap: float = 0.0, cu_seqlens=None,
                                kv_lens: Optional[Tensor] = None, key_padding_mask: Optional[Tensor] = None,
-                               return_lse: bool = False, backend: str = "auto",
+                               return_lse: bool = False, backend: str = "auto", strategy: str = "ring",
                                _error: Optional[Exception] = None) -> Tensor:
     """This rank's shard of ``softmax(q·kᵀ·scale)·v`` over the whole sequence, with autograd (ring attention).
 
@@ -853,6 +957,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     ``return_lse``: also this rank's rows' log-sum-exp of the scores [B, H, L_local] (natural log, sinks included:
     a row that sees no key gives its sink, +inf without sinks; fp32, fp64 for fp64 inputs), differentiable, as
     fastattn.attention's.
+    ``strategy``: "ring" (the default: ring attention, any N) or "ulysses" (DeepSpeed-Ulysses: an all-to-all gives
+    each rank the whole sequence for H/N of the heads (H % N == 0; K/V heads repeated where Hkv % N != 0), one
+    fastattn.attention call on them, with any backend, and an all-to-all back; 4 all-to-alls forward, 4 backward,
+    each of 1/N of a tensor's shard; not with dropout).
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
@@ -866,6 +974,11 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
         _check_layout(layout)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "ulysses" and dropout_p > 0.0:
+            raise NotImplementedError("strategy='ulysses' does not take dropout (its heads' dropout masks would not "
+                                      "be the whole sequence's): use strategy='ring'")
         for t, n in ((k, "k"), (v, "v")):
             check_tensor(t, n)
             check_same(q, "q", t, n, dtype=False)
@@ -904,7 +1017,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         # back for float64 and head dims over 256); the CUDA C++ kernels cannot run the blocks
         use = dispatch.select(backend, q, lambda b: b == "triton" and kernels_take((q, "q"))(b)
                               and (q.dim() != 4 or q.shape[3] <= MAX_HEAD_DIM))
-        if use == "cuda":
+        if use == "cuda" and strategy == "ring":
             raise NotImplementedError("context_parallel_attention runs its blocks with backend 'triton' or 'torch'; "
                                       "the CUDA C++ kernels do not write the fp32 partial outputs it merges")
         if use == "triton":
@@ -932,7 +1045,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
              int(sinks is not None), left, right, _f64_bits(cap),
              _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), _crc(slopes_bits),
              seed, -1 if docs is None else len(docs), _crc(docs), _crc(kv_list), min(kv_list or [0]),
-             max(kv_list or [0]), int(key_padding_mask is not None)]
+             max(kv_list or [0]), int(key_padding_mask is not None),
+             STRATEGIES.index(strategy) if strategy in STRATEGIES else 0]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
 
     def same(indices):
@@ -949,7 +1063,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
           (25, "ALiBi slopes (values' CRC-32; −1: none)"), (27, "cu_seqlens (lengths)"),
           (28, "cu_seqlens (values' CRC-32)"),
-          (29, "kv_lens (values' CRC-32)"), (32, "key_padding_mask (given or not)")))
+          (29, "kv_lens (values' CRC-32)"), (32, "key_padding_mask (given or not)"), (33, "strategies")))
     if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]
@@ -963,6 +1077,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     if key_padding_mask is not None:  # the whole sequence's [B, L] on every rank (uint8: as every backend moves)
         key_pad = _gather_shards(key_padding_mask.to(torch.uint8), [m[2] for m in metas], 1, layout, group,
                                  device).bool()
+    if strategy == "ulysses":
+        return _ulysses(q, k, v, _Ring(group, rank, N, device), chunks, causal, scale, (left, right), cap, slopes,
+                        sinks, docs, kv_lens, key_pad, return_lse, backend)
     feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of,
                      None if kv_lens is None else kv_lens.to(torch.int32), key_pad)
     out, lse = _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right),

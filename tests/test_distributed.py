@@ -131,7 +131,7 @@ def _docs(L, many=False):
 # ------------------------------------------------------------------------------------------- cases
 def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=16, scale=None, backend="auto",
                         seed=0, group="world", sinks=False, alibi=False, lse=False, doc_mask_elems=None,
-                        **features):
+                        strategy="ring", **features):
     """CP forward + backward against the float64 reference on the full sequence (§5). ``alibi``: the paper's
     slopes; ``features`` (window_size, softcap, dropout_p) as fastattn.attention's; ``doc_mask_elems``: the
     largest same-document mask of a block (documents past it get blocks of their own). With dropout every rank seeds
@@ -159,10 +159,12 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
         fd._DOC_MASK_ELEMS = doc_mask_elems or saved_elems
         with _count_triton_calls() as calls:
             got = _run_cp(group, qkv, do, dtype, causal=causal, layout=layout, scale=scale, backend=backend,
-                          sinks=sinks, dlse=dlse, **features)
+                          sinks=sinks, dlse=dlse, strategy=strategy, **features)
     finally:
         fd._DOC_MASK_ELEMS = saved_elems
-    if backend == "triton" or (backend == "auto" and env.device != "cpu"):
+    if strategy == "ulysses":  # one fastattn.attention call, whichever backend it takes
+        pass
+    elif backend == "triton" or (backend == "auto" and env.device != "cpu"):
         assert calls["forward"] > 0 and calls["backward"] > 0, f"the Triton kernels were not called: {calls}"
     else:
         assert calls == {"forward": 0, "backward": 0}, calls
@@ -295,6 +297,20 @@ def case_comm_bytes_window_both_ways(env):
     dkv = 2 * (kv_bytes[r] + kv_bytes[(r - 1) % N] + kv_bytes[(r + 1) % N])  # fp32
     got = fd.comm_stats(reset=True)
     assert got == {"bytes": 2 * kv_bytes[r] + dkv, "messages": 5}, (got, kv_bytes)
+
+
+def case_comm_bytes_ulysses(env):
+    """Ulysses, 4 ranks, L a multiple of N: forward, q, k, v and the output each send (N − 1)/N of their shard;
+    backward, the output's gradient and q, k, v's, as much again."""
+    B, H, Hkv, L, D, N = 1, 4, 4, 40, 8, env.world
+    qkv, do = _inputs(B, H, Hkv, L, D, 7, env.device)
+    shards = [shard(t.half()).requires_grad_() for t in qkv]
+    piece = B * (H // N) * (L // N) * D * 2  # one head group of one shard, fp16
+    fd.comm_stats(reset=True)
+    out = context_parallel_attention(*shards, causal=True, strategy="ulysses")
+    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 4 * (N - 1)}
+    out.backward(shard(do.half()))
+    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 4 * (N - 1)}
 
 
 def case_pairs(env):
@@ -468,6 +484,12 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), kv_lens=torch.tensor([3, 4], device=env.device))
     with pytest.raises(ValueError, match="alibi_slopes must have shape"):
         context_parallel_attention(*_shards(env), alibi_slopes=fastattn.alibi_slopes(3))
+    with pytest.raises(NotImplementedError, match="strategy='ulysses' does not take dropout"):
+        context_parallel_attention(*_shards(env), dropout_p=0.1, strategy="ulysses")
+    with pytest.raises(ValueError, match=r"different strategies: \[0, 1"):
+        context_parallel_attention(*_shards(env), strategy="ring" if r == 0 else "ulysses")
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        context_parallel_attention(*_shards(env), strategy="tree")
     q = _shards(env)[0]
     kpm = torch.zeros(1, q.shape[2], dtype=torch.bool, device=env.device)
     with pytest.raises(ValueError, match=r"different key_padding_mask \(given or not\): \[1, 0"):
@@ -618,9 +640,23 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
     cases[f"{backend}-zigzag-causal-float32-mha-L32-scale"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", H=2, Hkv=2, L=32, scale=0.3,
                                   backend=backend, seed=99))
+    # strategy="ulysses": all-to-alls and one fastattn.attention call (H = 4, Hkv = 2: with N = 4 the K/V heads are
+    # repeated), with the features it takes.
+    for layout, causal, extra, dtype in (("zigzag", True, dict(), torch.float32),
+                                         ("contiguous", False, dict(window_size=(5, 3), alibi=True, softcap=2.0,
+                                                                    sinks=True, lse=True), dtypes[-1]),
+                                         ("zigzag", True, dict(cu_seqlens=docs, lse=True), torch.float32),
+                                         ("zigzag", True, dict(kv_lens=[30, 37], key_padding_mask=True), dtypes[-1])):
+        name = "".join("-" + n for n in extra)
+        cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-ulysses{name}"] = (
+            case_matches_single, dict(dtype=dtype, causal=causal, layout=layout, backend=backend, strategy="ulysses",
+                                      seed=230 + len(cases), **extra))
     # A sequence shorter than the chunks: some chunks, and with N = 4 a whole shard, are empty.
     cases[f"{backend}-zigzag-causal-float32-L{world - 1}"] = (
         case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", L=world - 1, backend=backend))
+    cases[f"{backend}-zigzag-causal-float32-L{world - 1}-ulysses"] = (
+        case_matches_single, dict(dtype=torch.float32, causal=True, layout="zigzag", L=world - 1, backend=backend,
+                                  strategy="ulysses"))
     return cases
 
 
@@ -630,6 +666,8 @@ MODULES = {"mha-seq-first-causal": (case_mha, dict(causal=True)), "mha-seq-first
            "encoder-layer-full": (case_encoder_layer, dict(causal=False)), "mha-errors": (case_mha_errors, {}),
            "compiled": (case_compiled, {}),
            "mha-causal-key-padding": (case_mha, dict(causal=True, padding="bool")),
+           "mha-ulysses-window-alibi-key-padding": (case_mha, dict(causal=True, padding="bool", window_size=(5, 0),
+                                                                   alibi=True, context_parallel_strategy="ulysses")),
            "encoder-layer-key-padding-float": (case_encoder_layer, dict(causal=False, padding="float"))}
 
 SUITES = {
@@ -682,6 +720,9 @@ SUITES = {
         "triton-zigzag-causal-float16-docs-split-key_padding_mask": (case_matches_single, dict(
             dtype=torch.float16, causal=True, layout="zigzag", B=2, H=2, Hkv=1, L=45, backend="triton", seed=25,
             cu_seqlens=_docs(45, many=True), doc_mask_elems=30, key_padding_mask=True)),
+        "triton-zigzag-causal-float16-ulysses-window-lse": (case_matches_single, dict(
+            dtype=torch.float16, causal=True, layout="zigzag", B=1, H=2, Hkv=1, L=45, backend="triton", seed=28,
+            strategy="ulysses", window_size=(9, 0), lse=True)),
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
@@ -691,6 +732,7 @@ SUITES = {
         "saved-bytes": (case_saved_bytes, {}), "comm-bytes": (case_comm_bytes, {}),
         "comm-bytes-window": (case_comm_bytes_window, {}),
         "comm-bytes-window-both-ways": (case_comm_bytes_window_both_ways, {}),
+        "comm-bytes-ulysses": (case_comm_bytes_ulysses, {}),
         "triton-contiguous-full-float16-window6,4-alibi-dropout-lse": (case_matches_single, dict(
             dtype=torch.float16, causal=False, layout="contiguous", B=1, H=2, Hkv=1, L=45, backend="triton",
             seed=26, window_size=(6, 4), alibi=True, dropout_p=0.2, lse=True)),
@@ -707,7 +749,13 @@ SUITES = {
 }
 # An odd N: windows that take the forward ring alone ((5, 5), and (0, 15), which reaches two shards right: two
 # steps of either ring, the forward one on the tie) or the backward one alone ((0, 5): one step).
-SUITES[3] = {
+def case_ulysses_heads(env):
+    """Ulysses needs the query heads to split evenly over the ranks: the same error on every rank."""
+    with pytest.raises(ValueError, match=r"query heads \(2\) to be a multiple of the ranks \(3\)"):
+        context_parallel_attention(*_shards(env), strategy="ulysses")
+
+
+SUITES[3] = {"ulysses-heads": (case_ulysses_heads, {}), **{
     f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-{name}": (case_matches_single, dict(
         dtype=dtype, causal=causal, layout=layout, backend=backend, seed=400 + i, **extra))
     for i, (backend, layout, causal, dtype, name, extra) in enumerate((
@@ -720,7 +768,8 @@ SUITES[3] = {
             cu_seqlens=_docs(37, many=True), key_padding_mask=True)),
         ("triton", "contiguous", False, torch.float16, "window0,15-lse", dict(
             window_size=(0, 15), lse=True, B=1, H=2, Hkv=1)),
-    ))}
+        ("auto", "zigzag", True, torch.float32, "ulysses-H6", dict(strategy="ulysses", H=6, Hkv=3)),
+    ))}}
 # With NCCL on GPUs: backend "auto" is Triton there, bf16 as well; the same modules and errors.
 SUITES["nccl"] = {**_match(2, dtypes=(torch.float32, torch.float16, torch.bfloat16)), **MODULES,
                   "errors": (case_errors, {})}
@@ -739,6 +788,8 @@ SUITES["one-gpu"] = {
         ("contiguous", True, torch.float16, "docs-split-key_padding_mask", dict(
             cu_seqlens=_docs(61, many=True), doc_mask_elems=30, key_padding_mask=True)),
         ("zigzag", True, torch.bfloat16, "lse-sinks-kv_lens", dict(lse=True, sinks=True, kv_lens=[61, 23])),
+        ("zigzag", True, torch.bfloat16, "ulysses-window-sinks", dict(strategy="ulysses", window_size=(9, 0),
+                                                                       sinks=True)),
     ))}
 
 

@@ -85,20 +85,24 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     ``context_parallel_group`` (keyword-only): a torch.distributed group; ``forward`` then takes this rank's shards
     of the sequence (``fastattn.distributed.shard``, zigzag layout, along the module's sequence dim) and runs
-    ring attention over the group (see :meth:`_context_parallel_forward`)."""
+    ring attention over the group (see :meth:`_context_parallel_forward`); ``context_parallel_strategy``
+    "ulysses" runs DeepSpeed-Ulysses all-to-alls instead (``fastattn.distributed.context_parallel_attention``'s
+    ``strategy``)."""
 
     # Class-level defaults: swap_modules re-classes torch modules in place without running __init__.
     window_size: Optional[tuple[int, int]] = None
     alibi: bool = False
     context_parallel_group = None
+    context_parallel_strategy: str = "ring"
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
                  kdim=None, vdim=None, batch_first=False, device=None, dtype=None, *,
                  window_size: Optional[tuple[int, int]] = None, alibi: bool = False,
-                 context_parallel_group=None) -> None:
+                 context_parallel_group=None, context_parallel_strategy: str = "ring") -> None:
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype)
         self.context_parallel_group = context_parallel_group
+        self.context_parallel_strategy = context_parallel_strategy
         if window_size is not None:
             if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
                     or not all(isinstance(w, int) and not isinstance(w, bool) and w >= -1 for w in window_size)):
@@ -244,6 +248,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = context_parallel_attention(q, k, v, self.context_parallel_group, causal=is_causal,
                                          dropout_p=self.dropout if self.training else 0.0,
                                          window_size=self.window_size or (-1, -1), key_padding_mask=kpm,
+                                         strategy=self.context_parallel_strategy,
                                          alibi_slopes=self._buffers.get("alibi_slopes") if self.alibi else None)
         out = F.linear(out.permute(2, 0, 1, 3).reshape(L, B, E), self.out_proj.weight, self.out_proj.bias)
         if unbatched:
