@@ -5,7 +5,8 @@ One spawn of 4 processes; groups of the first N ranks run in turn (the others wa
 group is gloo (each rank uses cores / N torch threads); on a machine with at least 4 GPUs NCCL with one GPU per
 rank; with fewer GPUs the processes share GPU 0 over gloo, which stages every transfer through host memory (the
 step times then include those copies: a correctness-and-memory run, not a network benchmark).
-Each rank runs context_parallel_attention forward + backward (causal, zigzag) on its shard of one global problem:
+Each rank runs context_parallel_attention forward + backward (causal, zigzag) on its shard of one global problem
+(further tables: a causal window, a window both ways (the second ring), strategy="ulysses", packed documents):
   step   median ms of forward + backward on rank 0, a fixed number of calls after warm-up, each between barriers
   peak   (CUDA only) max over ranks of torch.cuda.max_memory_allocated() during a step minus the memory before
   saved  bytes autograd saves for backward on a rank (saved_tensors_hooks): its shards of q, k, v, out and the LSE
