@@ -62,6 +62,7 @@ __all__ = ["shard", "unshard", "context_parallel_attention", "shard_lengths", "c
 
 LAYOUTS = ("zigzag", "contiguous")
 STRATEGIES = ("ring", "ulysses")
+_BACKENDS = ("torch", "triton", "cuda")  # the resolved backend, compared across ranks
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 _MAX_DIMS = 8  # dims of a tensor whose shape unshard can gather
@@ -762,11 +763,12 @@ def _all_to_all(send: list, lengths: list[int], ring: _Ring) -> list:
     return [t.narrow(2, 0, n) for t, n in zip(recv, lengths)]
 
 
-def _seq_to_heads(x: Tensor, ring: _Ring, chunks) -> Tensor:
-    """This rank's shard [B, Hx, L_local, ...] of every head -> the whole sequence [B, Hx/N, L, ...] (global order)
-    of this rank's head group (rank r: heads r·Hx/N ..), by one all-to-all."""
-    N, h = ring.size, x.shape[1] // ring.size
-    recv = _all_to_all([x[:, s * h:(s + 1) * h] for s in range(N)],
+def _seq_to_heads(xs: list, ring: _Ring, chunks) -> list:
+    """This rank's shards [B, Hx, L_local, D] of every head of each tensor of ``xs`` (one dtype, B and D) -> the
+    whole sequence [B, Hx/N, L, D] (global order) of this rank's head group of each (rank r: heads r·Hx/N ..), by
+    one all-to-all: a rank's pieces of every tensor travel together."""
+    N, hs = ring.size, [x.shape[1] // ring.size for x in xs]
+    recv = _all_to_all([torch.cat([x[:, s * h:(s + 1) * h] for x, h in zip(xs, hs)], 1) for s in range(N)],
                        [sum(n for _, n in chunks[s]) for s in range(N)], ring)
     parts = []  # (position, piece): each rank's chunks to their places
     for s, t in enumerate(recv):
@@ -775,41 +777,48 @@ def _seq_to_heads(x: Tensor, ring: _Ring, chunks) -> Tensor:
             if n:
                 parts.append((start, t.narrow(2, offset, n)))
             offset += n
-    return torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], 2).to(x.device)
+    whole = torch.cat([t for _, t in sorted(parts, key=lambda p: p[0])], 2) if parts else recv[0]  # (L = 0)
+    return [t.to(xs[0].device) for t in whole.split(hs, 1)]
 
 
-def _heads_to_seq(y: Tensor, ring: _Ring, chunks) -> Tensor:
-    """The inverse of :func:`_seq_to_heads`: [B, h, L, ...] of this rank's heads -> its shard
-    [B, h·N, L_local, ...]."""
-    N, mine = ring.size, sum(n for _, n in chunks[ring.rank])
-    recv = _all_to_all([torch.cat([y.narrow(2, start, n) for start, n in chunks[s]], 2) for s in range(N)],
-                       [mine] * N, ring)
-    return torch.cat(recv, 1).to(y.device)
+def _heads_to_seq(ys: list, ring: _Ring, chunks) -> list:
+    """The inverse of :func:`_seq_to_heads`: each [B, h, L, D] of this rank's heads -> its shard
+    [B, h·N, L_local, D]."""
+    N, mine, hs = ring.size, sum(n for _, n in chunks[ring.rank]), [y.shape[1] for y in ys]
+    recv = _all_to_all([torch.cat([torch.cat([y.narrow(2, start, n) for start, n in chunks[s]], 2) for y in ys], 1)
+                        for s in range(N)], [mine] * N, ring)
+    return [torch.cat([t.split(hs, 1)[i] for t in recv], 1).to(ys[0].device) for i in range(len(ys))]
 
 
 class _SeqToHeads(torch.autograd.Function):
-    """:func:`_seq_to_heads`, whose adjoint (a permutation's) is :func:`_heads_to_seq`."""
+    """q, k, v shards -> their head groups of the whole sequence (one all-to-all; the backward's, the adjoint
+    permutation, runs whenever any of them needs a gradient, so every rank runs it alike)."""
     @staticmethod
-    def forward(ctx, x, ring, chunks):
+    def forward(ctx, q, k, v, ring, chunks):
         ctx.ring, ctx.chunks = ring, chunks
-        return _seq_to_heads(x, ring, chunks)
+        return tuple(_seq_to_heads([q, k, v], ring, chunks))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
-        return _heads_to_seq(g, ctx.ring, ctx.chunks), None, None
+    def backward(ctx, dq, dk, dv):
+        return (*_heads_to_seq([dq, dk, dv], ctx.ring, ctx.chunks), None, None)
 
 
 class _HeadsToSeq(torch.autograd.Function):
+    """The output's (and the LSE's, float32) head groups of the whole sequence -> this rank's shards; the backward
+    moves both gradients (zeros for one that is not used) on every rank alike."""
     @staticmethod
-    def forward(ctx, y, ring, chunks):
-        ctx.ring, ctx.chunks = ring, chunks
-        return _heads_to_seq(y, ring, chunks)
+    def forward(ctx, out, lse, ring, chunks):  # -> out, or (out, lse) where an LSE is given
+        ctx.ring, ctx.chunks, ctx.lse = ring, chunks, lse is not None
+        (out,) = _heads_to_seq([out], ring, chunks)
+        return out if lse is None else (out, _heads_to_seq([lse.unsqueeze(-1)], ring, chunks)[0].squeeze(-1))
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, g):
-        return _seq_to_heads(g, ctx.ring, ctx.chunks), None, None
+    def backward(ctx, dout, dlse=None):
+        (dout,) = _seq_to_heads([dout], ctx.ring, ctx.chunks)
+        dlse = _seq_to_heads([dlse.unsqueeze(-1)], ctx.ring, ctx.chunks)[0].squeeze(-1) if ctx.lse else None
+        return dout, dlse, None, None
 
 
 def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, sinks, docs, kv_lens, key_pad,
@@ -821,28 +830,29 @@ def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, s
     if H % N:
         raise ValueError(f"strategy='ulysses' needs the query heads ({H}) to be a multiple of the ranks ({N}): "
                          "use strategy='ring'")
-    if k.shape[1] % N:  # each rank's query heads need whole K/V heads of their own: repeated to H
-        k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
-    qh, kh, vh = (_SeqToHeads.apply(t, ring, chunks) for t in (q, k, v))
+    if k.shape[1] % N:  # each rank's query heads need whole K/V heads of their own: each repeated, to lcm(Hkv, N)
+        # heads (which divides H), so query head h still reads kv head h // (H/Hkv)
+        k, v = (t.repeat_interleave(math.lcm(k.shape[1], N) // k.shape[1], dim=1) for t in (k, v))
+    qh, kh, vh = _SeqToHeads.apply(q, k, v, ring, chunks)
     heads = slice(r * (H // N), (r + 1) * (H // N))
+    slopes = None if slopes is None else slopes[:, heads].contiguous()
     kw = dict(causal=causal, scale=scale, window_size=window, softcap=cap, return_lse=return_lse, backend=backend,
-              alibi_slopes=None if slopes is None else slopes[:, heads].contiguous(),
               sinks=None if sinks is None else sinks[heads])
-    if docs is None:
-        res = attention(qh, kh, vh, kv_lens=kv_lens, key_padding_mask=key_pad, **kw)
+    L = qh.shape[2]
+    if docs is None or B == 0 or L == 0:
+        res = attention(qh, kh, vh, kv_lens=kv_lens, key_padding_mask=key_pad, alibi_slopes=slopes, **kw)
     else:  # packed documents: each batch entry's, one after another (fastattn.attention's varlen path)
-        L = qh.shape[2]
-        cu = torch.tensor(sorted({b * L + d for b in range(B) for d in docs}), dtype=torch.int32, device=q.device)
-        longest = max(b - a for a, b in zip(docs, docs[1:]))
+        bounds = sorted(set(docs))
+        cu = torch.tensor(sorted({b * L + d for b in range(B) for d in bounds}), dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(bounds, bounds[1:]))
+        if slopes is not None and slopes.shape[0] > 1:  # per batch entry: one row per packed sequence
+            slopes = slopes.repeat_interleave(len(bounds) - 1, dim=0)
         packed = [t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (qh, kh, vh)]
         res = attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
-                        kv_lens=kv_lens, key_padding_mask=key_pad, **kw)
+                        alibi_slopes=slopes, **kw)
         unpack = lambda o: o.reshape(B, L, o.shape[1], D).transpose(1, 2)  # noqa: E731
         res = (unpack(res[0]), res[1].reshape(-1, B, L).transpose(0, 1)) if return_lse else unpack(res)
-    if not return_lse:
-        return _HeadsToSeq.apply(res, ring, chunks)
-    out, lse = res
-    return _HeadsToSeq.apply(out, ring, chunks), _HeadsToSeq.apply(lse.unsqueeze(-1), ring, chunks).squeeze(-1)
+    return _HeadsToSeq.apply(*(res if return_lse else (res, None)), ring, chunks)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -958,9 +968,10 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     a row that sees no key gives its sink, +inf without sinks; fp32, fp64 for fp64 inputs), differentiable, as
     fastattn.attention's.
     ``strategy``: "ring" (the default: ring attention, any N) or "ulysses" (DeepSpeed-Ulysses: an all-to-all gives
-    each rank the whole sequence for H/N of the heads (H % N == 0; K/V heads repeated where Hkv % N != 0), one
-    fastattn.attention call on them, with any backend, and an all-to-all back; 4 all-to-alls forward, 4 backward,
-    each of 1/N of a tensor's shard; not with dropout).
+    each rank the whole sequence for H/N of the heads (H % N == 0; K/V heads repeated to lcm(Hkv, N) where
+    Hkv % N != 0), one fastattn.attention call on them, with any backend, and an all-to-all back (one more for the
+    LSE); the backward the same reversed; each rank sends (N − 1)/N of its shards; not with dropout, nor with
+    cu_seqlens together with kv_lens / key_padding_mask).
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
@@ -979,6 +990,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         if strategy == "ulysses" and dropout_p > 0.0:
             raise NotImplementedError("strategy='ulysses' does not take dropout (its heads' dropout masks would not "
                                       "be the whole sequence's): use strategy='ring'")
+        if strategy == "ulysses" and cu_seqlens is not None and (kv_lens is not None or key_padding_mask is not None):
+            raise NotImplementedError("strategy='ulysses' runs packed documents (cu_seqlens) on fastattn.attention's "
+                                      "varlen path, which takes no kv_lens / key_padding_mask: use strategy='ring'")
         for t, n in ((k, "k"), (v, "v")):
             check_tensor(t, n)
             check_same(q, "q", t, n, dtype=False)
@@ -1020,7 +1034,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         if use == "cuda" and strategy == "ring":
             raise NotImplementedError("context_parallel_attention runs its blocks with backend 'triton' or 'torch'; "
                                       "the CUDA C++ kernels do not write the fp32 partial outputs it merges")
-        if use == "triton":
+        if use in ("triton", "cuda"):  # (cuda: Ulysses' one call) the kernels' checks, before any exchange
             check_kernel_dtype(q, "q", use)
             if q.dim() == 4 and q.shape[3] > MAX_HEAD_DIM:
                 raise ValueError(f"head dim {q.shape[3]} is larger than the kernels' {MAX_HEAD_DIM}")
@@ -1046,7 +1060,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
              _f64_bits(float(dropout_p) if isinstance(dropout_p, (int, float)) else 0.0), _crc(slopes_bits),
              seed, -1 if docs is None else len(docs), _crc(docs), _crc(kv_list), min(kv_list or [0]),
              max(kv_list or [0]), int(key_padding_mask is not None),
-             STRATEGIES.index(strategy) if strategy in STRATEGIES else 0]
+             STRATEGIES.index(strategy) if strategy in STRATEGIES else 0, int(bool(return_lse)),
+             _BACKENDS.index(use) if use in _BACKENDS else -1]
     metas = _gather_checked(meta, error, group, N, device, "context_parallel_attention")
 
     def same(indices):
@@ -1063,7 +1078,8 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     same(((21, "windows (left)"), (22, "windows (right; causal: 0)"), (23, "softcaps"), (24, "dropout probabilities"),
           (25, "ALiBi slopes (values' CRC-32; −1: none)"), (27, "cu_seqlens (lengths)"),
           (28, "cu_seqlens (values' CRC-32)"),
-          (29, "kv_lens (values' CRC-32)"), (32, "key_padding_mask (given or not)"), (33, "strategies")))
+          (29, "kv_lens (values' CRC-32)"), (32, "key_padding_mask (given or not)"), (33, "strategies"),
+          (34, "return_lse flags"), (35, "backends (0 torch, 1 triton, 2 cuda)")))
     if docs is not None and (docs[0] != 0 or docs[-1] != L or any(a > b for a, b in zip(docs, docs[1:]))):
         raise ValueError(f"cu_seqlens must rise from 0 to the sequence length {L}, got {docs}")
     chunks = [_rank_chunks(L, N, r, layout) for r in range(N)]

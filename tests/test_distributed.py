@@ -139,8 +139,11 @@ def case_matches_single(env, *, dtype, causal, layout, B=2, H=4, Hkv=2, L=37, D=
     whole sequence from rank 0's seed (so one process's Triton run drops the same weights)."""
     group = env.groups[group]
     qkv, do = _inputs(B, H, Hkv, L, D, seed, env.device)
-    if alibi:
-        features["alibi_slopes"] = fastattn.alibi_slopes(H).to(env.device)
+    if alibi:  # "batch": [B, H], a different scale per batch entry
+        slopes = fastattn.alibi_slopes(H)
+        if alibi == "batch":
+            slopes = (slopes[None] * (1.0 + torch.arange(B)[:, None]) / B).contiguous()
+        features["alibi_slopes"] = slopes.to(env.device)
     if "kv_lens" in features:
         features["kv_lens"] = torch.tensor(features["kv_lens"], dtype=torch.int32, device=env.device)
     if features.get("key_padding_mask"):  # random padding, and the last batch entry's first L/4 keys (left
@@ -300,17 +303,17 @@ def case_comm_bytes_window_both_ways(env):
 
 
 def case_comm_bytes_ulysses(env):
-    """Ulysses, 4 ranks, L a multiple of N: forward, q, k, v and the output each send (N − 1)/N of their shard;
-    backward, the output's gradient and q, k, v's, as much again."""
+    """Ulysses, 4 ranks, L a multiple of N: forward, q, k, v (one all-to-all) and the output (another) each send
+    (N − 1)/N of their shard; backward, the output's gradient and q, k, v's, as much again."""
     B, H, Hkv, L, D, N = 1, 4, 4, 40, 8, env.world
     qkv, do = _inputs(B, H, Hkv, L, D, 7, env.device)
     shards = [shard(t.half()).requires_grad_() for t in qkv]
     piece = B * (H // N) * (L // N) * D * 2  # one head group of one shard, fp16
     fd.comm_stats(reset=True)
     out = context_parallel_attention(*shards, causal=True, strategy="ulysses")
-    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 4 * (N - 1)}
+    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 2 * (N - 1)}
     out.backward(shard(do.half()))
-    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 4 * (N - 1)}
+    assert fd.comm_stats(reset=True) == {"bytes": 4 * (N - 1) * piece, "messages": 2 * (N - 1)}
 
 
 def case_pairs(env):
@@ -490,6 +493,13 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), strategy="ring" if r == 0 else "ulysses")
     with pytest.raises(ValueError, match="strategy must be one of"):
         context_parallel_attention(*_shards(env), strategy="tree")
+    with pytest.raises(ValueError, match=r"different return_lse flags: \[1, 0"):
+        context_parallel_attention(*_shards(env), strategy="ulysses", return_lse=r == 0)
+    with pytest.raises(ValueError, match=r"different backends \(0 torch, 1 triton, 2 cuda\): \[0, 1"):
+        context_parallel_attention(*_shards(env), strategy="ulysses", backend="torch" if r == 0 else "triton")
+    with pytest.raises(NotImplementedError, match="takes no kv_lens / key_padding_mask: use strategy='ring'"):
+        context_parallel_attention(*_shards(env), strategy="ulysses", cu_seqlens=[0, 9, 20],
+                                   kv_lens=torch.tensor([15], device=env.device))
     q = _shards(env)[0]
     kpm = torch.zeros(1, q.shape[2], dtype=torch.bool, device=env.device)
     with pytest.raises(ValueError, match=r"different key_padding_mask \(given or not\): \[1, 0"):
@@ -535,6 +545,32 @@ def case_errors(env):
     with pytest.raises(TypeError if r == 1 else RuntimeError, match="q" if r == 1 else r"rank\(s\) \[1\]"):
         context_parallel_attention(q.long() if r == 1 else q, k, v)
     context_parallel_attention(*_shards(env))  # the group is still in step after the errors
+
+
+def case_ulysses_edges(env):
+    """Ulysses: k/v that need no gradient on some ranks only, and an LSE in one rank's loss only, still take every
+    rank through the same all-to-alls (one autograd node each way; dq as when all need one); L = 0 and B = 0 with
+    documents give empty results."""
+    qkv, do = _inputs(2, 4, 2, 29, 8, 11, env.device)
+    grads = []
+    for partial in (False, True):
+        q, k, v = (shard(t) for t in qkv)
+        q.requires_grad_()
+        if not (partial and env.rank == 1):
+            k.requires_grad_(), v.requires_grad_()
+        out, lse = context_parallel_attention(q, k, v, causal=True, strategy="ulysses", return_lse=True)
+        loss = (out * shard(do)).sum() + (lse.sum() * 0.5 if partial and env.rank == 0 else 0.0)
+        loss.backward()
+        grads.append(q.grad)
+    if env.rank == 0:  # the LSE term of its loss changes its rows' dq (and only theirs)
+        assert not torch.allclose(grads[1], grads[0])
+    else:
+        torch.testing.assert_close(grads[1], grads[0])
+    for B, L, docs in ((2, 0, None), (0, 13, [0, 5, 13])):
+        q, k, v = (shard(t).requires_grad_() for t in _inputs(B, 4, 2, L, 8, 0, env.device)[0])
+        out = context_parallel_attention(q, k, v, causal=True, strategy="ulysses", cu_seqlens=docs)
+        assert out.shape == q.shape
+        assert all(g.shape == t.shape for g, t in zip(torch.autograd.grad(out.sum(), (q, k, v)), (q, k, v)))
 
 
 def case_empty_batch(env, backend):
@@ -645,7 +681,8 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
     for layout, causal, extra, dtype in (("zigzag", True, dict(), torch.float32),
                                          ("contiguous", False, dict(window_size=(5, 3), alibi=True, softcap=2.0,
                                                                     sinks=True, lse=True), dtypes[-1]),
-                                         ("zigzag", True, dict(cu_seqlens=docs, lse=True), torch.float32),
+                                         ("zigzag", True, dict(cu_seqlens=docs, lse=True, alibi="batch"),
+                                          torch.float32),
                                          ("zigzag", True, dict(kv_lens=[30, 37], key_padding_mask=True), dtypes[-1])):
         name = "".join("-" + n for n in extra)
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-ulysses{name}"] = (
@@ -726,6 +763,7 @@ SUITES = {
         "triton-contiguous-full-float32-sinks": (case_matches_single, dict(
             dtype=torch.float32, causal=False, layout="contiguous", B=1, H=2, Hkv=2, L=37, backend="triton",
             seed=11, sinks=True)),
+        "ulysses-edges": (case_ulysses_edges, {}),
         "empty-batch-triton": (case_empty_batch, dict(backend="triton")),
         "empty-batch-torch": (case_empty_batch, dict(backend="torch"))},
     4: {**_match(4), "shard-roundtrip": (case_shard_roundtrip, {}), "error-vs-ranks": (case_error_vs_ranks, {}),
@@ -733,6 +771,9 @@ SUITES = {
         "comm-bytes-window": (case_comm_bytes_window, {}),
         "comm-bytes-window-both-ways": (case_comm_bytes_window_both_ways, {}),
         "comm-bytes-ulysses": (case_comm_bytes_ulysses, {}),
+        "ulysses-H8-Hkv2": (case_matches_single, dict(  # K/V heads repeated to lcm(2, 4) = 4, not H = 8
+            dtype=torch.float32, causal=True, layout="zigzag", B=1, H=8, Hkv=2, L=33, strategy="ulysses", seed=31,
+            window_size=(7, 0), lse=True)),
         "triton-contiguous-full-float16-window6,4-alibi-dropout-lse": (case_matches_single, dict(
             dtype=torch.float16, causal=False, layout="contiguous", B=1, H=2, Hkv=1, L=45, backend="triton",
             seed=26, window_size=(6, 4), alibi=True, dropout_p=0.2, lse=True)),
@@ -1050,3 +1091,15 @@ def test_blocks_at_their_origins_rebuild_one_process(layout, where):
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
     lse = torch.where(torch.isinf(lse), float("inf"), lse)  # the op's convention for a row without keys
     torch.testing.assert_close((lse * math.log(2.0)).float(), want_lse, atol=2e-5, rtol=2e-5)
+
+
+def test_sink_gradient_leaves_a_float64_output_alone():
+    """The sinks' row gradient (the ring's backward calls it on the output it returned) once multiplied a float64
+    output by do in place (.double() of fp64 is the tensor itself)."""
+    from fastattn.ops.attention import _sink_row_grad
+    g = torch.Generator().manual_seed(0)
+    out, do = (torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    kept = out.clone()
+    _sink_row_grad(do, out, None, torch.randn(1, 2, 5, generator=g, dtype=torch.float64), None,
+                   torch.randn(2, generator=g, dtype=torch.float64))
+    assert torch.equal(out, kept)

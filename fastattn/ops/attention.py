@@ -189,7 +189,8 @@ def _sink_row_grad(do: Tensor, out: Tensor, out_lo: Optional[Tensor], lse2: Tens
     """Row i's share of the gradient of its head's sink logit σ: with p_σ = e^(σ − LSE_i) the sink's weight,
     ∂LSE_i/∂σ = p_σ and ∂o_i/∂σ = −p_σ·o_i, so dσ_i = p_σ·(dLSE_i − D_i), D_i = do_i·o_i (from the unrounded
     output). float64, laid out as lse2."""
-    prod = out.double() if out_lo is None else out.float().add_(out_lo)  # one temporary
+    # one temporary (a copy also for fp64, where .double() would be ``out`` itself and mul_ would overwrite it)
+    prod = out.to(torch.float64, copy=True) if out_lo is None else out.float().add_(out_lo)
     d = prod.mul_(do).sum(-1).double()
     d = d if out.dim() == 4 else d.transpose(0, 1)
     p_sink = torch.exp2(_sink_logits2(sinks, lse2).double() - lse2.double())
