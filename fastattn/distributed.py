@@ -29,7 +29,7 @@ taken in positions (``_band``; the kernels shift their diagonal by the block's i
 rank's own shard has banded (causal-diagonal) blocks; with one, the ring stops after the last step whose shard some
 window reaches, and dK/dV go straight home. A window reaching right also gets the shards after a rank's own from
 a second ring that runs backward (rank r sends to r − 1), where that takes fewer messages (``_ring_steps``: a
-window reaching one shard both ways over contiguous shards, one step each way, whatever N). Packed documents
+window reaching one shard both ways over contiguous shards, one step each way from N = 4 on). Packed documents
 (cu_seqlens) cut each block to the documents both sides hold, in blocks of whole documents, with a same-document
 mask (of at most _DOC_MASK_ELEMS pairs) where one spans several; key padding gives each block its count (kv_lens)
 or its slice of the whole sequence's mask (key_padding_mask, all-gathered once per call).
