@@ -848,7 +848,16 @@ def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, s
         if slopes is not None and slopes.shape[0] > 1:  # per batch entry: one row per packed sequence
             slopes = slopes.repeat_interleave(len(bounds) - 1, dim=0)
         packed = [t.transpose(1, 2).reshape(B * L, t.shape[1], t.shape[3]) for t in (qh, kh, vh)]
-        res = attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+        cu_k, longest_k = cu, longest
+        if kv_lens is not None:  # each document's keys cut at kv_lens[b]: a prefix of it, so top-left indices
+            # (causal, windows, ALiBi) stay its positions
+            keep = [(b * L + a, max(0, min(e, n) - a)) for b, n in enumerate(kv_lens.tolist())
+                    for a, e in zip(bounds, bounds[1:])]
+            index = torch.cat([torch.arange(a, a + n, device=q.device) for a, n in keep])
+            packed[1:] = [t.index_select(0, index) for t in packed[1:]]
+            cu_k = torch.tensor([0] + [n for _, n in keep], device=q.device).cumsum(0).to(torch.int32)
+            longest_k = max(n for _, n in keep)
+        res = attention(*packed, cu_seqlens_q=cu, cu_seqlens_k=cu_k, max_seqlen_q=longest, max_seqlen_k=longest_k,
                         alibi_slopes=slopes, **kw)
         unpack = lambda o: o.reshape(B, L, o.shape[1], D).transpose(1, 2)  # noqa: E731
         res = (unpack(res[0]), res[1].reshape(-1, B, L).transpose(0, 1)) if return_lse else unpack(res)
@@ -927,7 +936,21 @@ def _check_shards(metas: list[list[int]], N: int, layout: str) -> int:
     return _check_lengths([m[2] for m in metas], N, layout, "context_parallel_attention")
 
 
-@torch.compiler.disable  # under torch.compile: a graph break, run eagerly (host-driven ring and exchanges)
+def _eager_under_compile(fn):
+    """``torch.compiler.disable(fn)``, made at the first call: under torch.compile a graph break, ``fn`` run eagerly
+    (the host-driven ring and exchanges), without importing torch._dynamo, which imports triton, at ``import
+    fastattn`` (a triton imported before TRITON_INTERPRET is set runs no kernel on the CPU: tests/test_errors.py)."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+    return call
+
+
+@_eager_under_compile
 def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, causal: bool = False,
                                layout: str = "zigzag", scale: Optional[float] = None, dropout_p: float = 0.0,
                                sinks: Optional[Tensor] = None, window_size: tuple[int, int] = (-1, -1),
@@ -971,7 +994,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
     each rank the whole sequence for H/N of the heads (H % N == 0; K/V heads repeated to lcm(Hkv, N) where
     Hkv % N != 0), one fastattn.attention call on them, with any backend, and an all-to-all back (one more for the
     LSE); the backward the same reversed; each rank sends (N − 1)/N of its shards; not with dropout, nor with
-    cu_seqlens together with kv_lens / key_padding_mask).
+    cu_seqlens together with key_padding_mask).
     (``_error``: a caller's own check that failed on this rank, e.g.
     nn.MultiheadAttention's: it joins the exchange, and is raised after it.)
     """
@@ -990,9 +1013,9 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
         if strategy == "ulysses" and dropout_p > 0.0:
             raise NotImplementedError("strategy='ulysses' does not take dropout (its heads' dropout masks would not "
                                       "be the whole sequence's): use strategy='ring'")
-        if strategy == "ulysses" and cu_seqlens is not None and (kv_lens is not None or key_padding_mask is not None):
+        if strategy == "ulysses" and cu_seqlens is not None and key_padding_mask is not None:
             raise NotImplementedError("strategy='ulysses' runs packed documents (cu_seqlens) on fastattn.attention's "
-                                      "varlen path, which takes no kv_lens / key_padding_mask: use strategy='ring'")
+                                      "varlen path, which takes no key_padding_mask: use strategy='ring'")
         for t, n in ((k, "k"), (v, "v")):
             check_tensor(t, n)
             check_same(q, "q", t, n, dtype=False)

@@ -497,9 +497,10 @@ def case_errors(env):
         context_parallel_attention(*_shards(env), strategy="ulysses", return_lse=r == 0)
     with pytest.raises(ValueError, match=r"different backends \(0 torch, 1 triton, 2 cuda\): \[0, 1"):
         context_parallel_attention(*_shards(env), strategy="ulysses", backend="torch" if r == 0 else "triton")
-    with pytest.raises(NotImplementedError, match="takes no kv_lens / key_padding_mask: use strategy='ring'"):
+    with pytest.raises(NotImplementedError, match="takes no key_padding_mask: use strategy='ring'"):
         context_parallel_attention(*_shards(env), strategy="ulysses", cu_seqlens=[0, 9, 20],
-                                   kv_lens=torch.tensor([15], device=env.device))
+                                   key_padding_mask=torch.zeros(1, _shards(env)[0].shape[2], dtype=torch.bool,
+                                                                device=env.device))
     q = _shards(env)[0]
     kpm = torch.zeros(1, q.shape[2], dtype=torch.bool, device=env.device)
     with pytest.raises(ValueError, match=r"different key_padding_mask \(given or not\): \[1, 0"):
@@ -683,6 +684,10 @@ def _match(world, backend="auto", dtypes=(torch.float32, torch.float16)):
                                                                     sinks=True, lse=True), dtypes[-1]),
                                          ("zigzag", True, dict(cu_seqlens=docs, lse=True, alibi="batch"),
                                           torch.float32),
+                                         # keys cut at kv_lens inside documents (one batch entry's last document
+                                         # has none, a row without keys)
+                                         ("contiguous", False, dict(cu_seqlens=docs, kv_lens=[12, 33],
+                                                                    window_size=(6, 2)), dtypes[-1]),
                                          ("zigzag", True, dict(kv_lens=[30, 37], key_padding_mask=True), dtypes[-1])):
         name = "".join("-" + n for n in extra)
         cases[f"{backend}-{layout}-{'causal' if causal else 'full'}-{str(dtype)[6:]}-ulysses{name}"] = (
