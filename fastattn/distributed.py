@@ -821,8 +821,8 @@ class _HeadsToSeq(torch.autograd.Function):
         return dout, dlse, None, None
 
 
-def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, sinks, docs, kv_lens, key_pad,
-             return_lse, backend):
+def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, sinks, docs, kv_lens, kv_list,
+             key_pad, return_lse, backend):
     """strategy="ulysses": the whole sequence of H/N heads on each rank, one fastattn.attention call, back."""
     from .ops.attention import attention
     N, r = ring.size, ring.rank
@@ -851,7 +851,7 @@ def _ulysses(q, k, v, ring: _Ring, chunks, causal, scale, window, cap, slopes, s
         cu_k, longest_k = cu, longest
         if kv_lens is not None:  # each document's keys cut at kv_lens[b]: a prefix of it, so top-left indices
             # (causal, windows, ALiBi) stay its positions
-            keep = [(b * L + a, max(0, min(e, n) - a)) for b, n in enumerate(kv_lens.tolist())
+            keep = [(b * L + a, max(0, min(e, n) - a)) for b, n in enumerate(kv_list)  # (read in the checks)
                     for a, e in zip(bounds, bounds[1:])]
             index = torch.cat([torch.arange(a, a + n, device=q.device) for a, n in keep])
             packed[1:] = [t.index_select(0, index) for t in packed[1:]]
@@ -1118,7 +1118,7 @@ def context_parallel_attention(q: Tensor, k: Tensor, v: Tensor, group=None, *, c
                                  device).bool()
     if strategy == "ulysses":
         return _ulysses(q, k, v, _Ring(group, rank, N, device), chunks, causal, scale, (left, right), cap, slopes,
-                        sinks, docs, kv_lens, key_pad, return_lse, backend)
+                        sinks, docs, kv_lens, kv_list, key_pad, return_lse, backend)
     feat = _Features(cap, slopes, float(dropout_p), metas[0][26], L, docs, doc_of,
                      None if kv_lens is None else kv_lens.to(torch.int32), key_pad)
     out, lse = _RingAttention.apply(q, k, v, sinks, _Ring(group, rank, N, device), chunks, scale, (left, right),
