@@ -1,6 +1,6 @@
 """Peak extra memory of attention forward + backward vs sequence length: fastattn (linear in L) against the
 unfused reference (quadratic: it keeps L×L scores and probabilities for backward), with SDPA's default choice
-for comparison.
+for comparison; on the CPU also fastattn's backend "torch" (torch's SDPA, or the reference in row chunks).
 
 Two measures per row:
   peak    (CUDA only) torch.cuda.max_memory_allocated() during out = attn(q, k, v); out.backward(dout), minus
@@ -24,7 +24,7 @@ import common  # noqa: E402
 from common import Skip  # noqa: E402
 
 NAME = "memory"
-PROVIDERS = ("fastattn-triton", "fastattn-cuda", "sdpa-default", "ref-eager")
+PROVIDERS = ("fastattn-triton", "fastattn-cuda", "fastattn-torch", "sdpa-default", "ref-eager")
 MiB = 1 << 20
 NOTES = ["peak (CUDA only): torch.cuda.max_memory_allocated() over out = attn(q, k, v); out.backward(dout) minus "
          "the memory allocated before (q, k, v, dout), after one warm-up call; includes dq, dk, dv",
@@ -58,6 +58,11 @@ def saved_bytes(fn, exclude) -> tuple:
 
 
 def attention_fn(provider: str, q, k, v, device: str):
+    if provider == "fastattn-torch":  # backend "torch", the CPU's: SDPA, or the reference in row chunks
+        if common.is_cuda(device):
+            raise Skip("fastattn-torch: the CPU backend (on a GPU, fastattn-triton's row)")
+        import fastattn
+        return lambda: fastattn.attention(q, k, v, backend="torch")
     if provider.startswith("fastattn"):
         import fastattn
         backend = common.fastattn_backend(provider, device)

@@ -1,8 +1,8 @@
 """The one place that picks a backend per call: "triton" | "cuda" | "torch".
 
-``backend="auto"`` picks Triton for CUDA tensors and the PyTorch reference for CPU tensors (Triton stays the
-automatic choice over the CUDA C++ backend until benchmarks show which is faster per op); the environment
-variable ``FASTATTN_BACKEND`` replaces that automatic choice (an explicit ``backend=`` argument wins).
+``backend="auto"`` picks Triton for CUDA tensors and "torch" (torch's SDPA or the reference) for CPU tensors
+(Triton stays the automatic choice over the CUDA C++ backend until benchmarks show which is faster per op); the
+environment variable ``FASTATTN_BACKEND`` replaces that automatic choice (an explicit ``backend=`` argument wins).
 Triton on CPU tensors runs the real kernels under the interpreter, only when asked for and only with
 ``TRITON_INTERPRET=1`` set before fastattn is imported. ``backend="cuda"`` needs the extension fastattn._C
 (built by setup.py when nvcc is found) and CUDA tensors, or CPU tensors with ``FASTATTN_CUDA_EMULATE=1`` (the

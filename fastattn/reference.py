@@ -16,13 +16,14 @@ __all__ = ["alibi_slopes", "attention", "attention_varlen", "attention_varlen_pa
 
 
 def diagonal(B: int, Lq: int, Lk: int, *, device, bottom_right: bool = False,
-             kv_lens: Optional[Tensor] = None) -> Tensor:
-    """d(i) as a long tensor [B, 1, Lq, 1]: i (top-left) or i + Lk_b − Lq (bottom-right), Lk_b = kv_lens[b] or Lk."""
-    i = torch.arange(Lq, device=device).view(1, 1, Lq, 1)
+             kv_lens: Optional[Tensor] = None, q_start: int = 0, q_total: Optional[int] = None) -> Tensor:
+    """d(i) as a long tensor [B, 1, Lq, 1]: i (top-left) or i + Lk_b − Lq (bottom-right), Lk_b = kv_lens[b] or Lk.
+    q_start / q_total: the Lq queries are rows q_start, q_start + 1, ... of q_total (default Lq), i counted so."""
+    i = torch.arange(q_start, q_start + Lq, device=device).view(1, 1, Lq, 1)
     if not bottom_right:
         return i.expand(B, 1, Lq, 1)
     lk = kv_lens.to(device=device, dtype=torch.long) if kv_lens is not None else torch.full((B,), Lk, device=device)
-    return i + (lk - Lq).view(B, 1, 1, 1)
+    return i + (lk - (Lq if q_total is None else q_total)).view(B, 1, 1, 1)
 
 
 def visible_keys(
@@ -36,12 +37,14 @@ def visible_keys(
     attn_mask: Optional[Tensor] = None,
     kv_lens: Optional[Tensor] = None,
     window_size: tuple[int, int] = (-1, -1),
+    q_start: int = 0,
+    q_total: Optional[int] = None,
 ) -> Optional[Tensor]:
     """Bool [B|1, H|1, Lq, Lk]: True where query i may attend to key j (None = everything visible).
 
     kv_lens[b] keys are valid (right padding). With d(i) the diagonal (see ``diagonal``) and
     window_size = (left, right), −1 = unbounded: j visible iff d(i) − left <= j <= d(i) + right; causal sets
-    right = 0.
+    right = 0. q_start / q_total as for ``diagonal``.
     """
     vis = None
     j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
@@ -51,7 +54,8 @@ def visible_keys(
     if causal:
         right = 0
     if left >= 0 or right >= 0:
-        d = diagonal(B, Lq, Lk, device=device, bottom_right=bottom_right, kv_lens=kv_lens)
+        d = diagonal(B, Lq, Lk, device=device, bottom_right=bottom_right, kv_lens=kv_lens, q_start=q_start,
+                     q_total=q_total)
         w = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
         if right >= 0:
             w &= j <= d + right
@@ -81,6 +85,8 @@ def attention(
     alibi_slopes: Optional[Tensor] = None,
     softcap: float = 0.0,
     sinks: Optional[Tensor] = None,
+    q_start: int = 0,
+    q_total: Optional[int] = None,
 ):
     """out = dropout(softmax(q·kᵀ·scale + bias, masked)) · v, in q's dtype.
 
@@ -94,6 +100,8 @@ def attention(
     softmax runs over [s_i0 .. s_i(Lk−1), sinks[h]] and the sink's weight is dropped (GPT-OSS's learnable sinks).
     A row with no visible key gives 0 (its LSE is +inf, or sinks[h] with sinks). LSE (natural log, float32) of the scaled,
     biased, masked scores before dropout is returned with return_lse=True.
+    q_start / q_total: q holds rows q_start, q_start + 1, ... of a query sequence of q_total rows (default Lq),
+    which the diagonal counts (masks, bias and dropout_mask cover q's rows only): the rows of a longer call.
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -108,12 +116,14 @@ def attention(
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
     if alibi_slopes is not None:
-        d = diagonal(B, Lq, Lk, device=q.device, bottom_right=bottom_right, kv_lens=kv_lens)
+        d = diagonal(B, Lq, Lk, device=q.device, bottom_right=bottom_right, kv_lens=kv_lens, q_start=q_start,
+                     q_total=q_total)
         dist = (d - torch.arange(Lk, device=q.device).view(1, 1, 1, Lk)).abs().to(s.dtype)
         slopes = alibi_slopes.to(s.dtype).view(-1, H, 1, 1)
         s = s - slopes * dist
     vis = visible_keys(B, Lq, Lk, device=q.device, causal=causal, bottom_right=bottom_right,
-                       attn_mask=attn_mask, kv_lens=kv_lens, window_size=window_size)
+                       attn_mask=attn_mask, kv_lens=kv_lens, window_size=window_size, q_start=q_start,
+                       q_total=q_total)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     if sinks is not None:
@@ -138,12 +148,13 @@ def attention(
 def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
                      dropout_mask: Optional[Tensor] = None, alibi_slopes: Optional[Tensor] = None,
                      return_lse: bool = False, max_seqlen_q: Optional[int] = None,
-                     max_seqlen_k: Optional[int] = None, **kwargs):
+                     max_seqlen_k: Optional[int] = None, attend=None, **kwargs):
     """:func:`attention` on a packed batch, one sequence at a time: q [total_q, H, D], k/v [total_k, Hkv, D],
     sequence b in rows cu[b] .. cu[b+1]. dropout_mask: [B, H, ≥Lq_b, ≥Lk_b], sequence b uses the top-left
     corner of mask[b]; alibi_slopes [H] or [B, H]. Returns out [total_q, H, D] (and lse [H, total_q]).
     Under torch.compile, given max_seqlen_q/k, the same as one padded batch (:func:`attention_varlen_padded`):
-    the loop's lengths are data, which a whole-graph trace cannot take."""
+    the loop's lengths are data, which a whole-graph trace cannot take. ``attend`` replaces :func:`attention` for
+    each sequence (same arguments; the "torch" backend's row-chunked form)."""
     if torch.compiler.is_compiling() and max_seqlen_q is not None and max_seqlen_k is not None:
         return attention_varlen_padded(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                        dropout_mask=dropout_mask, alibi_slopes=alibi_slopes, return_lse=return_lse,
@@ -161,7 +172,8 @@ def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         if alibi_slopes is not None:
             slopes = alibi_slopes.reshape(-1, q.shape[1])
             slopes = slopes[b:b + 1] if slopes.shape[0] > 1 else slopes
-        res = attention(qb, kb, vb, dropout_mask=keep, alibi_slopes=slopes, return_lse=return_lse, **kwargs)
+        res = (attend or attention)(qb, kb, vb, dropout_mask=keep, alibi_slopes=slopes, return_lse=return_lse,
+                                    **kwargs)
         out, lse = res if return_lse else (res, None)
         outs.append(out[0].transpose(0, 1))
         if return_lse:

@@ -150,6 +150,7 @@ class AttentionCase:
     # learnable sinks (the ``sinks`` argument): one logit per head, ln(Lk) + N(0, 2²), so that the sink's weight
     # ranges over (0, 1) across heads; with its gradient
     sinks: bool = False
+    lse: bool = True  # return_lse; False: the output alone (backend "torch" then runs torch's SDPA where it can)
     seed: int = 0
 
     def __post_init__(self):
@@ -184,6 +185,8 @@ class AttentionCase:
             parts.append(f"sink{self.sink:g}")
         if self.sinks:
             parts.append("sinks")
+        if not self.lse:
+            parts.append("no-lse")
         return " ".join(parts)
 
 
@@ -302,11 +305,12 @@ def attention_problem(case: AttentionCase, device="cpu"):
         if case.dropout:
             extra.update(dict(dropout_mask=keep["mask"]) if backend in ("torch", "reference")
                          else dict(return_dropout_mask=True))
-        res = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=True, backend=backend,
+        res = fastattn.attention(q, k, v, attn_bias=attn_bias, return_lse=case.lse, backend=backend,
                                  dropout_p=case.dropout, **extra, **kw)
+        res = res if isinstance(res, tuple) else (res,)
         if "return_dropout_mask" in extra:
-            keep["mask"] = res[2]
-        return {"out": res[0], "lse": res[1]}
+            keep["mask"] = res[-1]
+        return {"out": res[0], "lse": res[1]} if case.lse else {"out": res[0]}
 
     return fn, dict(q=q, k=k, v=v, attn_bias=bias, sinks=sinks), {"out": do, "lse": dlse}
 

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from .. import dispatch, masks, reference
@@ -258,6 +259,96 @@ def _backward(ctx, dout, dlse, _dout_lo):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------------------------- "torch" backend
+# The "torch" backend (the CPU default, and on a GPU the fallback for fp64 and head dims > 256) runs torch's own
+# SDPA where it computes the call (on the CPU its flash kernel: memory linear in L), and otherwise the reference
+# on chunks of query rows of at most this many scores, each recomputed in the backward (torch.utils.checkpoint):
+# the reference holds several B·H·Lq·Lk tensors and autograd keeps them, 8 GB each at B·H = 128, L = 4096, fp32.
+TORCH_CHUNK_SCORES = 1 << 24
+
+
+def _eager(*tensors) -> bool:
+    """Not under torch.func transforms or forward-mode AD, which neither checkpointing nor SDPA's CPU flash
+    backward take."""
+    if torch.compiler.is_compiling():  # (no such transform reaches a trace)
+        return True
+    return torch._C._functorch.peek_interpreter_stack() is None and not any(forward_ad(t) for t in tensors)
+
+
+def _torch_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
+                     attn_bias: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None, causal: bool = False,
+                     bottom_right: bool = False, scale: float, dropout_p: float = 0.0,
+                     dropout_mask: Optional[Tensor] = None, return_lse: bool = False,
+                     window_size: tuple[int, int] = (-1, -1), alibi_slopes: Optional[Tensor] = None,
+                     softcap: float = 0.0, sinks: Optional[Tensor] = None):
+    """The "torch" backend: :func:`fastattn.reference.attention`'s arguments and result, in a wider dtype (fp16 and
+    bf16 in fp32; fp32 in fp64 on SDPA, whose CPU backward in fp32 misses the §5 rule for dq by up to 4 times: its
+    D_i comes from the rounded output). With ``dropout_p`` > 0 and no ``dropout_mask`` it draws its own keep-mask
+    (torch.rand: torch.manual_seed reproduces it)."""
+    B, H, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[-1]
+    left, right = window_size
+    window = left >= 0 or right >= 0 and not (causal and right == 0)  # causal=True comes with right = 0
+    extras = dropout_p > 0.0 or return_lse or window or alibi_slopes is not None or softcap > 0.0 or sinks is not None
+    if (q.device.type == "cpu" and not extras and q.numel() and k.numel()
+            and not (attn_bias is not None and attn_bias.requires_grad) and _eager(q, k, v, attn_bias)):
+        # SDPA takes is_causal (top-left) or a mask, not both: causal with masks, padding or another diagonal
+        # becomes one bool mask, of the masks' broadcast shape
+        is_causal = causal and attn_mask is None and kv_lens is None and (not bottom_right or Lq == Lk)
+        vis = reference.visible_keys(B, Lq, Lk, device=q.device, causal=causal and not is_causal,
+                                     bottom_right=bottom_right, attn_mask=attn_mask, kv_lens=kv_lens)
+        mask = attn_bias if attn_bias is not None else vis
+        if attn_bias is not None and vis is not None:
+            mask = mask.masked_fill(~vis, float("-inf"))
+        wide = torch.float64 if q.dtype == torch.float32 else upcast("torch", q).dtype
+        mask = mask.to(wide) if mask is not None and mask.is_floating_point() else mask
+        width = max(D, Dv)  # its flash kernel takes one head dim: the narrower side zero-padded, as the kernels'
+        q, k, v = (F.pad(t.to(wide), (0, width - t.shape[-1])) if t.shape[-1] < width else t.to(wide)
+                   for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=k.shape[1] != H)
+        # Its backward forms D_i from the output, so a row with one visible key (p = 1: the exact dq_i and its
+        # share of dk are 0) or none gets gradients of 1e-7 (fp32) instead: those rows take do = 0 here, and a
+        # one-key row's output is that key's value, gathered. n: visible keys per row; j: the first one.
+        if mask is not None:
+            live = mask if mask.dtype == torch.bool else mask != float("-inf")
+            n, j = live.sum(-1, keepdim=True), live.to(torch.uint8).argmax(-1)
+        else:
+            i = torch.arange(Lq, device=q.device).view(1, 1, Lq, 1)
+            n, j = (i + 1).clamp(max=Lk) if is_causal else torch.full_like(i, Lk), torch.zeros_like(i[..., 0])
+        heads = torch.arange(H, device=q.device).view(1, H, 1) // (H // k.shape[1])
+        one = v[torch.arange(B, device=q.device).view(B, 1, 1), heads, j.expand(B, H, Lq)]
+        out = torch.where(n == 1, one, out.masked_fill(n <= 1, 0.0))
+        # and it returns 0 for a query row holding NaN or inf, where the scores (and the reference) are NaN
+        out = out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
+        return out[..., :Dv] if Dv < width else out
+    q, k, v, attn_bias, sinks = (upcast("torch", t) for t in (q, k, v, attn_bias, sinks))
+    kw = dict(kv_lens=kv_lens, causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p,
+              return_lse=return_lse, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
+              sinks=sinks, q_total=Lq)
+    rows = max(1, TORCH_CHUNK_SCORES // max(1, B * H * Lk))
+
+    def run(q_rows, i0, mask_rows, bias_rows, keep):
+        if keep is None and dropout_p > 0.0:
+            keep = torch.rand((B, H, q_rows.shape[2], Lk), device=q.device) >= dropout_p
+        return reference.attention(q_rows, k, v, attn_mask=mask_rows, attn_bias=bias_rows, dropout_mask=keep,
+                                   q_start=i0, **kw)
+    if rows >= Lq or torch.compiler.is_compiling() or not _eager(q, k, v, attn_bias, sinks):
+        return run(q, 0, attn_mask, attn_bias, dropout_mask)
+    if k.shape[1] != H:  # GQA: K/V repeated once, not once per chunk
+        k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_bias, sinks))
+    results = []
+    for i0 in range(0, Lq, rows):
+        part = [q[:, :, i0:i0 + rows], i0] + [t if t is None or t.shape[2] == 1 else t[:, :, i0:i0 + rows]
+                                              for t in (attn_mask, attn_bias, dropout_mask)]
+        # the backward recomputes each chunk in turn (and its dropout draw, from the saved RNG state)
+        results.append(torch.utils.checkpoint.checkpoint(run, *part, use_reentrant=False) if grad else run(*part))
+    if not return_lse:
+        return torch.cat(results, dim=2)
+    return torch.cat([r[0] for r in results], dim=2), torch.cat([r[1] for r in results], dim=2)
+
+
 # --------------------------------------------------------------------------------------------- public API
 def _check_inputs(q, k, v):
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
@@ -429,7 +520,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     deterministic: accepted as FlashAttention takes it; every backward here is deterministic (no atomics: the
     same inputs give the same bits), whichever is asked.
     backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
-    "cuda", or "torch" (fastattn.reference; fp16/bf16 computed in fp32).
+    "cuda", or "torch" (torch's SDPA where it computes the call, else fastattn.reference over chunks of query
+    rows recomputed in the backward: memory linear in L; fp16/bf16 computed in fp32, fp32 on SDPA in fp64).
     """
     casts = [autocast_to(t, "lower") for t in (q, k, v, attn_bias)]
     if any(casts[:3]):  # as SDPA under CUDA autocast: q, k, v and a float bias cast to the autocast dtype (fp32
@@ -487,19 +579,23 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
                              f"{getattr(dropout_mask, 'dtype', type(dropout_mask).__name__)} "
                              f"{tuple(getattr(dropout_mask, 'shape', ()))}")
     if use in REFERENCE_BACKENDS or q.numel() == 0 or k.numel() == 0:
+        # "torch" draws its keep-mask chunk by chunk (_torch_attention), unless it is returned
+        # _torch_attention upcasts for itself, and draws its keep-mask chunk by chunk unless it is returned (or
+        # a packed batch is traced: one padded batch then, reference.attention_varlen_padded)
+        own = use == "torch" and not return_dropout_mask and not (varlen and torch.compiler.is_compiling())
         keep = dropout_mask
-        if dropout_p > 0.0 and keep is None:
+        if dropout_p > 0.0 and keep is None and not own:
             keep = torch.rand((B, H, Lq, Lk), device=q.device) >= dropout_p
+        attend, up = (_torch_attention, lambda t: t) if own else (reference.attention, lambda t: upcast(use, t))
         kw = dict(causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
                   return_lse=return_lse, window_size=(left, right), alibi_slopes=alibi, softcap=softcap,
-                  sinks=upcast(use, sinks))
-        qc, kc, vc = (upcast(use, t) for t in (q, k, v))
-        if varlen:
-            result = reference.attention_varlen(qc, kc, vc, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Lq,
-                                                max_seqlen_k=Lk, **kw)
-        else:
-            result = reference.attention(qc, kc, vc, attn_mask=mask, attn_bias=upcast(use, bias), kv_lens=kv_lens,
-                                         **kw)
+                  sinks=up(sinks))
+        with torch.autocast(q.device.type, enabled=False):  # its policy is applied already (autocast_to)
+            if varlen:
+                result = reference.attention_varlen(up(q), up(k), up(v), cu_seqlens_q, cu_seqlens_k,
+                                                    max_seqlen_q=Lq, max_seqlen_k=Lk, attend=attend, **kw)
+            else:
+                result = attend(up(q), up(k), up(v), attn_mask=mask, attn_bias=up(bias), kv_lens=kv_lens, **kw)
         result = (result[0].to(q.dtype), result[1]) if return_lse else result.to(q.dtype)
         if return_dropout_mask and keep is None:
             keep = torch.ones((B, H, Lq, Lk), dtype=torch.bool, device=q.device)

@@ -1,0 +1,174 @@
+"""Backend "torch" (the CPU default; fp64 and head dims > 256 on a GPU): torch's SDPA where it computes the call,
+the reference over chunks of query rows elsewhere. Both against the float64 reference under DESIGN §5, and the
+memory each holds: no tensor of B·H·Lq·Lk scores."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastattn
+from fastattn import reference
+from fastattn.ops import attention as ops
+from fastattn.testing import AttentionCase, random_qkv, run_attention_case
+
+import conftest
+
+
+class LargestTensor(TorchDispatchMode):
+    """The most elements of any tensor an op returns while the mode is on (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.most = max(self.most, t.numel())
+        return out
+
+
+@pytest.fixture
+def sdpa_calls(monkeypatch):
+    """A list that records each torch SDPA call the backend makes, with its mask's shape (None: no mask)."""
+    calls, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kw):
+        calls.append(None if kw.get("attn_mask") is None else tuple(kw["attn_mask"].shape))
+        return sdpa(*args, **kw)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    return calls
+
+
+def chunk_rows(monkeypatch, rows, case):
+    """Chunks of ``rows`` query rows for ``case``'s shapes."""
+    Lk = case.Lk if case.varlen is None else max(lk for _, lk in case.varlen)
+    B = case.B if case.varlen is None else 1  # a packed batch runs one sequence at a time
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", rows * B * case.H * Lk)
+
+
+# ------------------------------------------------------------------------------------------- SDPA
+SDPA_CASES = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "causal-br": dict(causal=True, alignment="bottom_right", Lq=9, Lk=23),
+    "causal-br-longer-q": dict(causal=True, alignment="bottom_right", Lq=23, Lk=9),
+    "kv_lens": dict(kv_lens=True),
+    "kv_lens+causal-br": dict(kv_lens=True, causal=True, alignment="bottom_right"),
+    "key_padding+causal": dict(key_padding=True, causal=True),
+    "mask-full": dict(bool_mask="full"),
+    "mask-2d+causal": dict(bool_mask="2d", causal=True),
+    "bias-heads": dict(bias="heads"),
+    "bias-batch+key_padding": dict(bias="batch", key_padding=True),
+    "gqa": dict(H=4, Hkv=2, causal=True),
+    "d300": dict(D=300),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("name", SDPA_CASES)
+def test_sdpa_where_it_computes_the_call(name, dtype, sdpa_calls):
+    """Causal both ways, kv_lens, padding, bool masks, a bias without gradient, GQA, head dims over 256: one torch
+    SDPA call (its CPU flash kernel), the rule met for the output and every gradient, and rows with no visible
+    key 0 with gradients 0 (the cases leave some)."""
+    case = AttentionCase(dtype=dtype, lse=False, seed=len(name), **{"Lq": 17, "Lk": 23, **SDPA_CASES[name]})
+    conftest.assert_case(run_attention_case, case, "cpu", "torch")
+    assert len(sdpa_calls) == 1, sdpa_calls
+
+
+@pytest.mark.parametrize("name", ["lse", "bias-grad", "window", "alibi", "softcap", "sinks"])
+def test_what_sdpa_cannot_compute_runs_the_reference(name, sdpa_calls):
+    """What SDPA does not compute (or computes on its math path: a bias's gradient) runs the reference, and meets
+    the rule. (Dropout too: test_chunked_dropout_backward_redraws_the_same_mask.)"""
+    opts = {"lse": dict(lse=True, lse_grad=True), "bias-grad": dict(bias="full", bias_grad=True),
+            "window": dict(window=(3, 2)), "alibi": dict(alibi="heads"), "softcap": dict(softcap=5.0),
+            "sinks": dict(sinks=True)}[name]
+    case = AttentionCase(dtype=torch.float32, causal=True, **{"lse": False, **opts})
+    conftest.assert_case(run_attention_case, case, "cpu", "torch")
+    assert sdpa_calls == []
+
+
+def test_a_query_row_holding_nan_gives_nan():
+    """torch's CPU kernel returns 0 for a query row holding NaN or inf; the backend propagates them as the
+    reference does."""
+    q, k, v = random_qkv(1, 2, 6, 9, 8, dtype=torch.float32, requires_grad=False)
+    q[0, 1, 2, 3], q[0, 0, 4, 0] = float("nan"), float("inf")
+    out = fastattn.attention(q, k, v, backend="torch")
+    want = reference.attention(q, k, v)
+    assert torch.equal(out.isnan(), want.isnan()) and out[0, 1, 2].isnan().all() and out[0, 0, 4].isnan().all()
+    assert torch.isfinite(out[0, 0, :4]).all()
+
+
+# ------------------------------------------------------------------------------------------- row chunks
+CHUNK_CASES = {
+    "plain-lse": dict(lse_grad=True),
+    "causal-br+kv_lens": dict(causal=True, alignment="bottom_right", kv_lens=True, Lq=13, Lk=29),
+    "causal-tl-longer-q": dict(causal=True, Lq=29, Lk=13, lse_grad=True),
+    "key_padding+bias-full-grad": dict(key_padding=True, bias="full", bias_grad=True),
+    "bias-rows-grad": dict(bias="rows", bias_grad=True, key_padding=True),
+    "window+alibi-batch": dict(window=(4, 2), alibi="batch", alignment="bottom_right", Lq=19, Lk=27),
+    "softcap+sinks+gqa": dict(softcap=3.0, sinks=True, H=4, Hkv=2, causal=True),
+    "varlen": dict(varlen=((7, 7), (0, 4), (12, 20), (9, 3)), causal=True, alignment="bottom_right", lse_grad=True),
+}
+
+
+@pytest.mark.parametrize("name", CHUNK_CASES)
+def test_row_chunks_meet_the_rule(name, monkeypatch):
+    """The reference over chunks of 5 query rows (the last one shorter), each recomputed in the backward: every
+    feature the diagonal touches (both alignments, windows, ALiBi), masks and biases sliced by rows, and their
+    gradients."""
+    case = AttentionCase(dtype=torch.float32, seed=len(name), **{"Lq": 23, "Lk": 19, **CHUNK_CASES[name]})
+    chunk_rows(monkeypatch, 5, case)
+    starts, attention = [], reference.attention
+
+    def spy(*args, q_start=0, **kw):
+        starts.append(q_start)
+        return attention(*args, q_start=q_start, **kw)
+    monkeypatch.setattr(reference, "attention", spy)
+    conftest.assert_case(run_attention_case, case, "cpu", "torch")
+    assert 5 in starts and 10 in starts  # chunked, and recomputed: each start at least twice
+    assert all(starts.count(s) >= 2 for s in starts if s)
+
+
+def test_the_rows_of_a_longer_call():
+    """reference.attention(q_start=, q_total=) gives rows of the whole call: the diagonal of both alignments."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, L, 8, generator=g, dtype=torch.float64) for L in (11, 15, 15))
+    kv_lens = torch.tensor([15, 6], dtype=torch.int32)
+    for kw in (dict(causal=True), dict(causal=True, bottom_right=True, kv_lens=kv_lens),
+               dict(window_size=(2, 3), alibi_slopes=fastattn.alibi_slopes(3), bottom_right=True)):
+        whole = reference.attention(q, k, v, return_lse=True, **kw)
+        part = reference.attention(q[:, :, 4:9], k, v, return_lse=True, q_start=4, q_total=11, **kw)
+        torch.testing.assert_close(part[0], whole[0][:, :, 4:9], rtol=0, atol=1e-14)
+        torch.testing.assert_close(part[1], whole[1][:, :, 4:9], rtol=0, atol=1e-14)
+
+
+def test_chunked_dropout_backward_redraws_the_same_mask(monkeypatch):
+    """Each chunk draws its keep-mask, and its recomputation in the backward draws it again from the saved RNG
+    state: gradcheck (float64) passes, and torch.manual_seed reproduces the output."""
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", 3 * 2 * 9)  # chunks of 3 rows
+    q, k, v = random_qkv(1, 2, 8, 9, 4, dtype=torch.float64)
+
+    def fn(q, k, v):
+        torch.manual_seed(5)
+        return fastattn.attention(q, k, v, causal=True, dropout_p=0.4, backend="torch")
+    out = fn(q, k, v)
+    assert torch.equal(out, fn(q, k, v)) and not torch.allclose(out, reference.attention(q, k, v, causal=True))
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("path", ["sdpa", "chunks"])
+def test_no_tensor_of_all_the_scores(path, monkeypatch):
+    """Forward and backward hold no tensor of B·H·Lq·Lk scores: SDPA's CPU kernel, or chunks of at most
+    TORCH_CHUNK_SCORES (here 1/16 of them); none larger than q. The reference, for contrast, does."""
+    B, H, L, D = 2, 2, 256, 16
+    q, k, v = random_qkv(B, H, L, L, D, dtype=torch.float32)
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", B * H * L * L // 16)
+    kw = dict(causal=True) if path == "sdpa" else dict(causal=True, return_lse=True, softcap=4.0)
+    for backend, most in (("torch", max(B * H * L * L // 16, q.numel())), ("reference", B * H * L * L)):
+        with LargestTensor() as seen:
+            out = fastattn.attention(q, k, v, backend=backend, **kw)
+            (out[0] if isinstance(out, tuple) else out).sum().backward()
+        assert seen.most <= most, (backend, seen.most)
+        if backend == "reference":
+            assert seen.most == most
