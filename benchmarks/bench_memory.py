@@ -58,13 +58,12 @@ def saved_bytes(fn, exclude) -> tuple:
 
 
 def attention_fn(provider: str, q, k, v, device: str):
+    import fastattn
     if provider == "fastattn-torch":  # backend "torch", the CPU's: SDPA, or the reference in row chunks
         if common.is_cuda(device):
             raise Skip("fastattn-torch: the CPU backend (on a GPU, fastattn-triton's row)")
-        import fastattn
         return lambda: fastattn.attention(q, k, v, backend="torch")
     if provider.startswith("fastattn"):
-        import fastattn
         backend = common.fastattn_backend(provider, device)
         return lambda: fastattn.attention(q, k, v, backend=backend)
     if provider == "sdpa-default":
@@ -103,8 +102,8 @@ def measure(provider: str, L: int, device: str) -> dict:
 
 def main(argv=None) -> int:
     with common.session(common.first_paragraph(__doc__), argv, 40,
-                        "fastattn rows are skipped; saved-for-backward bytes of "
-                        "the reference and SDPA are counted on CPU (no peak-memory counter there)") as s:
+                        "fastattn's kernel rows are skipped; saved-for-backward bytes of backend "
+                        "'torch', the reference and SDPA are counted on CPU (no peak-memory counter there)") as s:
         args, env, out_dir, budget, gpu = s.args, s.env, s.out_dir, s.budget, s.gpu
         rows = []
         for L in common.progress(lengths(args.mode, gpu), NAME):

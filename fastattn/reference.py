@@ -18,7 +18,8 @@ __all__ = ["alibi_slopes", "attention", "attention_varlen", "attention_varlen_pa
 def diagonal(B: int, Lq: int, Lk: int, *, device, bottom_right: bool = False,
              kv_lens: Optional[Tensor] = None, q_start: int = 0, q_total: Optional[int] = None) -> Tensor:
     """d(i) as a long tensor [B, 1, Lq, 1]: i (top-left) or i + Lk_b − Lq (bottom-right), Lk_b = kv_lens[b] or Lk.
-    q_start / q_total: the Lq queries are rows q_start, q_start + 1, ... of q_total (default Lq), i counted so."""
+    q_start / q_total: the Lq queries are rows q_start, q_start + 1, ... of q_total (default Lq), i counted so;
+    Lk: all the keys (k_total of ``attention``)."""
     i = torch.arange(q_start, q_start + Lq, device=device).view(1, 1, Lq, 1)
     if not bottom_right:
         return i.expand(B, 1, Lq, 1)
@@ -39,23 +40,25 @@ def visible_keys(
     window_size: tuple[int, int] = (-1, -1),
     q_start: int = 0,
     q_total: Optional[int] = None,
+    k_start: int = 0,
+    k_total: Optional[int] = None,
 ) -> Optional[Tensor]:
     """Bool [B|1, H|1, Lq, Lk]: True where query i may attend to key j (None = everything visible).
 
     kv_lens[b] keys are valid (right padding). With d(i) the diagonal (see ``diagonal``) and
     window_size = (left, right), −1 = unbounded: j visible iff d(i) − left <= j <= d(i) + right; causal sets
-    right = 0. q_start / q_total as for ``diagonal``.
+    right = 0. q_start, q_total, k_start, k_total as for ``attention``.
     """
     vis = None
-    j = torch.arange(Lk, device=device).view(1, 1, 1, Lk)
+    j = torch.arange(k_start, k_start + Lk, device=device).view(1, 1, 1, Lk)
     if kv_lens is not None:
         vis = j < kv_lens.to(device=device, dtype=torch.long).view(B, 1, 1, 1)
     left, right = window_size
     if causal:
         right = 0
     if left >= 0 or right >= 0:
-        d = diagonal(B, Lq, Lk, device=device, bottom_right=bottom_right, kv_lens=kv_lens, q_start=q_start,
-                     q_total=q_total)
+        d = diagonal(B, Lq, Lk if k_total is None else k_total, device=device, bottom_right=bottom_right,
+                     kv_lens=kv_lens, q_start=q_start, q_total=q_total)
         w = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=device)
         if right >= 0:
             w &= j <= d + right
@@ -87,6 +90,8 @@ def attention(
     sinks: Optional[Tensor] = None,
     q_start: int = 0,
     q_total: Optional[int] = None,
+    k_start: int = 0,
+    k_total: Optional[int] = None,
 ):
     """out = dropout(softmax(q·kᵀ·scale + bias, masked)) · v, in q's dtype.
 
@@ -100,8 +105,10 @@ def attention(
     softmax runs over [s_i0 .. s_i(Lk−1), sinks[h]] and the sink's weight is dropped (GPT-OSS's learnable sinks).
     A row with no visible key gives 0 (its LSE is +inf, or sinks[h] with sinks). LSE (natural log, float32) of the scaled,
     biased, masked scores before dropout is returned with return_lse=True.
-    q_start / q_total: q holds rows q_start, q_start + 1, ... of a query sequence of q_total rows (default Lq),
-    which the diagonal counts (masks, bias and dropout_mask cover q's rows only): the rows of a longer call.
+    q_start / q_total, k_start / k_total: q holds rows q_start, q_start + 1, ... of q_total (default Lq), k and v
+    keys k_start, ... of k_total (default Lk), as the diagonal, kv_lens and ALiBi count them (masks, bias and
+    dropout_mask cover these rows and keys only): a part of a longer call, the same where it holds every key its
+    rows see.
     """
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
@@ -116,14 +123,14 @@ def attention(
     if attn_bias is not None:
         s = s + attn_bias.to(s.dtype)
     if alibi_slopes is not None:
-        d = diagonal(B, Lq, Lk, device=q.device, bottom_right=bottom_right, kv_lens=kv_lens, q_start=q_start,
-                     q_total=q_total)
-        dist = (d - torch.arange(Lk, device=q.device).view(1, 1, 1, Lk)).abs().to(s.dtype)
+        d = diagonal(B, Lq, Lk if k_total is None else k_total, device=q.device, bottom_right=bottom_right,
+                     kv_lens=kv_lens, q_start=q_start, q_total=q_total)
+        dist = (d - torch.arange(k_start, k_start + Lk, device=q.device).view(1, 1, 1, Lk)).abs().to(s.dtype)
         slopes = alibi_slopes.to(s.dtype).view(-1, H, 1, 1)
         s = s - slopes * dist
     vis = visible_keys(B, Lq, Lk, device=q.device, causal=causal, bottom_right=bottom_right,
                        attn_mask=attn_mask, kv_lens=kv_lens, window_size=window_size, q_start=q_start,
-                       q_total=q_total)
+                       q_total=q_total, k_start=k_start, k_total=k_total)
     if vis is not None:
         s = s.masked_fill(~vis, float("-inf"))
     if sinks is not None:

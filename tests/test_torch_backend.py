@@ -88,15 +88,16 @@ def test_what_sdpa_cannot_compute_runs_the_reference(name, sdpa_calls):
     assert sdpa_calls == []
 
 
-def test_a_query_row_holding_nan_gives_nan():
-    """torch's CPU kernel returns 0 for a query row holding NaN or inf; the backend propagates them as the
-    reference does."""
-    q, k, v = random_qkv(1, 2, 6, 9, 8, dtype=torch.float32, requires_grad=False)
+@pytest.mark.parametrize("Lk", [6, 9])
+def test_a_query_row_holding_nan_gives_nan(Lk, sdpa_calls):
+    """torch's CPU kernel returns 0 for a query row holding NaN (at some lengths: here 6, not 9); the backend
+    propagates NaN and inf as the reference does."""
+    q, k, v = random_qkv(1, 2, 6, Lk, 8, dtype=torch.float32, requires_grad=False)
     q[0, 1, 2, 3], q[0, 0, 4, 0] = float("nan"), float("inf")
     out = fastattn.attention(q, k, v, backend="torch")
     want = reference.attention(q, k, v)
     assert torch.equal(out.isnan(), want.isnan()) and out[0, 1, 2].isnan().all() and out[0, 0, 4].isnan().all()
-    assert torch.isfinite(out[0, 0, :4]).all()
+    assert torch.isfinite(out[0, 0, :4]).all() and len(sdpa_calls) == 1
 
 
 # ------------------------------------------------------------------------------------------- row chunks
@@ -130,17 +131,51 @@ def test_row_chunks_meet_the_rule(name, monkeypatch):
     assert all(starts.count(s) >= 2 for s in starts if s)
 
 
-def test_the_rows_of_a_longer_call():
-    """reference.attention(q_start=, q_total=) gives rows of the whole call: the diagonal of both alignments."""
+def test_a_part_of_a_longer_call():
+    """reference.attention(q_start=, q_total=, k_start=, k_total=) on rows 4..8 and the keys they see gives those
+    rows of the whole call: the diagonal of both alignments, kv_lens and ALiBi counted from the whole call's
+    first row and key."""
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 3, L, 8, generator=g, dtype=torch.float64) for L in (11, 15, 15))
     kv_lens = torch.tensor([15, 6], dtype=torch.int32)
-    for kw in (dict(causal=True), dict(causal=True, bottom_right=True, kv_lens=kv_lens),
-               dict(window_size=(2, 3), alibi_slopes=fastattn.alibi_slopes(3), bottom_right=True)):
+    slopes = fastattn.alibi_slopes(3)
+    for kw, (k0, k1) in ((dict(causal=True), (0, 9)), (dict(causal=True, bottom_right=True, kv_lens=kv_lens), (0, 13)),
+                         (dict(window_size=(2, 3), alibi_slopes=slopes, bottom_right=True), (6, 15)),
+                         (dict(window_size=(1, 0), alibi_slopes=slopes, kv_lens=kv_lens), (3, 9))):
         whole = reference.attention(q, k, v, return_lse=True, **kw)
-        part = reference.attention(q[:, :, 4:9], k, v, return_lse=True, q_start=4, q_total=11, **kw)
+        part = reference.attention(q[:, :, 4:9], k[:, :, k0:k1], v[:, :, k0:k1], return_lse=True, q_start=4,
+                                   q_total=11, k_start=k0, k_total=15, **kw)
         torch.testing.assert_close(part[0], whole[0][:, :, 4:9], rtol=0, atol=1e-14)
         torch.testing.assert_close(part[1], whole[1][:, :, 4:9], rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window_size=(4, 2)),
+                                dict(causal=True, causal_alignment="bottom_right", window_size=(5, -1))],
+                         ids=["causal", "window", "causal-br-window"])
+def test_chunks_compute_only_the_keys_their_rows_see(kw, monkeypatch):
+    """A chunk of 8 rows computes the keys its rows' diagonals reach, no more (causal: up to its last row's;
+    a window (4, 2): 8 + 4 + 2 keys), and gives the whole call's output and gradients (float64)."""
+    B, H, Lq, Lk = 2, 2, 64, 70
+    q, k, v = random_qkv(B, H, Lq, Lk, 8, dtype=torch.float64)
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", 8 * B * H * Lk)
+    shapes, attention = [], reference.attention
+
+    def spy(q, k, v, **opts):
+        shapes.append((opts["q_start"], opts["k_start"], q.shape[2], k.shape[2]))
+        return attention(q, k, v, **opts)
+    monkeypatch.setattr(reference, "attention", spy)
+    got = fastattn.attention(q, k, v, backend="torch", return_lse=True, **kw)
+    grads = torch.autograd.grad(got[0].sum() + got[1].sum(), (q, k, v))
+    monkeypatch.setattr(reference, "attention", attention)
+    want = fastattn.attention(q, k, v, backend="reference", return_lse=True, **kw)
+    for a, b in zip((*got, *grads), (*want, *torch.autograd.grad(want[0].sum() + want[1].sum(), (q, k, v)))):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    diag = 0 if kw.get("causal_alignment") != "bottom_right" else Lk - Lq
+    for i0, k0, rows, keys in shapes:
+        left, right = kw.get("window_size", (-1, -1))
+        right = 0 if kw.get("causal") else right
+        assert k0 == (max(0, i0 + diag - left) if left >= 0 else 0)
+        assert k0 + keys == min(Lk, i0 + rows + diag + right)
 
 
 def test_chunked_dropout_backward_redraws_the_same_mask(monkeypatch):

@@ -319,29 +319,39 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Ten
         heads = torch.arange(H, device=q.device).view(1, H, 1) // (H // k.shape[1])
         one = v[torch.arange(B, device=q.device).view(B, 1, 1), heads, j.expand(B, H, Lq)]
         out = torch.where(n == 1, one, out.masked_fill(n <= 1, 0.0))
-        # and it returns 0 for a query row holding NaN or inf, where the scores (and the reference) are NaN
+        # and it returns 0 for a query row holding NaN (at some lengths), where the scores (and the reference) are NaN
         out = out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
         return out[..., :Dv] if Dv < width else out
     q, k, v, attn_bias, sinks = (upcast("torch", t) for t in (q, k, v, attn_bias, sinks))
     kw = dict(kv_lens=kv_lens, causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p,
               return_lse=return_lse, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
-              sinks=sinks, q_total=Lq)
+              sinks=sinks, q_total=Lq, k_total=Lk)
     rows = max(1, TORCH_CHUNK_SCORES // max(1, B * H * Lk))
 
-    def run(q_rows, i0, mask_rows, bias_rows, keep):
+    def run(q_rows, k_cols, v_cols, i0, k0, mask_part, bias_part, keep):
         if keep is None and dropout_p > 0.0:
-            keep = torch.rand((B, H, q_rows.shape[2], Lk), device=q.device) >= dropout_p
-        return reference.attention(q_rows, k, v, attn_mask=mask_rows, attn_bias=bias_rows, dropout_mask=keep,
-                                   q_start=i0, **kw)
+            keep = torch.rand((B, H, q_rows.shape[2], k_cols.shape[2]), device=q.device) >= dropout_p
+        return reference.attention(q_rows, k_cols, v_cols, attn_mask=mask_part, attn_bias=bias_part,
+                                   dropout_mask=keep, q_start=i0, k_start=k0, **kw)
     if rows >= Lq or torch.compiler.is_compiling() or not _eager(q, k, v, attn_bias, sinks):
-        return run(q, 0, attn_mask, attn_bias, dropout_mask)
+        return run(q, k, v, 0, 0, attn_mask, attn_bias, dropout_mask)
     if k.shape[1] != H:  # GQA: K/V repeated once, not once per chunk
         k, v = (t.repeat_interleave(H // k.shape[1], dim=1) for t in (k, v))
     grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, attn_bias, sinks))
+    # A chunk computes only the keys its rows' diagonals reach, d(i) − left ≤ j ≤ d(i) + right, with
+    # d(i) = i + s_b, s_b = 0 (top-left) or Lk_b − Lq: O(L·w) work for a window w, half the scores if causal.
+    right = 0 if causal else right
+    lk = (Lk, Lk) if kv_lens is None or not bottom_right else tuple(torch.stack(torch.aminmax(kv_lens)).tolist())
+    shift = (lk[0] - Lq, lk[1] - Lq) if bottom_right else (0, 0)
     results = []
     for i0 in range(0, Lq, rows):
-        part = [q[:, :, i0:i0 + rows], i0] + [t if t is None or t.shape[2] == 1 else t[:, :, i0:i0 + rows]
-                                              for t in (attn_mask, attn_bias, dropout_mask)]
+        i1 = min(Lq, i0 + rows)
+        k0 = max(0, i0 + shift[0] - left) if left >= 0 else 0
+        k1 = max(k0, min(Lk, i1 + shift[1] + right)) if right >= 0 else Lk
+        part = [q[:, :, i0:i1], k[:, :, k0:k1], v[:, :, k0:k1], i0, k0] + [
+            None if t is None else t[:, :, slice(i0, i1) if t.shape[2] > 1 else slice(None),
+                                     slice(k0, k1) if t.shape[3] > 1 else slice(None)]
+            for t in (attn_mask, attn_bias, dropout_mask)]
         # the backward recomputes each chunk in turn (and its dropout draw, from the saved RNG state)
         results.append(torch.utils.checkpoint.checkpoint(run, *part, use_reentrant=False) if grad else run(*part))
     if not return_lse:
