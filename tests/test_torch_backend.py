@@ -60,6 +60,8 @@ SDPA_CASES = {
     "mask-2d+causal": dict(bool_mask="2d", causal=True),
     "bias-heads": dict(bias="heads"),
     "bias-batch+key_padding": dict(bias="batch", key_padding=True),
+    "bias-rows+causal": dict(bias="rows", causal=True),  # broadcast over the keys: a last dim of 1
+    "bias-head": dict(bias="head"),
     "gqa": dict(H=4, Hkv=2, causal=True),
     "d300": dict(D=300),
 }
@@ -98,6 +100,78 @@ def test_a_query_row_holding_nan_gives_nan(Lk, sdpa_calls):
     want = reference.attention(q, k, v)
     assert torch.equal(out.isnan(), want.isnan()) and out[0, 1, 2].isnan().all() and out[0, 0, 4].isnan().all()
     assert torch.isfinite(out[0, 0, :4]).all() and len(sdpa_calls) == 1
+
+
+def test_a_row_the_causal_mask_and_a_bias_hide_together_is_empty(sdpa_calls):
+    """Row 0 sees key 0 only (causal), which the bias hides, while the bias alone leaves it key 1: 0, as the
+    reference; and a NaN bias where causal attention hides it changes nothing."""
+    q, k, v = random_qkv(1, 1, 3, 3, 4, dtype=torch.float64)
+    inf = float("inf")
+    bias = torch.tensor([[-inf, 0.0, -inf], [0.0, 0.0, float("nan")], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    out = fastattn.attention(q, k, v, causal=True, attn_bias=bias, backend="torch")
+    want = fastattn.attention(q, k, v, causal=True, attn_bias=bias, backend="reference")
+    assert (out[0, 0, 0] == 0).all() and torch.isfinite(out).all() and len(sdpa_calls) == 1
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-14)
+    do = torch.randn_like(out)  # finite gradients: the empty row's score, -inf, stays out of the backward
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+def test_a_row_of_huge_finite_scores_runs_the_reference(sdpa_calls):
+    """A row whose every bias is finfo.min (Hugging Face's additive masks): the reference averages v uniformly;
+    SDPA's LSE would absorb log Lk and its backward take p = 1 for 1/Lk (gradients Lk times too large). Such a
+    call runs the reference; the output and gradients match it."""
+    q, k, v = random_qkv(1, 2, 6, 6, 4, dtype=torch.float64)
+    bias = torch.zeros(6, 6, dtype=torch.float64)
+    bias[2] = torch.finfo(torch.float64).min
+    got = fastattn.attention(q, k, v, attn_bias=bias, backend="torch")
+    want = fastattn.attention(q, k, v, attn_bias=bias, backend="reference")
+    do = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), do), torch.autograd.grad(want, (q, k, v), do)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert sdpa_calls == []
+    fastattn.attention(q, k, v, attn_bias=bias.clamp(min=-1e4), backend="torch")  # -1e4 is no problem
+    assert len(sdpa_calls) == 1
+
+
+@pytest.mark.parametrize("path", ["sdpa", "chunks"])
+def test_padding_keys_are_never_read(path, monkeypatch):
+    """Keys past kv_lens may hold NaN without touching the result or the other gradients (0 there), as in the
+    kernels."""
+    if path == "chunks":
+        monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", 2 * 2 * 40 * 4)
+    q, k, v = random_qkv(2, 2, 30, 40, 8, dtype=torch.float32)
+    kv_lens = torch.tensor([17, 33], dtype=torch.int32)
+    kp, vp = k.detach().clone(), v.detach().clone()
+    for b, n in enumerate(kv_lens.tolist()):
+        kp[b, :, n:], vp[b, :, n:] = float("nan"), float("nan")
+    kp.requires_grad_()
+    vp.requires_grad_()
+    out = fastattn.attention(q, kp, vp, kv_lens=kv_lens, causal=True, causal_alignment="bottom_right",
+                             backend="torch")
+    want = fastattn.attention(q, k, v, kv_lens=kv_lens, causal=True, causal_alignment="bottom_right",
+                              backend="torch")
+    assert torch.equal(out, want)
+    dq, dk, dv = torch.autograd.grad(out, (q, kp, vp), torch.ones_like(out))
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    for b, n in enumerate(kv_lens.tolist()):
+        assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
+
+
+def test_a_mask_larger_than_a_chunk_runs_the_chunks(sdpa_calls, monkeypatch):
+    """Causal attention with a padding mask needs an Lq × Lk mask per batch for SDPA: past TORCH_CHUNK_SCORES
+    elements the call runs the reference in chunks instead, and holds no tensor that large."""
+    B, H, L = 2, 2, 64
+    q, k, v = random_qkv(B, H, L, L, 8, dtype=torch.float32)
+    kpm = torch.rand(B, L) < 0.2
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", B * L * L - 1)
+    with LargestTensor() as seen:
+        out = fastattn.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="torch")
+        out.sum().backward()
+    assert sdpa_calls == [] and seen.most < B * L * L
+    monkeypatch.setattr(ops, "TORCH_CHUNK_SCORES", B * L * L)
+    torch.testing.assert_close(fastattn.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="torch"), out)
+    assert sdpa_calls == [(B, 1, L, L)]
 
 
 # ------------------------------------------------------------------------------------------- row chunks

@@ -275,6 +275,57 @@ def _eager(*tensors) -> bool:
     return torch._C._functorch.peek_interpreter_stack() is None and not any(forward_ad(t) for t in tensors)
 
 
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], attn_bias: Optional[Tensor],
+          kv_lens: Optional[Tensor], causal: bool, bottom_right: bool, scale: float) -> Optional[Tensor]:
+    """torch's SDPA on the call (fp16/bf16 in fp32, fp32 in fp64), or None where it would not give the reference's
+    answer in little memory: a mask of more than TORCH_CHUNK_SCORES elements, or a float bias whose largest score
+    in some row is huge (Hugging Face's finfo.min masks: SDPA's LSE then absorbs log Lk, and its backward takes
+    p = 1 for 1/Lk)."""
+    B, H, Lq, D = q.shape
+    Lk, Dv = k.shape[2], v.shape[-1]
+    wide = torch.float64 if q.dtype == torch.float32 else upcast("torch", q).dtype
+    # SDPA takes is_causal (top-left) or a mask, not both: causal with masks, padding, a bias or another diagonal
+    # becomes one mask, of the broadcast shape of its parts
+    is_causal = (causal and attn_mask is None and attn_bias is None and kv_lens is None
+                 and (not bottom_right or Lq == Lk))
+    parts = [t.shape for t in (attn_mask, attn_bias) if t is not None] + [(B, 1, 1, Lk)] * (kv_lens is not None)
+    parts += [(B, 1, Lq, Lk)] * (causal and not is_causal)
+    if parts and math.prod(torch.broadcast_shapes(*parts)) > TORCH_CHUNK_SCORES:
+        return None
+    mask = reference.visible_keys(B, Lq, Lk, device=q.device, causal=causal and not is_causal,
+                                  bottom_right=bottom_right, attn_mask=attn_mask, kv_lens=kv_lens)
+    if attn_bias is not None:
+        mask = attn_bias.to(wide) if mask is None else attn_bias.to(wide).masked_fill(~mask, float("-inf"))
+        top = mask.amax(-1)
+        if torch.compiler.is_compiling() or bool((top.isfinite() & (top.abs() > 1 / (64 * torch.finfo(wide).eps)))
+                                                 .any()):
+            return None
+    width = max(D, Dv)  # its flash kernel takes one head dim: the narrower side zero-padded, as the kernels'
+    q, k, v = (F.pad(t.to(wide), (0, width - t.shape[-1])) if t.shape[-1] < width else t.to(wide) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                         enable_gqa=k.shape[1] != H)
+    # It returns 0 for a query row holding NaN (at some lengths), where the scores (and the reference) are NaN.
+    out = out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
+    # Its backward forms D_i from the output, so a row with one visible key (p = 1: the exact dq_i and its share
+    # of dk are 0) or none gets gradients of 1e-7 (fp32) instead: those rows take do = 0 here, and a one-key row
+    # is computed as the reference does, p = softmax([s]) = (s − s) + 1 (NaN for s = ±inf or NaN; no gradient to
+    # s) times the key's value. n: visible keys per row; j: the first one.
+    if mask is not None:
+        live = mask if mask.dtype == torch.bool else mask != float("-inf")
+        n, j = live.sum(-1, keepdim=True) * (Lk // live.shape[-1]), live.to(torch.uint8).argmax(-1)
+    else:
+        i = torch.arange(Lq, device=q.device).view(1, 1, Lq, 1)
+        n, j = (i + 1).clamp(max=Lk) if is_causal else torch.full_like(i, Lk), torch.zeros_like(i[..., 0])
+    at = (torch.arange(B, device=q.device).view(B, 1, 1),
+          torch.arange(H, device=q.device).view(1, H, 1) // (H // k.shape[1]), j.expand(B, H, Lq))
+    s = (q * k[at]).sum(-1, keepdim=True) * scale
+    if mask is not None and mask.is_floating_point():
+        s = s + mask.expand(B, H, Lq, mask.shape[-1]).gather(-1, j.expand(B, H, Lq).unsqueeze(-1))
+    p = torch.where(n == 1, (s - s) + 1, 0.0)  # 0 elsewhere: their s may be ±inf, and 0 · NaN in the backward
+    out = torch.where(n == 1, p * v[at], out.masked_fill(n <= 1, 0.0))
+    return out[..., :Dv] if Dv < width else out
+
+
 def _torch_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Tensor] = None,
                      attn_bias: Optional[Tensor] = None, kv_lens: Optional[Tensor] = None, causal: bool = False,
                      bottom_right: bool = False, scale: float, dropout_p: float = 0.0,
@@ -286,42 +337,18 @@ def _torch_attention(q: Tensor, k: Tensor, v: Tensor, *, attn_mask: Optional[Ten
     D_i comes from the rounded output). With ``dropout_p`` > 0 and no ``dropout_mask`` it draws its own keep-mask
     (torch.rand: torch.manual_seed reproduces it)."""
     B, H, Lq, D = q.shape
-    Lk, Dv = k.shape[2], v.shape[-1]
+    Lk = k.shape[2]
+    if kv_lens is not None:  # keys past kv_lens are never read, as by the kernels (0 · NaN would be read)
+        pad = (torch.arange(Lk, device=q.device) >= kv_lens.long().view(B, 1, 1)).unsqueeze(-1)
+        k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
     left, right = window_size
     window = left >= 0 or right >= 0 and not (causal and right == 0)  # causal=True comes with right = 0
     extras = dropout_p > 0.0 or return_lse or window or alibi_slopes is not None or softcap > 0.0 or sinks is not None
     if (q.device.type == "cpu" and not extras and q.numel() and k.numel()
             and not (attn_bias is not None and attn_bias.requires_grad) and _eager(q, k, v, attn_bias)):
-        # SDPA takes is_causal (top-left) or a mask, not both: causal with masks, padding or another diagonal
-        # becomes one bool mask, of the masks' broadcast shape
-        is_causal = causal and attn_mask is None and kv_lens is None and (not bottom_right or Lq == Lk)
-        vis = reference.visible_keys(B, Lq, Lk, device=q.device, causal=causal and not is_causal,
-                                     bottom_right=bottom_right, attn_mask=attn_mask, kv_lens=kv_lens)
-        mask = attn_bias if attn_bias is not None else vis
-        if attn_bias is not None and vis is not None:
-            mask = mask.masked_fill(~vis, float("-inf"))
-        wide = torch.float64 if q.dtype == torch.float32 else upcast("torch", q).dtype
-        mask = mask.to(wide) if mask is not None and mask.is_floating_point() else mask
-        width = max(D, Dv)  # its flash kernel takes one head dim: the narrower side zero-padded, as the kernels'
-        q, k, v = (F.pad(t.to(wide), (0, width - t.shape[-1])) if t.shape[-1] < width else t.to(wide)
-                   for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                             enable_gqa=k.shape[1] != H)
-        # Its backward forms D_i from the output, so a row with one visible key (p = 1: the exact dq_i and its
-        # share of dk are 0) or none gets gradients of 1e-7 (fp32) instead: those rows take do = 0 here, and a
-        # one-key row's output is that key's value, gathered. n: visible keys per row; j: the first one.
-        if mask is not None:
-            live = mask if mask.dtype == torch.bool else mask != float("-inf")
-            n, j = live.sum(-1, keepdim=True), live.to(torch.uint8).argmax(-1)
-        else:
-            i = torch.arange(Lq, device=q.device).view(1, 1, Lq, 1)
-            n, j = (i + 1).clamp(max=Lk) if is_causal else torch.full_like(i, Lk), torch.zeros_like(i[..., 0])
-        heads = torch.arange(H, device=q.device).view(1, H, 1) // (H // k.shape[1])
-        one = v[torch.arange(B, device=q.device).view(B, 1, 1), heads, j.expand(B, H, Lq)]
-        out = torch.where(n == 1, one, out.masked_fill(n <= 1, 0.0))
-        # and it returns 0 for a query row holding NaN (at some lengths), where the scores (and the reference) are NaN
-        out = out.masked_fill(~torch.isfinite(q).all(-1, keepdim=True), float("nan"))
-        return out[..., :Dv] if Dv < width else out
+        out = _sdpa(q, k, v, attn_mask, attn_bias, kv_lens, causal, bottom_right, scale)
+        if out is not None:
+            return out
     q, k, v, attn_bias, sinks = (upcast("torch", t) for t in (q, k, v, attn_bias, sinks))
     kw = dict(kv_lens=kv_lens, causal=causal, bottom_right=bottom_right, scale=scale, dropout_p=dropout_p,
               return_lse=return_lse, window_size=window_size, alibi_slopes=alibi_slopes, softcap=softcap,
@@ -531,7 +558,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, causal_a
     same inputs give the same bits), whichever is asked.
     backend: "auto" (Triton on CUDA tensors, "torch" on the CPU and where the kernels cannot run), "triton",
     "cuda", or "torch" (torch's SDPA where it computes the call, else fastattn.reference over chunks of query
-    rows recomputed in the backward: memory linear in L; fp16/bf16 computed in fp32, fp32 on SDPA in fp64).
+    rows recomputed in the backward: memory linear in L; fp16/bf16 computed in fp32, fp32 on SDPA in fp64), or
+    "reference" (fastattn.reference whole, in the input dtype: the §5 baseline; it has a double backward).
     """
     casts = [autocast_to(t, "lower") for t in (q, k, v, attn_bias)]
     if any(casts[:3]):  # as SDPA under CUDA autocast: q, k, v and a float bias cast to the autocast dtype (fp32
